@@ -1,0 +1,346 @@
+"""Attaching membranes to a UNet: one fused, removable forward hook per target module.
+
+Every active membrane that touches a module is folded into one low-rank product::
+
+    y = W x + U · diag(s_row) · D x,   D = [down_1; …; down_M]  (R × in),   U = [scale_1·up_1 … scale_M·up_M]  (out × R)
+
+where ``s_row`` repeats each membrane's strength for that row of the batch over its rank columns.  Each
+membrane is thus a separate delta (no cross terms), its effect linear in its strength, and a row whose
+strengths are all 0 gets exactly ``W x``.  ``D``/``U`` are built once per (device, dtype) and only rebuilt
+when the set of membranes changes; per UNet call only the strength vector changes.
+
+Strengths are per row of the UNet batch.  They come either from :meth:`MembraneStack.set_strengths` or,
+with a :class:`spm.transport`-based scorer, from a forward pre-hook on the UNet that reads each row's own
+conditioning (``encoder_hidden_states`` / ``context``).  Nothing assumes how the host lays out its batch.
+
+Removing the hooks (:meth:`MembraneStack.detach`) restores the model exactly: weights are never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import resolve_targets
+from .membrane import Membrane
+from .naming import KeyMap, Target, context_dim, describe_architecture
+from .transport import DEFAULT_METRIC, ConceptCache, Encoder, RowRegistry, concept_scores
+
+log = logging.getLogger("spm")
+
+
+def default_context(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The cross-attention conditioning of a UNet call: diffusers ``encoder_hidden_states``, LDM ``context``."""
+    for key in ("encoder_hidden_states", "context"):
+        v = kwargs.get(key)
+        if isinstance(v, torch.Tensor):
+            return v
+    if len(args) >= 3 and isinstance(args[2], torch.Tensor):
+        return args[2]
+    return None
+
+
+@dataclass
+class _Slot:
+    membrane: Membrane
+    weight: float
+    mapping: dict[str, Target]
+
+
+@dataclass
+class _Fused:
+    kind: str
+    parts: list[tuple[int, Any]]  # (slot index, MembraneLayer)
+    cols: torch.Tensor  # [R] slot index of each rank column
+    cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+class Transport:
+    """Facilitated Transport scorer bound to one host's text encoder.
+
+    ``encode(texts)`` must return conditioning exactly as the UNet receives it plus token ids, so that
+    concept embeddings and rows are comparable.  ``encoder_key`` identifies the encoder for the cache
+    (e.g. the checkpoint hash); change it when the model changes.
+    """
+
+    def __init__(self, encode: Encoder, encoder_key: object = None, metric: str = DEFAULT_METRIC,
+                 factor: float = 1.0, registry: RowRegistry | None = None):
+        self.encode = encode
+        self.encoder_key = encoder_key
+        self.metric = metric
+        self.factor = float(factor)
+        self.registry = registry or RowRegistry()
+        self.concepts = ConceptCache()
+
+    def scores(self, context: torch.Tensor, membranes: Sequence[Membrane],
+               row_tokens: Sequence[Sequence[int] | None] | None = None) -> torch.Tensor:
+        """Clamped scores ``[B, M]`` (before weights and factor)."""
+        if row_tokens is None:
+            row_tokens = self.registry.lookup(context)
+        cols = []
+        for m in membranes:
+            concepts = self.concepts.get(m.concepts, self.encode, self.encoder_key) if self.metric != "off" else []
+            cols.append(concept_scores(context, row_tokens, concepts, self.metric))
+        return torch.stack(cols, 1) if cols else torch.zeros(context.shape[0], 0)
+
+
+class MembraneStack:
+    """Any number of membranes on one UNet, each with a user weight and a per-row strength.
+
+    Usage::
+
+        stack = MembraneStack(unet)
+        stack.add(membrane, weight=1.0)          # validates first; nothing attached on error
+        stack.set_transport(Transport(encode))   # strengths from each row's conditioning
+        ...                                      # run the UNet as usual
+        stack.detach()                           # bit-identical model again
+    """
+
+    def __init__(self, unet: nn.Module, *, trainable: bool = False,
+                 context_getter: Callable[[tuple, dict], torch.Tensor | None] = default_context):
+        self.unet = unet
+        self.keymap = KeyMap.for_model(unet)
+        if not len(self.keymap):
+            raise ValueError("no SPM targets found in this model (is it a Stable Diffusion UNet?)")
+        self.model_ctx = context_dim(unet)
+        self.model_arch = describe_architecture(self.model_ctx)
+        self.trainable = trainable
+        self.context_getter = context_getter
+        self.transport: Transport | None = None
+        self._modules = dict(unet.named_modules())
+        self._slots: list[_Slot] = []
+        self._fused: dict[str, _Fused] = {}
+        self._hooks: dict[str, Any] = {}
+        self._pre_hook = None
+        self._strengths: torch.Tensor | None = None  # [B, M] float32 cpu, or None = off
+        self._version = 0
+        self._col_cache: dict[tuple, torch.Tensor] = {}
+        self._last_sig: tuple | None = None
+        self._warned: set[str] = set()
+
+    # --- membranes -------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return [s.membrane.name for s in self._slots]
+
+    @property
+    def membranes(self) -> list[Membrane]:
+        return [s.membrane for s in self._slots]
+
+    @property
+    def weights(self) -> list[float]:
+        return [s.weight for s in self._slots]
+
+    def add(self, membrane: Membrane, weight: float = 1.0) -> None:
+        """Attach ``membrane`` (replacing one of the same name). Raises before attaching anything."""
+        mapping = resolve_targets(membrane, self.keymap, self.model_arch, self.model_ctx)
+        slot = _Slot(membrane, float(weight), mapping)
+        for i, s in enumerate(self._slots):
+            if s.membrane.name == membrane.name:
+                self._slots[i] = slot
+                break
+        else:
+            self._slots.append(slot)
+        self._rebuild()
+
+    def remove(self, name: str) -> None:
+        self._slots = [s for s in self._slots if s.membrane.name != name]
+        self._rebuild()
+
+    def set_weight(self, name: str, weight: float) -> None:
+        for s in self._slots:
+            if s.membrane.name == name:
+                s.weight = float(weight)
+        self._last_sig = None
+
+    def set_membranes(self, items: Sequence[tuple[Membrane, float]]) -> None:
+        """Make the attached set exactly ``items`` (validating all before changing anything)."""
+        slots = [_Slot(m, float(w), resolve_targets(m, self.keymap, self.model_arch, self.model_ctx)) for m, w in items]
+        same = [s.membrane for s in slots] == self.membranes
+        self._slots = slots
+        if same:
+            self._last_sig = None
+        else:
+            self._rebuild()
+
+    def clear(self) -> None:
+        self._slots = []
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        per_module: dict[str, list[tuple[int, Any]]] = {}
+        for i, slot in enumerate(self._slots):
+            for stem, target in slot.mapping.items():
+                per_module.setdefault(target.name, []).append((i, slot.membrane.layers[stem]))
+        self._fused = {}
+        for name, parts in per_module.items():
+            cols = torch.cat([torch.full((layer.rank,), i, dtype=torch.long) for i, layer in parts])
+            self._fused[name] = _Fused(parts[0][1].kind, parts, cols)
+        for name in list(self._hooks):
+            if name not in self._fused:
+                self._hooks.pop(name).remove()
+        for name in self._fused:
+            if name not in self._hooks:
+                self._hooks[name] = self._modules[name].register_forward_hook(self._make_hook(name))
+        if self._slots and self._pre_hook is None:
+            self._pre_hook = self.unet.register_forward_pre_hook(self._unet_pre_hook, with_kwargs=True)
+        if not self._slots and self._pre_hook is not None:
+            self._pre_hook.remove()
+            self._pre_hook = None
+        self._version += 1
+        self._col_cache.clear()
+        self._last_sig = None
+
+    def detach(self) -> None:
+        """Remove every hook. The model is exactly as before :meth:`add`."""
+        for h in self._hooks.values():
+            h.remove()
+        self._hooks.clear()
+        if self._pre_hook is not None:
+            self._pre_hook.remove()
+            self._pre_hook = None
+        self._slots = []
+        self._fused = {}
+        self._strengths = None
+
+    def __enter__(self) -> "MembraneStack":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    # --- strengths -------------------------------------------------------------------------
+    def set_transport(self, transport: Transport | None) -> None:
+        """Strengths from each row's conditioning (None: uniform user weights)."""
+        self.transport = transport
+        self._last_sig = None
+
+    def set_strengths(self, strengths: torch.Tensor | Sequence[float] | None) -> None:
+        """Fix strengths for the next UNet calls: ``[B, M]`` per row, ``[M]`` for all rows, or None.
+
+        Explicit strengths replace transport and user weights until :meth:`release_strengths`.
+        """
+        if strengths is not None:
+            s = torch.as_tensor(strengths, dtype=torch.float32).cpu()
+            if s.ndim == 1:
+                s = s[None]
+            if s.shape[-1] != len(self._slots):
+                raise ValueError(f"strengths have {s.shape[-1]} columns for {len(self._slots)} membranes")
+            strengths = s
+        self._strengths = strengths
+        self._manual = True
+        self._col_cache.clear()
+
+    def release_strengths(self) -> None:
+        self._manual = False
+        self._strengths = None
+        self._last_sig = None
+
+    _manual = False
+
+    @property
+    def current_strengths(self) -> torch.Tensor | None:
+        """The ``[B, M]`` strengths of the last UNet call (for logs and tests)."""
+        return self._strengths
+
+    def strengths_for(self, context: torch.Tensor, row_tokens: Sequence[Sequence[int] | None] | None = None,
+                      batch: int | None = None) -> torch.Tensor:
+        """``[B, M]`` = weight × factor × transport score (or weight alone without transport)."""
+        w = torch.tensor(self.weights, dtype=torch.float32)
+        if self.transport is None or context is None:
+            b = batch if batch is not None else (context.shape[0] if context is not None else 1)
+            return w[None].expand(b, -1).clone()
+        sc = self.transport.scores(context, self.membranes, row_tokens)
+        return sc * w[None] * self.transport.factor
+
+    def _unet_pre_hook(self, module, args, kwargs):
+        if self._manual or not self._slots:
+            return None
+        ctx = self.context_getter(args, kwargs)
+        batch = None
+        if ctx is None:
+            x = args[0] if args else kwargs.get("sample", kwargs.get("x"))
+            batch = x.shape[0] if isinstance(x, torch.Tensor) else 1
+        sig = None
+        if ctx is not None:
+            flat = ctx.detach().reshape(ctx.shape[0], -1)
+            idx = torch.linspace(0, flat.shape[1] - 1, 16, device=flat.device).long()
+            sig = (self._version, tuple(ctx.shape), flat[:, idx].float().cpu().numpy().tobytes(), id(self.transport),
+                   tuple(self.weights), getattr(self.transport, "factor", None), getattr(self.transport, "metric", None))
+            if sig == self._last_sig:
+                return None
+        self._strengths = self.strengths_for(ctx, batch=batch)
+        self._col_cache.clear()
+        self._last_sig = sig
+        return None
+
+    # --- the hook --------------------------------------------------------------------------
+    def _fused_tensors(self, f: _Fused, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (device, dtype)
+        if not self.trainable and key in f.cache:
+            return f.cache[key]
+        downs = [layer.down_matrix() for _, layer in f.parts]
+        ups = [layer.up_matrix() * layer.scale for _, layer in f.parts]
+        d = downs[0] if len(downs) == 1 else torch.cat(downs, 0)
+        u = ups[0] if len(ups) == 1 else torch.cat(ups, 1)
+        if self.trainable:
+            return d.to(device=device, dtype=dtype), u.to(device=device, dtype=dtype)
+        with torch.no_grad():
+            d = d.detach().to(device=device, dtype=dtype).contiguous()
+            u = u.detach().to(device=device, dtype=dtype).contiguous()
+        f.cache[key] = (d, u)
+        return d, u
+
+    def _row_scales(self, f: _Fused, device, dtype) -> torch.Tensor | None:
+        s = self._strengths
+        if s is None:
+            return None
+        key = (id(f.cols) if len(self._slots) > 1 else 0, device, dtype)
+        hit = self._col_cache.get(key)
+        if hit is None:
+            cols = s[:, f.cols]
+            if not torch.any(cols != 0):
+                hit = torch.empty(0)
+            else:
+                hit = cols.to(device=device, dtype=dtype)
+            self._col_cache[key] = hit
+        return None if hit.numel() == 0 else hit
+
+    def _make_hook(self, name: str):
+        def hook(module, args, output):
+            f = self._fused.get(name)
+            if f is None or not isinstance(output, torch.Tensor):
+                return None
+            sc = self._row_scales(f, output.device, output.dtype)
+            if sc is None:
+                return None
+            x = args[0]
+            b = x.shape[0]
+            if sc.shape[0] != b:
+                if sc.shape[0] == 1:
+                    sc = sc.expand(b, -1)
+                else:
+                    if name not in self._warned:
+                        self._warned.add(name)
+                        log.warning("SPM: %s got %d rows but strengths for %d; using the maximum strength", name, b, sc.shape[0])
+                    sc = sc.amax(0, keepdim=True).expand(b, -1)
+            d, u = self._fused_tensors(f, output.device, output.dtype)
+            x = x.to(output.dtype)
+            if f.kind == "conv":
+                h = F.conv2d(x, d[:, :, None, None]) * sc[:, :, None, None]
+                delta = F.conv2d(h, u[:, :, None, None])
+            else:
+                h = F.linear(x, d)
+                h = h * sc.reshape(b, *([1] * (h.ndim - 2)), -1)
+                delta = F.linear(h, u)
+            return output + delta
+
+        return hook
+
+
+__all__ = ["MembraneStack", "Transport", "default_context"]

@@ -1,0 +1,139 @@
+import pytest
+import torch
+
+from spm.attach import MembraneStack, Transport
+from tests.archs import tiny_diffusers_unet
+from tests.helpers import random_membrane
+
+
+def run(unet, x, t, ctx):
+    with torch.no_grad():
+        return unet(x, t, encoder_hidden_states=ctx).sample
+
+
+@pytest.fixture
+def setup():
+    unet = tiny_diffusers_unet()
+    torch.manual_seed(1)
+    x, t, ctx = torch.randn(3, 4, 8, 8), torch.tensor([500, 500, 500]), torch.randn(3, 77, 32)
+    return unet, x, t, ctx
+
+
+@pytest.mark.parametrize("linear_proj", [False, True])
+def test_detach_restores_bit_identical(linear_proj):
+    unet = tiny_diffusers_unet(linear_proj=linear_proj)
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 10]), torch.randn(2, 77, 32)
+    before = run(unet, x, t, ctx)
+    stack = MembraneStack(unet)
+    stack.add(random_membrane(unet, "a", seed=1))
+    stack.add(random_membrane(unet, "b", seed=2), weight=0.7)
+    during = run(unet, x, t, ctx)
+    assert not torch.equal(before, during)
+    stack.detach()
+    assert torch.equal(run(unet, x, t, ctx), before)
+    assert not unet._forward_hooks and not unet._forward_pre_hooks
+    assert all(not m._forward_hooks for m in unet.modules())
+
+
+def test_per_row_strengths_and_zero_row_identity(setup):
+    unet, x, t, ctx = setup
+    base = run(unet, x, t, ctx)
+    stack = MembraneStack(unet)
+    stack.add(random_membrane(unet, "a"))
+    stack.set_strengths([[1.0], [0.0], [0.5]])
+    y = run(unet, x, t, ctx)
+    assert torch.equal(y[1], base[1])
+    assert not torch.equal(y[0], base[0]) and not torch.equal(y[2], base[2])
+    stack.set_strengths([[0.0], [0.0], [0.0]])
+    assert torch.equal(run(unet, x, t, ctx), base)
+
+
+def test_module_level_sum_without_cross_terms(setup):
+    unet, x, t, ctx = setup
+    a, b = random_membrane(unet, "a", seed=3), random_membrane(unet, "b", seed=4)
+    stack = MembraneStack(unet)
+    stack.add(a)
+    stack.add(b)
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    mod = dict(unet.named_modules())[name]
+    stem = "lora_unet_" + name.replace(".", "_")
+    inp = torch.randn(3, 77, 32)
+    with torch.no_grad():
+        stack.set_strengths([[0.0, 0.0]] * 3)
+        w = mod(inp)
+        stack.set_strengths([[1.0, 0.0], [0.0, 2.0], [0.5, 0.5]])
+        got = mod(inp)
+    def delta(m):
+        layer = m.layers[stem]
+        return inp @ layer.down_matrix().T @ layer.up_matrix().T * layer.scale
+    da, db = delta(a), delta(b)
+    torch.testing.assert_close(got[0], w[0] + da[0])
+    torch.testing.assert_close(got[1], w[1] + 2 * db[1])
+    torch.testing.assert_close(got[2], w[2] + 0.5 * da[2] + 0.5 * db[2])
+
+
+def test_mixed_batch_with_transport(encode):
+    unet = tiny_diffusers_unet()
+    prompts = ["a photo of a cat", "a red car on a road", "cat"]
+    ctx, toks = encode(prompts)
+    x, t = torch.randn(3, 4, 8, 8), torch.tensor([300] * 3)
+    base = run(unet, x, t, ctx)
+    stack = MembraneStack(unet)
+    stack.add(random_membrane(unet, "cat", concepts=("cat",)))
+    tr = Transport(encode, metric="tokenuni")
+    tr.registry.record(ctx, toks)
+    stack.set_transport(tr)
+    y = run(unet, x, t, ctx)
+    assert stack.current_strengths[:, 0].tolist() == [1.0, 0.0, 1.0]
+    assert torch.equal(y[1], base[1])
+    assert not torch.equal(y[0], base[0]) and not torch.equal(y[2], base[2])
+    # same conditioning again: the cached strengths are reused (no re-scoring per step)
+    calls = []
+    orig = tr.scores
+    tr.scores = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    run(unet, x, t, ctx)
+    assert calls == []
+    stack.set_weight("cat", 0.5)
+    run(unet, x, t, ctx)
+    assert stack.current_strengths[:, 0].tolist() == [0.5, 0.0, 0.5]
+    stack.detach()
+    assert torch.equal(run(unet, x, t, ctx), base)
+
+
+def test_without_transport_uses_weights(setup):
+    unet, x, t, ctx = setup
+    stack = MembraneStack(unet)
+    stack.add(random_membrane(unet, "a"), weight=0.3)
+    run(unet, x, t, ctx)
+    assert stack.current_strengths.tolist() == [[pytest.approx(0.3)]] * 3
+
+
+def test_trainable_gradients_reach_only_the_membrane(setup):
+    unet, x, t, ctx = setup
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    m = random_membrane(unet, "a", std=0.0)
+    stack = MembraneStack(unet, trainable=True)
+    stack.add(m)
+    stack.set_strengths([1.0])
+    out = unet(x, t, encoder_hidden_states=ctx).sample
+    out.square().mean().backward()
+    ups = [layer.lora_up.weight.grad for layer in m.layers.values()]
+    assert all(g is not None for g in ups) and any(g.abs().sum() > 0 for g in ups)
+    assert all(p.grad is None for p in unet.parameters())
+    # a fresh membrane (zero up) is the identity
+    stack.detach()
+    base = run(unet, x, t, ctx)
+    stack = MembraneStack(unet)
+    stack.add(random_membrane(unet, "z", std=0.0))
+    assert torch.equal(run(unet, x, t, ctx), base)
+
+
+def test_low_precision_module_keeps_dtype(setup):
+    unet, x, t, ctx = setup
+    unet = unet.to(torch.bfloat16)
+    stack = MembraneStack(unet)
+    stack.add(random_membrane(unet, "a"))
+    with torch.no_grad():
+        y = unet(x.bfloat16(), t, encoder_hidden_states=ctx.bfloat16()).sample
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
