@@ -9,7 +9,12 @@ from safetensors.torch import load_file, save_file
 
 from spm.attach import MembraneStack
 from spm.checkpoint import (
-    IncompatibleMembrane, MembraneFileError, load_membrane, read_file, resolve_targets, save_membrane,
+    IncompatibleMembrane,
+    MembraneFileError,
+    load_membrane,
+    read_file,
+    resolve_targets,
+    save_membrane,
 )
 from spm.membrane import Membrane, MembraneInfo
 from spm.naming import KeyMap, file_key, find_targets

@@ -2,7 +2,13 @@ import pytest
 import torch
 
 from spm.naming import (
-    KeyMap, NamingError, file_key, find_targets, layers_per_block_of, to_diffusers, to_ldm,
+    KeyMap,
+    NamingError,
+    file_key,
+    find_targets,
+    layers_per_block_of,
+    to_diffusers,
+    to_ldm,
 )
 from tests.archs import diffusers_unet, ldm_unet, sgm_sdxl_transformers
 

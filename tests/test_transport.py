@@ -1,9 +1,8 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
-from spm.transport import METRICS, ConceptCache, RowRegistry, clipcos, concept_scores, tokenuni
 from spm.attach import MembraneStack, Transport
+from spm.transport import METRICS, ConceptCache, RowRegistry, clipcos, concept_scores, tokenuni
 from tests.archs import tiny_diffusers_unet
 from tests.helpers import random_membrane
 
@@ -23,7 +22,9 @@ def test_clipcos_long_prompt_takes_best_chunk(encode):
 
 
 def test_tokenuni_by_hand(tokenizer):
-    ids = lambda s: tokenizer(s).input_ids
+    def ids(s):
+        return tokenizer(s).input_ids
+
     assert tokenuni([ids("a painting by van gogh"), ids("a van on a road"), ids("a dog")], ids("van gogh")).tolist() == [1.0, 0.5, 0.0]
 
 

@@ -1,0 +1,237 @@
+"""Rebuild every toy-world asset from a seed: VAE -> text encoder + UNet -> fine-tune -> scorer.
+
+``python -m bench.toyworld build [--quick] [--seed N] [--out DIR]``
+
+Determinism: fixed thread count (2), ``torch.use_deterministic_algorithms(True)``, every random draw from a
+seeded generator; on the same machine type the same seed gives the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import data
+from . import model as M
+
+
+@dataclass
+class BuildConfig:
+    seed: int = 0
+    n_base: int = 16000
+    n_shift: int = 4000
+    vae_steps: int = 400
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    unet_steps: int = 1600
+    unet_batch: int = 64
+    unet_lr: float = 6e-4
+    warmup: int = 100
+    cfg_drop: float = 0.1
+    ft_steps: int = 250
+    ft_lr: float = 2e-4
+    n_scorer: int = 8000
+    scorer_steps: int = 1500
+    scorer_batch: int = 128
+    scorer_lr: float = 3e-3
+    threads: int = 2
+
+    @classmethod
+    def quick(cls) -> "BuildConfig":
+        return cls(n_base=256, n_shift=128, vae_steps=5, unet_steps=5, ft_steps=3, n_scorer=256, scorer_steps=10,
+                   warmup=5)
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        p = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
+    return f
+
+
+def to_tensor(imgs: np.ndarray) -> torch.Tensor:
+    """uint8 N x H x W x 3 -> float N x 3 x H x W in [-1, 1]."""
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def save_fp16(module, path: Path) -> None:
+    import copy
+
+    m = copy.deepcopy(module).half()
+    m.save_pretrained(str(path), safe_serialization=True)
+
+
+# ----------------------------------------------------------------------------------------------- VAE
+def train_vae(imgs: torch.Tensor, cfg: BuildConfig, g: torch.Generator):
+    vae = M.build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(50, cfg.vae_steps // 5 + 1), cfg.vae_steps))
+    vae.train()
+    for step in range(cfg.vae_steps):
+        idx = torch.randint(0, imgs.shape[0], (cfg.vae_batch,), generator=g)
+        x = imgs[idx]
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == cfg.vae_steps - 1:
+            _log(f"vae {step}/{cfg.vae_steps} loss {loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+    return vae
+
+
+@torch.no_grad()
+def encode_all(vae, imgs: torch.Tensor, bs: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for i in range(0, imgs.shape[0], bs):
+        post = vae.encode(imgs[i:i + bs]).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def roundtrip(vae, imgs: torch.Tensor, g: torch.Generator | None = None, bs: int = 256) -> torch.Tensor:
+    out = []
+    for i in range(0, imgs.shape[0], bs):
+        post = vae.encode(imgs[i:i + bs]).latent_dist
+        z = post.mean if g is None else post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        out.append(vae.decode(z).sample.clamp(-1, 1))
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------- UNet + text
+def tokenize(tok, captions: list[str]) -> torch.Tensor:
+    return tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+def train_diffusion(unet, te, mean: torch.Tensor, std: torch.Tensor, labels: list, scale: float, steps: int,
+                    lr: float, cfg: BuildConfig, g: torch.Generator, rng: np.random.Generator, train_text: bool,
+                    tag: str):
+    from spm.tokenizer import clip_tokenizer
+
+    tok = clip_tokenizer()
+    noise_sched = M.train_scheduler()
+    acp = noise_sched.alphas_cumprod.float()
+    params = list(unet.parameters()) + (list(te.parameters()) if train_text else [])
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(cfg.warmup, steps // 5 + 1), steps))
+    unet.train().requires_grad_(True)
+    te.train(train_text)
+    te.requires_grad_(train_text)
+    ema = None
+    for step in range(steps):
+        idx = torch.randint(0, mean.shape[0], (cfg.unet_batch,), generator=g)
+        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scale
+        caps = ["" if rng.random() < cfg.cfg_drop else data.caption(labels[i], rng) for i in idx.tolist()]
+        ids = tokenize(tok, caps)
+        t = torch.randint(0, 1000, (cfg.unet_batch,), generator=g)
+        eps = torch.randn(z0.shape, generator=g)
+        a = acp[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        with torch.set_grad_enabled(train_text):
+            h = te(ids)[0]
+        pred = unet(zt, t, h).sample
+        loss = F.mse_loss(pred, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % 50 == 0 or step == steps - 1:
+            _log(f"{tag} {step}/{steps} loss {loss.item():.4f} ema {ema:.4f}")
+    unet.eval().requires_grad_(False)
+    te.eval().requires_grad_(False)
+    return ema
+
+
+# ----------------------------------------------------------------------------------------------- build
+def build(out: Path | None = None, cfg: BuildConfig | None = None) -> dict:
+    from .scorer import train_scorer
+
+    cfg = cfg or BuildConfig()
+    out = Path(out) if out else M.ASSETS
+    torch.set_num_threads(cfg.threads)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    t_all = time.time()
+    report: dict = {"config": asdict(cfg)}
+
+    _log("rendering data")
+    base_np, base_labels = data.dataset_arrays(cfg.n_base, cfg.seed * 10 + 1)
+    shift_np, shift_labels = data.dataset_arrays(cfg.n_shift, cfg.seed * 10 + 2, shifted=True)
+    base_x, shift_x = to_tensor(base_np), to_tensor(shift_np)
+
+    t0 = time.time()
+    vae = train_vae(torch.cat([base_x, shift_x[: len(shift_x) // 2]]), cfg, g)
+    report["vae_seconds"] = time.time() - t0
+    mean, std = encode_all(vae, base_x)
+    scale = float(1.0 / mean.std())
+    vae.register_to_config(scaling_factor=scale)
+    rec = roundtrip(vae, base_x[:512])
+    report["vae_psnr"] = float(10 * torch.log10(4.0 / F.mse_loss(rec, base_x[:512])))
+    report["vae_scaling_factor"] = scale
+    _log(f"vae psnr {report['vae_psnr']:.2f} dB, scaling factor {scale:.4f}")
+
+    t0 = time.time()
+    torch.manual_seed(cfg.seed + 1)
+    te, unet = M.build_text_encoder(), M.build_unet()
+    report["unet_final_loss"] = train_diffusion(unet, te, mean, std, base_labels, scale, cfg.unet_steps, cfg.unet_lr,
+                                                cfg, g, rng, True, "unet")
+    report["unet_seconds"] = time.time() - t0
+
+    base_dir = out / "base"
+    if base_dir.exists():
+        shutil.rmtree(base_dir)
+    base_dir.mkdir(parents=True)
+    save_fp16(te, base_dir / "text_encoder")
+    save_fp16(vae, base_dir / "vae")
+    save_fp16(unet, base_dir / "unet")
+    M.build_scheduler().save_pretrained(str(base_dir / "scheduler"))
+
+    # community fine-tune: UNet only, on the shifted data; it shares text encoder and VAE with the base
+    t0 = time.time()
+    smean, sstd = encode_all(vae, shift_x)
+    report["finetune_final_loss"] = train_diffusion(unet, te, smean, sstd, shift_labels, scale, cfg.ft_steps, cfg.ft_lr,
+                                                    cfg, g, rng, False, "finetune")
+    report["finetune_seconds"] = time.time() - t0
+    ft_dir = out / "finetune"
+    if ft_dir.exists():
+        shutil.rmtree(ft_dir)
+    ft_dir.mkdir(parents=True)
+    save_fp16(unet, ft_dir / "unet")
+    (ft_dir / "README.txt").write_text("Community fine-tune: only the UNet is stored; text_encoder, vae and scheduler "
+                                       "are the base's (see bench/toyworld/model.py load_components).\n")
+
+    t0 = time.time()
+    report["scorer"] = train_scorer(vae, out / "scorer", cfg, g)
+    report["scorer_seconds"] = time.time() - t0
+    report["total_seconds"] = time.time() - t_all
+    (out / "build_report.json").write_text(json.dumps(report, indent=1))
+    _log(f"build done in {report['total_seconds']:.0f}s")
+    return report

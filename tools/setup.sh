@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set up a Python environment for SPM's standalone tools (demo, trainer, benchmarks) and, with --dev, its tests.
+# Installs into the current python3 (use a venv if you prefer: python3 -m venv .venv && . .venv/bin/activate).
+# CPU torch: `pip install torch==2.13.0` (set SPM_TORCH_SPEC to choose another build). Nothing here pulls CUDA torch:
+# open_clip_torch (for its CLIP vocabulary file) and stable-diffusion-sdkit (CompVis ldm, for tests) go in --no-deps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+pipi() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -vE "^WARNING: (Running pip as|Location)|dependency resolver|requires .*which is not installed|but you have .* which is incompatible|^ERROR: pip's dependency" || true; }
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "[setup] installing ${SPM_TORCH_SPEC:-torch==2.13.0}"
+  pipi "${SPM_TORCH_SPEC:-torch==2.13.0}"
+fi
+TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
+# Keep the installed torch: every later install is constrained to it.
+CONSTRAINTS=$(mktemp); trap 'rm -f "$CONSTRAINTS"' EXIT
+echo "torch==${TORCH_VERSION}" > "$CONSTRAINTS"
+export PIP_CONSTRAINT="$CONSTRAINTS"
+
+need() { for m in "$@"; do "$PY" -c "import $m" 2>/dev/null || return 0; done; return 1; }
+if need safetensors transformers diffusers tqdm accelerate; then
+  echo "[setup] installing safetensors, transformers, diffusers, tqdm, accelerate"
+  pipi safetensors transformers diffusers tqdm accelerate
+fi
+if ! "$PY" -c "import importlib.util as u; s=u.find_spec('open_clip'); import os,sys; sys.exit(0 if s and os.path.exists(os.path.join(list(s.submodule_search_locations)[0],'bpe_simple_vocab_16e6.txt.gz')) else 1)"; then
+  echo "[setup] installing open_clip_torch --no-deps (CLIP BPE vocabulary)"
+  pipi --no-deps open_clip_torch
+fi
+if [[ "${1:-}" == "--dev" ]]; then
+  if need pytest hypothesis ruff einops omegaconf; then
+    echo "[setup] installing test tools"
+    pipi pytest hypothesis ruff einops omegaconf
+  fi
+  if ! "$PY" -c "import ldm.modules.diffusionmodules.openaimodel" 2>/dev/null; then
+    echo "[setup] installing stable-diffusion-sdkit --no-deps (CompVis ldm UNet for structural tests)"
+    pipi --no-deps stable-diffusion-sdkit
+  fi
+fi
+"$PY" -c "import torch, diffusers, transformers, safetensors; print(f'[setup] ok: torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, safetensors {safetensors.__version__}')"
