@@ -8,6 +8,7 @@ wraps ``encode_prompt`` so that every conditioning row it produces is recorded w
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Sequence
 
 import torch
@@ -55,13 +56,16 @@ def _record_wrapper(pipe, registry):
     if getattr(original, "_spm_wrapped", False):
         return original
 
+    sig = inspect.signature(original)
+
     @functools.wraps(original)
     def encode_prompt(*args, **kwargs):
         out = original(*args, **kwargs)
         try:
-            prompt = kwargs.get("prompt", args[0] if args else None)
-            negative = kwargs.get("negative_prompt")
-            n = int(kwargs.get("num_images_per_prompt", 1) or 1)
+            bound = sig.bind_partial(*args, **kwargs).arguments
+            prompt = bound.get("prompt")
+            negative = bound.get("negative_prompt")
+            n = int(bound.get("num_images_per_prompt", 1) or 1)
             pos, neg = out[0], out[1]
             prompts = _as_list(prompt)
             if prompts and pos is not None and pos.shape[0] == len(prompts) * n:
