@@ -26,6 +26,7 @@ log = logging.getLogger("spm")
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
 MAX_HEADER = 64 * 1024 * 1024
+LOADABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class MembraneFileError(ValueError):
@@ -69,9 +70,11 @@ def _sniff(path: Path) -> dict[str, Any]:
         if key == "__metadata__":
             continue
         offs = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not offs or len(offs) != 2:
+        if not isinstance(offs, list) or len(offs) != 2:
             raise MembraneFileError(f"{_name(path)} is corrupt: tensor {key!r} has no data offsets")
-        end = max(end, int(offs[1]))
+        if not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offs) or offs[0] > offs[1]:
+            raise MembraneFileError(f"{_name(path)} is corrupt: tensor {key!r} has invalid data offsets {offs!r}")
+        end = max(end, offs[1])
     if 8 + n + end > size:
         raise MembraneFileError(
             f"{_name(path)} is truncated: its tensors need {8 + n + end} bytes, the file has {size} "
@@ -122,6 +125,14 @@ def _json(meta: dict[str, str], key: str, default: Any) -> Any:
         return default
 
 
+def _format_version(meta: dict[str, str], name: str) -> int:
+    raw = meta.get("spm_format_version") or FORMAT_VERSION
+    try:
+        return int(raw)
+    except ValueError:
+        raise MembraneFileError(f"{name}: metadata spm_format_version={raw!r} is not a number") from None
+
+
 def membrane_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], name: str = "membrane") -> Membrane:
     """Build a :class:`Membrane` from reference-format tensors; raises :class:`MembraneFileError`."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
@@ -145,10 +156,15 @@ def membrane_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str]
         if down is None or up is None:
             raise MembraneFileError(f"{name}: {stem} lacks its {'lora_down' if down is None else 'lora_up'} weight")
         for label, t in (("lora_down", down), ("lora_up", up)):
-            if not torch.is_floating_point(t):
-                raise MembraneFileError(f"{name}: {stem}.{label} has dtype {t.dtype}, expected floating point")
-            if not torch.isfinite(t).all():
+            if t.dtype not in LOADABLE_DTYPES:
+                raise MembraneFileError(
+                    f"{name}: {stem}.{label} has dtype {t.dtype}; membranes are float16, bfloat16, float32 or float64"
+                )
+            # checked after the cast to float32, which is what is used: float64 beyond ±3.4e38 becomes Inf
+            if not torch.isfinite(t.float()).all():
                 raise MembraneFileError(f"{name}: {stem}.{label} contains NaN or Inf values; the file is damaged")
+            if 0 in t.shape:
+                raise MembraneFileError(f"{name}: {stem}.{label} is empty (shape {tuple(t.shape)})")
         if down.ndim == 4 and up.ndim == 4 and down.shape[2:] == (1, 1) and up.shape[2:] == (1, 1):
             kind = "conv"
         elif down.ndim == 2 and up.ndim == 2:
@@ -163,7 +179,8 @@ def membrane_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str]
             alpha = float(rank)
             missing_alpha += 1
         else:
-            if alpha_t.numel() != 1 or not torch.isfinite(alpha_t.float()).all():
+            if alpha_t.numel() != 1 or alpha_t.dtype in (torch.bool, torch.complex64, torch.complex128) \
+                    or not torch.isfinite(alpha_t.float()).all():
                 raise MembraneFileError(f"{name}: {stem}.alpha must be one finite number")
             alpha = float(alpha_t.float().item())
         layer = MembraneLayer(kind, inf, outf, rank, alpha)
@@ -183,13 +200,14 @@ def membrane_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str]
     if not isinstance(concepts, list):
         source = "reference"
         concepts = [c.strip() for c in meta.get("prompts", "").split(",") if c.strip()]
+    training = _json(meta, "spm_training", {}) or {}
     info = MembraneInfo(
         concepts=[str(c) for c in concepts],
         surrogate=meta.get("spm_surrogate", ""),
         architecture=meta.get("spm_architecture") or describe_architecture(ctx, len(layers)),
         context_dim=ctx,
-        training=_json(meta, "spm_training", {}) or {},
-        format_version=int(meta.get("spm_format_version", FORMAT_VERSION) or FORMAT_VERSION),
+        training=training if isinstance(training, dict) else {},
+        format_version=_format_version(meta, name),
         source=source,
     )
     return Membrane(layers, info, name=name)
