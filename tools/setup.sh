@@ -19,9 +19,23 @@ echo "torch==${TORCH_VERSION}" > "$CONSTRAINTS"
 export PIP_CONSTRAINT="$CONSTRAINTS"
 
 need() { for m in "$@"; do "$PY" -c "import $m" 2>/dev/null || return 0; done; return 1; }
-if need safetensors transformers diffusers tqdm accelerate; then
-  echo "[setup] installing safetensors, transformers, diffusers, tqdm, accelerate"
-  pipi safetensors transformers diffusers tqdm accelerate
+# The versions Forge pins (gradio 4.40, transformers 4.46.1, diffusers 0.31): the standalone tools and the
+# tests run on what WebUI users actually have. Set SPM_UNPINNED=1 to keep whatever is installed.
+PINS=(gradio==4.40.0 transformers==4.46.1 diffusers==0.31.0 huggingface_hub==0.26.2 fastapi==0.112.4 "tokenizers<0.21")
+pinned_ok() {
+  "$PY" - <<'PYEOF' 2>/dev/null
+import importlib.metadata as md, sys
+want = {"gradio": "4.40.0", "transformers": "4.46.1", "diffusers": "0.31.0", "huggingface_hub": "0.26.2", "fastapi": "0.112.4"}
+sys.exit(0 if all(md.version(k) == v for k, v in want.items()) else 1)
+PYEOF
+}
+if [[ "${SPM_UNPINNED:-0}" != "1" ]] && ! pinned_ok; then
+  echo "[setup] installing ${PINS[*]}"
+  pipi "${PINS[@]}"
+fi
+if need safetensors transformers diffusers tqdm accelerate gradio PIL; then
+  echo "[setup] installing safetensors, transformers, diffusers, tqdm, accelerate, gradio"
+  pipi safetensors transformers diffusers tqdm accelerate gradio pillow
 fi
 if ! "$PY" -c "import importlib.util as u; s=u.find_spec('open_clip'); import os,sys; sys.exit(0 if s and os.path.exists(os.path.join(list(s.submodule_search_locations)[0],'bpe_simple_vocab_16e6.txt.gz')) else 1)"; then
   echo "[setup] installing open_clip_torch --no-deps (CLIP BPE vocabulary)"
@@ -37,4 +51,4 @@ if [[ "${1:-}" == "--dev" ]]; then
     pipi --no-deps stable-diffusion-sdkit
   fi
 fi
-"$PY" -c "import torch, diffusers, transformers, safetensors; print(f'[setup] ok: torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, safetensors {safetensors.__version__}')"
+"$PY" -c "import torch, diffusers, transformers, safetensors; import gradio; print(f'[setup] ok: torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, safetensors {safetensors.__version__}, gradio {gradio.__version__}')"
