@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 pipi() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -vE "^WARNING: (Running pip as|Location)|dependency resolver|requires .*which is not installed|but you have .* which is incompatible|^ERROR: pip's dependency" || true; }
 
-if ! "$PY" -c "import torch" 2>/dev/null; then
+if ! "$PY" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('torch') else 1)"; then
   echo "[setup] installing ${SPM_TORCH_SPEC:-torch==2.13.0}"
   pipi "${SPM_TORCH_SPEC:-torch==2.13.0}"
 fi
@@ -18,7 +18,8 @@ CONSTRAINTS=$(mktemp); trap 'rm -f "$CONSTRAINTS"' EXIT
 echo "torch==${TORCH_VERSION}" > "$CONSTRAINTS"
 export PIP_CONSTRAINT="$CONSTRAINTS"
 
-need() { for m in "$@"; do "$PY" -c "import $m" 2>/dev/null || return 0; done; return 1; }
+# need M...: true when any of the modules cannot be found (find_spec: no slow imports)
+need() { ! "$PY" -c "import importlib.util as u, sys; sys.exit(0 if all(u.find_spec(m) for m in sys.argv[1:]) else 1)" "$@"; }
 # The versions Forge pins (gradio 4.40, transformers 4.46.1, diffusers 0.31): the standalone tools and the
 # tests run on what WebUI users actually have. Set SPM_UNPINNED=1 to keep whatever is installed.
 PINS=(gradio==4.40.0 transformers==4.46.1 diffusers==0.31.0 huggingface_hub==0.26.2 fastapi==0.112.4 "tokenizers<0.21")
@@ -46,9 +47,9 @@ if [[ "${1:-}" == "--dev" ]]; then
     echo "[setup] installing test tools"
     pipi pytest hypothesis ruff einops omegaconf
   fi
-  if ! "$PY" -c "import ldm.modules.diffusionmodules.openaimodel" 2>/dev/null; then
+  if need ldm; then
     echo "[setup] installing stable-diffusion-sdkit --no-deps (CompVis ldm UNet for structural tests)"
     pipi --no-deps stable-diffusion-sdkit
   fi
 fi
-"$PY" -c "import torch, diffusers, transformers, safetensors; import gradio; print(f'[setup] ok: torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, safetensors {safetensors.__version__}, gradio {gradio.__version__}')"
+"$PY" -c "import importlib.metadata as md; print('[setup] ok: ' + ', '.join(f'{k} {md.version(k)}' for k in ('torch', 'diffusers', 'transformers', 'safetensors', 'gradio')))"
