@@ -13,6 +13,11 @@ Reference metrics (Con6924/SPM), kept formula-for-formula:
 * ``clipcos_tokenuni`` (reference default): the maximum of the two.
 * ``off``: 1 for every row.
 
+Ours, selectable (the benchmark compares them on the toy world):
+
+* ``tokenwin``: best window of per-token cosines between the prompt's *content* token states and the
+  concept's (BOS and padding ignored); ``tokenwin_tokenuni``: its maximum with ``tokenuni``.
+
 This module knows nothing of any host: a host supplies an ``encode(texts)`` function returning
 conditioning exactly as its UNet receives it, plus token ids.
 """
@@ -94,6 +99,48 @@ def _m_clipcos_tokenuni(ctx, toks, ce):
     return torch.maximum(clipcos(ctx, ce.embedding), tokenuni(toks, ce.tokens))
 
 
+def content_positions(ids: Sequence[int] | None, length: int) -> int:
+    """Number of content tokens (after BOS, before EOS) of a prompt, capped to the sequence length."""
+    if ids is None:
+        return 0
+    return min(sum(1 for i in ids if int(i) not in (BOS, EOS)), length - 2)
+
+
+def tokenwin(prompt: torch.Tensor, row_tokens: Sequence[Sequence[int] | None], concept: ConceptEmbedding) -> torch.Tensor:
+    """Window match over content tokens only (ours; padding and BOS ignored).
+
+    For each window of the prompt's content-token states as long as the concept's, the mean per-token
+    cosine with the concept's content-token states; the score is the best window. Rows whose tokens are
+    unknown fall back to the reference ``clipcos``. ``prompt [B, T, d]`` → ``[B]``.
+    """
+    m = content_positions(concept.tokens, concept.embedding.shape[0])
+    if m == 0:
+        return clipcos(prompt, concept.embedding)
+    e = F.normalize(concept.embedding[1 : 1 + m].float(), dim=-1)
+    out = []
+    for row, ids in zip(prompt.float(), row_tokens):
+        n = content_positions(ids, row.shape[0])
+        if n == 0:
+            out.append(clipcos(row[None], concept.embedding)[0] if ids is None else torch.tensor(0.0))
+            continue
+        p = F.normalize(row[1 : 1 + n], dim=-1)
+        c = p @ e.T  # [n, m] per-token cosines
+        if n < m:
+            out.append(torch.stack([c[i, i] for i in range(n)]).sum() / m)
+            continue
+        diag = torch.stack([c[j : j + n - m + 1, j] for j in range(m)], 1)  # [windows, m]
+        out.append(diag.mean(1).max())
+    return torch.stack(out) if out else torch.zeros(0)
+
+
+def _m_tokenwin(ctx, toks, ce):
+    return tokenwin(ctx, toks, ce)
+
+
+def _m_tokenwin_tokenuni(ctx, toks, ce):
+    return torch.maximum(tokenwin(ctx, toks, ce), tokenuni(toks, ce.tokens))
+
+
 def _m_off(ctx, toks, ce):
     return torch.ones(ctx.shape[0])
 
@@ -102,6 +149,8 @@ METRICS: dict[str, MetricFn] = {
     "clipcos_tokenuni": _m_clipcos_tokenuni,
     "clipcos": _m_clipcos,
     "tokenuni": _m_tokenuni,
+    "tokenwin": _m_tokenwin,
+    "tokenwin_tokenuni": _m_tokenwin_tokenuni,
     "off": _m_off,
 }
 DEFAULT_METRIC = "clipcos_tokenuni"

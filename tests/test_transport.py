@@ -77,3 +77,16 @@ def test_registry_matches_rows_any_order_and_dtype(encode):
     batch = torch.cat([ctx[2:3], ctx[0:1], torch.randn(1, 77, 32)])
     assert reg.lookup(batch) == [toks[2], toks[0], None]
     assert reg.lookup(ctx.half())[:2] == toks[:2]
+
+
+def test_tokenwin_matches_concept_inside_prompt(encode):
+    from spm.transport import ConceptEmbedding, tokenwin
+
+    ctx, toks = encode(["cat", "a photo of a dog", "a photo of a cat"])
+    ce = ConceptEmbedding("cat", ctx[0], toks[0])
+    s = tokenwin(ctx, toks, ce)
+    assert s[0].item() == pytest.approx(1.0, abs=1e-5)  # the concept itself
+    # the windows compare content tokens only: exactly the per-token cosine at the best position
+    p = torch.nn.functional.normalize(ctx[2, 1:6], dim=-1) @ torch.nn.functional.normalize(ctx[0, 1], dim=-1)
+    assert s[2].item() == pytest.approx(p.max().item(), abs=1e-5)
+    assert tokenwin(ctx, [None, None, None], ce).tolist() == pytest.approx(clipcos(ctx, ctx[0]).tolist(), abs=1e-6)
