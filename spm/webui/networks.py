@@ -1,0 +1,78 @@
+"""The ``spm`` extra network (``<spm:NAME:WEIGHT>``) and its "SPM" cards page.
+
+Imported only by the extension's ``scripts/`` (subclasses WebUI classes).  Register both in
+``on_before_ui``: registrations made at import time are wiped by the WebUI's own initialisation.
+
+The WebUI hands :meth:`ExtraNetworkSpm.activate` only the *first* prompt's tags for the whole batch, so
+activation does not decide anything here: the AlwaysOn script reads every prompt's own tags
+(``before_process_batch``) and applies them per row.  Registering the network is still what makes the
+WebUI treat ``<spm:…>`` as an extra network (cards, completion, ``extra_network_data``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from modules import extra_networks, shared, ui_extra_networks
+
+from . import state
+
+log = logging.getLogger("spm")
+
+
+class ExtraNetworkSpm(extra_networks.ExtraNetwork):
+    def __init__(self):
+        super().__init__("spm")
+        self.last_params: list = []
+
+    def activate(self, p, params_list):
+        # A1111 calls this during model load with a dummy p whose all_prompts is None.
+        if getattr(p, "all_prompts", None) is None:
+            return
+        self.last_params = list(params_list)
+
+    def deactivate(self, p):
+        self.last_params = []
+
+
+def default_multiplier() -> str:
+    opts = getattr(shared, "opts", None)
+    w = getattr(opts, "spm_default_weight", None)
+    return str(float(w)) if w is not None else "opts.extra_networks_default_multiplier"
+
+
+class ExtraNetworksPageSpm(ui_extra_networks.ExtraNetworksPage):
+    def __init__(self):
+        super().__init__("SPM")
+
+    def refresh(self):
+        state.library().refresh()
+
+    def create_item(self, name, index=None, enable_filter=True):
+        entry = state.library().entries.get(name)
+        if entry is None:
+            return None
+        path, _ = os.path.splitext(str(entry.path))
+        quote = ui_extra_networks.quote_js
+        return {
+            "name": name,
+            "filename": str(entry.path),
+            "shorthash": None,
+            "preview": self.find_preview(path),
+            "description": entry.description(),
+            "search_terms": [self.search_terms_from_path(str(entry.path)), *entry.concepts],
+            "local_preview": f"{path}.{getattr(shared.opts, 'samples_format', 'png')}",
+            "metadata": entry.as_dict(),
+            "sort_keys": {"default": index, **self.get_sort_keys(str(entry.path))},
+            "prompt": quote(f"<spm:{name}:") + " + " + default_multiplier() + " + " + quote(">"),
+        }
+
+    def list_items(self):
+        for index, name in enumerate(list(state.library().entries)):
+            item = self.create_item(name, index)
+            if item is not None:
+                yield item
+
+    def allowed_directories_for_previews(self):
+        return [str(state.membrane_dir())]

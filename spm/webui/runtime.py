@@ -1,0 +1,349 @@
+"""Membranes on the WebUI's loaded model (A1111 1.10 and Forge), with per-row strengths.
+
+**Where the UNet is.** A1111: ``sd_model.model.diffusion_model`` (LDM for SD1/SD2, sgm for SDXL).
+Forge (backend era): ``sd_model.forge_objects.unet`` (an ``UnetPatcher``) ``.model.diffusion_model``; its
+``forge_objects`` are reset every batch, but clones share the module tree, so hooks on the modules persist.
+Forge's Linear is not an ``nn.Linear``: :mod:`spm.naming` finds targets by name and weight shape.
+
+**Where the strengths come from.** Nothing here looks at how the WebUI lays out its UNet batch.  The
+:class:`~spm.attach.MembraneStack` pre-hook on the UNet reads each row's own conditioning (the ``context``
+argument) and asks :class:`RowWeightTransport` for ``[rows, membranes]`` strengths =
+transport score(row, concepts) × weight(row) × facilitate factor.  To know a row's *weight* (its prompt's
+tags) and its *token ids* (for ``tokenuni``), the model's ``get_learned_conditioning`` is wrapped (an
+instance attribute, removed on detach) and records every conditioning row it returns together with the
+text it came from and its token ids.  Rows are later recognised by a fingerprint of their values
+(:class:`spm.transport.RowRegistry`).  Batches of different prompts, negative prompts, AND, prompt
+editing, the hires pass and chunked UNet calls therefore need no bookkeeping.
+
+**Weight of a row.** A row whose text is one of the texts the WebUI derives from a prompt of the batch
+(AND parts, prompt-editing alternatives, via the WebUI's own ``prompt_parser``) gets that prompt's weights
+(the maximum, if two prompts share the text).  Every other row — negative prompts, the empty
+unconditional, rows that cannot be recognised — gets the panel weights only: a ``<spm:…>`` tag never acts
+on another prompt's images, and a negative prompt is treated as text like any other (its own transport
+score decides how much a panel membrane acts on it, as in the reference, which applied the membrane to
+both CFG branches).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..attach import MembraneStack, Transport
+from ..membrane import Membrane
+from ..transport import DEFAULT_METRIC, METRICS, RowRegistry
+from .plan import BatchPlan
+
+log = logging.getLogger("spm")
+
+Tokenize = Callable[[list[str]], list[list[int]]]
+
+
+# --- host discovery ------------------------------------------------------------------------------
+def is_forge() -> bool:
+    """True inside Forge (``modules_forge`` imports only there)."""
+    import importlib.util
+    import sys
+
+    if "modules_forge" in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec("modules_forge") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def find_unet(sd_model: Any) -> tuple[nn.Module, str]:
+    """``(diffusion_model, host)`` with host ``"forge"`` or ``"a1111"``; ``LookupError`` if none is loaded."""
+    if sd_model is None:
+        raise LookupError("no Stable Diffusion model is loaded")
+    fo = getattr(sd_model, "forge_objects", None)
+    patcher = getattr(fo, "unet", None) if fo is not None else None
+    if patcher is not None:
+        inner = getattr(patcher, "model", None)
+        unet = getattr(inner, "diffusion_model", None)
+        if isinstance(unet, nn.Module):
+            return unet, "forge"
+    wrapper = getattr(sd_model, "model", None)
+    unet = getattr(wrapper, "diffusion_model", None)
+    if isinstance(unet, nn.Module):
+        return unet, "a1111"
+    raise LookupError(f"cannot find the UNet of {type(sd_model).__name__} (neither model.diffusion_model nor forge_objects.unet)")
+
+
+def crossattn(cond: Any) -> torch.Tensor | None:
+    """The cross-attention rows of a conditioning: the tensor itself, or SDXL's ``cond['crossattn']``."""
+    if isinstance(cond, torch.Tensor):
+        return cond
+    if isinstance(cond, dict):
+        for key in ("crossattn", "c_crossattn", "cond"):
+            v = cond.get(key)
+            if isinstance(v, torch.Tensor):
+                return v
+    return None
+
+
+def find_tokenizer(sd_model: Any) -> Tokenize | None:
+    """The model's own ``tokenize(texts) -> ids`` (A1111's hijacked CLIP wrappers, SDXL's first embedder,
+    Forge's text-processing engines), else None (token metrics then score 0; ``clipcos`` still works)."""
+    candidates = []
+    for attr in ("cond_stage_model", "text_processing_engine", "text_processing_engine_l", "text_processing_engine_g"):
+        obj = getattr(sd_model, attr, None)
+        if obj is not None:
+            candidates.append(obj)
+            candidates.extend(getattr(obj, "embedders", None) or [])
+    conditioner = getattr(sd_model, "conditioner", None)
+    if conditioner is not None:
+        candidates.extend(getattr(conditioner, "embedders", None) or [])
+    for obj in candidates:
+        fn = getattr(obj, "tokenize", None)
+        if callable(fn):
+            def tokenize(texts: list[str], fn=fn) -> list[list[int]]:
+                return [list(map(int, ids)) for ids in fn(list(texts))]
+
+            return tokenize
+    return None
+
+
+# --- recording conditioning rows ----------------------------------------------------------------
+class TextRegistry:
+    """Conditioning rows → (text, negative?) by value fingerprint (a :class:`RowRegistry` storing indices)."""
+
+    def __init__(self, capacity: int = 2048):
+        self._rows = RowRegistry(capacity=capacity)
+        self._items: list[tuple[str, bool]] = []
+        self._index: dict[tuple[str, bool], int] = {}
+
+    def record(self, rows: torch.Tensor, texts: Sequence[str], negative: bool) -> None:
+        ids = []
+        for t in texts:
+            key = (str(t), bool(negative))
+            if key not in self._index:
+                self._index[key] = len(self._items)
+                self._items.append(key)
+            ids.append([self._index[key]])
+        self._rows.record(rows, ids)
+
+    def lookup(self, rows: torch.Tensor) -> list[tuple[str, bool] | None]:
+        return [None if r is None else self._items[r[0]] for r in self._rows.lookup(rows)]
+
+    def clear(self) -> None:
+        self._rows.clear()
+        self._items.clear()
+        self._index.clear()
+
+
+class RowWeightTransport(Transport):
+    """:class:`~spm.attach.Transport` whose scores also carry each row's weight (its prompt's tags).
+
+    The stack's own weights are all 1; ``scores`` returns score × weight(row, membrane).
+    """
+
+    def __init__(self, encode, tokenize: Tokenize | None, encoder_key: object = None,
+                 metric: str = DEFAULT_METRIC, factor: float = 1.0):
+        super().__init__(encode, encoder_key=encoder_key, metric=metric, factor=factor)
+        self.tokenize = tokenize
+        self.texts = TextRegistry()
+        self.panel: dict[str, float] = {}
+        self.table: dict[str, dict[str, float]] = {}
+
+    def set_weights(self, panel: dict[str, float], table: dict[str, dict[str, float]]) -> None:
+        self.panel = dict(panel)
+        self.table = {k: dict(v) for k, v in table.items()}
+
+    def row_weights(self, context: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        """``[B, M]`` weights of each row for each membrane (see the module docstring for the rule)."""
+        out = torch.zeros(context.shape[0], len(names))
+        for i, hit in enumerate(self.texts.lookup(context)):
+            weights = self.panel
+            if hit is not None and not hit[1] and hit[0] in self.table:
+                weights = self.table[hit[0]]
+            for j, n in enumerate(names):
+                out[i, j] = float(weights.get(n, 0.0))
+        return out
+
+    def scores(self, context, membranes, row_tokens=None):
+        base = super().scores(context, membranes, row_tokens)
+        return base * self.row_weights(context, [m.name for m in membranes])
+
+    def record(self, texts: Sequence[str], cond: Any, negative: bool) -> None:
+        rows = crossattn(cond)
+        if rows is None or rows.shape[0] != len(texts):
+            return
+        texts = [str(t) for t in texts]
+        self.texts.record(rows, texts, negative)
+        if self.tokenize is not None:
+            try:
+                self.registry.record(rows, self.tokenize(texts))
+            except Exception as e:  # tokens are an aid to tokenuni; never fail a generation for them
+                log.debug("SPM: tokenizing for transport failed: %s", e)
+
+
+def _wrap_conditioning(sd_model: Any, transport_ref: Callable[[], RowWeightTransport | None]) -> Callable:
+    original = sd_model.get_learned_conditioning
+
+    def get_learned_conditioning(texts, *args, **kwargs):
+        out = original(texts, *args, **kwargs)
+        transport = transport_ref()
+        if transport is not None:
+            try:
+                transport.record(list(texts), out, bool(getattr(texts, "is_negative_prompt", False)))
+            except Exception as e:  # recording is best effort
+                log.debug("SPM: recording conditioning failed: %s", e)
+        return out
+
+    get_learned_conditioning._spm_original = original  # type: ignore[attr-defined]
+    return get_learned_conditioning
+
+
+class Attachment:
+    """SPM on one loaded model: the conditioning recorder, the stack on its UNet, and the transport."""
+
+    def __init__(self, sd_model: Any):
+        self.unet, self.host = find_unet(sd_model)
+        self._model_ref = weakref.ref(sd_model) if _weakrefable(sd_model) else (lambda m=sd_model: m)
+        self.stack = MembraneStack(self.unet)
+        original = sd_model.get_learned_conditioning
+        self._original_glc = getattr(original, "_spm_original", original)
+
+        def encode(texts: list[str]):
+            with torch.no_grad():
+                cond = self._original_glc(list(texts))
+            rows = crossattn(cond)
+            if rows is None:
+                raise TypeError(f"get_learned_conditioning returned {type(cond).__name__}, not a tensor or a dict with 'crossattn'")
+            toks = self.transport.tokenize(list(texts)) if self.transport.tokenize else [[] for _ in texts]
+            return rows, toks
+
+        self.transport = RowWeightTransport(encode, find_tokenizer(sd_model), encoder_key=id(sd_model))
+        self._installed = False
+        self.install_recorder()
+
+    @property
+    def sd_model(self) -> Any:
+        return self._model_ref()
+
+    def install_recorder(self) -> None:
+        model = self.sd_model
+        if model is None or self._installed:
+            return
+        ref = weakref.ref(self.transport)
+        model.get_learned_conditioning = _wrap_conditioning(model, ref)
+        self._installed = True
+
+    def configure(self, plan: BatchPlan, texts_of: Callable[[str], set[str]], metric: str, factor: float) -> None:
+        """Attach ``plan``'s membranes (hooks off when it has none) with per-row weights."""
+        if not plan.active:
+            self.clear()
+            return
+        if metric not in METRICS:
+            raise ValueError(f"unknown transport metric {metric!r}; choose one of {sorted(METRICS)}")
+        table: dict[str, dict[str, float]] = {}
+        for prompt, weights in plan.prompts:
+            for text in texts_of(prompt):
+                row = table.setdefault(text, {})
+                for n, w in weights.items():
+                    row[n] = max(row.get(n, w), w)
+        self.transport.metric = metric
+        self.transport.factor = float(factor)
+        self.transport.set_weights(plan.panel, table)
+        self.stack.set_membranes([(m, 1.0) for m in plan.membranes.values()])
+        self.stack.set_transport(self.transport)  # also forgets cached strengths
+
+    def prepare_concepts(self, membranes: Sequence[Membrane]) -> None:
+        """Encode concepts now (before sampling), so the text encoder is not needed inside the UNet hook."""
+        if self.transport.metric == "off":
+            return
+        texts = [c for m in membranes for c in m.concepts]
+        if texts:
+            self.transport.concepts.get(texts, self.transport.encode, self.transport.encoder_key)
+
+    def clear(self) -> None:
+        """Remove every UNet hook (the model computes exactly as without SPM); keep the recorder."""
+        self.stack.clear()
+        self.stack.set_transport(None)
+
+    def detach(self) -> None:
+        """Remove the hooks and the recorder: nothing of SPM stays on the model."""
+        self.stack.detach()
+        model = self.sd_model
+        if model is not None and self._installed:
+            wrapped = getattr(model, "__dict__", {}).get("get_learned_conditioning")
+            if wrapped is not None and getattr(wrapped, "_spm_original", None) is not None:
+                del model.__dict__["get_learned_conditioning"]
+        self._installed = False
+        self.transport.texts.clear()
+        self.transport.registry.clear()
+        self.transport.concepts.clear()
+
+
+def _weakrefable(obj: Any) -> bool:
+    try:
+        weakref.ref(obj)
+        return True
+    except TypeError:
+        return False
+
+
+class Runtime:
+    """The process-wide SPM state: at most one :class:`Attachment`, for the model in use."""
+
+    def __init__(self) -> None:
+        self.attachment: Attachment | None = None
+
+    def attach(self, sd_model: Any) -> Attachment:
+        """The attachment for ``sd_model``, created (and any other one detached) when needed."""
+        unet, _ = find_unet(sd_model)
+        att = self.attachment
+        if att is not None and (att.sd_model is not sd_model or att.unet is not unet):
+            self.detach()
+            att = None
+        if att is None:
+            att = self.attachment = Attachment(sd_model)
+        else:
+            att.install_recorder()
+        return att
+
+    def clear(self) -> None:
+        if self.attachment is not None:
+            self.attachment.clear()
+
+    def detach(self) -> None:
+        """Model switch, Reload UI, disabling: every hook and wrapper off."""
+        if self.attachment is not None:
+            self.attachment.detach()
+            self.attachment = None
+
+
+def derived_texts(prompt: str, steps: Sequence[int], hires_steps: Sequence[int | None] = (None,),
+                  use_old_scheduling: bool = False) -> set[str]:
+    """The texts the WebUI encodes for ``prompt``: its AND parts and prompt-editing alternatives.
+
+    Uses the WebUI's own ``modules.prompt_parser``; the union over the given step counts (a superset is
+    harmless: a text only matters if some conditioning row has exactly that text).
+    """
+    texts = {prompt}
+    try:
+        from modules import prompt_parser
+    except ImportError:
+        return texts
+    try:
+        _, flat, _ = prompt_parser.get_multicond_prompt_list([prompt])
+        texts.update(flat)
+        for s in steps:
+            for h in hires_steps:
+                for schedule in prompt_parser.get_learned_conditioning_prompt_schedules(flat, s, h, use_old_scheduling):
+                    texts.update(text for _, text in schedule)
+    except Exception as e:  # a prompt the parser rejects is encoded as plain text by the WebUI too
+        log.debug("SPM: prompt_parser failed on %r: %s", prompt, e)
+    return texts
+
+
+__all__ = [
+    "Attachment", "RowWeightTransport", "Runtime", "TextRegistry", "crossattn", "derived_texts", "find_tokenizer",
+    "find_unet", "is_forge",
+]

@@ -1,0 +1,71 @@
+"""Process-wide singletons of the WebUI glue: the membrane library, the planner and the runtime."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..library import Library
+from .plan import Planner
+from .runtime import Runtime
+
+_library: Library | None = None
+_planner: Planner | None = None
+_runtime: Runtime | None = None
+
+
+def membrane_dir() -> Path:
+    """``--spm-dir`` if given, else ``models/spm`` under the WebUI's models path (created if missing)."""
+    folder = None
+    try:
+        from modules import shared
+
+        folder = getattr(getattr(shared, "cmd_opts", None), "spm_dir", None)
+    except ImportError:
+        pass
+    if not folder:
+        try:
+            from modules import paths
+
+            folder = os.path.join(paths.models_path, "spm")
+        except ImportError:
+            folder = os.path.join("models", "spm")
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # Library.refresh reports the problem
+    return path
+
+
+def library() -> Library:
+    global _library, _planner
+    folder = membrane_dir()
+    if _library is None or _library.folder != folder:
+        _library = Library(folder)
+        _library.refresh()
+        _planner = None
+    return _library
+
+
+def planner() -> Planner:
+    global _planner
+    lib = library()
+    if _planner is None or _planner.library is not lib:
+        _planner = Planner(lib)
+    return _planner
+
+
+def runtime() -> Runtime:
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime()
+    return _runtime
+
+
+def reset() -> None:
+    """Detach everything and forget the singletons (Reload UI, tests)."""
+    global _library, _planner, _runtime
+    if _runtime is not None:
+        _runtime.detach()
+    _library = _planner = _runtime = None

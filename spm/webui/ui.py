@@ -1,0 +1,74 @@
+"""The SPM panel (Gradio components), written for both Gradio 3.41 (A1111 1.10) and 4.40 (Forge).
+
+Only constructor keywords both versions share; updates are returned as ``gr.update(...)`` dicts (never
+``Component.update``); every component has an ``elem_id`` for the CSS and the API docs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..tags import parse_weight_list
+from . import state
+
+
+def membrane_choices() -> list[str]:
+    return state.library().names()
+
+
+def refresh_choices(selected: list[str] | None) -> dict:
+    """Rescan the folder; keep the selected names that still exist."""
+    import gradio as gr
+
+    names = [e.name for e in state.library().refresh()]
+    return gr.update(choices=names, value=[n for n in (selected or []) if n in names])
+
+
+def _paste_names(d: dict) -> list[str]:
+    weights, _ = parse_weight_list(str(d.get("SPM", "")))
+    known = set(membrane_choices())
+    return [n for n in weights if n in known]
+
+
+def build_panel(script: Any) -> tuple[list, list]:
+    """Components in API order ``[enabled, membranes, weights, metric, factor]`` and the infotext fields."""
+    import gradio as gr
+
+    from .script import METRIC_CHOICES, parse_transport_infotext, sync_weights
+
+    try:
+        from modules.ui_components import InputAccordion  # A1111 1.7+ and Forge
+    except ImportError:  # pragma: no cover - older WebUIs
+        InputAccordion = None
+
+    choices = membrane_choices()
+    if InputAccordion is not None:
+        accordion = InputAccordion(False, label="SPM concept erasing", elem_id=script.elem_id("spm_enable"))
+        enabled = accordion
+    else:
+        accordion = gr.Accordion("SPM concept erasing", open=False, elem_id=script.elem_id("spm_accordion"))
+        enabled = None
+    with accordion:
+        if enabled is None:
+            enabled = gr.Checkbox(label="Enable", value=False, elem_id=script.elem_id("spm_enable"))
+        with gr.Row(elem_id=script.elem_id("spm_row_membranes")):
+            membranes = gr.CheckboxGroup(label="Membranes", choices=choices, value=[],
+                                         elem_id=script.elem_id("spm_membranes"))
+            refresh = gr.Button(value="\U0001f504", elem_id=script.elem_id("spm_refresh"), elem_classes=["spm-refresh"])
+        weights = gr.Textbox(label="Weights (name:weight, …; a <spm:name:w> tag overrides its membrane)", value="",
+                             lines=1, elem_id=script.elem_id("spm_weights"))
+        with gr.Row(elem_id=script.elem_id("spm_row_transport")):
+            metric = gr.Dropdown(label="Facilitated Transport", choices=METRIC_CHOICES, value=METRIC_CHOICES[0],
+                                 elem_id=script.elem_id("spm_metric"))
+            factor = gr.Slider(label="Facilitate factor", minimum=0.0, maximum=3.0, step=0.05, value=1.0,
+                               elem_id=script.elem_id("spm_factor"))
+    refresh.click(fn=refresh_choices, inputs=[membranes], outputs=[membranes])
+    membranes.change(fn=sync_weights, inputs=[membranes, weights], outputs=[weights])
+    infotext_fields = [
+        (enabled, lambda d: "SPM" in d),
+        (membranes, _paste_names),
+        (weights, "SPM"),
+        (metric, lambda d: parse_transport_infotext(d.get("SPM transport", ""))[0]),
+        (factor, lambda d: parse_transport_infotext(d.get("SPM transport", ""))[1]),
+    ]
+    return [enabled, membranes, weights, metric, factor], infotext_fields
