@@ -96,6 +96,15 @@ class World:
         stub.uninstall()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny UNet runs ~30x faster on one thread than on two contended ones."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def world(tmp_path, tokenizer, text_encoder):
     w = World(tmp_path, tokenizer, text_encoder)
@@ -179,6 +188,34 @@ def test_detach_restores_bit_identical_outputs(world):
     stub.fire("script_unloaded")  # Reload UI
     assert hooked_modules(world.unet) == []
     assert "get_learned_conditioning" not in world.model.__dict__
+
+
+def test_cached_conditionings_after_reload_ui(world):
+    """A1111 reuses conditionings across generations (and Reload UI); rows the recorder never saw are
+    encoded again by SPM, so tags still reach their own prompt's rows."""
+    world.add_membrane("m")
+    prompts = ["a cat <spm:m:0.8>", "a car"]
+    world.run(prompts, batch_size=2)
+    stub.fire("script_unloaded")  # Reload UI: hooks and recorder gone, registry cleared
+    assert "get_learned_conditioning" not in world.model.__dict__
+    stub.callback_map.clear()
+    world.script = runpy.run_path(str(ROOT / "scripts" / "spm_membranes.py"))["SpmScript"]()
+    world.script.controls = [None] * 5
+    calls = []
+    orig = type(world.model).get_learned_conditioning
+    world.model.__class__ = type("Counting", (type(world.model),), {
+        "get_learned_conditioning": lambda self, c: calls.append(list(c)) or orig(self, c)})
+    world.run(prompts, batch_size=2)
+    assert world.strengths[0][:, 0].tolist() == pytest.approx([0.8, 0.0, 0.0, 0.0])
+    assert ["a cat "] in calls or ["a cat"] in calls  # SPM re-encoded the cached prompt itself
+
+
+def test_vae_change_keeps_recordings(world):
+    world.add_membrane("m")
+    world.run(["a cat <spm:m>"])
+    att = world.state.runtime().attachment
+    stub.fire("model_loaded", world.model)  # same model object: e.g. a VAE change
+    assert world.state.runtime().attachment is att and hooked_modules(world.unet) == []
 
 
 def test_model_switch_detaches_the_old_model(world, tokenizer, text_encoder):

@@ -678,6 +678,25 @@ class StableDiffusionProcessing:
             self.hr_prompts, self.hr_extra_network_data = parse_prompts(self.hr_prompts)
 
 
+cached_c: list = [None, None]
+cached_uc: list = [None, None]
+
+
+def _en_key(data):
+    return tuple(sorted((k, tuple(tuple(x.items) for x in v)) for k, v in (data or {}).items()))
+
+
+def get_conds_with_caching(p, function, required_prompts, steps, cache, extra_network_data, hires_steps=None):
+    """``StableDiffusionProcessing.get_conds_with_caching``: conditionings are reused across generations
+    while prompts, steps, model and ``extra_network_data`` (the *first* prompt's tags) are unchanged."""
+    params = (tuple(required_prompts), steps, hires_steps, id(p.sd_model), _en_key(extra_network_data))
+    if cache[0] == params:
+        return cache[1]
+    cache[1] = function(p.sd_model, required_prompts, steps, hires_steps)
+    cache[0] = params
+    return cache[1]
+
+
 def _as_list(x, n):
     return list(x) if isinstance(x, list) else [x] * n
 
@@ -712,8 +731,10 @@ def process_images(p: StableDiffusionProcessing, forge: bool = False) -> Process
                 en_activate(p, p.extra_network_data)
             if p.scripts is not None:
                 p.scripts.process_batch(p, batch_number=n, prompts=p.prompts, seeds=p.seeds, subseeds=p.seeds)
-            uc = get_learned_conditioning(p.sd_model, SdConditioning(p.negative_prompts, is_negative_prompt=True), p.steps)
-            c = get_multicond_learned_conditioning(p.sd_model, SdConditioning(p.prompts), p.steps)
+            uc = get_conds_with_caching(p, get_learned_conditioning, SdConditioning(p.negative_prompts, is_negative_prompt=True),
+                                        p.steps, cached_uc, p.extra_network_data)
+            c = get_conds_with_caching(p, get_multicond_learned_conditioning, SdConditioning(p.prompts), p.steps, cached_c,
+                                       p.extra_network_data)
             gen = torch.Generator().manual_seed(p.seeds[0])
             x = torch.randn(bs, 4, p.height // 2, p.width // 2, generator=gen)
             x = _sample(p, x, c, uc, p.steps, forge)
@@ -839,6 +860,8 @@ def install(tmp_path, *, forge: bool = False) -> types.SimpleNamespace:
     registered_pages.clear()
     scripts_data.clear()
     errors_reported.clear()
+    cached_c[:] = [None, None]
+    cached_uc[:] = [None, None]
 
     root = _module("modules")
     paths = _module("modules.paths")

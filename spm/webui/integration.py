@@ -77,7 +77,7 @@ def on_ui_settings() -> None:
 
 
 def on_model_loaded(sd_model) -> None:
-    state.runtime().detach()
+    state.runtime().model_loaded(sd_model)
 
 
 def on_script_unloaded() -> None:

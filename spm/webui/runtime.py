@@ -221,6 +221,7 @@ class Attachment:
 
         self.transport = RowWeightTransport(encode, find_tokenizer(sd_model), encoder_key=id(sd_model))
         self._installed = False
+        self._seen: set[tuple[tuple[str, ...], bool]] = set()
         self.install_recorder()
 
     @property
@@ -254,6 +255,20 @@ class Attachment:
         self.stack.set_membranes([(m, 1.0) for m in plan.membranes.values()])
         self.stack.set_transport(self.transport)  # also forgets cached strengths
 
+    def ensure_recorded(self, groups: Sequence[tuple[str, ...]], negative: bool = False) -> int:
+        """Encode and record the groups not recorded yet; returns how many were encoded.
+
+        The WebUI caches conditionings between generations (and across Reload UI), so the recorder may
+        never see them; encoding the same texts with the same function reproduces those rows exactly.
+        """
+        todo = [g for g in dict.fromkeys(groups) if (g, negative) not in self._seen]
+        for g in todo:
+            with torch.no_grad():
+                cond = self._original_glc(_conditioning_list(g, negative))
+            self.transport.record(list(g), cond, negative)
+            self._seen.add((g, negative))
+        return len(todo)
+
     def prepare_concepts(self, membranes: Sequence[Membrane]) -> None:
         """Encode concepts now (before sampling), so the text encoder is not needed inside the UNet hook."""
         if self.transport.metric == "off":
@@ -279,6 +294,17 @@ class Attachment:
         self.transport.texts.clear()
         self.transport.registry.clear()
         self.transport.concepts.clear()
+        self._seen.clear()
+
+
+def _conditioning_list(texts: Sequence[str], negative: bool) -> list[str]:
+    """``texts`` as the WebUI passes them (its ``SdConditioning`` when available, to carry the negative flag)."""
+    try:
+        from modules import prompt_parser
+
+        return prompt_parser.SdConditioning(list(texts), is_negative_prompt=negative)
+    except (ImportError, AttributeError, TypeError):
+        return list(texts)
 
 
 def _weakrefable(obj: Any) -> bool:
@@ -312,6 +338,21 @@ class Runtime:
         if self.attachment is not None:
             self.attachment.clear()
 
+    def model_loaded(self, sd_model: Any) -> None:
+        """``on_model_loaded``: a new model → detach everything; the same model (a VAE change fires this
+        too) → only remove the UNet hooks, keeping what was recorded."""
+        att = self.attachment
+        if att is None:
+            return
+        try:
+            same = att.sd_model is sd_model and find_unet(sd_model)[0] is att.unet
+        except LookupError:
+            same = False
+        if same:
+            att.clear()
+        else:
+            self.detach()
+
     def detach(self) -> None:
         """Model switch, Reload UI, disabling: every hook and wrapper off."""
         if self.attachment is not None:
@@ -319,31 +360,39 @@ class Runtime:
             self.attachment = None
 
 
-def derived_texts(prompt: str, steps: Sequence[int], hires_steps: Sequence[int | None] = (None,),
-                  use_old_scheduling: bool = False) -> set[str]:
-    """The texts the WebUI encodes for ``prompt``: its AND parts and prompt-editing alternatives.
+def derived_groups(prompt: str, steps: Sequence[int], hires_steps: Sequence[int | None] = (None,),
+                   use_old_scheduling: bool = False) -> list[tuple[str, ...]]:
+    """The text groups the WebUI encodes for ``prompt``: per AND part, its prompt-editing alternatives.
 
-    Uses the WebUI's own ``modules.prompt_parser``; the union over the given step counts (a superset is
-    harmless: a text only matters if some conditioning row has exactly that text).
+    Each group is one ``get_learned_conditioning`` call of the WebUI (its texts are padded together, so a
+    group must be encoded together to reproduce the rows exactly).  Uses the WebUI's own
+    ``modules.prompt_parser``; the union over the given step counts (a superset is harmless: a text only
+    matters if some conditioning row has exactly that text).
     """
-    texts = {prompt}
+    groups: dict[tuple[str, ...], None] = {}
     try:
         from modules import prompt_parser
     except ImportError:
-        return texts
+        return [(prompt,)]
     try:
         _, flat, _ = prompt_parser.get_multicond_prompt_list([prompt])
-        texts.update(flat)
         for s in steps:
             for h in hires_steps:
-                for schedule in prompt_parser.get_learned_conditioning_prompt_schedules(flat, s, h, use_old_scheduling):
-                    texts.update(text for _, text in schedule)
+                for schedule in prompt_parser.get_learned_conditioning_prompt_schedules(list(flat), s, h, use_old_scheduling):
+                    groups[tuple(text for _, text in schedule)] = None
     except Exception as e:  # a prompt the parser rejects is encoded as plain text by the WebUI too
         log.debug("SPM: prompt_parser failed on %r: %s", prompt, e)
-    return texts
+        groups[(prompt,)] = None
+    return list(groups)
+
+
+def derived_texts(prompt: str, steps: Sequence[int], hires_steps: Sequence[int | None] = (None,),
+                  use_old_scheduling: bool = False) -> set[str]:
+    """Every text of :func:`derived_groups`."""
+    return {t for g in derived_groups(prompt, steps, hires_steps, use_old_scheduling) for t in g}
 
 
 __all__ = [
-    "Attachment", "RowWeightTransport", "Runtime", "TextRegistry", "crossattn", "derived_texts", "find_tokenizer",
+    "Attachment", "RowWeightTransport", "Runtime", "TextRegistry", "crossattn", "derived_groups", "derived_texts", "find_tokenizer",
     "find_unet", "is_forge",
 ]

@@ -20,7 +20,7 @@ from modules import scripts, shared
 from ..tags import format_number, format_weight_list, parse_weight_list
 from ..transport import DEFAULT_METRIC, METRICS
 from . import state
-from .runtime import derived_texts
+from .runtime import derived_groups
 
 log = logging.getLogger("spm")
 
@@ -198,15 +198,21 @@ class SpmScript(scripts.Script):
         step_set = sorted({steps, 2 * steps, 1000})
         hires = (None, hr_steps or steps) if raw else (None,)
         old = bool(_opt("use_old_scheduling", False))
-        cache: dict[str, set[str]] = {}
+        cache: dict[str, list[tuple[str, ...]]] = {}
 
-        def texts_of(prompt: str) -> set[str]:
+        def groups_of(prompt: str) -> list[tuple[str, ...]]:
             if prompt not in cache:
-                cache[prompt] = derived_texts(prompt, step_set, hires, old)
+                cache[prompt] = derived_groups(prompt, step_set, hires, old)
             return cache[prompt]
 
+        def texts_of(prompt: str) -> set[str]:
+            return {t for g in groups_of(prompt) for t in g}
+
+        negatives = list(getattr(p, "negative_prompts", None) or []) + list(getattr(p, "hr_negative_prompts", None) or [])
         try:
             att.configure(plan, texts_of, st.metric, st.factor)
+            att.ensure_recorded([g for prompt, _ in plan.prompts for g in groups_of(prompt)])
+            att.ensure_recorded([g for n in dict.fromkeys(negatives) for g in groups_of(n)], negative=True)
             att.prepare_concepts(list(plan.membranes.values()))
         except Exception as e:  # incompatible membrane (e.g. SD1 membrane on SDXL): warn, generate without
             runtime.clear()

@@ -1,0 +1,69 @@
+"""The SPM panel built with real Gradio (3.41 as in A1111 1.10, 4.40 as in Forge), against the stub WebUI.
+
+Skipped where Gradio is not installed (the default test environment); run it in a venv with
+``gradio==3.41.2`` or ``gradio==4.40.0`` (see docs/webui_readme_section.md).
+"""
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+gr = pytest.importorskip("gradio")
+
+from spm.checkpoint import save_membrane  # noqa: E402
+from tests import webui_stub as stub  # noqa: E402
+from tests.test_library import tiny  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def script(tmp_path):
+    env = stub.install(tmp_path)
+    folder = Path(env.shared.cmd_opts.spm_dir)
+    (folder / "styles").mkdir(parents=True)
+    save_membrane(tiny(concepts=("nudity",)), folder / "nudity.safetensors")
+    save_membrane(tiny(concepts=("Van Gogh",)), folder / "styles" / "van_gogh.safetensors")
+    from spm.webui import state
+
+    state.reset()
+    ns = runpy.run_path(str(ROOT / "scripts" / "spm_membranes.py"))
+    s = ns["SpmScript"]()
+    s.is_img2img = False
+    yield s, folder
+    state.reset()
+    stub.uninstall()
+
+
+def test_panel_components_and_api_order(script):
+    s, folder = script
+    with gr.Blocks():
+        comps = s.ui(False)
+    enabled, membranes, weights, metric, factor = comps
+    assert isinstance(enabled, gr.Checkbox) and enabled.value is False
+    assert isinstance(membranes, gr.CheckboxGroup)
+    choices = [c[0] if isinstance(c, (tuple, list)) else c for c in membranes.choices]
+    assert choices == ["nudity", "styles/van_gogh"]
+    assert isinstance(weights, gr.Textbox) and isinstance(metric, gr.Dropdown) and isinstance(factor, gr.Slider)
+    assert all(c.elem_id and c.elem_id.startswith("script_txt2img_spm_concept_erasing_spm_") for c in comps)
+    fields = dict((id(c), k) for c, k in s.infotext_fields)
+    d = {"SPM": "nudity:1.0, styles/van_gogh:0.8, gone:1", "SPM transport": "tokenuni x1.4"}
+    assert fields[id(enabled)](d) is True and fields[id(enabled)]({}) is False
+    assert fields[id(membranes)](d) == ["nudity", "styles/van_gogh"]  # unknown names are not pasted
+    assert fields[id(weights)] == "SPM"
+    assert fields[id(metric)](d) == "tokenuni" and fields[id(factor)](d) == pytest.approx(1.4)
+    assert s.paste_field_names == ["SPM", "SPM transport"]
+
+
+def test_refresh_and_weight_sync(script):
+    s, folder = script
+    from spm.webui.script import sync_weights
+    from spm.webui.ui import refresh_choices
+
+    save_membrane(tiny(concepts=("cat",)), folder / "cat.safetensors")
+    (folder / "nudity.safetensors").unlink()
+    upd = refresh_choices(["nudity", "styles/van_gogh"])
+    assert isinstance(upd, dict)
+    assert upd["choices"] == ["cat", "styles/van_gogh"] and upd["value"] == ["styles/van_gogh"]
+    assert sync_weights(["cat", "styles/van_gogh"], "styles/van_gogh:0.3, gone:2") == "cat:1.0, styles/van_gogh:0.3"
