@@ -1,0 +1,617 @@
+"""Training jobs: validated requests, a sequential job queue, progress, the before/after check.
+
+Host-agnostic (no Gradio, no WebUI imports).  The trainer tab and the HTTP API both go through
+:class:`TrainService`:
+
+* :func:`parse_request` turns a dict (JSON body, or the tab's fields) into a :class:`TrainRequest`, or raises
+  :class:`RequestError` with an HTTP status and a message that says what to fix.
+* :meth:`TrainService.submit` queues a job; one worker thread runs the jobs one after another, each under
+  the service's ``lock`` (in the WebUI: ``modules.call_queue.queue_lock``, so no generation runs meanwhile).
+  :meth:`TrainService.run` runs a job in the calling thread (the WebUI tab, whose handler already holds the
+  queue lock through ``wrap_gradio_gpu_call``).
+* A job asks the ``backend_provider`` for a :class:`spm.backend.Backend` when it starts (so the model loaded
+  *then* is trained against), trains with :class:`spm.train.Trainer` (which saves the membrane with full
+  metadata, atomically), then renders the before/after grid (target + control prompts, membrane off | on,
+  same seeds) and saves it as ``NAME.preview.png`` beside the file.
+* A :class:`Reporter` mirrors progress elsewhere (the WebUI's ``shared.state``) and may ask to stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import math
+import threading
+import time
+import traceback
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..tags import name_problem
+from ..train.config import LA_MODES, PRECISIONS, PRESETS, TrainConfig, preset
+
+log = logging.getLogger("spm")
+
+DEFAULT_CONTROLS = ("a photo of a dog in a park", "a landscape painting of mountains")
+STATUSES = ("queued", "running", "done", "failed", "interrupted")
+SUFFIX = ".safetensors"
+
+
+class RequestError(ValueError):
+    """Bad input. ``status`` is the HTTP status the API answers with (400 bad value, 409 file exists)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class NoModelError(RuntimeError):
+    """The host has no usable model (none loaded, or an architecture the trainer does not support)."""
+
+
+# --- requests ----------------------------------------------------------------------------------------
+@dataclass
+class TrainRequest:
+    """One training job as the user asked for it.  ``None`` means "the preset's value"."""
+
+    name: str
+    target: list[str]
+    surrogate: str = ""
+    preset: str = "object"
+    iterations: int | None = None
+    lr: float | None = None
+    la_strength: float | None = None
+    la_mode: str | None = None
+    anchors: int | None = None
+    resolution: int | None = None  # px; None: the model's default
+    seed: int = 0
+    precision: str = "fp32"
+    save_every: int = 0
+    control_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_CONTROLS))
+    preview: bool = True
+    preview_steps: int = 20
+    overwrite: bool = False
+
+    def config(self) -> TrainConfig:
+        """The :class:`TrainConfig`: the preset's values with this request's overrides."""
+        over: dict[str, Any] = {"targets": list(self.target), "surrogate": self.surrogate, "seed": self.seed,
+                                "precision": self.precision, "save_every": self.save_every}
+        for key in ("iterations", "lr", "la_strength", "la_mode", "anchors", "resolution"):
+            v = getattr(self, key)
+            if v is not None:
+                over[key] = v
+        cfg = preset(self.preset, **over)
+        cfg.control_prompts = list(self.control_prompts)
+        cfg.preview_steps = self.preview_steps
+        try:
+            cfg.validate()
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        return cfg
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_INT = ("iterations", "anchors", "resolution", "seed", "save_every", "preview_steps")
+_FLOAT = ("lr", "la_strength")
+_STR = ("surrogate", "preset", "precision", "la_mode")
+_BOOL = ("preview", "overwrite")
+KNOWN = {f.name for f in fields(TrainRequest)}
+
+
+def _as_int(key: str, v: Any) -> int:
+    if isinstance(v, bool):
+        raise RequestError(f"{key} must be an integer, not {v!r}")
+    if isinstance(v, str):
+        try:
+            v = float(v.strip())
+        except ValueError:
+            raise RequestError(f"{key} must be an integer, not {v!r}") from None
+    if isinstance(v, float):
+        if not math.isfinite(v) or v != int(v):
+            raise RequestError(f"{key} must be a whole number, not {v!r}")
+        v = int(v)
+    if not isinstance(v, int):
+        raise RequestError(f"{key} must be an integer, not {type(v).__name__}")
+    return v
+
+
+def _as_float(key: str, v: Any) -> float:
+    if isinstance(v, bool):
+        raise RequestError(f"{key} must be a number, not {v!r}")
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise RequestError(f"{key} must be a number, not {v!r}") from None
+    if not math.isfinite(f):
+        raise RequestError(f"{key} must be a finite number, not {v!r}")
+    return f
+
+
+def check_train_name(name: Any) -> str:
+    """A membrane file stem for training: non-empty, no path separator, valid as a ``<spm:NAME>`` tag."""
+    if name is None or (isinstance(name, str) and not name.strip()):
+        raise RequestError("name is missing: give the membrane a name (it is saved as NAME.safetensors)")
+    if not isinstance(name, str):
+        raise RequestError(f"name must be text, not {type(name).__name__}")
+    name = name.strip()
+    if "/" in name or "\\" in name:
+        raise RequestError(f"name {name!r} contains a path separator; use a plain file name such as 'van_gogh' "
+                           "(the membrane is saved in the membrane folder)")
+    if name.lower().endswith(SUFFIX):
+        name = name[: -len(SUFFIX)]
+    problem = name_problem(name)
+    if problem:
+        raise RequestError(f"name {name!r}: {problem}")
+    if name.startswith("."):
+        raise RequestError(f"name {name!r} starts with '.', which would make a hidden file; choose another name")
+    return name
+
+
+def split_concepts(text: Any, key: str) -> list[str]:
+    """``"a, b"`` or ``["a", "b"]`` → ``["a", "b"]`` (stripped, empties dropped)."""
+    if text is None:
+        return []
+    if isinstance(text, str):
+        parts = text.split(",")
+    elif isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
+        parts = [p for t in text for p in t.split(",")]
+    else:
+        raise RequestError(f"{key} must be text (commas separate several prompts), not {type(text).__name__}")
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_request(data: dict[str, Any]) -> TrainRequest:
+    """Validate a request dict (the API's JSON body, the tab's fields) → :class:`TrainRequest`.
+
+    Raises :class:`RequestError` (status 400) naming the field and what is allowed.
+    """
+    if not isinstance(data, dict):
+        raise RequestError("the request must be a JSON object with at least 'name' and 'target'")
+    unknown = sorted(set(data) - KNOWN)
+    if unknown:
+        raise RequestError(f"unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(KNOWN))}")
+    name = check_train_name(data.get("name"))
+    target = split_concepts(data.get("target"), "target")
+    if not target:
+        raise RequestError("target is missing: name the concept(s) to erase, e.g. 'Van Gogh' "
+                           "(commas separate several concepts)")
+    kw: dict[str, Any] = {"name": name, "target": target}
+    for key in _INT:
+        if data.get(key) is not None:
+            kw[key] = _as_int(key, data[key])
+    for key in _FLOAT:
+        if data.get(key) is not None:
+            kw[key] = _as_float(key, data[key])
+    for key in _STR:
+        v = data.get(key)
+        if v is not None:
+            if not isinstance(v, str):
+                raise RequestError(f"{key} must be text, not {type(v).__name__}")
+            kw[key] = v.strip() if key != "surrogate" else v
+    for key in _BOOL:
+        v = data.get(key)
+        if v is not None:
+            if not isinstance(v, bool):
+                raise RequestError(f"{key} must be true or false, not {v!r}")
+            kw[key] = v
+    if "control_prompts" in data and data["control_prompts"] is not None:
+        kw["control_prompts"] = split_concepts(data["control_prompts"], "control_prompts")
+    req = TrainRequest(**kw)
+    # the checks users hit most, with messages in the request's own words
+    if req.iterations is not None and req.iterations < 1:
+        raise RequestError(f"iterations must be at least 1 (got {req.iterations})")
+    if req.lr is not None and not req.lr > 0:
+        raise RequestError(f"lr must be a positive number (got {req.lr})")
+    if req.la_strength is not None and req.la_strength < 0:
+        raise RequestError(f"la_strength must be >= 0 (got {req.la_strength})")
+    if req.anchors is not None and req.anchors < 0:
+        raise RequestError(f"anchors must be >= 0 (got {req.anchors})")
+    if req.save_every < 0:
+        raise RequestError(f"save_every must be >= 0 (0: only at the end; got {req.save_every})")
+    if req.preview_steps < 1:
+        raise RequestError(f"preview_steps must be at least 1 (got {req.preview_steps})")
+    if req.resolution is not None and (req.resolution < 8 or req.resolution % 8):
+        raise RequestError(f"resolution must be a multiple of 8 pixels, at least 8 (got {req.resolution}); "
+                           "leave it empty for the model's default")
+    if req.preset not in PRESETS:
+        raise RequestError(f"preset {req.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    if req.precision not in PRECISIONS:
+        raise RequestError(f"precision {req.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+    if req.la_mode is not None and req.la_mode not in LA_MODES:
+        raise RequestError(f"la_mode {req.la_mode!r} is unknown; choose one of {', '.join(LA_MODES)}")
+    req.config()  # the trainer's own checks, as a RequestError
+    return req
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    """The values a preset gives the tab's fields (the reference defaults plus the preset's changes)."""
+    cfg = preset(name)
+    return {"iterations": cfg.iterations, "lr": cfg.lr, "la_strength": cfg.la_strength, "la_mode": cfg.la_mode,
+            "anchors": cfg.anchors}
+
+
+# --- jobs --------------------------------------------------------------------------------------------
+@dataclass
+class TrainJob:
+    """State of one job; read by the tab and ``GET /spm/v1/train/{id}``."""
+
+    id: str
+    request: TrainRequest
+    status: str = "queued"
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    it_per_s: float = 0.0
+    eta_s: float | None = None
+    losses: list[float] = field(default_factory=list)
+    output: str | None = None
+    preview_file: str | None = None
+    sample_file: str | None = None  # the latest in-training sample grid, if any
+    error: str | None = None
+    message: str = ""
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    done_event: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def finished_ok(self) -> bool:
+        return self.status in ("done", "interrupted")
+
+    def interrupt(self) -> None:
+        self.stop.set()
+
+    def progress_text(self) -> str:
+        """``step 3/10 · loss 0.0012 · 2.50 it/s · ETA 0:03``."""
+        if self.status == "queued":
+            return "queued"
+        bits = [f"step {self.step}/{self.total}"]
+        if self.loss is not None:
+            bits.append(f"loss {self.loss:.4g}")
+        if self.it_per_s > 0:
+            bits.append(f"{self.it_per_s:.2f} it/s")
+        if self.status == "running" and self.eta_s is not None and math.isfinite(self.eta_s):
+            bits.append(f"ETA {format_seconds(self.eta_s)}")
+        return " · ".join(bits)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.request.name, "status": self.status, "step": self.step, "total": self.total,
+                "loss": self.loss, "it_per_s": self.it_per_s, "eta_s": self.eta_s, "output": self.output,
+                "preview": self.preview_file, "error": self.error, "message": self.message,
+                "request": self.request.as_dict()}
+
+
+def format_seconds(s: float) -> str:
+    s = max(0, int(round(s)))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+class Reporter:
+    """Mirrors a job's progress somewhere else.  The default does nothing."""
+
+    def begin(self, job: TrainJob) -> None:
+        pass
+
+    def update(self, job: TrainJob, progress: Any) -> None:
+        pass
+
+    def end(self, job: TrainJob) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
+BackendProvider = Callable[[], Any]
+
+
+def output_path(folder: Path, name: str) -> Path:
+    return Path(folder) / f"{name}{SUFFIX}"
+
+
+def preview_path(output: Path) -> Path:
+    return output.with_name(output.name[: -len(SUFFIX)] + ".preview.png")
+
+
+class TrainService:
+    """Runs training jobs one at a time (see the module docstring).
+
+    ``backend_provider()`` returns a Backend or raises :class:`NoModelError` (any exception fails the job
+    with its message).  ``lock`` is held while a job runs.  ``on_saved(path)`` is called after a membrane is
+    written (the WebUI refreshes its membrane list there).  Finished jobs are kept (the newest ``keep``).
+    """
+
+    def __init__(self, backend_provider: BackendProvider, folder: str | Path, *, lock: Any = None,
+                 reporter: Reporter | None = None, on_saved: Callable[[Path], None] | None = None, keep: int = 100):
+        self.backend_provider = backend_provider
+        self._folder = folder
+        self.lock = lock if lock is not None else threading.Lock()
+        self.reporter = reporter or Reporter()
+        self.on_saved = on_saved
+        self.keep = keep
+        self.jobs: OrderedDict[str, TrainJob] = OrderedDict()
+        self._queue: list[TrainJob] = []
+        self._cv = threading.Condition()
+        self._worker: threading.Thread | None = None
+        self.current: TrainJob | None = None
+
+    @property
+    def folder(self) -> Path:
+        f = self._folder() if callable(self._folder) else self._folder
+        return Path(f)
+
+    # --- creating jobs -----------------------------------------------------------------------------
+    def create(self, data: dict[str, Any] | TrainRequest) -> TrainJob:
+        """Validate and register a job (not queued). Refuses to clobber an existing file unless ``overwrite``."""
+        req = data if isinstance(data, TrainRequest) else parse_request(data)
+        self.check_output(req)
+        job = TrainJob(id=uuid.uuid4().hex[:12], request=req)
+        job.total = req.config().iterations
+        with self._cv:
+            self.jobs[job.id] = job
+            while len(self.jobs) > self.keep:
+                old = next(iter(self.jobs))
+                if self.jobs[old].status in ("queued", "running"):
+                    break
+                self.jobs.pop(old)
+        return job
+
+    def check_output(self, req: TrainRequest) -> Path:
+        out = output_path(self.folder, req.name)
+        if out.exists() and not req.overwrite:
+            raise RequestError(f"{out.name} already exists in {self.folder}; choose another name or allow "
+                               "overwriting (tick 'Overwrite' / send \"overwrite\": true)", status=409)
+        return out
+
+    def submit(self, data: dict[str, Any] | TrainRequest) -> TrainJob:
+        """Validate, queue and return the job; the worker thread runs it when its turn comes."""
+        job = self.create(data)
+        with self._cv:
+            self._queue.append(job)
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._work, name="spm-train-worker", daemon=True)
+                self._worker.start()
+            self._cv.notify_all()
+        return job
+
+    def get(self, job_id: str) -> TrainJob | None:
+        return self.jobs.get(job_id)
+
+    def interrupt(self, job_id: str | None = None) -> bool:
+        """Ask the running job (or ``job_id``, also while queued) to stop. True if there was one."""
+        job = self.jobs.get(job_id) if job_id else self.current
+        if job is None or job.status not in ("queued", "running"):
+            return False
+        job.interrupt()
+        return True
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                if not self._queue:
+                    self._worker = None
+                    return
+                job = self._queue.pop(0)
+            self.run(job)
+
+    # --- running -----------------------------------------------------------------------------------
+    def run(self, job: TrainJob, *, take_lock: bool = True) -> TrainJob:
+        """Run ``job`` in this thread (under the lock unless the caller holds it already)."""
+        ctx = self.lock if take_lock else contextlib.nullcontext()
+        try:
+            with ctx:
+                self._run(job)
+        finally:
+            job.done_event.set()  # after the lock is released: whoever waits may start the next job at once
+        return job
+
+    def _run(self, job: TrainJob) -> None:
+        req = job.request
+        if job.stop.is_set():
+            job.status, job.message, job.finished = "interrupted", "interrupted before it started", time.time()
+            return
+        job.status, job.started = "running", time.time()
+        job.message = "loading the model"
+        self.current = job
+        backend = None
+        try:
+            self.reporter.begin(job)
+            out = self.check_output(req)
+            cfg = req.config()
+            backend = self.backend_provider()
+            if backend is None:
+                raise NoModelError("no model is loaded; load a Stable Diffusion checkpoint first")
+            from ..naming import find_targets
+
+            if not find_targets(backend.unet):
+                raise NoModelError(f"the loaded model ({getattr(backend, 'architecture', '?')}) has no transformer "
+                                   "blocks SPM can attach to; this architecture is not supported")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            session = getattr(backend, "session", None)
+            with (session() if callable(session) else contextlib.nullcontext()):
+                result = self._train(job, backend, cfg, out)
+                if self.on_saved is not None and result.path is not None:
+                    try:
+                        self.on_saved(result.path)
+                    except Exception as e:  # the file is saved; a failed list refresh must not fail the job
+                        log.warning("SPM: refreshing the membrane list failed: %s", e)
+                if req.preview and job.step > 0 and req.control_prompts is not None:
+                    job.message = "rendering the before/after check"
+                    grid = before_after(backend, result.membrane, list(req.target)[:1] + list(req.control_prompts),
+                                        steps=req.preview_steps, resolution=cfg.resolution, seeds=(cfg.seed,))
+                    pp = preview_path(out)
+                    grid.save(pp)
+                    job.preview_file = str(pp)
+            job.output = str(out)
+            job.status = "interrupted" if result.interrupted else "done"
+            verb = f"interrupted at step {job.step}; the membrane trained so far is" if result.interrupted else "saved"
+            job.message = f"{verb} in {out}" + (f" (before/after check: {Path(job.preview_file).name})"
+                                                 if job.preview_file else "")
+        except Exception as e:  # any failure becomes the job's error message, never a crash of the worker
+            job.status = "failed"
+            job.error = str(e) or type(e).__name__
+            job.message = f"failed: {job.error}"
+            if not isinstance(e, (RequestError, NoModelError, ValueError)):
+                log.error("SPM: training %s failed:\n%s", req.name, traceback.format_exc())
+        finally:
+            job.finished = time.time()
+            backend = None
+            self.current = None
+            free_memory()
+            self.reporter.end(job)
+
+    def _train(self, job: TrainJob, backend, cfg: TrainConfig, out: Path):
+        from ..train import Trainer
+
+        job.message = "training"
+
+        def callback(p) -> None:
+            job.step, job.total, job.loss = p.step, p.total, float(p.loss)
+            job.it_per_s, job.eta_s = float(p.it_per_s), float(p.eta_s)
+            job.losses.append(float(p.loss))
+            if p.preview_path is not None:
+                job.sample_file = str(p.preview_path)
+            self.reporter.update(job, p)
+
+        def should_stop() -> bool:
+            return job.stop.is_set() or bool(self.reporter.should_stop())
+
+        trainer = Trainer(backend, cfg, out, callback=callback, should_stop=should_stop, progress_bar=False,
+                          name=job.request.name)
+        return trainer.train()
+
+    # --- the folder ----------------------------------------------------------------------------------
+    def membranes(self) -> list[dict[str, Any]]:
+        """The membranes in the folder with their metadata (header only)."""
+        from ..library import Library
+
+        lib = Library(self.folder)
+        entries = lib.refresh()
+        return [e.as_dict() for e in entries]
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- the before/after check --------------------------------------------------------------------------
+@torch.no_grad()
+def before_after(backend, membrane, prompts: list[str], *, seeds: tuple[int, ...] = (0,), steps: int = 20,
+                 guidance: float = 7.5, resolution: int | None = None):
+    """A PIL grid: one row per prompt; columns = each seed without the membrane, then each seed with it.
+
+    Same seeds with and without, so the only difference is the membrane.  Uses the trainer's DDIM sampler
+    over the Backend protocol (works on every host).  The membrane is attached for the call only.
+    """
+    from ..attach import MembraneStack
+    from ..train.sampling import sample_images
+
+    if not prompts:
+        raise ValueError("before_after needs at least one prompt")
+    stack = MembraneStack(backend.unet)
+    was = membrane.training
+    membrane.eval()
+    try:
+        stack.add(membrane, 1.0)
+        enc = backend.encode(prompts)
+        uncond = backend.encode([""])
+        n = len(seeds)
+        rows = enc.rows([i for i in range(len(prompts)) for _ in range(2 * n)])
+        strengths = [s for _ in prompts for s in [0.0] * n + [1.0] * n]
+        seed_list = [s for _ in prompts for _ in range(2) for s in seeds]
+        images = sample_images(backend, stack, rows, uncond, strengths, seed_list, steps, guidance, resolution)
+    finally:
+        stack.detach()
+        membrane.train(was)
+    return labelled_grid(images, prompts, n)
+
+
+def labelled_grid(images: torch.Tensor, prompts: list[str], per_side: int, min_cell: int = 96):
+    """``[len(prompts)·2·per_side, 3, H, W]`` in [0, 1] → a PIL grid with a header and a label per row."""
+    from PIL import Image, ImageDraw
+
+    n, _, h, w = images.shape
+    scale = max(1, math.ceil(min_cell / max(h, w)))
+    ch, cw = h * scale, w * scale
+    cols = 2 * per_side
+    label_w, head_h = 160, 18
+    canvas = Image.new("RGB", (label_w + cols * cw, head_h + len(prompts) * ch), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((label_w + 4, 3), "without membrane", fill="black")
+    draw.text((label_w + per_side * cw + 4, 3), "with membrane", fill="black")
+    arr = (images.clamp(0, 1).permute(0, 2, 3, 1) * 255).round().byte().cpu().numpy()
+    for i in range(n):
+        r, c = divmod(i, cols)
+        tile = Image.fromarray(arr[i]).resize((cw, ch), Image.NEAREST)
+        canvas.paste(tile, (label_w + c * cw, head_h + r * ch))
+    for r, p in enumerate(prompts):
+        text = p if len(p) <= 24 else p[:23] + "…"
+        draw.text((4, head_h + r * ch + ch // 2 - 6), text, fill="black")
+    return canvas
+
+
+# --- the loss plot -----------------------------------------------------------------------------------
+def loss_plot(losses: list[float], width: int = 480, height: int = 200):
+    """A PIL line plot of the loss per step (and its running mean), drawn without matplotlib."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    left, right, top, bottom = 56, width - 8, 8, height - 20
+    d.rectangle([left, top, right, bottom], outline=(160, 160, 160))
+    vals = [v for v in losses if v is not None and math.isfinite(v)]
+    if not vals:
+        d.text((left + 8, top + 8), "loss: no steps yet", fill="black")
+        return img
+    lo, hi = min(vals), max(vals)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 1e-6, hi + 1e-6
+    d.text((2, top), f"{hi:.3g}", fill="black")
+    d.text((2, bottom - 10), f"{lo:.3g}", fill="black")
+    d.text((left, bottom + 4), "1", fill="black")
+    d.text((right - 40, bottom + 4), f"{len(losses)}", fill="black")
+    d.text((left + (right - left) // 2 - 40, bottom + 4), "step → loss", fill="black")
+
+    def pts(series: list[float]) -> list[tuple[float, float]]:
+        k = len(series)
+        out = []
+        for i, v in enumerate(series):
+            x = left + (right - left) * (i / (k - 1) if k > 1 else 0.5)
+            y = bottom - (bottom - top) * (v - lo) / (hi - lo)
+            out.append((x, y))
+        return out
+
+    raw = [v if (v is not None and math.isfinite(v)) else lo for v in losses]
+    p = pts(raw)
+    if len(p) > 1:
+        d.line(p, fill=(120, 160, 230), width=1)
+    else:
+        d.ellipse([p[0][0] - 2, p[0][1] - 2, p[0][0] + 2, p[0][1] + 2], fill=(120, 160, 230))
+    win = max(1, len(raw) // 20)
+    if win > 1:
+        mean, acc = [], 0.0
+        for i, v in enumerate(raw):
+            acc += v
+            if i >= win:
+                acc -= raw[i - win]
+            mean.append(acc / min(i + 1, win))
+        d.line(pts(mean), fill=(200, 40, 40), width=2)
+    return img
+
+
+__all__ = ["DEFAULT_CONTROLS", "NoModelError", "Reporter", "RequestError", "STATUSES", "TrainJob", "TrainRequest",
+           "TrainService", "before_after", "check_train_name", "labelled_grid", "loss_plot", "output_path",
+           "parse_request", "preset_values", "preview_path", "split_concepts"]

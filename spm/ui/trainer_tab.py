@@ -1,0 +1,237 @@
+"""The SPM Trainer tab: a host-agnostic Gradio Blocks builder (Gradio 3.41 in A1111 1.10, 4.40 in Forge).
+
+:func:`build_trainer_tab` takes a *backend provider* (a callable returning a :class:`spm.backend.Backend`
+for the model to train against, or raising :class:`~spm.ui.jobs.NoModelError`) and the membrane folder,
+or a ready :class:`~spm.ui.jobs.TrainService`.  Two ways to run the Train button:
+
+* **standalone** (``python -m spm.ui``): the handler is a generator; the job runs on the service's worker
+  thread and the handler polls it twice a second (progress text, live loss plot, latest sample grid).
+* **WebUI** (``wrap`` given: ``modules.call_queue.wrap_gradio_gpu_call``): the handler is a plain function
+  that runs the job in the request thread while ``wrap_gradio_gpu_call`` holds the WebUI's queue lock, so no
+  generation runs meanwhile; progress goes to ``shared.state`` (a reporter set on the service) and the
+  WebUI's own progress bar polls ``/internal/progress`` with the ``task(...)`` id that the ``js`` callback
+  puts in the hidden first input — the way A1111's textual-inversion *Train* button works.  The loss plot
+  and sample grids arrive as the live preview.
+
+Only constructor keywords that both Gradio versions accept are used; updates are ``gr.update(...)``.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any, Callable
+
+from ..train.config import LA_MODES, PRECISIONS, PRESETS
+from .jobs import DEFAULT_CONTROLS, RequestError, TrainJob, TrainService, loss_plot, preset_values
+
+PREFIX = "spm_train"
+
+# the form, in input order (after the hidden task id in WebUI mode)
+FORM = ("name", "target", "surrogate", "preset", "iterations", "lr", "la_mode", "la_strength", "anchors",
+        "resolution", "seed", "precision", "save_every", "control_prompts", "preview_steps", "overwrite")
+
+START_JS = """(...args) => {
+    var id = randomId();
+    requestProgress(id, gradioApp().getElementById('%(p)s_status'), gradioApp().getElementById('%(p)s_live'),
+                    function() {});
+    args[0] = id;
+    return args;
+}""" % {"p": PREFIX}
+
+
+def form_to_request(values: dict[str, Any]) -> dict[str, Any]:
+    """The tab's field values → the request dict of :func:`spm.ui.jobs.parse_request`.
+
+    Empty text and 0 in "resolution" mean "the default"; Gradio numbers arrive as floats or ints.
+    """
+    data: dict[str, Any] = {}
+    for key in FORM:
+        v = values.get(key)
+        if isinstance(v, str) and key not in ("name", "target", "surrogate", "control_prompts"):
+            v = v.strip() or None
+        data[key] = v
+    if data.get("resolution") in (0, 0.0):
+        data["resolution"] = None
+    if data.get("control_prompts") is None:
+        data["control_prompts"] = ""
+    data["overwrite"] = bool(data.get("overwrite"))
+    return data
+
+
+def status_html(job: TrainJob | None, error: str | None = None) -> str:
+    if error is not None:
+        return f"<div class='error spm-error'>{html.escape(error)}</div>"
+    if job is None:
+        return ""
+    cls = {"done": "spm-ok", "interrupted": "spm-warn", "failed": "error spm-error"}.get(job.status, "spm-info")
+    text = job.message if job.status != "failed" else f"Training failed: {job.error}"
+    return f"<div class='{cls}' data-status='{job.status}'>{html.escape(text)}</div>"
+
+
+def job_outputs(job: TrainJob, final: bool = False) -> tuple:
+    """``(progress text, loss plot, preview image, saved file, status html)`` for one poll of ``job``."""
+    import gradio as gr
+
+    plot = loss_plot(job.losses) if job.losses else gr.update()
+    image: Any = gr.update()
+    if final and job.preview_file and Path(job.preview_file).exists():
+        image = _load(job.preview_file)
+    elif job.sample_file and Path(job.sample_file).exists():
+        image = _load(job.sample_file)
+    saved = job.output if (final and job.output) else gr.update()
+    return job.progress_text(), plot, image, saved, status_html(job)
+
+
+def _load(path: str):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def error_outputs(message: str) -> tuple:
+    import gradio as gr
+
+    return gr.update(), gr.update(), gr.update(), gr.update(), status_html(None, message)
+
+
+def train_stream(service: TrainService, *values, poll_s: float = 0.5):
+    """Standalone Train handler (a generator): queue the job, then report until it ends."""
+    data = form_to_request(dict(zip(FORM, values)))
+    try:
+        job = service.submit(data)
+    except RequestError as e:
+        yield error_outputs(str(e))
+        return
+    while not job.done_event.wait(poll_s):
+        yield job_outputs(job)
+    yield job_outputs(job, final=True)
+
+
+def train_blocking(service: TrainService, id_task: str, *values) -> tuple:
+    """WebUI Train handler: the caller (``wrap_gradio_gpu_call``) already holds the queue lock."""
+    data = form_to_request(dict(zip(FORM, values)))
+    try:
+        job = service.create(data)
+    except RequestError as e:
+        return error_outputs(str(e))
+    service.run(job, take_lock=False)
+    return job_outputs(job, final=True)
+
+
+def interrupt(service: TrainService, extra: Callable[[], None] | None = None) -> Any:
+    """Interrupt button: stop the running job after its current step (it is saved)."""
+    import gradio as gr
+
+    stopped = service.interrupt()
+    if extra is not None:
+        extra()
+    return "<div class='spm-warn'>Interrupting after this step…</div>" if stopped else gr.update()
+
+
+def apply_preset(name: str) -> tuple:
+    """The preset's values for iterations, lr, LA mode, LA strength and anchors."""
+    import gradio as gr
+
+    v = preset_values(name)
+    return (gr.update(value=v["iterations"]), gr.update(value=v["lr"]), gr.update(value=v["la_mode"]),
+            gr.update(value=v["la_strength"]), gr.update(value=v["anchors"]))
+
+
+def build_trainer_tab(backend_provider: Callable[[], Any] | None = None, membranes_dir: str | Path | None = None, *,
+                      service: TrainService | None = None, wrap: Callable | None = None,
+                      on_interrupt: Callable[[], None] | None = None, title: str = "SPM Trainer"):
+    """The tab as a ``gr.Blocks``.  Give ``service``, or ``backend_provider`` and ``membranes_dir``.
+
+    ``wrap`` switches to WebUI mode (see the module docstring); ``on_interrupt`` is called by the
+    Interrupt button as well (the WebUI passes ``shared.state.interrupt``).
+    """
+    import gradio as gr
+
+    if service is None:
+        if backend_provider is None or membranes_dir is None:
+            raise ValueError("build_trainer_tab needs a service, or a backend_provider and a membranes_dir")
+        service = TrainService(backend_provider, membranes_dir)
+    webui = wrap is not None
+    defaults = preset_values("object")
+    p = PREFIX
+    with gr.Blocks(analytics_enabled=False, title=title) as tab:
+        task_id = gr.Textbox(visible=False, elem_id=f"{p}_task")
+        with gr.Row():
+            with gr.Column():
+                name = gr.Textbox(label="Name (saved as NAME.safetensors in the membrane folder)", value="",
+                                  elem_id=f"{p}_name")
+                target = gr.Textbox(label="Target concept(s) to erase (commas separate several)", value="",
+                                    elem_id=f"{p}_target")
+                surrogate = gr.Textbox(label="Surrogate concept (what the target should look like instead; "
+                                             "empty = nothing in particular)", value="", elem_id=f"{p}_surrogate")
+                with gr.Row():
+                    preset = gr.Dropdown(label="Preset", choices=list(PRESETS), value="object", elem_id=f"{p}_preset")
+                    iterations = gr.Number(label="Iterations", value=defaults["iterations"], precision=0,
+                                           elem_id=f"{p}_iterations")
+                    lr = gr.Number(label="Learning rate", value=defaults["lr"], elem_id=f"{p}_lr")
+                with gr.Row():
+                    la_mode = gr.Dropdown(label="Latent Anchoring", choices=list(LA_MODES), value=defaults["la_mode"],
+                                          elem_id=f"{p}_la_mode")
+                    la_strength = gr.Number(label="LA strength (fixed: the weight; adaptive: its upper bound)",
+                                            value=defaults["la_strength"], elem_id=f"{p}_la_strength")
+                    anchors = gr.Number(label="Anchors per step", value=defaults["anchors"], precision=0,
+                                        elem_id=f"{p}_anchors")
+                with gr.Accordion("More settings", open=False):
+                    with gr.Row():
+                        resolution = gr.Number(label="Resolution (px; 0 = the model's default)", value=0,
+                                               precision=0, elem_id=f"{p}_resolution")
+                        seed = gr.Number(label="Seed", value=0, precision=0, elem_id=f"{p}_seed")
+                        precision = gr.Dropdown(label="Precision", choices=list(PRECISIONS), value="fp32",
+                                                elem_id=f"{p}_precision")
+                        save_every = gr.Number(label="Save every N steps (0 = only at the end)", value=0,
+                                               precision=0, elem_id=f"{p}_save_every")
+                    control = gr.Textbox(label="Control prompts for the before/after check (commas separate)",
+                                         value=", ".join(DEFAULT_CONTROLS), elem_id=f"{p}_controls")
+                    preview_steps = gr.Number(label="Sampling steps of the before/after check", value=20,
+                                              precision=0, elem_id=f"{p}_preview_steps")
+                overwrite = gr.Checkbox(label="Overwrite an existing file of the same name", value=False,
+                                        elem_id=f"{p}_overwrite")
+                with gr.Row():
+                    train = gr.Button("Train", variant="primary", elem_id=f"{p}_train")
+                    stop = gr.Button("Interrupt", elem_id=f"{p}_interrupt")
+            with gr.Column():
+                status = gr.HTML(value="", elem_id=f"{p}_status")
+                progress = gr.Textbox(label="Progress", value="", interactive=False, elem_id=f"{p}_progress")
+                plot = gr.Image(label="Loss", type="pil", interactive=False, elem_id=f"{p}_loss")
+                with gr.Column(elem_id=f"{p}_live"):
+                    image = gr.Image(label="Samples / before-after check (rows: prompts; left: without, "
+                                           "right: with the membrane)", type="pil", interactive=False,
+                                     elem_id=f"{p}_preview")
+                saved = gr.Textbox(label="Saved file", value="", interactive=False, elem_id=f"{p}_file")
+        form = [name, target, surrogate, preset, iterations, lr, la_mode, la_strength, anchors, resolution, seed,
+                precision, save_every, control, preview_steps, overwrite]
+        outputs = [progress, plot, image, saved, status]
+        preset.change(fn=apply_preset, inputs=[preset], outputs=[iterations, lr, la_mode, la_strength, anchors])
+        if webui:
+            fn = wrap(lambda id_task, *vals: train_blocking(service, id_task, *vals),
+                      extra_outputs=[gr.update()] * (len(outputs) - 1))
+            js_kw = {"_js" if _gradio_major() < 4 else "js": START_JS}
+            train.click(fn=fn, inputs=[task_id] + form, outputs=outputs, **js_kw)
+        else:
+            def stream(*vals):
+                yield from train_stream(service, *vals)
+
+            train.click(fn=stream, inputs=form, outputs=outputs)
+        stop.click(fn=lambda: interrupt(service, on_interrupt), inputs=[], outputs=[status], queue=False)
+    tab.spm_service = service  # for the API, tests and the standalone entry
+    return tab
+
+
+def _gradio_major() -> int:
+    import gradio as gr
+
+    try:
+        return int(str(gr.__version__).split(".")[0])
+    except ValueError:
+        return 4
+
+
+__all__ = ["FORM", "START_JS", "apply_preset", "build_trainer_tab", "form_to_request", "interrupt", "job_outputs",
+           "status_html", "train_blocking", "train_stream"]
