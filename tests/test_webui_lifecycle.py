@@ -170,6 +170,16 @@ def test_chunked_unet_calls(world):
     assert [s[:, 0].tolist() for s in world.strengths] == [[1.0, 0.0], [0.0, 0.0]]
 
 
+def test_mixed_prompt_lengths_in_one_batch(world):
+    """A1111 pads the short prompt's rows to the long one's length (stack_conds); its tag still applies."""
+    world.add_membrane("m")
+    long_prompt = "a cat, " + ", ".join(["oil painting"] * 40) + " <spm:m:0.3>"
+    world.run([long_prompt, "a dog <spm:m:0.9>"], batch_size=2, steps=1)
+    assert world.p.unet_calls[0].shape[1] == 154  # cond rows: 154 tokens, the short one padded; uncond apart
+    assert world.strengths[0][:, 0].tolist() == pytest.approx([0.3, 0.9])
+    assert world.strengths[1][:, 0].tolist() == [0.0, 0.0]
+
+
 def test_hires_pass_uses_hires_prompts(world):
     world.add_membrane("m")
     world.run(["a cat <spm:m:1.0>"], enable_hr=True, hr_prompt="a cat, detailed <spm:m:0.5>", steps=1, hr_second_pass_steps=1)

@@ -110,6 +110,25 @@ def find_tokenizer(sd_model: Any) -> Tokenize | None:
 
 
 # --- recording conditioning rows ----------------------------------------------------------------
+CHUNK = 77  # tokens per CLIP chunk in the WebUI (75 + BOS + EOS)
+
+
+def lookup_with_prefix(lookup: Callable[[torch.Tensor], list], rows: torch.Tensor) -> list:
+    """``lookup(rows)``, retrying unknown rows longer than one chunk with their first 77 tokens.
+
+    The WebUI lengthens rows it never encoded that way: A1111's ``stack_conds`` pads a short prompt's rows
+    with copies of its last vector when a batch mixes prompt lengths, and Forge repeats rows to a common
+    length.  Their first chunk is still the recorded row.
+    """
+    hits = list(lookup(rows))
+    if rows.ndim == 3 and rows.shape[1] > CHUNK and rows.shape[1] % CHUNK == 0:
+        missing = [i for i, h in enumerate(hits) if h is None]
+        if missing:
+            for i, h in zip(missing, lookup(rows[missing, :CHUNK])):
+                hits[i] = h
+    return hits
+
+
 class TextRegistry:
     """Conditioning rows → (text, negative?) by value fingerprint (a :class:`RowRegistry` storing indices)."""
 
@@ -129,7 +148,7 @@ class TextRegistry:
         self._rows.record(rows, ids)
 
     def lookup(self, rows: torch.Tensor) -> list[tuple[str, bool] | None]:
-        return [None if r is None else self._items[r[0]] for r in self._rows.lookup(rows)]
+        return [None if r is None else self._items[r[0]] for r in lookup_with_prefix(self._rows.lookup, rows)]
 
     def clear(self) -> None:
         self._rows.clear()
@@ -167,6 +186,8 @@ class RowWeightTransport(Transport):
         return out
 
     def scores(self, context, membranes, row_tokens=None):
+        if row_tokens is None:
+            row_tokens = lookup_with_prefix(self.registry.lookup, context)
         base = super().scores(context, membranes, row_tokens)
         return base * self.row_weights(context, [m.name for m in membranes])
 
