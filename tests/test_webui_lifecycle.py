@@ -146,6 +146,35 @@ def test_panel_with_token_transport(world):
     assert out.infotexts[0]["SPM"] == "cat:0.8" and out.infotexts[0]["SPM transport"] == "tokenuni x1.5"
 
 
+def test_panel_and_tags_combine(world):
+    """Panel m:0.5 for every row; a tag overrides it for its own prompt; negative rows keep the panel weight."""
+    world.add_membrane("m")
+    world.add_membrane("n", seed=2)
+    world.run(["a cat <spm:m:1.0> <spm:n:0.25>", "a car"], negative="ugly", batch_size=2,
+              args=(True, ["m"], "m:0.5", "off", 1.0))
+    s = world.strengths[0]  # columns: m, n (tag-only)
+    assert s[:, 0].tolist() == [1.0, 0.5, 0.5, 0.5]
+    assert s[:, 1].tolist() == [0.25, 0.0, 0.0, 0.0]
+    assert world.p.extra_generation_params["SPM"] == "m:0.5, n:0.25"
+
+
+def test_img2img(world):
+    world.add_membrane("m")
+    init = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+
+    def run(prompts):
+        p = stub.StableDiffusionProcessingImg2Img(sd_model=world.model, prompt=prompts, batch_size=2, init_latent=init,
+                                                  script_args=[False, [], "", "off", 1.0])
+        p.scripts = stub.ScriptRunner([world.script])
+        return stub.process_images(p)
+
+    base = run(["a cat", "a car"])
+    out = run(["a cat <spm:m>", "a car"])
+    assert stub.errors_reported == []
+    assert not torch.equal(out.images[0], base.images[0]) and torch.equal(out.images[1], base.images[1])
+    assert out.infotexts[0]["SPM"] == "m:1.0"
+
+
 def test_and_and_prompt_editing_rows(world):
     world.add_membrane("m")
     prompt0 = "a [dog:cat:1] on grass AND a tree:0.5 <spm:m:0.7>"

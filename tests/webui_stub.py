@@ -670,6 +670,9 @@ class StableDiffusionProcessing:
     def comment(self, text):
         self.comments[text] = 1
 
+    def init_latent_for(self, x):
+        return x
+
     def parse_extra_network_prompts(self):
         self.prompts, self.extra_network_data = parse_prompts(self.prompts)
         if self.enable_hr:
@@ -684,6 +687,17 @@ cached_uc: list = [None, None]
 
 def _en_key(data):
     return tuple(sorted((k, tuple(tuple(x.items) for x in v)) for k, v in (data or {}).items()))
+
+
+@dataclass(eq=False)
+class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
+    """img2img: sampling starts from the init latent plus noise scaled by ``denoising_strength``."""
+
+    init_latent: Any = None
+    denoising_strength: float = 0.5
+
+    def init_latent_for(self, x):
+        return self.init_latent + self.denoising_strength * x
 
 
 def get_conds_with_caching(p, function, required_prompts, steps, cache, extra_network_data, hires_steps=None):
@@ -736,7 +750,7 @@ def process_images(p: StableDiffusionProcessing, forge: bool = False) -> Process
             c = get_conds_with_caching(p, get_multicond_learned_conditioning, SdConditioning(p.prompts), p.steps, cached_c,
                                        p.extra_network_data)
             gen = torch.Generator().manual_seed(p.seeds[0])
-            x = torch.randn(bs, 4, p.height // 2, p.width // 2, generator=gen)
+            x = p.init_latent_for(torch.randn(bs, 4, p.height // 2, p.width // 2, generator=gen))
             x = _sample(p, x, c, uc, p.steps, forge)
             if p.enable_hr:
                 p.is_hr_pass = True
