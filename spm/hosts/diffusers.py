@@ -118,3 +118,143 @@ class PipelineMembranes:
 
 def attach_to_pipeline(pipe, membranes: Sequence[tuple[Membrane, float]], **kw) -> PipelineMembranes:
     return PipelineMembranes(pipe, membranes, **kw)
+
+
+# --- the trainer backend ----------------------------------------------------------------------------
+
+_PARAM = {"epsilon": "eps", "v_prediction": "v"}
+
+
+def _is_xl(pipe) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None or "XL" in type(pipe).__name__
+
+
+class DiffusersBackend:
+    """:class:`spm.backend.Backend` over a diffusers ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``.
+
+    Reads the parameterization from ``pipe.scheduler.config.prediction_type`` (``epsilon`` / ``v_prediction``)
+    and the schedule from ``pipe.scheduler.alphas_cumprod``.  For SDXL it passes the pooled text embedding
+    and ``add_time_ids = (H, W, 0, 0, H, W)`` (original size, crop top-left, target size) per row.
+    """
+
+    def __init__(self, pipe, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        from ..backend import LatentSpec
+        from ..naming import context_dim, describe_architecture, param_device_dtype
+
+        self.pipe = pipe
+        self.unet = pipe.unet
+        dev, dt = param_device_dtype(pipe.unet)
+        self.device = torch.device(device) if device is not None else dev
+        self.dtype = dtype or dt
+        sched = pipe.scheduler
+        pred = getattr(sched.config, "prediction_type", "epsilon")
+        if pred not in _PARAM:
+            raise ValueError(f"scheduler prediction_type {pred!r} is not supported (epsilon or v_prediction)")
+        self.parameterization = _PARAM[pred]
+        ac = getattr(sched, "alphas_cumprod", None)
+        if ac is None:
+            raise ValueError(f"{type(sched).__name__} has no alphas_cumprod; use a DDIM/DDPM/Euler-style scheduler")
+        self.alphas_cumprod = torch.as_tensor(ac, dtype=torch.float32).cpu()
+        self.is_xl = _is_xl(pipe)
+        vae_scale = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        size = pipe.unet.config.sample_size
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        self.latent = LatentSpec(int(pipe.unet.config.in_channels), int(vae_scale), int(size) * int(vae_scale))
+        ctx = context_dim(pipe.unet)
+        self.architecture = "SDXL" if self.is_xl else describe_architecture(ctx)
+        self.time_ids_base: tuple[int, int] | None = None  # (H, W) override for SDXL time ids
+
+    # Backend protocol ------------------------------------------------------------------------------
+    def encode(self, texts: Sequence[str]):
+        from ..backend import Conditioning
+
+        texts = list(texts)
+        with torch.no_grad():
+            out = self.pipe.encode_prompt(texts, device=self.device, num_images_per_prompt=1,
+                                          do_classifier_free_guidance=False)
+        ctx = out[0].to(self.device)
+        pooled = out[2].to(self.device) if (self.is_xl and len(out) > 2 and out[2] is not None) else None
+        return Conditioning(ctx, pooled, _tokens(self.pipe, texts))
+
+    def _added(self, x: torch.Tensor, cond) -> dict | None:
+        if not self.is_xl:
+            return None
+        if cond.pooled is None:
+            raise ValueError("SDXL needs pooled text embeddings in the conditioning")
+        h, w = self.time_ids_base or (x.shape[2] * self.latent.downscale, x.shape[3] * self.latent.downscale)
+        ids = torch.tensor([h, w, 0, 0, h, w], dtype=self.dtype, device=x.device)[None].expand(x.shape[0], -1)
+        return {"text_embeds": cond.pooled.to(device=x.device, dtype=self.dtype), "time_ids": ids}
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        x = x_t.to(device=self.device, dtype=self.dtype)
+        kw = {}
+        added = self._added(x, cond)
+        if added is not None:
+            kw["added_cond_kwargs"] = added
+        return self.unet(x, t.to(self.device), encoder_hidden_states=cond.context.to(self.device, self.dtype),
+                         return_dict=False, **kw)[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        sf = getattr(vae.config, "scaling_factor", 1.0) or 1.0
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        with torch.no_grad():
+            img = vae.decode((latents / sf + shift).to(device=vae.device, dtype=vae.dtype), return_dict=False)[0]
+        return (img.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+
+def load_pipeline(model: str, *, config: str | None = None, device: str | None = None,
+                  dtype: torch.dtype = torch.float32, xl: bool | None = None):
+    """A diffusers pipeline from a diffusers folder or a single ``.safetensors`` checkpoint.
+
+    ``config``: for single files, a diffusers folder (or hub id, when online) whose configs describe the
+    checkpoint; without it diffusers tries the Hugging Face hub.  Raises ``FileNotFoundError``/``ValueError``
+    with the fix in the message.
+    """
+    import json
+    from pathlib import Path
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import logging as dlog
+
+    p = Path(model)
+    if not p.exists():
+        raise FileNotFoundError(f"--model {model}: no such file or folder (a diffusers folder or a .safetensors checkpoint)")
+    verb = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        if p.is_dir():
+            index = p / "model_index.json"
+            if not index.exists():
+                raise ValueError(f"{p} is a folder but not a diffusers pipeline (no model_index.json)")
+            cls_name = json.loads(index.read_text()).get("_class_name", "")
+            is_xl = "XL" in cls_name if xl is None else xl
+            cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
+            kw = {"safety_checker": None, "requires_safety_checker": False} if not is_xl else {}
+            pipe = cls.from_pretrained(str(p), torch_dtype=dtype, **kw)
+        else:
+            if p.suffix.lower() != ".safetensors":
+                raise ValueError(f"{p.name}: only .safetensors checkpoints are loaded (pickled .ckpt files can run code)")
+            if xl is None:
+                from safetensors import safe_open
+
+                with safe_open(str(p), framework="pt") as f:
+                    xl = any(k.startswith("conditioner.") for k in f.keys())
+            cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+            kw = {"config": config} if config else {}
+            try:
+                pipe = cls.from_single_file(str(p), torch_dtype=dtype, **kw)
+            except Exception as e:  # diffusers raises several types here (hub errors offline, config mismatches)
+                hint = "" if config else " Pass --config DIR, a diffusers folder of the same architecture, to load it offline."
+                raise ValueError(f"could not load {p.name} as a single-file checkpoint: {e}.{hint}") from None
+    finally:
+        dlog.set_verbosity(verb)
+    if hasattr(pipe, "safety_checker"):
+        pipe.safety_checker = None
+    if device:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+__all__ = ["DiffusersBackend", "PipelineMembranes", "attach_to_pipeline", "load_pipeline", "pipeline_encoder"]

@@ -1,0 +1,148 @@
+"""Training settings (the reference's names and defaults) and presets.
+
+Reference defaults (Con6924/SPM, SD v1.4): 3000 iterations, batch 1, AdamW 8-bit, lr 1e-4, cosine with
+restarts (500 warm-up steps, 3 cycles), fp32, 30 DDIM steps to make x_t with CFG 3, guidance_scale 1,
+surrogate "", Latent Anchoring with 4 anchors per step and la_strength 1000.
+
+Where we differ, it is selectable:
+
+* ``la_mode="adaptive"`` (default) adapts the anchor weight during training so that the measured anchor
+  drift stays within ``la_budget`` of the concept's own signal (see :class:`spm.train.objective.AnchorWeight`);
+  ``la_mode="fixed"`` is the reference's constant ``la_strength``; ``"off"`` disables anchoring.
+* ``schedule="pool"`` (default) draws x_t from a pool of partially denoised latents that advances one DDIM
+  step per iteration for free; ``schedule="reference"`` re-denoises from noise every iteration.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+LR_SCHEDULERS = ("cosine_with_restarts", "cosine", "constant", "linear")
+OPTIMIZERS = ("auto", "adamw", "adamw8bit")
+LA_MODES = ("adaptive", "fixed", "off")
+SCHEDULES = ("pool", "reference")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines one membrane training run (saved as ``spm_training`` metadata)."""
+
+    # concepts
+    targets: list[str] = field(default_factory=list)
+    surrogate: str = ""
+    positive: list[str] | None = None  # defaults to ``targets`` (the reference's ``positive``)
+    # loss
+    guidance_scale: float = 1.0
+    la_mode: str = "adaptive"
+    la_strength: float = 1000.0  # fixed mode: the reference weight; adaptive mode: the upper bound
+    la_budget: float = 0.02  # adaptive: allowed anchor MSE drift as a fraction of the concept's own MSE signal
+    la_rate: float = 0.05  # adaptive: step of log(weight) per iteration
+    anchors: int = 4  # the reference's sampling_batch_size, but N real anchors
+    # optimisation
+    iterations: int = 3000
+    lr: float = 1e-4
+    optimizer: str = "auto"  # auto: AdamW 8-bit when bitsandbytes is importable on CUDA, else AdamW
+    weight_decay: float = 1e-2
+    lr_scheduler: str = "cosine_with_restarts"
+    lr_warmup_steps: int = 500
+    lr_cycles: int = 3
+    precision: str = "fp32"
+    # sampling of x_t
+    resolution: int | None = None  # px; None: the model's default
+    dynamic_resolution: bool = False
+    max_denoising_steps: int = 30
+    xt_guidance: float = 3.0
+    schedule: str = "pool"
+    pool_size: int = 16
+    # membrane
+    rank: int = 1
+    alpha: float = 1.0
+    seed: int = 0
+    # saving and previews
+    save_every: int = 0  # 0: only at the end (and on interrupt)
+    sample_every: int = 0  # 0: no preview grids
+    control_prompts: list[str] = field(default_factory=list)
+    preview_seeds: int = 2
+    preview_steps: int = 20
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+
+    @property
+    def positives(self) -> list[str]:
+        return list(self.positive) if self.positive else list(self.targets)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the bad setting and the allowed values."""
+        def bad(name: str, value: Any, allowed: Any) -> None:
+            raise ValueError(f"{name}={value!r} is not valid; expected {allowed}")
+
+        if not self.targets or not all(isinstance(t, str) and t.strip() for t in self.targets):
+            bad("targets", self.targets, "one or more non-empty concept prompts")
+        if len(self.positives) != len(self.targets):
+            bad("positive", self.positive, f"{len(self.targets)} prompts (one per target)")
+        if self.precision not in PRECISIONS:
+            bad("precision", self.precision, PRECISIONS)
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            bad("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        if self.optimizer not in OPTIMIZERS:
+            bad("optimizer", self.optimizer, OPTIMIZERS)
+        if self.la_mode not in LA_MODES:
+            bad("la_mode", self.la_mode, LA_MODES)
+        if self.schedule not in SCHEDULES:
+            bad("schedule", self.schedule, SCHEDULES)
+        for name in ("iterations", "rank", "max_denoising_steps", "pool_size", "preview_seeds", "preview_steps"):
+            if int(getattr(self, name)) < 1:
+                bad(name, getattr(self, name), "an integer >= 1")
+        if self.max_denoising_steps < 2:
+            bad("max_denoising_steps", self.max_denoising_steps, "an integer >= 2")
+        for name in ("anchors", "save_every", "sample_every", "lr_warmup_steps"):
+            if int(getattr(self, name)) < 0:
+                bad(name, getattr(self, name), "an integer >= 0")
+        if not self.lr > 0:
+            bad("lr", self.lr, "a positive number")
+        if self.la_budget <= 0 or self.la_strength < 0:
+            bad("la_budget/la_strength", (self.la_budget, self.la_strength), "la_budget > 0 and la_strength >= 0")
+        if self.resolution is not None and self.resolution < 8:
+            bad("resolution", self.resolution, "pixels >= 8 (or None for the model default)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(unknown)}")
+        return cls(**d)
+
+    def with_(self, **kw: Any) -> "TrainConfig":
+        return replace(self, **kw)
+
+
+# Presets: starting points per use case.  ``object`` is the default; ``style`` anchors harder (styles
+# spread over many prompts) and trains longer; ``nudity`` uses a stronger erase guidance.
+PRESETS: dict[str, dict[str, Any]] = {
+    "object": {},
+    "style": {"iterations": 4000, "la_budget": 0.01, "anchors": 6},
+    "nudity": {"guidance_scale": 2.0, "iterations": 4000, "la_budget": 0.03},
+}
+
+
+def preset(name: str, **overrides: Any) -> TrainConfig:
+    """A :class:`TrainConfig` from a preset name plus overrides (``targets=[...]`` etc.)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    cfg = TrainConfig(**{**PRESETS[name], **overrides})
+    return cfg
+
+
+__all__ = ["LA_MODES", "LR_SCHEDULERS", "OPTIMIZERS", "PRECISIONS", "PRESETS", "SCHEDULES", "TrainConfig", "preset"]

@@ -1,0 +1,298 @@
+"""The training loop: a fresh membrane on the frozen UNet, trained with erase loss + Latent Anchoring.
+
+Usage::
+
+    from spm.train import Trainer, TrainConfig
+    result = Trainer(backend, TrainConfig(targets=["circle"]), output="models/spm/circle.safetensors").train()
+
+* The UNet is frozen (``requires_grad`` False, restored afterwards) and never modified: the membrane is
+  attached with :class:`~spm.attach.MembraneStack` (``trainable=True``) and detached at the end.
+* ``callback(Progress)`` is called every step (the WebUI tab draws from it); ``should_stop()`` is polled
+  every step; Ctrl-C (``KeyboardInterrupt``) stops too.  Either way the membrane trained so far is saved
+  atomically, with its resumable state beside it.
+* ``save_every`` writes checkpoints (membrane + ``.trainstate``); ``resume=True`` continues from them.
+* ``sample_every`` writes preview grids (target and control prompts; membrane OFF | ON) as PNG.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..attach import MembraneStack
+from ..backend import Backend, Conditioning, check_backend
+from ..checkpoint import MembraneFileError, load_membrane, save_membrane
+from ..membrane import Membrane, MembraneInfo
+from ..naming import context_dim, find_targets
+from .anchors import sample_anchors
+from .config import TrainConfig
+from .objective import AnchorWeight, CostMeter, objective_step
+from .sampling import LatentPool, ReferenceSchedule, image_grid, sample_images
+from .state import load_state, save_state, state_path
+
+log = logging.getLogger("spm")
+
+AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Progress:
+    """One step's report for progress bars and UIs."""
+
+    step: int
+    total: int
+    loss: float
+    erase: float
+    anchor: float
+    la_weight: float
+    lr: float
+    it_per_s: float
+    eta_s: float
+    preview: Any = None  # a PIL image when a grid was just made
+    preview_path: Path | None = None
+
+
+@dataclass
+class TrainResult:
+    membrane: Membrane
+    path: Path | None
+    steps: int
+    interrupted: bool
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+    cost: dict = field(default_factory=dict)
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Multiplier of ``lr`` at ``step`` (0-based).  Warm-up is capped at a sixth of the run."""
+    total = cfg.iterations
+    warm = min(cfg.lr_warmup_steps, total // 6)
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.lr_scheduler == "constant":
+        return 1.0
+    progress = (step - warm) / max(1, total - warm)
+    if cfg.lr_scheduler == "linear":
+        return max(0.0, 1.0 - progress)
+    if cfg.lr_scheduler == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if progress >= 1.0:
+        return 0.0
+    return 0.5 * (1.0 + math.cos(math.pi * ((cfg.lr_cycles * progress) % 1.0)))
+
+
+def make_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.optim.Optimizer:
+    want8 = cfg.optimizer == "adamw8bit" or (cfg.optimizer == "auto" and torch.device(device).type == "cuda")
+    if want8:
+        try:
+            import bitsandbytes as bnb  # type: ignore
+
+            return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        except ImportError:
+            if cfg.optimizer == "adamw8bit":
+                raise ValueError("optimizer adamw8bit needs the bitsandbytes package (pip install bitsandbytes)") from None
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class Trainer:
+    """Trains one membrane on ``backend`` (see the module docstring)."""
+
+    def __init__(self, backend: Backend, config: TrainConfig, output: str | Path | None = None, *,
+                 callback: Callable[[Progress], None] | None = None, should_stop: Callable[[], bool] | None = None,
+                 progress_bar: bool = True, resume: bool = False, name: str | None = None):
+        check_backend(backend)
+        config.validate()
+        self.backend, self.cfg = backend, config
+        self.output = Path(output) if output is not None else None
+        if self.output is not None and self.output.suffix.lower() != ".safetensors":
+            raise ValueError(f"{self.output.name}: membranes are saved as .safetensors")
+        self.callback, self.should_stop = callback, should_stop
+        self.progress_bar, self.resume = progress_bar, resume
+        self.name = name or (self.output.stem if self.output else "membrane")
+        self.meter = CostMeter()
+
+    # --- pieces -------------------------------------------------------------------------------------
+    def _new_membrane(self) -> Membrane:
+        unet = self.backend.unet
+        ctx = context_dim(unet)
+        from ..naming import describe_architecture
+
+        info = MembraneInfo(concepts=list(self.cfg.targets), surrogate=self.cfg.surrogate,
+                            architecture=describe_architecture(ctx), context_dim=ctx, training=self.cfg.to_dict())
+        torch.manual_seed(self.cfg.seed)
+        return Membrane.for_targets(find_targets(unet), self.cfg.rank, self.cfg.alpha, info, self.name)
+
+    def _save(self, membrane: Membrane, optimizer, g, step: int, aw: AnchorWeight, extra: dict) -> None:
+        if self.output is None:
+            return
+        membrane.info.training = {**self.cfg.to_dict(), "steps_done": step, "anchor_weight": aw.value,
+                                  "architecture_label": getattr(self.backend, "architecture", ""), **extra}
+        save_membrane(membrane, self.output)
+        save_state(state_path(self.output), optimizer, g, {"step": step, "anchor_weight": aw.state_dict(),
+                                                            "config": self.cfg.to_dict()})
+
+    def _preview(self, stack, membrane: Membrane, cond: dict[str, Conditioning], step: int, ac) -> tuple[Any, Path | None]:
+        cfg = self.cfg
+        prompts = list(cfg.targets) + list(cfg.control_prompts)
+        enc = self.backend.encode(prompts)
+        seeds = list(range(cfg.preview_seeds))
+        rows = enc.rows([i for i in range(len(prompts)) for _ in range(2 * len(seeds))])
+        strengths = [s for _ in prompts for s in [0.0] * len(seeds) + [1.0] * len(seeds)]
+        seed_list = [s for _ in prompts for _ in range(2) for s in seeds]
+        was = membrane.training
+        imgs = sample_images(self.backend, stack, rows, cond["uncond"], strengths, seed_list, cfg.preview_steps,
+                             autocast=ac)
+        membrane.train(was)
+        grid = image_grid(imgs, len(prompts))
+        path = None
+        if self.output is not None:
+            folder = self.output.with_name(self.output.stem + ".samples")
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"step_{step:06d}.png"
+            grid.save(path)
+        return grid, path
+
+    # --- the loop -----------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        cfg, be = self.cfg, self.backend
+        unet = be.unet
+        grad_state = {n: p.requires_grad for n, p in unet.named_parameters()}
+        unet.requires_grad_(False)
+        g = torch.Generator().manual_seed(cfg.seed)
+        membrane = self._new_membrane().to(be.device)
+        start = 0
+        aw = AnchorWeight.from_config(cfg)
+        optimizer = make_optimizer(cfg, [p for p in membrane.parameters() if p.requires_grad], be.device)
+        if self.resume:
+            if self.output is None or not self.output.exists():
+                raise MembraneFileError(f"cannot resume: {self.output} does not exist")
+            saved = load_membrane(self.output)
+            missing = set(membrane.layers) ^ set(saved.layers)
+            if missing:
+                raise MembraneFileError(f"cannot resume: {self.output.name} has other modules than this model's membrane")
+            with torch.no_grad():
+                for k, layer in membrane.layers.items():
+                    layer.lora_down.weight.copy_(saved.layers[k].lora_down.weight)
+                    layer.lora_up.weight.copy_(saved.layers[k].lora_up.weight)
+            meta = load_state(state_path(self.output), optimizer, g)
+            start = int(meta.get("step", 0))
+            aw.load_state_dict(meta.get("anchor_weight", {}))
+            if start >= cfg.iterations:
+                log.info("SPM: %s already has %d of %d steps", self.output.name, start, cfg.iterations)
+        ac = AUTOCAST[cfg.precision]
+        stack = MembraneStack(unet, trainable=True)
+        history: list[dict] = []
+        interrupted = False
+        step = start
+        fill_ufe, t_aside, t_loop = 0, 0.0, time.perf_counter()
+        t_start = time.perf_counter()
+        bar = None
+        try:
+            stack.add(membrane, 1.0)
+            texts = {"targets": list(cfg.targets), "positives": cfg.positives, "neutral": [cfg.surrogate], "uncond": [""]}
+            cond = {k: be.encode(v) for k, v in texts.items()}
+            res = cfg.resolution or be.latent.resolution
+            if cfg.schedule == "reference":
+                source: Any = ReferenceSchedule(be, stack, cfg.max_denoising_steps, cfg.xt_guidance, res,
+                                                cfg.dynamic_resolution, g, self.meter, ac)
+            else:
+                source = LatentPool(be, stack, cfg.max_denoising_steps, cfg.xt_guidance, res, cfg.dynamic_resolution,
+                                    g, self.meter, cfg.pool_size, ac)
+            n_anchor = cfg.anchors if aw.mode != "off" else 0
+            need_uncond = cfg.schedule == "reference" or cfg.surrogate != ""
+            if self.progress_bar:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=cfg.iterations, initial=start, desc=f"SPM {', '.join(cfg.targets)}", unit="it",
+                           dynamic_ncols=True)
+            membrane.train()
+            fill_ufe = 0
+            t_aside = 0.0  # previews and checkpoints, excluded from the per-iteration time
+            t_loop = time.perf_counter()
+            while step < cfg.iterations:
+                if self.should_stop is not None and self.should_stop():
+                    interrupted = True
+                    break
+                if isinstance(source, LatentPool) and not source.x:
+                    source.fill(cond["targets"], cond["uncond"])
+                    fill_ufe = self.meter.ufe
+                    t_loop = time.perf_counter()
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr * lr_factor(cfg, step)
+                xs = source.draw(cond["targets"], cond["uncond"])
+                ti = xs.target_index
+                target = cond["targets"].rows([ti])
+                anchors = sample_anchors(target, n_anchor, g) if n_anchor else target.rows([])
+                out = objective_step(be, stack, xs.x_t, xs.t, target, cond["positives"].rows([ti]), cond["neutral"],
+                                     anchors, aw.value if n_anchor else 0.0, cfg.guidance_scale, self.meter,
+                                     uncond=cond["uncond"] if need_uncond else None,
+                                     reference_calls=cfg.schedule == "reference", autocast=ac)
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                optimizer.step()
+                if isinstance(source, LatentPool):
+                    unc = out.eps_uncond_off if out.eps_uncond_off is not None else out.eps_neutral_off
+                    source.advance(xs, out.eps_target_on, unc, cond["targets"], cond["uncond"])
+                la_used = aw.value if n_anchor else 0.0
+                if n_anchor:
+                    aw.update(out.anchor, out.signal)
+                step += 1
+                rec = {"step": step, "loss": float(out.loss.detach()), "erase": out.erase, "anchor": out.anchor,
+                       "signal": out.signal, "la_weight": la_used, "k": xs.k}
+                history.append(rec)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{rec['loss']:.4g}", erase=f"{out.erase:.3g}", anchor=f"{out.anchor:.2g}",
+                                    la=f"{la_used:.3g}", refresh=False)
+                preview = preview_path = None
+                if cfg.sample_every and step % cfg.sample_every == 0:
+                    tp = time.perf_counter()
+                    preview, preview_path = self._preview(stack, membrane, cond, step, ac)
+                    t_aside += time.perf_counter() - tp
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.iterations:
+                    tp = time.perf_counter()
+                    self._save(membrane, optimizer, g, step, aw, {})
+                    t_aside += time.perf_counter() - tp
+                if self.callback is not None:
+                    el = time.perf_counter() - t_loop - t_aside
+                    done = step - start
+                    ips = done / el if el > 0 else 0.0
+                    self.callback(Progress(step, cfg.iterations, rec["loss"], out.erase, out.anchor, la_used,
+                                           optimizer.param_groups[0]["lr"], ips,
+                                           (cfg.iterations - step) / ips if ips > 0 else float("nan"),
+                                           preview, preview_path))
+        except KeyboardInterrupt:
+            interrupted = True
+            log.warning("SPM: training interrupted at step %d; saving the membrane trained so far", step)
+        finally:
+            if bar is not None:
+                bar.close()
+            stack.detach()
+            for n, p in unet.named_parameters():
+                p.requires_grad_(grad_state.get(n, p.requires_grad))
+        seconds = time.perf_counter() - t_start
+        done = max(1, step - start)
+        loop_s = time.perf_counter() - t_loop - t_aside if step > start else 0.0
+        cost = {**self.meter.snapshot(), "iterations": step - start, "schedule": cfg.schedule,
+                "ufe_per_iteration": self.meter.ufe / done, "setup_ufe": fill_ufe,
+                "ufe_per_iteration_steady": (self.meter.ufe - fill_ufe) / done,
+                "seconds_per_iteration": loop_s / done}
+        extra = {"interrupted": interrupted, "cost": cost}
+        membrane.eval()
+        self._save(membrane, optimizer, g, step, aw, extra)
+        membrane.info.training = {**self.cfg.to_dict(), "steps_done": step, "anchor_weight": aw.value, **extra}
+        return TrainResult(membrane, self.output, step, interrupted, seconds, history, cost)
+
+
+def train_membrane(backend: Backend, config: TrainConfig, output: str | Path | None = None, **kw) -> TrainResult:
+    """Shortcut for ``Trainer(backend, config, output, **kw).train()``."""
+    return Trainer(backend, config, output, **kw).train()
+
+
+__all__ = ["AUTOCAST", "Progress", "TrainResult", "Trainer", "lr_factor", "make_optimizer", "train_membrane"]

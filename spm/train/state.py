@@ -1,0 +1,80 @@
+"""Resumable training state beside the membrane: ``<membrane>.safetensors.trainstate``.
+
+A safetensors file (no pickles): the optimizer's per-parameter tensors under ``opt.<index>.<name>``, the
+generator state under ``rng``, and everything else (step, optimizer hyper-parameters, anchor weight, the
+settings) as JSON in the metadata.  Written atomically like the membrane itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import MembraneFileError, atomic_save, read_file
+
+SUFFIX = ".trainstate"
+
+
+def state_path(output: str | Path) -> Path:
+    p = Path(output)
+    return p.with_name(p.name + SUFFIX)
+
+
+def save_state(path: str | Path, optimizer: torch.optim.Optimizer, generator: torch.Generator, meta: dict[str, Any]) -> Path:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {"rng": generator.get_state()}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"opt.{idx}.{name}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = v
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    metadata = {
+        "spm_trainstate": json.dumps({**meta, "param_groups": groups, "scalars": scalars}, default=str),
+    }
+    return atomic_save(tensors, path, metadata)
+
+
+def load_state(path: str | Path, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> dict[str, Any]:
+    """Restore optimizer and generator; returns the JSON metadata (``step``, ``anchor_weight``, …)."""
+    p = Path(path)
+    if not p.exists():
+        raise MembraneFileError(f"cannot resume: {p.name} not found beside the membrane (was it trained with save_every?)")
+    # read_file insists on the .safetensors suffix; the state file is safetensors under another name
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            raw = (f.metadata() or {}).get("spm_trainstate")
+    except Exception as e:
+        raise MembraneFileError(f"cannot resume: {p.name} is unreadable ({e})") from None
+    if raw is None:
+        raise MembraneFileError(f"cannot resume: {p.name} is not an SPM training state")
+    meta = json.loads(raw)
+    state: dict[int, dict[str, Any]] = {}
+    for key, t in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = t
+    for idx, sc in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(sc)
+    groups = meta["param_groups"]
+    for g in groups:
+        if "betas" in g and isinstance(g["betas"], list):
+            g["betas"] = tuple(g["betas"])
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError) as e:
+        raise MembraneFileError(f"cannot resume from {p.name}: the optimizer state does not fit ({e})") from None
+    if "rng" in tensors:
+        generator.set_state(tensors["rng"])
+    return meta
+
+
+__all__ = ["SUFFIX", "load_state", "read_file", "save_state", "state_path"]

@@ -1,0 +1,265 @@
+"""The trainer on tiny random diffusers models: objective, anchors, loop, interrupt/resume, cost counting."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spm.attach import MembraneStack
+from spm.backend import Conditioning
+from spm.checkpoint import load_membrane, read_file
+from spm.hosts.diffusers import DiffusersBackend
+from spm.membrane import Membrane
+from spm.naming import find_targets
+from spm.train import AnchorWeight, TrainConfig, Trainer, erase_target, preset, sample_anchors
+from spm.train.loop import lr_factor
+from spm.train.objective import run_unet
+from spm.train.sampling import ddim_timesteps
+from spm.train.state import state_path
+from tests.test_train_models import tiny_sd_pipe, tiny_sdxl_pipe
+
+FAST = dict(anchors=1, pool_size=2, max_denoising_steps=4, lr=3e-3, lr_scheduler="constant", lr_warmup_steps=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not thrash when other jobs share the cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return DiffusersBackend(tiny_sd_pipe())
+
+
+def test_erase_target_formula():
+    pos, neu = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(erase_target(pos, neu, 1.0), 2 * neu - pos)
+    torch.testing.assert_close(erase_target(pos, neu, 0.0), neu)
+    torch.testing.assert_close(erase_target(pos, neu, 2.5), neu - 2.5 * (pos - neu))
+
+
+def test_anchors_count_norm_and_pooled():
+    target = Conditioning(torch.randn(1, 77, 32) * 3, torch.randn(1, 16), [[1, 2]])
+    a = sample_anchors(target, 7, torch.Generator().manual_seed(0))
+    assert a.context.shape == (7, 77, 32) and a.pooled.shape == (7, 16) and len(a.tokens) == 7
+    ratio = a.context.reshape(7, -1).norm(dim=1) / target.context.norm()
+    assert ((ratio >= 0.8 - 1e-5) & (ratio <= 1.2 + 1e-5)).all() and ratio.std() > 0.01
+    pr = a.pooled.norm(dim=1) / target.pooled.norm()
+    assert ((pr >= 0.8 - 1e-5) & (pr <= 1.2 + 1e-5)).all()
+    assert len(sample_anchors(target, 0, torch.Generator())) == 0
+    with pytest.raises(ValueError, match="one target row"):
+        sample_anchors(target.repeat(2), 1, torch.Generator())
+
+
+def test_anchor_acceptance_is_one_minus_cosine():
+    # In 2-D the angle is uniform.  Accepting with p = min(1, 1 - cos) gives
+    # E[cos | accepted] = E[cos p] / E[p] = (-1/4) / (1 - 1/pi) = -0.367  (without rejection it would be 0).
+    target = Conditioning(torch.tensor([[[1.0, 0.0]]]))
+    a = sample_anchors(target, 3000, torch.Generator().manual_seed(1))
+    cos = F.cosine_similarity(a.context.reshape(-1, 2), torch.tensor([[1.0, 0.0]]), dim=1)
+    assert -0.41 < float(cos.mean()) < -0.32
+
+
+def test_adaptive_anchor_weight_moves_towards_budget():
+    aw = AnchorWeight("adaptive", 1.0, budget=0.1, rate=0.1)
+    for _ in range(20):
+        aw.update(anchor_loss=1.0, signal=1.0)  # drift 1.0 > budget: weight must grow
+    grown = aw.value
+    assert grown > math.exp(1.5)
+    for _ in range(200):
+        aw.update(anchor_loss=1e-4, signal=1.0)  # far below budget: weight shrinks to its floor
+    assert aw.value < grown and aw.value == pytest.approx(aw.lo)
+    fixed = AnchorWeight.from_config(TrainConfig(targets=["x"], la_mode="fixed"))
+    assert fixed.update(5.0, 1.0) == 1000.0
+    assert AnchorWeight.from_config(TrainConfig(targets=["x"], la_mode="off")).value == 0.0
+
+
+def test_config_validation_and_presets():
+    with pytest.raises(ValueError, match="targets"):
+        TrainConfig().validate()
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        TrainConfig(targets=["a"], precision="fp8").validate()
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(targets=["a"], schedule="fast").validate()
+    assert TrainConfig(targets="a, b").targets == ["a", "b"]
+    assert preset("nudity", targets=["nudity"]).guidance_scale == 2.0
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("cats")
+    with pytest.raises(ValueError, match="unknown training settings: bogus"):
+        TrainConfig.from_dict({"targets": ["a"], "bogus": 1})
+    cfg = TrainConfig(targets=["a"])
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_lr_schedules():
+    cfg = TrainConfig(targets=["a"], iterations=3000, lr_warmup_steps=500, lr_cycles=3)
+    assert lr_factor(cfg, 0) == pytest.approx(1 / 500) and lr_factor(cfg, 499) == pytest.approx(1.0)
+    assert lr_factor(cfg, 500) == pytest.approx(1.0)
+    assert lr_factor(cfg, 500 + 833) < 1e-3 and lr_factor(cfg, 500 + 834) > 0.99  # a hard restart
+    assert lr_factor(cfg, 500 + 2500 // 6) == pytest.approx(0.5, abs=0.01)
+    short = cfg.with_(iterations=60)  # warm-up capped at a sixth of the run
+    assert lr_factor(short, 9) == pytest.approx(1.0)
+    assert lr_factor(cfg.with_(lr_scheduler="linear"), 2999) < 0.01
+    assert lr_factor(cfg.with_(lr_scheduler="constant"), 2000) == 1.0
+
+
+def _xt_samples(backend, n=6, steps=4, seed=0):
+    """x_t as the trainer sees them: the original model's CFG trajectories for the target (no membrane)."""
+    from spm.train.objective import CostMeter
+    from spm.train.sampling import ReferenceSchedule
+
+    stack = MembraneStack(backend.unet)
+    stack.add(Membrane.for_targets(find_targets(backend.unet)))  # identity: the original model
+    try:
+        src = ReferenceSchedule(backend, stack, steps, 3.0, backend.latent.resolution, False,
+                                torch.Generator().manual_seed(seed), CostMeter())
+        cond = backend.encode(["circle", ""])
+        return [src.draw(cond.rows([0]), cond.rows([1])) for _ in range(n)]
+    finally:
+        stack.detach()
+
+
+def _erase_error(backend, membrane, samples) -> float:
+    """Mean MSE between ε'(x_t, target) and the erase goal on fixed x_t samples (membrane strength 1)."""
+    stack = MembraneStack(backend.unet)
+    stack.add(membrane)
+    try:
+        cond = backend.encode(["circle", ""])
+        errs = []
+        for s in samples:
+            off = run_unet(backend, stack, s.x_t, s.t, cond, [0.0, 0.0], None, False)
+            on = run_unet(backend, stack, s.x_t, s.t, cond.rows([0]), [1.0], None, False)
+            errs.append(float(F.mse_loss(on, erase_target(off[:1], off[1:], 1.0))))
+        return sum(errs) / len(errs)
+    finally:
+        stack.detach()
+
+
+def test_training_reduces_erase_error_and_touches_only_the_membrane(backend, tmp_path):
+    unet = backend.unet
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    unet.requires_grad_(False)
+    first = next(unet.parameters())
+    first.requires_grad_(True)  # the trainer freezes the UNet, then must restore exactly this
+    cfg = TrainConfig(targets=["circle"], iterations=15, la_mode="off", **{**FAST, "lr": 3e-3})
+    res = Trainer(backend, cfg, tmp_path / "c.safetensors", progress_bar=False).train()
+    assert res.steps == 15 and not res.interrupted
+    after = unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert first.requires_grad and not any(p.requires_grad for p in list(unet.parameters())[1:])
+    assert not unet._forward_hooks and not unet._forward_pre_hooks  # detached
+    fresh = Trainer(backend, cfg, progress_bar=False)._new_membrane()
+    xts = _xt_samples(backend)
+    e0, e1 = _erase_error(backend, fresh, xts), _erase_error(backend, res.membrane, xts)
+    assert e1 < 0.6 * e0, (e0, e1)
+    ups = [float(layer.lora_up.weight.detach().abs().sum()) for layer in res.membrane.layers.values()]
+    assert all(u > 0 for u in ups)  # every module got gradient
+    m = load_membrane(tmp_path / "c.safetensors")
+    assert m.concepts == ["circle"] and m.info.training["steps_done"] == 15
+    _, meta = read_file(tmp_path / "c.safetensors")
+    assert meta["prompts"] == "circle" and meta["spm_surrogate"] == ""
+    # no anchors: [positive, neutral] OFF + [target] ON with grad = 2 + 2 per iteration, plus pool restarts
+    assert 4.0 <= m.info.training["cost"]["ufe_per_iteration_steady"] <= 6.0
+
+
+def test_interrupt_flag_and_ctrl_c_leave_valid_files(backend, tmp_path):
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    cfg = TrainConfig(targets=["circle"], iterations=50, **FAST)
+    out = tmp_path / "i.safetensors"
+    res = Trainer(backend, cfg, out, should_stop=stop, progress_bar=False).train()
+    assert res.interrupted and res.steps == 3
+    assert load_membrane(out).info.training["steps_done"] == 3 and state_path(out).exists()
+
+    def ctrl_c(progress):
+        if progress.step == 2:
+            raise KeyboardInterrupt
+
+    out2 = tmp_path / "k.safetensors"
+    res2 = Trainer(backend, cfg, out2, callback=ctrl_c, progress_bar=False).train()
+    assert res2.interrupted and res2.steps == 2
+    m = load_membrane(out2)
+    assert m.info.training["interrupted"] is True and not list(tmp_path.glob(".*.tmp"))
+    assert not backend.unet._forward_hooks
+
+
+def test_resume_continues_step_count_and_optimizer(backend, tmp_path):
+    out = tmp_path / "r.safetensors"
+    cfg = TrainConfig(targets=["circle"], iterations=4, save_every=2, **FAST)
+    first = Trainer(backend, cfg, out, progress_bar=False).train()
+    w4 = {k: v.clone() for k, v in first.membrane.reference_state_dict().items()}
+    seen = []
+    res = Trainer(backend, cfg.with_(iterations=7), out, resume=True, progress_bar=False,
+                  callback=lambda p: seen.append(p.step)).train()
+    assert seen == [5, 6, 7] and res.steps == 7
+    assert load_membrane(out).info.training["steps_done"] == 7
+    changed = [k for k, v in res.membrane.reference_state_dict().items() if k.endswith("lora_up.weight")
+               and not torch.equal(v.cpu(), w4[k])]
+    assert changed
+    from safetensors import safe_open
+
+    with safe_open(str(state_path(out)), "pt") as f:
+        steps = {float(f.get_tensor(k)) for k in f.keys() if k.endswith(".step")}
+    assert steps == {7.0}  # the optimizer continued from its saved state (4 + 3 steps)
+    with pytest.raises(Exception, match="cannot resume"):
+        Trainer(backend, cfg, tmp_path / "none.safetensors", resume=True, progress_bar=False).train()
+
+
+def test_cost_counter_reference_vs_pool(backend):
+    n_anchor = 2
+    cfg = TrainConfig(targets=["circle"], iterations=6, **{**FAST, "anchors": n_anchor})
+    ref = Trainer(backend, cfg.with_(schedule="reference"), progress_bar=False).train()
+    # reference: 2k rows to re-denoise, CFG pairs for positive and neutral (2+2), target pair with grad (2 × 2),
+    # anchors ON with grad (2N) and OFF (N)
+    want = sum(2 * h["k"] + 4 + 4 + 3 * n_anchor for h in ref.history)
+    assert ref.cost["ufe"] == want and ref.cost["setup_ufe"] == 0
+    assert all(1 <= h["k"] <= 3 for h in ref.history)
+    pool = Trainer(backend, cfg, progress_bar=False).train()
+    # pool: fill once (staggered over k = 1..S-1), then per iteration one OFF call [pos, neu, anchors…]
+    # and one ON call with grad [target, anchors…]; restarts cost one CFG pair (2 rows)
+    per_it = (2 + n_anchor) + 2 * (1 + n_anchor)
+    restarts = (pool.cost["ufe"] - pool.cost["setup_ufe"] - 6 * per_it) / 2
+    assert restarts == int(restarts) and 0 <= restarts <= 6
+    assert pool.cost["ufe_per_iteration_steady"] <= per_it + 2
+    assert pool.cost["calls"] - ref.cost["calls"] < 0
+
+
+def test_ddim_timesteps_match_diffusers():
+    from diffusers import DDIMScheduler
+
+    s = DDIMScheduler(num_train_timesteps=1000, steps_offset=1)
+    s.set_timesteps(30)
+    assert ddim_timesteps(1000, 30).tolist() == s.timesteps.tolist()
+
+
+def test_v_prediction_path_runs_and_erases(tmp_path):
+    be = DiffusersBackend(tiny_sd_pipe(v_prediction=True))
+    cfg = TrainConfig(targets=["circle"], iterations=4, **FAST)
+    res = Trainer(be, cfg, tmp_path / "v.safetensors", progress_bar=False).train()
+    assert all(math.isfinite(h["loss"]) for h in res.history)
+    assert be.parameterization == "v" and load_membrane(tmp_path / "v.safetensors").info.context_dim == 32
+
+
+def test_sdxl_path_runs_with_surrogate_and_previews(tmp_path):
+    be = DiffusersBackend(tiny_sdxl_pipe())
+    got = []
+    cfg = TrainConfig(targets=["circle"], surrogate="square", iterations=2, sample_every=2, preview_seeds=1,
+                      preview_steps=2, control_prompts=["a dog"], **FAST)
+    res = Trainer(be, cfg, tmp_path / "xl.safetensors", progress_bar=False, callback=got.append).train()
+    assert res.steps == 2 and got[-1].preview is not None and got[-1].preview_path.exists()
+    assert got[-1].preview.size == (16 * 2, 16 * 2)  # 2 prompts × (OFF, ON)
+    m = load_membrane(tmp_path / "xl.safetensors")
+    assert m.info.surrogate == "square" and m.info.context_dim == 64
+    # with a surrogate the OFF call also carries the unconditional row for the pool: 3 + N rows
+    assert res.cost["ufe_per_iteration_steady"] >= 3 + 1 + 2 * 2
