@@ -29,7 +29,18 @@ from torch import nn
 from .checkpoint import resolve_targets
 from .membrane import Membrane
 from .naming import KeyMap, Target, context_dim, describe_architecture
-from .transport import DEFAULT_METRIC, ConceptCache, Encoder, RowRegistry, concept_scores
+from .transport import (
+    DEFAULT_METRIC,
+    METRICS,
+    ConceptCache,
+    Encoder,
+    RowRegistry,
+    _m_clipcos,
+    _m_clipcos_tokenuni,
+    _m_tokenuni,
+    concept_scores,
+    content_tokens,
+)
 
 log = logging.getLogger("spm")
 
@@ -45,6 +56,14 @@ def default_context(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return None
 
 
+# built-in metrics that Transport.scores evaluates batched: name -> (function, uses clipcos, uses tokenuni)
+_BUILTIN = {
+    "clipcos": (_m_clipcos, True, False),
+    "tokenuni": (_m_tokenuni, False, True),
+    "clipcos_tokenuni": (_m_clipcos_tokenuni, True, True),
+}
+
+
 @dataclass
 class _Slot:
     membrane: Membrane
@@ -58,6 +77,8 @@ class _Fused:
     parts: list[tuple[int, Any]]  # (slot index, MembraneLayer)
     cols: torch.Tensor  # [R] slot index of each rank column
     cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # modules with the same membranes (and ranks) share one strength-column tensor per call
+    cols_key: tuple = ()
 
 
 class Transport:
@@ -76,17 +97,71 @@ class Transport:
         self.factor = float(factor)
         self.registry = registry or RowRegistry()
         self.concepts = ConceptCache()
+        self._matrices: dict[tuple, tuple] = {}  # concept set -> (embeddings kept alive, unit matrix, token sets, shape)
 
     def scores(self, context: torch.Tensor, membranes: Sequence[Membrane],
                row_tokens: Sequence[Sequence[int] | None] | None = None) -> torch.Tensor:
         """Clamped scores ``[B, M]`` (before weights and factor)."""
         if row_tokens is None:
             row_tokens = self.registry.lookup(context)
+        fast = _BUILTIN.get(self.metric)
+        if fast is not None and METRICS.get(self.metric) is fast[0] and membranes:
+            out = self._scores_batched(context, membranes, row_tokens, *fast[1:])
+            if out is not None:
+                return out
         cols = []
         for m in membranes:
             concepts = self.concepts.get(m.concepts, self.encode, self.encoder_key) if self.metric != "off" else []
             cols.append(concept_scores(context, row_tokens, concepts, self.metric))
         return torch.stack(cols, 1) if cols else torch.zeros(context.shape[0], 0)
+
+    def _scores_batched(self, context: torch.Tensor, membranes: Sequence[Membrane],
+                        row_tokens: Sequence[Sequence[int] | None], use_cos: bool, use_tok: bool) -> torch.Tensor | None:
+        """The built-in metrics for all membranes' concepts at once: one ``[B·chunks, C]`` matmul of unit
+        vectors for ``clipcos`` instead of a cosine per (row, concept), the same formula as
+        :func:`spm.transport.concept_scores`.  ``None`` where a row and a concept have incomparable lengths
+        (the per-concept path handles those)."""
+        texts = list(dict.fromkeys(c for m in membranes for c in m.concepts))
+        b = context.shape[0]
+        if not texts:
+            return torch.ones(b, len(membranes))
+        ces = self.concepts.get(texts, self.encode, self.encoder_key)
+        key = tuple(id(ce) for ce in ces)
+        entry = self._matrices.get(key)
+        if entry is None:
+            shapes = {tuple(ce.embedding.shape) for ce in ces}
+            if len(shapes) != 1:
+                return None
+            # float64 so that the result agrees with the per-pair float32 cosines to their own rounding
+            mat = torch.stack([ce.embedding.reshape(-1) for ce in ces]).double()
+            mat = (mat / mat.norm(dim=1, keepdim=True).clamp_min(1e-8)).T.contiguous()  # [T0·d, C]
+            entry = (ces, mat, [content_tokens(ce.tokens) for ce in ces], next(iter(shapes)))
+            if len(self._matrices) > 64:
+                self._matrices.clear()
+            self._matrices[key] = entry
+        _, mat, concept_sets, (t0, dim) = entry
+        s = torch.zeros(b, len(texts))
+        if use_cos:
+            ctx = context.detach().float().cpu()
+            t = ctx.shape[1]
+            if ctx.ndim != 3 or ctx.shape[2] != dim or t % t0:
+                return None
+            rows = ctx.reshape(b * (t // t0), t0 * dim).double()
+            dots = (rows @ mat) / rows.norm(dim=1, keepdim=True).clamp_min(1e-8)
+            s = dots.reshape(b, t // t0, len(texts)).amax(1).float()
+        if use_tok:
+            sets = [content_tokens(r) for r in row_tokens]
+            tok = torch.tensor([[len(r & c) / len(c) if c else 0.0 for c in concept_sets] for r in sets],
+                               dtype=torch.float32).reshape(b, len(texts))
+            s = torch.maximum(s, tok) if use_cos else tok
+        index = {c: i for i, c in enumerate(texts)}
+        cols = []
+        for m in membranes:
+            if m.concepts:
+                cols.append(s[:, [index[c] for c in m.concepts]].amax(1).clamp(0.0, 1.0))
+            else:
+                cols.append(torch.ones(b))
+        return torch.stack(cols, 1)
 
 
 class MembraneStack:
@@ -180,7 +255,7 @@ class MembraneStack:
         self._fused = {}
         for name, parts in per_module.items():
             cols = torch.cat([torch.full((layer.rank,), i, dtype=torch.long) for i, layer in parts])
-            self._fused[name] = _Fused(parts[0][1].kind, parts, cols)
+            self._fused[name] = _Fused(parts[0][1].kind, parts, cols, cols_key=tuple(cols.tolist()))
         for name in list(self._hooks):
             if name not in self._fused:
                 self._hooks.pop(name).remove()
@@ -280,17 +355,25 @@ class MembraneStack:
         return None
 
     # --- the hook --------------------------------------------------------------------------
-    def _fused_tensors(self, f: _Fused, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (device, dtype)
-        if not self.trainable and key in f.cache:
-            return f.cache[key]
+    @staticmethod
+    def _stacked(f: _Fused) -> tuple[torch.Tensor, torch.Tensor]:
+        """``D [R, in]`` and ``U [out, R]`` (scales folded into U) of all membranes on one module."""
         downs = [layer.down_matrix() for _, layer in f.parts]
         ups = [layer.up_matrix() * layer.scale for _, layer in f.parts]
         d = downs[0] if len(downs) == 1 else torch.cat(downs, 0)
         u = ups[0] if len(ups) == 1 else torch.cat(ups, 1)
+        return d, u
+
+    def _fused_tensors(self, f: _Fused, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (device, dtype)
+        if not self.trainable and key in f.cache:
+            return f.cache[key]
         if self.trainable:
+            d, u = self._stacked(f)
             return d.to(device=device, dtype=dtype), u.to(device=device, dtype=dtype)
-        with torch.no_grad():
+        # normal (not inference-mode) tensors, so that a later call with autograd recording can use the cache
+        with torch.inference_mode(False), torch.no_grad():
+            d, u = self._stacked(f)
             d = d.detach().to(device=device, dtype=dtype).contiguous()
             u = u.detach().to(device=device, dtype=dtype).contiguous()
         f.cache[key] = (d, u)
@@ -300,14 +383,15 @@ class MembraneStack:
         s = self._strengths
         if s is None:
             return None
-        key = (id(f.cols) if len(self._slots) > 1 else 0, device, dtype)
+        key = (f.cols_key, device, dtype)
         hit = self._col_cache.get(key)
         if hit is None:
-            cols = s[:, f.cols]
-            if not torch.any(cols != 0):
-                hit = torch.empty(0)
-            else:
-                hit = cols.to(device=device, dtype=dtype)
+            with torch.inference_mode(False):  # usable by calls with and without autograd (see _fused_tensors)
+                cols = s[:, f.cols]
+                if not torch.any(cols != 0):
+                    hit = torch.empty(0)
+                else:
+                    hit = cols.to(device=device, dtype=dtype)
             self._col_cache[key] = hit
         return None if hit.numel() == 0 else hit
 
@@ -330,7 +414,23 @@ class MembraneStack:
                         log.warning("SPM: %s got %d rows but strengths for %d; using the maximum strength", name, b, sc.shape[0])
                     sc = sc.amax(0, keepdim=True).expand(b, -1)
             d, u = self._fused_tensors(f, output.device, output.dtype)
-            x = x.to(output.dtype)
+            if x.dtype != output.dtype:
+                x = x.to(output.dtype)
+            # Inference: add the low-rank product into the module's fresh output in place, as one GEMM with
+            # beta = 1 (no delta tensor, no second pass over the output).  With autograd recording, keep the
+            # out-of-place form.
+            if output.is_contiguous() and not (torch.is_grad_enabled() and (output.requires_grad or self.trainable)):
+                if f.kind == "conv":
+                    if x.is_contiguous() and x.ndim == 4:
+                        h = torch.matmul(d, x.reshape(b, x.shape[1], -1))  # [B, R, HW]
+                        h.mul_(sc[:, :, None])
+                        output.view(b, output.shape[1], -1).baddbmm_(u.expand(b, -1, -1), h)
+                        return output
+                else:
+                    h = F.linear(x, d)
+                    h.mul_(sc.reshape(b, *([1] * (h.ndim - 2)), -1))
+                    output.view(-1, output.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), u.t())
+                    return output
             if f.kind == "conv":
                 h = F.conv2d(x, d[:, :, None, None]) * sc[:, :, None, None]
                 delta = F.conv2d(h, u[:, :, None, None])
