@@ -1,5 +1,10 @@
 """``python -m bench.toyworld [--json] | build [--quick] | grid | export-ldm OUT.safetensors``"""
 
-from .cli import main
+import os
+
+# on a shared, oversubscribed CPU, spinning OpenMP workers waste the cores we compete for
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .cli import main  # noqa: E402
 
 raise SystemExit(main())

@@ -11,13 +11,22 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    torch.set_num_threads(2)
     p = argparse.ArgumentParser(prog="python -m bench.toyworld")
     sub = p.add_subparsers(dest="cmd")
     b = sub.add_parser("build", help="rebuild all assets from a seed")
     b.add_argument("--quick", action="store_true", help="tiny run that only exercises the code paths")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", type=Path, default=None)
+    b.add_argument("--cpu-schedule", action="store_true", help="the smaller 2-core schedule instead of the shipped one")
+    b.add_argument("--device", default="cpu", help="torch device for training, e.g. cuda (the shipped assets: cuda)")
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--render-workers", type=int, default=1)
+    b.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a BuildConfig field")
+    bs = sub.add_parser("build-scorer", help="train only the scorer on the shipped VAE")
+    bs.add_argument("--steps", type=int, default=1200)
+    bs.add_argument("--n", type=int, default=8000)
+    bs.add_argument("--batch", type=int, default=128)
+    bs.add_argument("--device", default="cpu")
     gr = sub.add_parser("grid", help="write a grid PNG of base generations")
     gr.add_argument("--out", type=Path, default=None)
     gr.add_argument("--which", default="base")
@@ -27,15 +36,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-per-object", type=int, default=12)
     args = p.parse_args(argv)
 
+    if args.cmd != "build" or args.threads == 2:
+        torch.set_num_threads(2)
     if args.cmd == "build":
         from .train import BuildConfig, build
 
-        cfg = BuildConfig.quick() if args.quick else BuildConfig()
+        cfg = BuildConfig.quick() if args.quick else (BuildConfig.cpu() if args.cpu_schedule else BuildConfig())
         cfg.seed = args.seed
+        cfg.device = args.device
+        cfg.threads = args.threads
+        cfg.render_workers = args.render_workers
+        for kv in args.set:
+            k, v = kv.split("=", 1)
+            setattr(cfg, k, type(getattr(cfg, k))(v))
         out = args.out
         if args.quick and out is None:
             out = Path("/tmp/toyworld_quick")
         build(out, cfg)
+        return 0
+    if args.cmd == "build-scorer":
+        from .train import BuildConfig, build_scorer_only
+
+        cfg = BuildConfig(n_scorer=args.n, scorer_steps=args.steps, scorer_batch=args.batch, device=args.device)
+        print(json.dumps(build_scorer_only(None, cfg)["scorer"]))
         return 0
     if args.cmd == "grid":
         from .harness import make_grid

@@ -12,11 +12,13 @@ Components (all diffusers / transformers classes, as in SD1.x):
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+# TOYWORLD_ASSETS may point at another asset tree (e.g. one made by `build --quick`)
+ASSETS = Path(os.environ.get("TOYWORLD_ASSETS") or Path(__file__).resolve().parent / "assets")
 TEXT_WIDTH = 64
 
 SCHEDULER_KW = dict(

@@ -104,14 +104,16 @@ def train_scorer(vae, out_dir: Path, cfg, g: torch.Generator) -> dict:
     from .train import _log, _lr_lambda, roundtrip, to_tensor
 
     n = cfg.n_scorer
-    a, la = data.dataset_arrays(n * 3 // 4, cfg.seed * 10 + 5)
-    b, lb = data.dataset_arrays(n // 4, cfg.seed * 10 + 6, shifted=True)
+    w = getattr(cfg, "render_workers", 1)
+    a, la = data.dataset_arrays(n * 3 // 4, cfg.seed * 10 + 5, workers=w)
+    b, lb = data.dataset_arrays(n // 4, cfg.seed * 10 + 6, shifted=True, workers=w)
     x = torch.cat([to_tensor(a), to_tensor(b)])
     labels = la + lb
     y = _labels_t(labels)
     xr = roundtrip(vae, x, g)
     _log(f"scorer data: {x.shape[0]} renders + round-trips")
-    scorer = Scorer()
+    dev = torch.device(getattr(cfg, "device", "cpu"))
+    scorer = Scorer().to(dev)
     opt = torch.optim.AdamW(scorer.parameters(), lr=cfg.scorer_lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(50, cfg.scorer_steps // 5 + 1), cfg.scorer_steps))
     scorer.train()
@@ -120,30 +122,30 @@ def train_scorer(vae, out_dir: Path, cfg, g: torch.Generator) -> dict:
         use_rt = (torch.rand(cfg.scorer_batch, 1, 1, 1, generator=g) < 0.5).float()
         xb = use_rt * xr[idx] + (1 - use_rt) * x[idx]
         xb = _augment(xb, g)
-        loss = _loss(scorer(xb), {k: v[idx] for k, v in y.items()})
+        loss = _loss(scorer(xb.to(dev)), {k: v[idx].to(dev) for k, v in y.items()})
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if step % 100 == 0 or step == cfg.scorer_steps - 1:
             _log(f"scorer {step}/{cfg.scorer_steps} loss {loss.item():.4f}")
-    scorer.eval().requires_grad_(False)
+    scorer.to("cpu").eval().requires_grad_(False)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.half().contiguous() for k, v in scorer.state_dict().items()}, str(out_dir / "scorer.safetensors"))
     (out_dir / "config.json").write_text(json.dumps({"width": 32, "heads": HEADS}))
-    rep = evaluate_scorer(scorer, vae, seed=cfg.seed * 10 + 9, n=min(2000, n // 2))
+    rep = evaluate_scorer(scorer, vae, seed=cfg.seed * 10 + 9, n=min(2000, n // 2), workers=w)
     _log(f"scorer held-out: {rep}")
     return rep
 
 
-def evaluate_scorer(scorer: Scorer, vae, seed: int = 9, n: int = 2000) -> dict:
+def evaluate_scorer(scorer: Scorer, vae, seed: int = 9, n: int = 2000, workers: int = 1) -> dict:
     """Held-out accuracy on fresh renders (base + shifted) and on their VAE round-trips."""
     from .train import roundtrip, to_tensor
 
     t0 = time.time()
-    a, la = data.dataset_arrays(n, seed)
-    b, lb = data.dataset_arrays(n // 4, seed + 1, shifted=True)
+    a, la = data.dataset_arrays(n, seed, workers=workers)
+    b, lb = data.dataset_arrays(n // 4, seed + 1, shifted=True, workers=workers)
     res = {}
     for name, imgs, labs in (("renders", a, la), ("shifted_renders", b, lb)):
         x = to_tensor(imgs)

@@ -26,27 +26,37 @@ from . import model as M
 @dataclass
 class BuildConfig:
     seed: int = 0
-    n_base: int = 16000
-    n_shift: int = 4000
-    vae_steps: int = 400
-    vae_batch: int = 32
+    n_base: int = 30000
+    n_shift: int = 8000
+    vae_steps: int = 1500
+    vae_batch: int = 64
     vae_lr: float = 2e-3
-    unet_steps: int = 1600
-    unet_batch: int = 64
-    unet_lr: float = 6e-4
-    warmup: int = 100
+    unet_steps: int = 4000
+    unet_batch: int = 128
+    unet_lr: float = 5e-4
+    warmup: int = 200
     cfg_drop: float = 0.1
-    ft_steps: int = 250
-    ft_lr: float = 2e-4
-    n_scorer: int = 8000
-    scorer_steps: int = 1500
-    scorer_batch: int = 128
+    ft_steps: int = 500
+    ft_batch: int = 128
+    ft_lr: float = 1e-4
+    n_scorer: int = 16000
+    scorer_steps: int = 3000
+    scorer_batch: int = 256
     scorer_lr: float = 3e-3
     threads: int = 2
+    device: str = "cpu"
+    render_workers: int = 1
+
+    @classmethod
+    def cpu(cls) -> "BuildConfig":
+        """A smaller schedule that fits about an hour on 2 CPU cores (not the shipped assets' schedule)."""
+        return cls(n_base=16000, n_shift=4000, vae_steps=300, vae_batch=32, unet_steps=1200, unet_batch=64,
+                   unet_lr=8e-4, warmup=100, ft_steps=200, ft_batch=64, ft_lr=2e-4, n_scorer=8000, scorer_steps=1200,
+                   scorer_batch=128)
 
     @classmethod
     def quick(cls) -> "BuildConfig":
-        return cls(n_base=256, n_shift=128, vae_steps=5, unet_steps=5, ft_steps=3, n_scorer=256, scorer_steps=10,
+        return cls(n_base=256, n_shift=128, vae_steps=5, unet_steps=5, ft_steps=3, n_scorer=256, scorer_steps=10, unet_batch=16, ft_batch=16, scorer_batch=32, vae_batch=16,
                    warmup=5)
 
 
@@ -75,21 +85,30 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 def save_fp16(module, path: Path) -> None:
     import copy
 
-    m = copy.deepcopy(module).half()
+    m = copy.deepcopy(module).to("cpu").half()
     m.save_pretrained(str(path), safe_serialization=True)
+    f = Path(path) / "model.safetensors"
+    if f.is_file():  # transformers 5 drops the `text_model.` prefix; SD1 files (and transformers 4) use it
+        from safetensors.torch import load_file, save_file
+
+        sd = load_file(str(f))
+        if not all(k.startswith("text_model.") for k in sd):
+            save_file({("text_model." + k if not k.startswith("text_model.") else k): v.contiguous() for k, v in sd.items()},
+                      str(f), metadata={"format": "pt"})
 
 
 # ----------------------------------------------------------------------------------------------- VAE
 def train_vae(imgs: torch.Tensor, cfg: BuildConfig, g: torch.Generator):
-    vae = M.build_vae()
+    dev = torch.device(cfg.device)
+    vae = M.build_vae().to(dev)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(50, cfg.vae_steps // 5 + 1), cfg.vae_steps))
     vae.train()
     for step in range(cfg.vae_steps):
         idx = torch.randint(0, imgs.shape[0], (cfg.vae_batch,), generator=g)
-        x = imgs[idx]
+        x = imgs[idx].to(dev)
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(dev)
         rec = vae.decode(z).sample
         loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)
@@ -105,20 +124,22 @@ def train_vae(imgs: torch.Tensor, cfg: BuildConfig, g: torch.Generator):
 @torch.no_grad()
 def encode_all(vae, imgs: torch.Tensor, bs: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     means, stds = [], []
+    dev = next(vae.parameters()).device
     for i in range(0, imgs.shape[0], bs):
-        post = vae.encode(imgs[i:i + bs]).latent_dist
-        means.append(post.mean)
-        stds.append(post.std)
+        post = vae.encode(imgs[i:i + bs].to(dev)).latent_dist
+        means.append(post.mean.cpu())
+        stds.append(post.std.cpu())
     return torch.cat(means), torch.cat(stds)
 
 
 @torch.no_grad()
 def roundtrip(vae, imgs: torch.Tensor, g: torch.Generator | None = None, bs: int = 256) -> torch.Tensor:
     out = []
+    dev = next(vae.parameters()).device
     for i in range(0, imgs.shape[0], bs):
-        post = vae.encode(imgs[i:i + bs]).latent_dist
-        z = post.mean if g is None else post.mean + post.std * torch.randn(post.mean.shape, generator=g)
-        out.append(vae.decode(z).sample.clamp(-1, 1))
+        post = vae.encode(imgs[i:i + bs].to(dev)).latent_dist
+        z = post.mean if g is None else post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(dev)
+        out.append(vae.decode(z).sample.clamp(-1, 1).cpu())
     return torch.cat(out)
 
 
@@ -129,10 +150,11 @@ def tokenize(tok, captions: list[str]) -> torch.Tensor:
 
 def train_diffusion(unet, te, mean: torch.Tensor, std: torch.Tensor, labels: list, scale: float, steps: int,
                     lr: float, cfg: BuildConfig, g: torch.Generator, rng: np.random.Generator, train_text: bool,
-                    tag: str):
+                    tag: str, batch: int):
     from spm.tokenizer import clip_tokenizer
 
     tok = clip_tokenizer()
+    dev = torch.device(cfg.device)
     noise_sched = M.train_scheduler()
     acp = noise_sched.alphas_cumprod.float()
     params = list(unet.parameters()) + (list(te.parameters()) if train_text else [])
@@ -143,18 +165,18 @@ def train_diffusion(unet, te, mean: torch.Tensor, std: torch.Tensor, labels: lis
     te.requires_grad_(train_text)
     ema = None
     for step in range(steps):
-        idx = torch.randint(0, mean.shape[0], (cfg.unet_batch,), generator=g)
+        idx = torch.randint(0, mean.shape[0], (batch,), generator=g)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scale
         caps = ["" if rng.random() < cfg.cfg_drop else data.caption(labels[i], rng) for i in idx.tolist()]
         ids = tokenize(tok, caps)
-        t = torch.randint(0, 1000, (cfg.unet_batch,), generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
         eps = torch.randn(z0.shape, generator=g)
         a = acp[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         with torch.set_grad_enabled(train_text):
-            h = te(ids)[0]
-        pred = unet(zt, t, h).sample
-        loss = F.mse_loss(pred, eps)
+            h = te(ids.to(dev))[0]
+        pred = unet(zt.to(dev), t.to(dev), h).sample
+        loss = F.mse_loss(pred, eps.to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -175,6 +197,10 @@ def build(out: Path | None = None, cfg: BuildConfig | None = None) -> dict:
     cfg = cfg or BuildConfig()
     out = Path(out) if out else M.ASSETS
     torch.set_num_threads(cfg.threads)
+    if cfg.device.startswith("cuda"):
+        import os
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed for deterministic cuBLAS
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -183,12 +209,25 @@ def build(out: Path | None = None, cfg: BuildConfig | None = None) -> dict:
     report: dict = {"config": asdict(cfg)}
 
     _log("rendering data")
-    base_np, base_labels = data.dataset_arrays(cfg.n_base, cfg.seed * 10 + 1)
-    shift_np, shift_labels = data.dataset_arrays(cfg.n_shift, cfg.seed * 10 + 2, shifted=True)
+    base_np, base_labels = data.dataset_arrays(cfg.n_base, cfg.seed * 10 + 1, workers=cfg.render_workers)
+    shift_np, shift_labels = data.dataset_arrays(cfg.n_shift, cfg.seed * 10 + 2, shifted=True, workers=cfg.render_workers)
     base_x, shift_x = to_tensor(base_np), to_tensor(shift_np)
 
     t0 = time.time()
-    vae = train_vae(torch.cat([base_x, shift_x[: len(shift_x) // 2]]), cfg, g)
+    # stage cache: the VAE is a pure function of (seed, data sizes, VAE settings), so a rerun may reuse it
+    key = f"vae_s{cfg.seed}_n{cfg.n_base}_{cfg.n_shift}_k{cfg.vae_steps}_b{cfg.vae_batch}_lr{cfg.vae_lr}"
+    cache = out / "_stages" / f"{key}.pt"
+    if cache.is_file():
+        vae = M.build_vae().to(cfg.device)
+        state = torch.load(cache)
+        vae.load_state_dict(state["vae"])
+        g.set_state(state["g"])
+        vae.eval().requires_grad_(False)
+        _log(f"reusing cached VAE stage {cache}")
+    else:
+        vae = train_vae(torch.cat([base_x, shift_x[: len(shift_x) // 2]]), cfg, g)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"vae": {k: v.cpu() for k, v in vae.state_dict().items()}, "g": g.get_state()}, cache)
     report["vae_seconds"] = time.time() - t0
     mean, std = encode_all(vae, base_x)
     scale = float(1.0 / mean.std())
@@ -200,9 +239,9 @@ def build(out: Path | None = None, cfg: BuildConfig | None = None) -> dict:
 
     t0 = time.time()
     torch.manual_seed(cfg.seed + 1)
-    te, unet = M.build_text_encoder(), M.build_unet()
+    te, unet = M.build_text_encoder().to(cfg.device), M.build_unet().to(cfg.device)
     report["unet_final_loss"] = train_diffusion(unet, te, mean, std, base_labels, scale, cfg.unet_steps, cfg.unet_lr,
-                                                cfg, g, rng, True, "unet")
+                                                cfg, g, rng, True, "unet", cfg.unet_batch)
     report["unet_seconds"] = time.time() - t0
 
     base_dir = out / "base"
@@ -218,7 +257,7 @@ def build(out: Path | None = None, cfg: BuildConfig | None = None) -> dict:
     t0 = time.time()
     smean, sstd = encode_all(vae, shift_x)
     report["finetune_final_loss"] = train_diffusion(unet, te, smean, sstd, shift_labels, scale, cfg.ft_steps, cfg.ft_lr,
-                                                    cfg, g, rng, False, "finetune")
+                                                    cfg, g, rng, False, "finetune", cfg.ft_batch)
     report["finetune_seconds"] = time.time() - t0
     ft_dir = out / "finetune"
     if ft_dir.exists():
@@ -228,10 +267,32 @@ def build(out: Path | None = None, cfg: BuildConfig | None = None) -> dict:
     (ft_dir / "README.txt").write_text("Community fine-tune: only the UNet is stored; text_encoder, vae and scheduler "
                                        "are the base's (see bench/toyworld/model.py load_components).\n")
 
-    t0 = time.time()
-    report["scorer"] = train_scorer(vae, out / "scorer", cfg, g)
-    report["scorer_seconds"] = time.time() - t0
+    if cfg.n_scorer > 0:
+        t0 = time.time()
+        report["scorer"] = train_scorer(vae, out / "scorer", cfg, g)
+        report["scorer_seconds"] = time.time() - t0
     report["total_seconds"] = time.time() - t_all
     (out / "build_report.json").write_text(json.dumps(report, indent=1))
     _log(f"build done in {report['total_seconds']:.0f}s")
     return report
+
+
+def build_scorer_only(out: Path | None = None, cfg: BuildConfig | None = None) -> dict:
+    """Train only the scorer, on the VAE already in ``out/base`` (same data and procedure as in :func:`build`)."""
+    from .scorer import train_scorer
+
+    cfg = cfg or BuildConfig()
+    out = Path(out) if out else M.ASSETS
+    torch.set_num_threads(cfg.threads)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(cfg.seed + 2)
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(out / "base" / "vae"), torch_dtype=torch.float32).to(cfg.device)
+    vae.eval().requires_grad_(False)
+    t0 = time.time()
+    rep = {"config": asdict(cfg), "scorer": train_scorer(vae, out / "scorer", cfg, g)}
+    rep["scorer_seconds"] = time.time() - t0
+    (out / "scorer" / "train_report.json").write_text(json.dumps(rep, indent=1))
+    return rep
