@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 
@@ -23,12 +24,25 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def backend():
+FAST_CFG = {"max_denoising_steps": 4, "pool_size": 2}  # x_t after at most 3 DDIM steps, 2 trajectories
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_backend():
+    """One tiny random SD1 pipeline's backend, shared by the trainer-UI test modules (building one takes seconds)."""
     from spm.hosts.diffusers import DiffusersBackend
     from tests.test_train_models import tiny_sd_pipe
 
     return DiffusersBackend(tiny_sd_pipe())
+
+
+@pytest.fixture
+def backend():
+    return tiny_backend()
+
+
+def service(backend, folder, **kw):
+    return TrainService(lambda: backend, folder, config_overrides=FAST_CFG, **kw)
 
 
 def fast(**kw):
@@ -82,11 +96,20 @@ def test_request_defaults_and_overrides_follow_the_preset():
     assert jobs.preset_values("nudity")["iterations"] == PRESETS["nudity"]["iterations"]
 
 
+def test_service_overrides_are_checked_once():
+    with pytest.raises(TypeError):
+        TrainService(lambda: None, ".", config_overrides={"max_denoise_steps": 4})
+    with pytest.raises(ValueError, match="pool_size"):
+        TrainService(lambda: None, ".", config_overrides={"pool_size": 0})
+    svc = TrainService(lambda: None, ".", config_overrides=FAST_CFG)
+    assert svc.config_for(parse_request(fast())).max_denoising_steps == 4
+
+
 # --- running jobs ------------------------------------------------------------------------------------
 def test_a_job_saves_the_membrane_with_metadata_and_a_before_after_grid(backend, tmp_path):
     before, grads = snapshot(backend.unet)
     seen = []
-    svc = TrainService(lambda: backend, tmp_path)
+    svc = service(backend, tmp_path)
     job = svc.create(fast(control_prompts="a blue square, a green triangle"))
     job_total = job.total
     orig_update = svc.reporter.update
@@ -118,7 +141,7 @@ def test_a_job_saves_the_membrane_with_metadata_and_a_before_after_grid(backend,
 
 
 def test_existing_file_is_never_clobbered_without_overwrite(backend, tmp_path):
-    svc = TrainService(lambda: backend, tmp_path)
+    svc = service(backend, tmp_path)
     (tmp_path / "circle.safetensors").write_bytes(b"precious")
     with pytest.raises(RequestError) as e:
         svc.create(fast(preview=False))
@@ -130,7 +153,7 @@ def test_existing_file_is_never_clobbered_without_overwrite(backend, tmp_path):
 
 
 def test_interrupt_stops_after_the_current_step_and_saves(backend, tmp_path):
-    svc = TrainService(lambda: backend, tmp_path)
+    svc = service(backend, tmp_path)
     job = svc.create(fast(iterations=50, preview=False))
 
     class StopAtTwo(jobs.Reporter):
@@ -151,7 +174,7 @@ def test_reporter_can_stop_a_job(backend, tmp_path):
         def should_stop(self):
             return True
 
-    svc = TrainService(lambda: backend, tmp_path, reporter=Stop())
+    svc = service(backend, tmp_path, reporter=Stop())
     job = svc.run(svc.create(fast(preview=False)))
     assert job.status == "interrupted" and job.step == 0
 
@@ -193,7 +216,7 @@ def test_queue_runs_jobs_in_order_under_the_lock(backend, tmp_path):
             held.append("exit")
             self.inner.release()
 
-    svc = TrainService(lambda: backend, tmp_path, lock=Lock())
+    svc = service(backend, tmp_path, lock=Lock())
     a = svc.submit(fast(name="one", preview=False, iterations=2))
     b = svc.submit(fast(name="two", preview=False, iterations=2))
     assert b.done_event.wait(120) and a.done_event.is_set()
@@ -247,7 +270,7 @@ def test_tab_builds_and_streams_progress_to_a_saved_file(backend, tmp_path):
 
     from spm.ui import trainer_tab as tt
 
-    tab = tt.build_trainer_tab(lambda: backend, tmp_path)
+    tab = tt.build_trainer_tab(service=service(backend, tmp_path))
     assert isinstance(tab, gr.Blocks)
     svc = tab.spm_service
     values = {**{k: None for k in tt.FORM}, "name": "circle", "target": "a red circle", "preset": "object",
@@ -282,7 +305,7 @@ def test_tab_webui_mode_runs_in_the_callers_thread_with_its_wrapper(backend, tmp
 
         return f
 
-    tab = tt.build_trainer_tab(lambda: backend, tmp_path, wrap=wrap)
+    tab = tt.build_trainer_tab(service=service(backend, tmp_path), wrap=wrap)
     assert isinstance(tab, gr.Blocks) and wrapped == [4]
     svc = tab.spm_service
     values = {**{k: None for k in tt.FORM}, "name": "sq", "target": "a blue square", "iterations": 2,

@@ -255,7 +255,7 @@ def test_forge_job_through_the_service(forge_env, tokenizer, text_encoder, tmp_p
     forge_env.shared.sd_model = engine
     unet = engine.forge_objects.unet.model.diffusion_model
     before = snapshot(unet)
-    svc = TrainService(train_api.webui_backend, tmp_path)
+    svc = TrainService(train_api.webui_backend, tmp_path, config_overrides={"max_denoising_steps": 4, "pool_size": 2})
     job = svc.run(svc.create({"name": "fc", "target": "a red circle", "iterations": 2, "anchors": 1,
                               "resolution": 16, "preview_steps": 2, "control_prompts": "a dog"}))
     assert job.status == "done", job.error

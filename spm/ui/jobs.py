@@ -260,6 +260,7 @@ class TrainJob:
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
+    queued_run: bool = False  # run by the queue worker (True) or in a caller that holds the lock (False)
     stop: threading.Event = field(default_factory=threading.Event, repr=False)
     done_event: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -330,11 +331,16 @@ class TrainService:
     ``backend_provider()`` returns a Backend or raises :class:`NoModelError` (any exception fails the job
     with its message).  ``lock`` is held while a job runs.  ``on_saved(path)`` is called after a membrane is
     written (the WebUI refreshes its membrane list there).  Finished jobs are kept (the newest ``keep``).
+    ``config_overrides``: :class:`TrainConfig` settings applied to every job (settings the form does not
+    offer, e.g. ``{"max_denoising_steps": 10}`` for a small model).
     """
 
     def __init__(self, backend_provider: BackendProvider, folder: str | Path, *, lock: Any = None,
-                 reporter: Reporter | None = None, on_saved: Callable[[Path], None] | None = None, keep: int = 100):
+                 reporter: Reporter | None = None, on_saved: Callable[[Path], None] | None = None, keep: int = 100,
+                 config_overrides: dict[str, Any] | None = None):
         self.backend_provider = backend_provider
+        self.config_overrides = dict(config_overrides or {})
+        TrainConfig(targets=["x"]).with_(**self.config_overrides).validate()  # a typo fails here, not per job
         self._folder = folder
         self.lock = lock if lock is not None else threading.Lock()
         self.reporter = reporter or Reporter()
@@ -357,7 +363,7 @@ class TrainService:
         req = data if isinstance(data, TrainRequest) else parse_request(data)
         self.check_output(req)
         job = TrainJob(id=uuid.uuid4().hex[:12], request=req)
-        job.total = req.config().iterations
+        job.total = self.config_for(req).iterations
         with self._cv:
             self.jobs[job.id] = job
             while len(self.jobs) > self.keep:
@@ -366,6 +372,16 @@ class TrainService:
                     break
                 self.jobs.pop(old)
         return job
+
+    def config_for(self, req: TrainRequest) -> TrainConfig:
+        cfg = req.config()
+        if self.config_overrides:
+            cfg = cfg.with_(**self.config_overrides)
+            try:
+                cfg.validate()
+            except ValueError as e:
+                raise RequestError(str(e)) from None
+        return cfg
 
     def check_output(self, req: TrainRequest) -> Path:
         out = output_path(self.folder, req.name)
@@ -409,6 +425,7 @@ class TrainService:
     def run(self, job: TrainJob, *, take_lock: bool = True) -> TrainJob:
         """Run ``job`` in this thread (under the lock unless the caller holds it already)."""
         ctx = self.lock if take_lock else contextlib.nullcontext()
+        job.queued_run = take_lock
         try:
             with ctx:
                 self._run(job)
@@ -428,7 +445,7 @@ class TrainService:
         try:
             self.reporter.begin(job)
             out = self.check_output(req)
-            cfg = req.config()
+            cfg = self.config_for(req)
             backend = self.backend_provider()
             if backend is None:
                 raise NoModelError("no model is loaded; load a Stable Diffusion checkpoint first")

@@ -18,7 +18,7 @@ The request body is read as plain JSON (not a pydantic model) so the same code r
 fastapi 0.94 / pydantic 1 and Forge's fastapi 0.112 / pydantic 2, with our own error messages.
 """
 
-from __future__ import annotations
+# (no ``from __future__ import annotations`` here: FastAPI must see the ``Request`` annotation as a class)
 
 import logging
 import threading

@@ -1,0 +1,210 @@
+"""The training API (spm/webui/train_api.py) with FastAPI's TestClient, standalone and inside the stand-in WebUI."""
+
+from __future__ import annotations
+
+import runpy
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from spm.ui.jobs import TrainService
+from tests import webui_stub as stub
+from tests import webui_stub_train as tstub
+from tests.test_trainer_tab import FAST_CFG, tiny_backend
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def backend():
+    return tiny_backend()
+
+
+def client_for(service):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from spm.webui.train_api import add_routes
+
+    app = FastAPI()
+    add_routes(app, service)
+    return TestClient(app)
+
+
+def wait(client, job_id, timeout=120.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        r = client.get(f"/spm/v1/train/{job_id}")
+        assert r.status_code == 200
+        body = r.json()
+        if body["status"] in ("done", "failed", "interrupted"):
+            return body
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+FAST = {"name": "circle", "target": "a red circle", "iterations": 3, "anchors": 1, "preview_steps": 2,
+        "control_prompts": "a blue square"}
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    ({"name": "x"}, 400, "target is missing"),
+    ({"name": "x", "target": ""}, 400, "target is missing"),
+    ({"target": "cat"}, 400, "name is missing"),
+    ({"name": "x", "target": "cat", "iterations": -1}, 400, "iterations must be at least 1"),
+    ({"name": "sub/x", "target": "cat"}, 400, "path separator"),
+    ({"name": "..\\x", "target": "cat"}, 400, "path separator"),
+    ({"name": "x", "target": "cat", "precision": "fp8"}, 400, "precision"),
+    (["not", "an", "object"], 400, "JSON object"),
+])
+def test_bad_requests_get_4xx_with_a_message(tmp_path, body, status, fragment):
+    def never():
+        raise AssertionError("validation must fail before the model is touched")
+
+    client = client_for(TrainService(never, tmp_path))
+    r = client.post("/spm/v1/train", json=body)
+    assert r.status_code == status
+    assert fragment in r.json()["detail"]
+
+
+def test_non_json_body_and_unknown_id(tmp_path):
+    client = client_for(TrainService(lambda: None, tmp_path))
+    r = client.post("/spm/v1/train", content=b"name=x", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["detail"]
+    r = client.get("/spm/v1/train/nope")
+    assert r.status_code == 404 and "nope" in r.json()["detail"]
+
+
+def test_train_poll_and_list(backend, tmp_path):
+    client = client_for(TrainService(lambda: backend, tmp_path, config_overrides=FAST_CFG))
+    r = client.post("/spm/v1/train", json=FAST)
+    assert r.status_code == 200
+    job_id = r.json()["id"]
+    body = wait(client, job_id)
+    assert body["status"] == "done", body
+    assert body["step"] == 3 and body["total"] == 3 and isinstance(body["loss"], float)
+    assert body["output"] == str(tmp_path / "circle.safetensors") and body["error"] is None
+    assert body["preview"] == str(tmp_path / "circle.preview.png") and Path(body["preview"]).exists()
+    r = client.get("/spm/v1/membranes")
+    assert r.status_code == 200
+    listed = {m["name"]: m for m in r.json()["membranes"]}
+    assert listed["circle"]["concepts"] == ["a red circle"] and listed["circle"]["modules"] > 0
+    # the same name again: refused, nothing queued
+    r = client.post("/spm/v1/train", json=FAST)
+    assert r.status_code == 409 and "already exists" in r.json()["detail"]
+    r = client.post("/spm/v1/train", json={**FAST, "overwrite": True, "preview": False, "iterations": 1})
+    assert wait(client, r.json()["id"])["status"] == "done"
+
+
+def test_failed_job_reports_its_error(tmp_path):
+    from spm.ui.jobs import NoModelError
+
+    def none_loaded():
+        raise NoModelError("no Stable Diffusion model is loaded")
+
+    client = client_for(TrainService(none_loaded, tmp_path))
+    body = wait(client, client.post("/spm/v1/train", json=FAST).json()["id"])
+    assert body["status"] == "failed" and "no Stable Diffusion model is loaded" in body["error"]
+
+
+# --- inside the (stand-in) WebUI ---------------------------------------------------------------------
+@pytest.fixture
+def webui(tmp_path, tokenizer, text_encoder):
+    from tests.test_webui_lifecycle import tiny_unet
+
+    env = tstub.install(tmp_path)
+    env.shared.sd_model = tstub.A1111Model(tiny_unet(), stub.HijackedCLIP(tokenizer, text_encoder))
+    from spm.webui import state, train_api
+
+    state.reset()
+    train_api.reset_service()
+    runpy.run_path(str(ROOT / "scripts" / "spm_trainer.py"))
+    train_api.webui_service().config_overrides = dict(FAST_CFG)
+    yield env
+    train_api.reset_service()
+    state.reset()
+    tstub.uninstall()
+
+
+def test_webui_routes_take_the_queue_lock_and_report_in_shared_state(webui):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from spm.webui import state
+
+    app = FastAPI()
+    stub.fire("app_started", None, app)
+    client = TestClient(app)
+    lock = webui.call_queue.queue_lock
+    lock.acquire()  # a generation is running
+    try:
+        r = client.post("/spm/v1/train", json={**FAST, "resolution": 16})
+        assert r.status_code == 200
+        job_id = r.json()["id"]
+        time.sleep(0.3)
+        assert client.get(f"/spm/v1/train/{job_id}").json()["status"] == "queued"
+    finally:
+        lock.release()
+    body = wait(client, job_id)
+    assert body["status"] == "done", body
+    folder = Path(webui.shared.cmd_opts.spm_dir)
+    assert body["output"] == str(folder / "circle.safetensors")
+    assert ("begin", "spm-train") in webui.shared.state.log and webui.shared.state.job_count == 0
+    assert webui.shared.state.current_image is not None  # the loss plot went to the live preview
+    assert "circle" in state.library().names()  # the generation panel's list knows it without a restart
+    listed = client.get("/spm/v1/membranes").json()
+    assert listed["folder"] == str(folder) and [m["name"] for m in listed["membranes"]] == ["circle"]
+
+
+def test_webui_tab_runs_under_wrap_gradio_gpu_call(webui):
+    import gradio as gr
+
+    from spm.ui import trainer_tab as tt
+
+    tabs = [t for cb in stub.callback_map["ui_tabs"] for t in cb()]
+    assert [(type(b).__name__, title, eid) for b, title, eid in tabs] == [("Blocks", "SPM Trainer", "spm_trainer")]
+    blocks = tabs[0][0]
+    assert isinstance(blocks, gr.Blocks)
+    fns = blocks.fns.values() if isinstance(blocks.fns, dict) else blocks.fns  # Gradio 4 | 3
+    train_fn = [f for f in fns if len(f.inputs) == 1 + len(tt.FORM)]
+    assert len(train_fn) == 1
+    values = {**{k: None for k in tt.FORM}, "name": "circle", "target": "a red circle", "iterations": 2,
+              "anchors": 1, "resolution": 16, "preview_steps": 1, "control_prompts": "a dog", "overwrite": False}
+    out = train_fn[0].fn("task(t1)", *[values[k] for k in tt.FORM])
+    progress, plot, image, saved, status = out
+    assert progress.startswith("step 2/2")
+    assert saved.endswith("circle.safetensors") and Path(saved).exists()
+    assert "data-status='done'" in status and "Time taken" in status  # the wrapper's stats on the last output
+    assert tstub.progress_state.finished_tasks == ["task(t1)"] and ("begin", "task(t1)") in webui.shared.state.log
+    assert not webui.call_queue.queue_lock.locked()
+    # a model error is a message in the tab, not a crash
+    webui.shared.sd_model = None
+    out = train_fn[0].fn("task(t2)", *[{**values, "name": "other"}[k] for k in tt.FORM])
+    assert "no Stable Diffusion model is loaded" in out[-1]
+
+
+def test_webui_interrupt_button_stops_training(webui):
+    from spm.webui import train_api
+
+    svc = train_api.webui_service()
+    job = svc.create({**FAST, "iterations": 50, "resolution": 16, "preview": False})
+    orig = svc.reporter.update
+
+    def update(j, p):
+        orig(j, p)
+        if p.step == 2:
+            webui.shared.state.interrupt()  # what the WebUI's Interrupt button does
+
+    svc.reporter.update = update
+    svc.run(job)
+    assert job.status == "interrupted" and job.step == 2
