@@ -1,0 +1,82 @@
+"""``python -m spm train / generate``: argument handling and a tiny end-to-end run on a saved diffusers folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from spm.checkpoint import load_membrane
+from spm.cli import build_parser, config_from_args, main, parse_membrane_arg
+from tests.test_train_models import tiny_sd_pipe
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny") / "pipe"
+    tiny_sd_pipe().save_pretrained(str(d))
+    return d
+
+
+def test_train_args_map_to_config():
+    args = build_parser().parse_args(["train", "--model", "m", "--target", "circle, ring", "--target", "star",
+                                      "-o", "x.safetensors", "--iterations", "7", "--la-mode", "fixed",
+                                      "--reference-schedule", "--control", "a dog", "--preset", "style"])
+    cfg = config_from_args(args)
+    assert cfg.targets == ["circle", "ring", "star"] and cfg.iterations == 7 and cfg.la_mode == "fixed"
+    assert cfg.schedule == "reference" and cfg.control_prompts == ["a dog"] and cfg.anchors == 6  # style preset
+    bad = build_parser().parse_args(["train", "--model", "m", "--target", "c", "-o", "x.safetensors", "--precision", "fp8"])
+    with pytest.raises(ValueError, match="precision"):
+        config_from_args(bad)
+
+
+def test_membrane_weight_syntax():
+    assert parse_membrane_arg("a/b.safetensors:0.5") == ("a/b.safetensors", 0.5)
+    assert parse_membrane_arg("a/b.safetensors") == ("a/b.safetensors", 1.0)
+    assert parse_membrane_arg("C:/x/b.safetensors") == ("C:/x/b.safetensors", 1.0)
+
+
+def test_train_then_generate_end_to_end(model_dir, tmp_path, capsys):
+    out = tmp_path / "circle.safetensors"
+    rc = main(["train", "--model", str(model_dir), "--target", "circle", "-o", str(out), "--iterations", "3",
+               "--pool-size", "2", "--max-denoising-steps", "4", "--anchors", "1", "--save-every", "2", "--device", "cpu"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["steps"] == 3 and report["cost"]["schedule"] == "pool"
+    m = load_membrane(out)
+    assert m.concepts == ["circle"] and m.info.training["iterations"] == 3
+    # refuses to overwrite silently; resume continues
+    assert main(["train", "--model", str(model_dir), "--target", "circle", "-o", str(out), "--iterations", "3"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    rc = main(["train", "--model", str(model_dir), "--target", "circle", "-o", str(out), "--iterations", "4", "--resume",
+               "--pool-size", "2", "--max-denoising-steps", "4", "--anchors", "1", "--device", "cpu"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["steps"] == 4
+    png = tmp_path / "g.png"
+    rc = main(["generate", "--model", str(model_dir), "--membrane", f"{out}:0.8", "--prompt", "a circle", "--prompt", "a dog",
+               "--steps", "2", "-n", "2", "-o", str(png), "--device", "cpu"])
+    assert rc == 0 and png.exists()
+    from PIL import Image
+
+    assert Image.open(png).size == (2 * 16, 2 * 16)
+
+
+def test_clear_errors(tmp_path, capsys):
+    assert main(["train", "--model", str(tmp_path / "nope"), "--target", "c", "-o", str(tmp_path / "o.safetensors")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    (tmp_path / "folder").mkdir()
+    assert main(["train", "--model", str(tmp_path / "folder"), "--target", "c", "-o", str(tmp_path / "o.safetensors")]) == 2
+    assert "model_index.json" in capsys.readouterr().err
+    assert main(["train", "--model", str(tmp_path), "--target", "c", "-o", str(tmp_path / "o.pt")]) == 2
+    assert "saved as .safetensors" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path), "--membrane", str(tmp_path / "missing.safetensors"),
+                 "--prompt", "x", "-o", str(tmp_path / "x.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
