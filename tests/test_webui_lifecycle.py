@@ -326,6 +326,23 @@ def test_extra_network_page_and_settings(world):
     assert "spm_default_weight" in world.env.shared.opts.data_labels
     world.env.shared.opts.spm_default_weight = 0.6
     assert '+ 0.6 +' in page.create_item("styles/van_gogh")["prompt"]
+    (world.folder / "styles" / "van_gogh.json").write_text('{"preferred weight": 0.8, "description": "mine"}')
+    item = page.create_item("styles/van_gogh")
+    assert '+ 0.8 +' in item["prompt"] and item["description"] == "mine"
+
+
+def test_model_without_sd_targets_does_not_break_generation(world, monkeypatch):
+    """E.g. Flux in Forge: no SPM targets. Idle SPM stays silent; a tag gives a warning, not an error."""
+    world.add_membrane("m")
+    base = world.run(["a cat"])
+    monkeypatch.setattr("spm.webui.runtime.MembraneStack.__init__",
+                        lambda self, unet, **kw: (_ for _ in ()).throw(ValueError("no SPM targets found in this model")))
+    world.state.runtime().detach()
+    out = world.run(["a cat"])
+    assert torch.equal(out.images[0], base.images[0]) and world.p.comments == {}
+    out = world.run(["a cat <spm:m>"])
+    assert torch.equal(out.images[0], base.images[0])
+    assert any("no SPM targets" in c for c in world.p.comments)
 
 
 def test_sdxl_dict_conditioning(tmp_path, tokenizer, text_encoder):

@@ -203,6 +203,20 @@ class ExtraNetworksPage:
     def search_terms_from_path(self, filename, possible_directories=None):
         return filename
 
+    def read_user_metadata(self, item, use_cache=True):
+        """Real: reads ``<file>.json`` beside the model (``extra_networks.get_user_metadata``)."""
+        import json
+        import os
+
+        path = os.path.splitext(item.get("filename", ""))[0] + ".json"
+        metadata = {}
+        if os.path.isfile(path):
+            with open(path, encoding="utf8") as f:
+                metadata = json.load(f)
+        if metadata.get("description") is not None:
+            item["description"] = metadata["description"]
+        item["user_metadata"] = metadata
+
     def get_sort_keys(self, path):
         return {"name": str(path).lower()}
 

@@ -55,7 +55,7 @@ class ExtraNetworksPageSpm(ui_extra_networks.ExtraNetworksPage):
             return None
         path, _ = os.path.splitext(str(entry.path))
         quote = ui_extra_networks.quote_js
-        return {
+        item = {
             "name": name,
             "filename": str(entry.path),
             "shorthash": None,
@@ -65,8 +65,12 @@ class ExtraNetworksPageSpm(ui_extra_networks.ExtraNetworksPage):
             "local_preview": f"{path}.{getattr(shared.opts, 'samples_format', 'png')}",
             "metadata": entry.as_dict(),
             "sort_keys": {"default": index, **self.get_sort_keys(str(entry.path))},
-            "prompt": quote(f"<spm:{name}:") + " + " + default_multiplier() + " + " + quote(">"),
         }
+        self.read_user_metadata(item)  # the WebUI's per-card user metadata (.json beside the file)
+        preferred = (item.get("user_metadata") or {}).get("preferred weight") or 0.0
+        weight = str(float(preferred)) if preferred else default_multiplier()
+        item["prompt"] = quote(f"<spm:{name}:") + " + " + weight + " + " + quote(">")
+        return item
 
     def list_items(self):
         for index, name in enumerate(list(state.library().entries)):

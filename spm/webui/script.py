@@ -136,8 +136,8 @@ class SpmScript(scripts.Script):
         model = getattr(p, "sd_model", None) or getattr(shared, "sd_model", None)
         try:
             runtime.attach(model)
-        except LookupError as e:  # Forge loads its model lazily; process_before_every_sampling retries
-            log.debug("SPM: not attached yet: %s", e)
+        except (LookupError, ValueError) as e:  # Forge loads lazily (retried later); or a model without SD targets
+            log.debug("SPM: not attached: %s", e)
         # one planning pass over every prompt, to warn once and to write the infotext before any image
         prompts = list(getattr(p, "all_prompts", None) or [])
         plan = state.planner().plan(panel, prompts + list(getattr(p, "all_hr_prompts", None) or []), None, default,
@@ -190,7 +190,7 @@ class SpmScript(scripts.Script):
         model = getattr(p, "sd_model", None) or getattr(shared, "sd_model", None)
         try:
             att = runtime.attach(model)
-        except LookupError as e:
+        except (LookupError, ValueError) as e:  # no model, or one without SD UNet targets (e.g. Flux in Forge)
             _warn(p, [f"SPM: membranes not applied: {e}"])
             return
         steps = int(getattr(p, "steps", 20) or 20)
