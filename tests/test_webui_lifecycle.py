@@ -370,6 +370,10 @@ def test_forge_layout_and_non_linear_class(tmp_path, tokenizer, text_encoder):
         assert torch.equal(out.images[1], base.images[1]) and not torch.equal(out.images[0], base.images[0])
         # forge_objects were replaced every batch; the hooks sat on the shared module tree and are gone now
         assert hooked_modules(w.unet) == []
+        # a 231-token negative: Forge repeats the 77-token cond rows to its length; they are still recognised
+        w.run(["a cat <spm:m:0.6>", "a car"], negative=", ".join(["blurry ugly"] * 60), batch_size=2)
+        assert w.p.unet_calls[0].shape[1] == 231  # 3 chunks of 77
+        assert w.strengths[0][:, 0].tolist() == pytest.approx([0.0, 0.0, 0.6, 0.0])
         stub.fire("script_unloaded")
         assert "get_learned_conditioning" not in vars(w.model)
     finally:

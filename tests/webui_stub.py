@@ -843,7 +843,10 @@ def _forge_denoise(p, x, c, uc, step):
     for k in range(n_and):
         chunks.append(torch.stack([tensor[conds_list[i][k][0]] for i in range(b)]))
         kinds.append(0)
-    ctx = torch.cat(chunks)
+    n = 1
+    for ch in chunks:  # backend/sampling/condition.py CONDCrossAttn.concat: repeat to the lcm length
+        n = n * ch.shape[1] // __import__("math").gcd(n, ch.shape[1])
+    ctx = torch.cat([ch.repeat(1, n // ch.shape[1], 1) for ch in chunks])
     x_in = x.repeat(len(chunks), 1, 1, 1)
     t_in = torch.full((x_in.shape[0],), 500 - 100 * step, dtype=torch.long)
     p.unet_calls.append(ctx)
