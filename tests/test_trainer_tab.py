@@ -324,3 +324,25 @@ def test_apply_preset_updates_the_fields():
     ups = tt.apply_preset("style")
     assert [u["value"] for u in ups] == [PRESETS["style"]["iterations"], TrainConfig().lr, "adaptive",
                                          TrainConfig().la_strength, PRESETS["style"]["anchors"]]
+
+
+# --- the standalone entry ----------------------------------------------------------------------------
+def test_standalone_provider_reports_load_errors(tmp_path):
+    from spm.ui.__main__ import build_parser, make_provider
+
+    provider = make_provider(str(tmp_path / "missing"))
+    with pytest.raises(NoModelError, match="cannot load the model"):
+        provider()
+    args = build_parser().parse_args([])
+    assert args.host == "127.0.0.1" and args.model is None
+
+
+def test_gradio_schema_fix_makes_image_api_info_readable():
+    import gradio as gr
+    from gradio_client import utils as cu
+
+    from spm.ui.__main__ import fix_gradio_schema_bug
+
+    fix_gradio_schema_bug()
+    assert isinstance(cu.json_schema_to_python_type(gr.Image(type="pil").api_info()), str)
+    assert fix_gradio_schema_bug() is False  # idempotent: nothing left to fix

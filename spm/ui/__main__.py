@@ -14,6 +14,8 @@ from pathlib import Path
 
 from .jobs import NoModelError
 
+TOY_CONTROLS = ["a blue square", "a green triangle"]  # prompts the toy model knows (bench/toyworld/data.py)
+
 
 def make_provider(model: str | None, config: str | None = None, device: str | None = None):
     """A backend provider that loads the pipeline once, on first use (thread-safe)."""
@@ -45,6 +47,34 @@ def make_provider(model: str | None, config: str | None = None, device: str | No
     return provider
 
 
+def fix_gradio_schema_bug() -> bool:
+    """Work around gradio 4.40's API-info crash under pydantic >= 2.11 (standalone only).
+
+    pydantic 2.11+ writes ``"additionalProperties": true`` for ``dict`` fields (gr.Image's ``FileData.meta``)
+    and gradio_client 1.2's schema walker expects a dict there ("argument of type 'bool' is not iterable"),
+    so every page load fails.  Forge pins pydantic 2.8, where this never happens; the standalone tab may run
+    in newer environments.  Patches ``gradio_client.utils`` only when the bug is present; returns whether it did.
+    """
+    try:
+        from gradio_client import utils as cu
+    except ImportError:
+        return False
+    try:
+        cu.json_schema_to_python_type({"type": "object", "additionalProperties": True})
+        return False
+    except TypeError:
+        pass
+    inner = cu._json_schema_to_python_type
+
+    def walk(schema, defs=None):
+        if isinstance(schema, bool):
+            return "Any"
+        return inner(schema, defs)
+
+    cu._json_schema_to_python_type = walk
+    return True
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m spm.ui", description="The SPM Trainer tab, standalone")
     ap.add_argument("--model", help="a diffusers folder or a .safetensors checkpoint (default: the toy model)")
@@ -53,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--membranes", default="models/spm", help="folder the membranes are saved to (default: models/spm)")
     ap.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
     ap.add_argument("--port", type=int, default=7861)
+    ap.add_argument("--controls", help="default control prompts of the before/after check, comma-separated "
+                                       "(default: toy-world prompts for the toy model, generic ones otherwise)")
     return ap
 
 
@@ -60,9 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .trainer_tab import build_trainer_tab
 
+    fix_gradio_schema_bug()
     folder = Path(args.membranes)
     folder.mkdir(parents=True, exist_ok=True)
-    tab = build_trainer_tab(make_provider(args.model, args.config, args.device), folder)
+    from .jobs import DEFAULT_CONTROLS, split_concepts
+
+    controls = split_concepts(args.controls, "--controls") if args.controls else (
+        TOY_CONTROLS if args.model is None else list(DEFAULT_CONTROLS))
+    tab = build_trainer_tab(make_provider(args.model, args.config, args.device), folder, controls=controls)
     tab.queue()
     print(f"SPM Trainer: membranes are saved in {folder.resolve()}")
     tab.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False)

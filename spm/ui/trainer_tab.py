@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ..train.config import LA_MODES, PRECISIONS, PRESETS
 from .jobs import DEFAULT_CONTROLS, RequestError, TrainJob, TrainService, loss_plot, preset_values
@@ -141,11 +141,13 @@ def apply_preset(name: str) -> tuple:
 
 def build_trainer_tab(backend_provider: Callable[[], Any] | None = None, membranes_dir: str | Path | None = None, *,
                       service: TrainService | None = None, wrap: Callable | None = None,
-                      on_interrupt: Callable[[], None] | None = None, title: str = "SPM Trainer"):
+                      on_interrupt: Callable[[], None] | None = None, title: str = "SPM Trainer",
+                      controls: Sequence[str] = DEFAULT_CONTROLS):
     """The tab as a ``gr.Blocks``.  Give ``service``, or ``backend_provider`` and ``membranes_dir``.
 
     ``wrap`` switches to WebUI mode (see the module docstring); ``on_interrupt`` is called by the
-    Interrupt button as well (the WebUI passes ``shared.state.interrupt``).
+    Interrupt button as well (the WebUI passes ``shared.state.interrupt``).  ``controls``: the default control
+    prompts of the before/after check.
     """
     import gradio as gr
 
@@ -188,7 +190,7 @@ def build_trainer_tab(backend_provider: Callable[[], Any] | None = None, membran
                         save_every = gr.Number(label="Save every N steps (0 = only at the end)", value=0,
                                                precision=0, elem_id=f"{p}_save_every")
                     control = gr.Textbox(label="Control prompts for the before/after check (commas separate)",
-                                         value=", ".join(DEFAULT_CONTROLS), elem_id=f"{p}_controls")
+                                         value=", ".join(controls), elem_id=f"{p}_controls")
                     preview_steps = gr.Number(label="Sampling steps of the before/after check", value=20,
                                               precision=0, elem_id=f"{p}_preview_steps")
                 overwrite = gr.Checkbox(label="Overwrite an existing file of the same name", value=False,
