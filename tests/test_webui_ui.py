@@ -56,6 +56,20 @@ def test_panel_components_and_api_order(script):
     assert s.paste_field_names == ["SPM", "SPM transport"]
 
 
+def test_panel_in_an_input_accordion(script):
+    """A1111 1.7+ and Forge: the enable switch is the accordion's own checkbox (InputAccordion)."""
+    if int(gr.__version__.split(".")[0]) >= 4:
+        pytest.skip("Gradio 4 writes a .pyi file beside every Component subclass (here: into tests/); "
+                    "the InputAccordion path is exercised with Gradio 3.41")
+    s, _ = script
+    ui_components = stub.install_ui_components()
+    with gr.Blocks():
+        comps = s.ui(False)
+    assert isinstance(comps[0], ui_components.InputAccordion) and comps[0].value is False
+    assert comps[0].accordion_id == "script_txt2img_spm_concept_erasing_spm_enable"
+    assert len(comps) == 5
+
+
 def test_refresh_and_weight_sync(script):
     s, folder = script
     from spm.webui.script import sync_weights

@@ -40,7 +40,7 @@ from torch import nn
 MODULE_NAMES = [
     "modules", "modules.scripts", "modules.script_callbacks", "modules.extra_networks", "modules.ui_extra_networks",
     "modules.shared", "modules.paths", "modules.prompt_parser", "modules.processing", "modules_forge",
-    "backend", "backend.operations", "backend.patcher", "backend.patcher.unet", "xyz_grid.py",
+    "backend", "backend.operations", "backend.patcher", "backend.patcher.unet", "xyz_grid.py", "modules.ui_components",
 ]
 
 
@@ -938,6 +938,31 @@ def install(tmp_path, *, forge: bool = False) -> types.SimpleNamespace:
         pu.UnetPatcher = UnetPatcher
         backend.operations = ops
     return types.SimpleNamespace(shared=shared, callbacks=sc, extra_networks=en, prompt_parser=pp, scripts=sm, xyz=xyz)
+
+
+def install_ui_components() -> types.ModuleType:
+    """``modules.ui_components`` with ``InputAccordion`` (needs Gradio): a hidden checkbox that is the
+    input, plus the accordion it opens; ``with`` enters the accordion."""
+    import gradio as gr
+
+    class InputAccordion(gr.Checkbox):
+        def __init__(self, value, **kwargs):
+            self.accordion_id = kwargs.get("elem_id") or "input-accordion"
+            super().__init__(value, **{**kwargs, "elem_id": f"{self.accordion_id}-checkbox", "visible": False})
+            self.accordion = gr.Accordion(label=kwargs.get("label", "Accordion"), elem_id=self.accordion_id,
+                                          elem_classes=["input-accordion"], open=value)
+
+        def __enter__(self):
+            self.accordion.__enter__()
+            return self
+
+        def __exit__(self, exc_type, exc_val, exc_tb):
+            self.accordion.__exit__(exc_type, exc_val, exc_tb)
+
+    m = _module("modules.ui_components")
+    m.InputAccordion = InputAccordion
+    sys.modules["modules"].ui_components = m
+    return m
 
 
 def uninstall() -> None:
