@@ -6,7 +6,8 @@ Mirrors **AUTOMATIC1111 stable-diffusion-webui v1.10.1 (commit 82a973c0)** — s
 ``modules/extra_networks.py`` (ExtraNetworkParams, ExtraNetwork, ``<(\\w+):([^>]+)>`` parsing that keeps only
 the first prompt's tags), ``modules/ui_extra_networks.py`` (ExtraNetworksPage, register_page, quote_js),
 ``modules/prompt_parser.py`` (SdConditioning, get_multicond_prompt_list, schedules, reconstruct_* — the
-prompt-editing grammar is reduced to non-nested ``[a:b:N]``, ``[a:N]``, ``[a::N]``, enough for the tests),
+prompt-editing grammar is reduced to non-nested ``[a:b:N]``, ``[a:N]``, ``[a::N]`` and hires-step
+re-scheduling is left out; checked once against the real parser for first-pass schedules),
 ``modules/processing.py`` (process_images_inner order: before_process → process → per batch
 before_process_batch → parse_extra_network_prompts → extra_networks.activate → process_batch → setup_conds
 → process_before_every_sampling → sampling → hires pass → deactivate → postprocess; ``p.comment``),
@@ -253,7 +254,7 @@ class SdConditioning(list):
 
 re_AND = re.compile(r"\bAND\b")
 re_weight = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
-_re_edit = re.compile(r"\[([^\[\]:]*):([^\[\]:]*):?\s*([\d.]+)\s*\]|\[([^\[\]:]*):\s*([\d.]+)\s*\]")
+_re_edit = re.compile(r"\[([^\[\]:]*):([^\[\]:]*):\s*([\d.]+)\s*\]|\[([^\[\]:]*):\s*([\d.]+)\s*\]")
 
 
 def get_learned_conditioning_prompt_schedules(prompts, base_steps, hires_steps=None, use_old_scheduling=False):
@@ -270,7 +271,7 @@ def get_learned_conditioning_prompt_schedules(prompts, base_steps, hires_steps=N
                 edits.append((m, m.group(1), m.group(2), at(m.group(3))))
             else:
                 edits.append((m, "", m.group(4), at(m.group(5))))
-        points = sorted({s for *_, s in edits if s < steps} | {steps})
+        points = sorted({s for *_, s in edits if 0 < s < steps} | {steps})
         out = []
         for end in points:
             text, last = [], 0
