@@ -90,3 +90,37 @@ def test_derived_groups_follow_the_webui_parser(tmp_path):
         assert ("a dog", "a cat") in groups and (" a tree",) in groups
     finally:
         stub.uninstall()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_rows_cast_to_the_unet_dtype_are_recognised(dtype):
+    """A1111 casts the conditioning to the UNet's dtype (fp16, or bf16) before the call."""
+    import torch
+
+    torch.manual_seed(0)
+    reg = TextRegistry()
+    rows = torch.randn(3, 77, 32) * 3
+    reg.record(rows, ["a", "b", "c"], negative=False)
+    cast = rows.to(getattr(torch, dtype))
+    assert reg.lookup(cast) == [("a", False), ("b", False), ("c", False)]
+    assert reg.lookup(torch.randn(1, 77, 32).to(getattr(torch, dtype))) == [None]
+
+
+def test_token_transport_on_bf16_rows():
+    import torch
+
+    from spm.membrane import Membrane, MembraneInfo
+
+    def tokenize(texts):
+        return [[hash(w) % 1000 + 1 for w in t.split()] for t in texts]
+
+    def encode(texts):
+        return torch.zeros(len(texts), 77, 8), tokenize(texts)
+
+    t = RowWeightTransport(encode, tokenize, metric="tokenuni")
+    rows = torch.randn(2, 77, 8)
+    t.record(["a cat", "a car"], rows, negative=False)
+    t.set_weights({}, {"a cat": {"m": 0.5}, "a car": {"m": 1.0}})
+    m = Membrane({}, MembraneInfo(concepts=["cat"]), name="m")
+    s = t.scores(rows.to(torch.bfloat16), [m])
+    assert s[:, 0].tolist() == [0.5, 0.0]  # "a cat" has the concept's token; "a car" does not

@@ -129,6 +129,18 @@ def lookup_with_prefix(lookup: Callable[[torch.Tensor], list], rows: torch.Tenso
     return hits
 
 
+def _dtype_versions(rows: torch.Tensor) -> list[torch.Tensor]:
+    """``rows`` and, unless already bf16, their bf16 rounding.
+
+    Hosts cast the conditioning to the UNet's compute dtype before the call (A1111 ``dtype_unet``, Forge
+    ``computation_dtype``).  fp16 rounding stays within the registry's tolerance; bf16 rounding (relative
+    error up to 2^-8) does not, so the bf16-rounded rows are recorded too and then match exactly.
+    """
+    if rows.dtype == torch.bfloat16:
+        return [rows]
+    return [rows, rows.detach().to(torch.bfloat16)]
+
+
 class TextRegistry:
     """Conditioning rows → (text, negative?) by value fingerprint (a :class:`RowRegistry` storing indices)."""
 
@@ -138,6 +150,11 @@ class TextRegistry:
         self._index: dict[tuple[str, bool], int] = {}
 
     def record(self, rows: torch.Tensor, texts: Sequence[str], negative: bool) -> None:
+        ids = self._ids(texts, negative)
+        for version in _dtype_versions(rows):
+            self._rows.record(version, ids)
+
+    def _ids(self, texts: Sequence[str], negative: bool) -> list[list[int]]:
         ids = []
         for t in texts:
             key = (str(t), bool(negative))
@@ -145,7 +162,7 @@ class TextRegistry:
                 self._index[key] = len(self._items)
                 self._items.append(key)
             ids.append([self._index[key]])
-        self._rows.record(rows, ids)
+        return ids
 
     def lookup(self, rows: torch.Tensor) -> list[tuple[str, bool] | None]:
         return [None if r is None else self._items[r[0]] for r in lookup_with_prefix(self._rows.lookup, rows)]
@@ -199,7 +216,9 @@ class RowWeightTransport(Transport):
         self.texts.record(rows, texts, negative)
         if self.tokenize is not None:
             try:
-                self.registry.record(rows, self.tokenize(texts))
+                toks = self.tokenize(texts)
+                for version in _dtype_versions(rows):
+                    self.registry.record(version, toks)
             except Exception as e:  # tokens are an aid to tokenuni; never fail a generation for them
                 log.debug("SPM: tokenizing for transport failed: %s", e)
 
