@@ -6,4 +6,6 @@
 * :mod:`spm.webui.script` — the AlwaysOn script; :mod:`spm.webui.networks` — the ``spm`` extra network and
   its cards page; :mod:`spm.webui.integration` — X/Y/Z axes, settings, callbacks.  These subclass WebUI
   classes, so they import ``modules`` at import time and are imported only by the extension's ``scripts/``.
+* :mod:`spm.webui.state` — the process-wide library, planner and runtime.
+* ``train_*`` — the in-WebUI trainer (its own hosts and API), documented there.
 """
