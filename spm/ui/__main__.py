@@ -56,14 +56,19 @@ def fix_gradio_schema_bug() -> bool:
     in newer environments.  Patches ``gradio_client.utils`` only when the bug is present; returns whether it did.
     """
     try:
+        import gradio
         from gradio_client import utils as cu
     except ImportError:
         return False
+    if not str(gradio.__version__).startswith("4."):
+        return False  # Gradio 3 (A1111) builds its API info differently
     try:
         cu.json_schema_to_python_type({"type": "object", "additionalProperties": True})
         return False
     except TypeError:
         pass
+    except Exception:  # some other schema walker: leave it alone
+        return False
     inner = cu._json_schema_to_python_type
 
     def walk(schema, defs=None):
