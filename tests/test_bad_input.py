@@ -360,7 +360,7 @@ def test_failed_load_leaves_generation_running(tmp_path, unet, inputs):
 
 # --- files changing under us -----------------------------------------------------------------
 def test_file_deleted_between_listing_and_loading(tmp_path, unet):
-    """At the checkpoint level (spm.library is another issue's module): a vanished file is one clear error."""
+    """At the checkpoint level: a vanished file is one clear error (library level: the test below)."""
     for n in ("x", "y"):
         save_membrane(random_membrane(unet, n), tmp_path / f"{n}.safetensors")
     listing = sorted(tmp_path.glob("*.safetensors"))
@@ -368,6 +368,39 @@ def test_file_deleted_between_listing_and_loading(tmp_path, unet):
     with pytest.raises(MembraneFileError, match=r"x\.safetensors does not exist \(deleted or moved"):
         load_membrane(listing[0])
     assert load_membrane(listing[1]).name == "y"
+
+
+def test_library_file_vanishing_mid_load_and_unreadable_folder(tmp_path, unet, inputs, monkeypatch):
+    """Through spm.library: a file deleted in the window between the library's stat and the read is one
+    clear error, the cached and other membranes keep working, and an unreadable folder is a reported problem."""
+    library = pytest.importorskip("spm.library")
+    for n in ("x", "y"):
+        save_membrane(random_membrane(unet, n, seed=len(n)), tmp_path / f"{n}.safetensors")
+    lib = library.Library(tmp_path)
+    assert sorted(e.name for e in lib.refresh()) == ["x", "y"]
+    y = lib.load("y")
+    real = library.load_membrane
+
+    def vanish(path, name=None):
+        path.unlink()
+        return real(path, name=name)
+
+    monkeypatch.setattr(library, "load_membrane", vanish)
+    with pytest.raises(library.LibraryError, match=r"x\.safetensors does not exist \(deleted or moved"):
+        lib.load("x")
+    monkeypatch.undo()
+    assert lib.load("y") is y  # cached membrane unaffected
+    stack = MembraneStack(unet)
+    stack.add(y)
+    assert torch.isfinite(run(unet, inputs)).all()
+    stack.detach()
+    assert [e.name for e in lib.refresh()] == ["y"]
+
+    def denied(self, pattern):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(type(tmp_path), "rglob", denied)
+    assert lib.refresh() == [] and "cannot be read: Permission denied" in lib.problem
 
 
 def _enospc_after(nbytes: int):
