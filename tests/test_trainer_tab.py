@@ -132,7 +132,7 @@ def test_a_job_saves_the_membrane_with_metadata_and_a_before_after_grid(backend,
     with Image.open(prev) as im:
         w, h = im.size
     cell = 96  # 16 px images are scaled up to at least 96 px
-    assert (w, h) == (160 + 2 * cell, 18 + 3 * cell)
+    assert (w, h) == (160 + 2 * cell, 24 + 3 * cell)
     # the checkpoint is untouched, bit for bit, and requires_grad is as before
     after, grads_after = snapshot(backend.unet)
     assert grads == grads_after

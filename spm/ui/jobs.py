@@ -564,18 +564,18 @@ def labelled_grid(images: torch.Tensor, prompts: list[str], per_side: int, min_c
     scale = max(1, math.ceil(min_cell / max(h, w)))
     ch, cw = h * scale, w * scale
     cols = 2 * per_side
-    label_w, head_h = 160, 18
+    label_w, head_h = 160, 24
     canvas = Image.new("RGB", (label_w + cols * cw, head_h + len(prompts) * ch), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((label_w + 4, 3), "without membrane", fill="black")
-    draw.text((label_w + per_side * cw + 4, 3), "with membrane", fill="black")
+    draw.text((label_w + 4, 8), "without membrane", fill="black")
+    draw.text((label_w + per_side * cw + 4, 8), "with membrane", fill="black")
     arr = (images.clamp(0, 1).permute(0, 2, 3, 1) * 255).round().byte().cpu().numpy()
     for i in range(n):
         r, c = divmod(i, cols)
         tile = Image.fromarray(arr[i]).resize((cw, ch), Image.NEAREST)
         canvas.paste(tile, (label_w + c * cw, head_h + r * ch))
     for r, p in enumerate(prompts):
-        text = p if len(p) <= 24 else p[:23] + "…"
+        text = p if len(p) <= 24 else p[:21] + "..."  # ASCII: PIL's default font has no ellipsis glyph
         draw.text((4, head_h + r * ch + ch // 2 - 6), text, fill="black")
     return canvas
 
@@ -596,11 +596,11 @@ def loss_plot(losses: list[float], width: int = 480, height: int = 200):
     lo, hi = min(vals), max(vals)
     if hi - lo < 1e-12:
         lo, hi = lo - 1e-6, hi + 1e-6
-    d.text((2, top), f"{hi:.3g}", fill="black")
+    d.text((2, top + 20), f"{hi:.3g}", fill="black")  # below the corner a UI may cover with its label
     d.text((2, bottom - 10), f"{lo:.3g}", fill="black")
     d.text((left, bottom + 4), "1", fill="black")
     d.text((right - 40, bottom + 4), f"{len(losses)}", fill="black")
-    d.text((left + (right - left) // 2 - 40, bottom + 4), "step → loss", fill="black")
+    d.text((left + (right - left) // 2 - 40, bottom + 4), "step / loss", fill="black")
 
     def pts(series: list[float]) -> list[tuple[float, float]]:
         k = len(series)

@@ -203,9 +203,10 @@ def build_trainer_tab(backend_provider: Callable[[], Any] | None = None, membran
                 progress = gr.Textbox(label="Progress", value="", interactive=False, elem_id=f"{p}_progress")
                 plot = gr.Image(label="Loss", type="pil", interactive=False, elem_id=f"{p}_loss")
                 with gr.Column(elem_id=f"{p}_live"):
-                    image = gr.Image(label="Samples / before-after check (rows: prompts; left: without, "
-                                           "right: with the membrane)", type="pil", interactive=False,
+                    image = gr.Image(label="Before / after", type="pil", interactive=False,
                                      elem_id=f"{p}_preview")
+                    gr.HTML(value="<small>Rows: the target and the control prompts. Left: without the membrane; "
+                                  "right: with it (same seeds).</small>", elem_id=f"{p}_preview_help")
                 saved = gr.Textbox(label="Saved file", value="", interactive=False, elem_id=f"{p}_file")
         form = [name, target, surrogate, preset, iterations, lr, la_mode, la_strength, anchors, resolution, seed,
                 precision, save_every, control, preview_steps, overwrite]
