@@ -277,12 +277,15 @@ def time_transport(encode: Callable, membranes: list[Membrane], repeats: int = 2
         tr.registry.record(ctx, toks)
         ms = membranes[:k]
         tr.scores(ctx, ms)  # concept embeddings: computed once per session, not per prompt
-        times = []
+        times, cpu = [], []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             tr.scores(ctx, ms)
-            times.append(time.perf_counter() - t0)
+            t1, c1 = time.perf_counter(), time.process_time()
+            times.append(t1 - t0)
+            cpu.append(c1 - c0)
         out[f"ms_per_prompt_{k}"] = round(1000 * _median(times) / len(prompts), 4)
+        out[f"cpu_ms_per_prompt_{k}"] = round(1000 * _median(cpu) / len(prompts), 4)
         out[f"concepts_{k}"] = sum(len(m.concepts) for m in ms)
     return out
 
