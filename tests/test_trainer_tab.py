@@ -73,6 +73,7 @@ def snapshot(module):
     ({"name": "x", "target": "cat", "preset": "cars"}, "preset"),
     ({"name": "x", "target": "cat", "resolution": 500}, "multiple of 8"),
     ({"name": "x", "target": "cat", "anchors": -1}, "anchors"),
+    ({"name": "x", "target": "cat", "sample_every": -2}, "sample_every"),
     ({"name": "x", "target": "cat", "overwrite": "yes"}, "true or false"),
     ({"name": "x", "target": "cat", "steps": 3}, "unknown field"),
     ({"name": "x", "target": 5}, "target must be text"),
@@ -167,6 +168,20 @@ def test_existing_file_is_never_clobbered_without_overwrite(backend, tmp_path):
     job = svc.run(svc.create(fast(preview=False, overwrite=True)))
     assert job.status == "done"
     assert load_membrane(tmp_path / "circle.safetensors").info.concepts == ["a red circle"]
+
+
+def test_sample_previews_during_training(backend, tmp_path):
+    svc = service(backend, tmp_path)
+    seen = []
+    svc.reporter.update = lambda j, p: seen.append((p.step, p.preview is not None, j.sample_file))
+    job = svc.run(svc.create(fast(iterations=4, sample_every=2, preview=False, control_prompts="a dog")))
+    assert job.status == "done"
+    assert [(s, has) for s, has, _ in seen] == [(1, False), (2, True), (3, False), (4, True)]
+    assert seen[1][2] == str(tmp_path / "circle.samples" / "step_000002.png")
+    assert job.sample_file == str(tmp_path / "circle.samples" / "step_000004.png")
+    from spm.ui import trainer_tab as tt
+
+    assert tt.job_outputs(job)[2].size[0] > 0  # the tab shows the latest grid while training
 
 
 def test_interrupt_stops_after_the_current_step_and_saves(backend, tmp_path):

@@ -73,6 +73,7 @@ class TrainRequest:
     seed: int = 0
     precision: str = "fp32"
     save_every: int = 0
+    sample_every: int = 0  # sample grids (target + controls, off | on) every N steps during training; 0: none
     control_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_CONTROLS))
     preview: bool = True
     preview_steps: int = 20
@@ -81,7 +82,8 @@ class TrainRequest:
     def config(self) -> TrainConfig:
         """The :class:`TrainConfig`: the preset's values with this request's overrides."""
         over: dict[str, Any] = {"targets": list(self.target), "surrogate": self.surrogate, "seed": self.seed,
-                                "precision": self.precision, "save_every": self.save_every}
+                                "precision": self.precision, "save_every": self.save_every,
+                                "sample_every": self.sample_every}
         for key in ("iterations", "lr", "la_strength", "la_mode", "anchors", "resolution"):
             v = getattr(self, key)
             if v is not None:
@@ -99,7 +101,7 @@ class TrainRequest:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-_INT = ("iterations", "anchors", "resolution", "seed", "save_every", "preview_steps")
+_INT = ("iterations", "anchors", "resolution", "seed", "save_every", "sample_every", "preview_steps")
 _FLOAT = ("lr", "la_strength")
 _STR = ("surrogate", "preset", "precision", "la_mode")
 _BOOL = ("preview", "overwrite")
@@ -216,6 +218,8 @@ def parse_request(data: dict[str, Any]) -> TrainRequest:
         raise RequestError(f"anchors must be >= 0 (got {req.anchors})")
     if req.save_every < 0:
         raise RequestError(f"save_every must be >= 0 (0: only at the end; got {req.save_every})")
+    if req.sample_every < 0:
+        raise RequestError(f"sample_every must be >= 0 (0: no sample grids during training; got {req.sample_every})")
     if req.preview_steps < 1:
         raise RequestError(f"preview_steps must be at least 1 (got {req.preview_steps})")
     if req.resolution is not None and (req.resolution < 8 or req.resolution % 8):

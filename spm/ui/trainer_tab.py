@@ -29,7 +29,8 @@ PREFIX = "spm_train"
 
 # the form, in input order (after the hidden task id in WebUI mode)
 FORM = ("name", "target", "surrogate", "preset", "iterations", "lr", "la_mode", "la_strength", "anchors",
-        "resolution", "seed", "precision", "save_every", "control_prompts", "preview_steps", "overwrite")
+        "resolution", "seed", "precision", "save_every", "sample_every", "control_prompts", "preview_steps",
+        "overwrite")
 
 START_JS = """(...args) => {
     var id = randomId();
@@ -189,6 +190,8 @@ def build_trainer_tab(backend_provider: Callable[[], Any] | None = None, membran
                                                 elem_id=f"{p}_precision")
                         save_every = gr.Number(label="Save every N steps (0 = only at the end)", value=0,
                                                precision=0, elem_id=f"{p}_save_every")
+                        sample_every = gr.Number(label="Sample previews every N steps (0 = none)", value=0,
+                                                 precision=0, elem_id=f"{p}_sample_every")
                     control = gr.Textbox(label="Control prompts for the before/after check (commas separate)",
                                          value=", ".join(controls), elem_id=f"{p}_controls")
                     preview_steps = gr.Number(label="Sampling steps of the before/after check", value=20,
@@ -209,7 +212,7 @@ def build_trainer_tab(backend_provider: Callable[[], Any] | None = None, membran
                                   "right: with it (same seeds).</small>", elem_id=f"{p}_preview_help")
                 saved = gr.Textbox(label="Saved file", value="", interactive=False, elem_id=f"{p}_file")
         form = [name, target, surrogate, preset, iterations, lr, la_mode, la_strength, anchors, resolution, seed,
-                precision, save_every, control, preview_steps, overwrite]
+                precision, save_every, sample_every, control, preview_steps, overwrite]
         outputs = [progress, plot, image, saved, status]
         preset.change(fn=apply_preset, inputs=[preset], outputs=[iterations, lr, la_mode, la_strength, anchors])
         if webui:
