@@ -208,3 +208,35 @@ def test_webui_interrupt_button_stops_training(webui):
     svc.reporter.update = update
     svc.run(job)
     assert job.status == "interrupted" and job.step == 2
+
+
+def test_trainer_script_imports_our_package_under_a_unique_name_when_spm_clashes(tmp_path):
+    import sys
+    import types
+
+    from fastapi import FastAPI
+
+    foreign = types.ModuleType("spm")
+    foreign.__file__ = str(tmp_path / "elsewhere" / "spm" / "__init__.py")
+    tstub.install(tmp_path)
+    saved = {k: v for k, v in sys.modules.items() if k == "spm" or k.startswith("spm.")}
+    try:
+        for k in saved:
+            del sys.modules[k]
+        sys.modules["spm"] = foreign
+        runpy.run_path(str(ROOT / "scripts" / "spm_trainer.py"))
+        assert sys.modules["spm"] is foreign
+        app = FastAPI()
+        stub.fire("app_started", None, app)
+        paths = {r.path for r in app.routes}
+        assert {"/spm/v1/train", "/spm/v1/train/{job_id}", "/spm/v1/membranes"} <= paths
+        (cb,) = stub.callback_map["app_started"]
+        assert cb.__module__ == "sd_webui_spm_ext.webui.train_api"
+    finally:
+        mod = sys.modules.get("sd_webui_spm_ext.webui.train_api")
+        if mod is not None:
+            mod.reset_service()
+        for k in [k for k in sys.modules if k == "spm" or k.startswith(("spm.", "sd_webui_spm_ext"))]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+        tstub.uninstall()
