@@ -156,14 +156,27 @@ def run(args) -> dict:
     t0 = time.time()
     torch.set_num_threads(args.threads)
     b = Bench(args.iterations, args.lr, Path(args.out), args.reuse, args.quiet)
-    report: dict = {"settings": {"iterations": b.config([SINGLE]).iterations, "lr": b.config([SINGLE]).lr,
-                                 "la_mode": b.config([SINGLE]).la_mode, "default_metric": DEFAULT_METRIC,
-                                 "threads": args.threads}}
+    cfg = b.config([SINGLE])
+    report: dict = {"settings": {"iterations": cfg.iterations, "lr": cfg.lr, "la_mode": cfg.la_mode,
+                                 "la_budget": cfg.la_budget, "default_metric": DEFAULT_METRIC, "threads": args.threads}}
+
+    def partial() -> None:  # every finished part is on disk, even if the run is cut short
+        report["seconds"] = time.time() - t0
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "erasure.partial.json").write_text(json.dumps(report, indent=2))
+
     single = b.train("single_circle", [SINGLE])
     report["single"] = b.evaluate([SINGLE], [single])
+    partial()
     report["no_ft"] = b.evaluate([SINGLE], [single], transport=False)
+    partial()
+    report["cost"] = b.cost(args.cost_iterations)
+    partial()
     no_la = b.train("no_la_circle", [SINGLE], la_mode="off")
     report["no_la"] = b.evaluate([SINGLE], [no_la])
+    partial()
+    report["transfer"] = b.evaluate([SINGLE], [single], pipe=b.ft)
+    partial()
     report["transport"] = {}
     for metric in METRICS:
         if metric == "off":
@@ -171,11 +184,10 @@ def run(args) -> dict:
         r = b.evaluate([SINGLE], [single], metric=metric)
         report["transport"][metric] = {"erasure": r["erasure"], "paraphrase_erasure": r["paraphrase_erasure"],
                                        "psnr_unrelated_db": r["psnr_unrelated_db"], "nontarget_drop_pt": r["nontarget_drop_pt"]}
-    report["transfer"] = b.evaluate([SINGLE], [single], pipe=b.ft)
+        partial()
     if not args.skip_multi:
         mems = [single] + [b.train(f"single_{t}", [t]) for t in MULTI if t != SINGLE]
         report["multi"] = b.evaluate(list(MULTI), mems)
-    report["cost"] = b.cost(args.cost_iterations)
     report["seconds"] = time.time() - t0
     return report
 
