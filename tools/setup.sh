@@ -22,11 +22,12 @@ export PIP_CONSTRAINT="$CONSTRAINTS"
 need() { ! "$PY" -c "import importlib.util as u, sys; sys.exit(0 if all(u.find_spec(m) for m in sys.argv[1:]) else 1)" "$@"; }
 # The versions Forge pins (gradio 4.40, transformers 4.46.1, diffusers 0.31): the standalone tools and the
 # tests run on what WebUI users actually have. Set SPM_UNPINNED=1 to keep whatever is installed.
-PINS=(gradio==4.40.0 transformers==4.46.1 diffusers==0.31.0 huggingface_hub==0.26.2 fastapi==0.112.4 "tokenizers<0.21")
+PINS=(gradio==4.40.0 transformers==4.46.1 diffusers==0.31.0 huggingface_hub==0.26.2 fastapi==0.112.4 pydantic==2.8.2 "tokenizers<0.21")
 pinned_ok() {
   "$PY" - <<'PYEOF' 2>/dev/null
 import importlib.metadata as md, sys
-want = {"gradio": "4.40.0", "transformers": "4.46.1", "diffusers": "0.31.0", "huggingface_hub": "0.26.2", "fastapi": "0.112.4"}
+want = {"gradio": "4.40.0", "transformers": "4.46.1", "diffusers": "0.31.0", "huggingface_hub": "0.26.2", "fastapi": "0.112.4",
+        "pydantic": "2.8.2"}
 sys.exit(0 if all(md.version(k) == v for k, v in want.items()) else 1)
 PYEOF
 }
@@ -42,7 +43,7 @@ if ! "$PY" -c "import importlib.util as u; s=u.find_spec('open_clip'); import os
   echo "[setup] installing open_clip_torch --no-deps (CLIP BPE vocabulary)"
   pipi --no-deps open_clip_torch
 fi
-if [[ "${1:-}" == "--dev" ]]; then
+if [[ "${1:-}" == "--dev" || "${1:-}" == "--e2e" ]]; then
   if need pytest hypothesis ruff einops omegaconf; then
     echo "[setup] installing test tools"
     pipi pytest hypothesis ruff einops omegaconf
@@ -50,6 +51,14 @@ if [[ "${1:-}" == "--dev" ]]; then
   if need ldm; then
     echo "[setup] installing stable-diffusion-sdkit --no-deps (CompVis ldm UNet for structural tests)"
     pipi --no-deps stable-diffusion-sdkit
+  fi
+fi
+if [[ "${1:-}" == "--e2e" || "${2:-}" == "--e2e" ]]; then
+  # browser tests (marked slow): Playwright's Python package drives Debian's Chromium (no browser download)
+  need playwright && pipi playwright==1.65.2
+  if [[ ! -x /usr/bin/chromium ]]; then
+    echo "[setup] installing Debian's chromium for the browser tests"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || echo "[setup] chromium not installed: browser tests will skip"
   fi
 fi
 "$PY" -c "import importlib.metadata as md; print('[setup] ok: ' + ', '.join(f'{k} {md.version(k)}' for k in ('torch', 'diffusers', 'transformers', 'safetensors', 'gradio')))"
