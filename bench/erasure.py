@@ -120,10 +120,12 @@ class Bench:
                     per.append({"target": t, "found_before": fb, "found_after": fa,
                                 "erasure": (1 - fa / fb) if fb > 0 else float("nan")})
                 name = "erasure" if part == "literal" else "paraphrase_erasure"
-                res[name] = float(np.mean([p["erasure"] for p in per]))
+                vals = [p["erasure"] for p in per if p["erasure"] == p["erasure"]]
+                res[name] = float(np.mean(vals)) if vals else None
                 res[f"{part}_per_target"] = per
                 if len(targets) > 1 and part == "literal":
                     res["min_erasure"] = float(min(p["erasure"] for p in per))
+                res[f"{part}_images"] = len(cases)
             else:
                 fb, fa = harness.found_rate(sb, cases), harness.found_rate(sa, cases)
                 res["nontarget_fidelity_before"], res["nontarget_fidelity_after"] = fb, fa

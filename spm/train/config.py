@@ -12,6 +12,10 @@ Where we differ, it is selectable:
 * ``la_mode="adaptive"`` (default) adapts the anchor weight during training so that the measured anchor
   drift stays within ``la_budget`` of the concept's own signal (see :class:`spm.train.objective.AnchorWeight`);
   ``la_mode="fixed"`` is the reference's constant ``la_strength``; ``"off"`` disables anchoring.
+* ``anchor_empty=True`` adds the empty prompt to each step's anchors.  The reference's anchor batch held two
+  copies of it (its ordering bug); we keep one on purpose: where a transport metric gives the CFG
+  unconditional row a high strength (``clipcos`` does on small text encoders), an un-anchored membrane
+  shifts ε(x_t, "") too and CFG cancels part of the erasure.
 * ``schedule="pool"`` (default) draws x_t from a pool of partially denoised latents that advances one DDIM
   step per iteration for free; ``schedule="reference"`` re-denoises from noise every iteration.
 """
@@ -44,6 +48,7 @@ class TrainConfig:
     la_budget: float = 0.02  # adaptive: allowed anchor MSE drift as a fraction of the concept's own MSE signal
     la_rate: float = 0.05  # adaptive: step of log(weight) per iteration
     anchors: int = 4  # the reference's sampling_batch_size, but N real anchors
+    anchor_empty: bool = True  # also anchor the empty prompt (the reference's batch held it, by accident, twice)
     # optimisation
     iterations: int = 600  # reference: 3000 (at lr 1e-4)
     lr: float = 1e-3  # reference: 1e-4

@@ -229,10 +229,13 @@ class Trainer:
                 ti = xs.target_index
                 target = cond["targets"].rows([ti])
                 anchors = sample_anchors(target, n_anchor, g) if n_anchor else target.rows([])
+                if n_anchor and cfg.anchor_empty:
+                    anchors = Conditioning.cat([anchors, cond["uncond"]])
                 out = objective_step(be, stack, xs.x_t, xs.t, target, cond["positives"].rows([ti]), cond["neutral"],
                                      anchors, aw.value if n_anchor else 0.0, cfg.guidance_scale, self.meter,
                                      uncond=cond["uncond"] if need_uncond else None,
-                                     reference_calls=cfg.schedule == "reference", autocast=ac)
+                                     reference_calls=cfg.schedule == "reference", autocast=ac,
+                                     last_anchor_is_neutral=bool(n_anchor and cfg.anchor_empty and cfg.surrogate == ""))
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
                 optimizer.step()

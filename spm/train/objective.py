@@ -163,11 +163,14 @@ class StepOutputs:
 def objective_step(backend: Backend, stack, x_t: torch.Tensor, t: torch.Tensor, target: Conditioning,
                    positive: Conditioning, neutral: Conditioning, anchors: Conditioning, la_weight: float,
                    guidance_scale: float, meter: CostMeter | None, *, uncond: Conditioning | None = None,
-                   reference_calls: bool = False, autocast: torch.dtype | None = None) -> StepOutputs:
+                   reference_calls: bool = False, autocast: torch.dtype | None = None,
+                   last_anchor_is_neutral: bool = False) -> StepOutputs:
     """Losses for one x_t.  ``target/positive/neutral/uncond`` are one row each; ``anchors`` N rows.
 
     Fast (default): one no-grad call ``[positive, neutral, (uncond), anchors…]`` with the membrane OFF and one
     grad call ``[target, anchors…]`` with the membrane ON.
+    ``last_anchor_is_neutral``: the last anchor row is the neutral prompt itself (the empty-prompt anchor when the
+    surrogate is ""), so its membrane-OFF output is ε_neu and is not computed twice.
     ``reference_calls=True`` reproduces the reference's calls: positive and neutral each as a guidance-1
     CFG pair ``[uncond, prompt]``, the target likewise (with grad), then the anchors ON and OFF separately.
     """
@@ -189,7 +192,9 @@ def objective_step(backend: Backend, stack, x_t: torch.Tensor, t: torch.Tensor, 
             a_off = run_unet(backend, stack, x_t, t, anchors, [0.0] * n, meter, False, autocast)
         eps_unc = None
     else:
-        rows = [positive, neutral] + ([uncond] if uncond is not None else []) + ([anchors] if n else [])
+        dedupe = bool(last_anchor_is_neutral and n)
+        off_anchors = anchors.rows(list(range(n - 1))) if dedupe else anchors
+        rows = [positive, neutral] + ([uncond] if uncond is not None else []) + ([off_anchors] if len(off_anchors) else [])
         off = run_unet(backend, stack, x_t, t, Conditioning.cat(rows), [0.0] * sum(len(r) for r in rows), meter, False,
                        autocast)
         eps_pos, eps_neu = off[0:1], off[1:2]
@@ -198,7 +203,7 @@ def objective_step(backend: Backend, stack, x_t: torch.Tensor, t: torch.Tensor, 
         if uncond is not None:
             eps_unc = off[2:3]
             k = 3
-        a_off = off[k:]
+        a_off = torch.cat([off[k:], eps_neu]) if dedupe else off[k:]
         on = run_unet(backend, stack, x_t, t, Conditioning.cat([target] + ([anchors] if n else [])), [1.0] * (1 + n),
                       meter, True, autocast)
         eps_t, a_on = on[:1], on[1:]
