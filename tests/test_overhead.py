@@ -229,6 +229,8 @@ def test_benchmark_helpers_on_tiny_model(encode):
     mem = overhead.memory(unet, encode, ms, 8)
     assert mem["no_weight_copy"] and mem["base_storage_unchanged"] and not mem["cache_shares_base_storage"]
     assert mem["bytes_per_membrane"] == ms[0].nbytes() and mem["hooks"] == len(find_targets(unet))
+    hs = overhead.hook_share(unet, encode, ms, 8, counts=(3,), log=lambda s: None)
+    assert 0 < hs["share_3"] < 1 and hs["ratio_est_3"] > 1 and hs["hook_s_3"][0] > 0
     tr = overhead.time_transport(encode, ms, repeats=2)
     assert tr["ms_per_prompt_1"] > 0 and tr["concepts_1"] == len(ms[0].concepts)
     assert not any(m._forward_hooks for m in unet.modules())
