@@ -278,7 +278,9 @@ class Trainer:
                 bar.close()
             stack.detach()
             for n, p in unet.named_parameters():
-                p.requires_grad_(grad_state.get(n, p.requires_grad))
+                want = grad_state.get(n, p.requires_grad)
+                if p.requires_grad != want:  # touching inference tensors (Forge) would raise and hide the real error
+                    p.requires_grad_(want)
         seconds = time.perf_counter() - t_start
         done = max(1, step - start)
         loop_s = time.perf_counter() - t_loop - t_aside if step > start else 0.0
