@@ -400,6 +400,18 @@ class MembraneStack:
             self._col_cache[key] = hit
         return None if hit.numel() == 0 else hit
 
+    def _scaled_up(self, name: str, u: torch.Tensor, sc: torch.Tensor, conv: bool) -> torch.Tensor:
+        """Per-row ``U · diag(s_row)``: ``[B, out, R]`` (conv) or ``[B, R, out]`` (linear), cached until the
+        strengths change (the strength-column cache is cleared at the same moments)."""
+        key = ("up", name, u.device, u.dtype, sc.shape[0])
+        hit = self._col_cache.get(key)
+        if hit is None:
+            with torch.inference_mode(False):
+                hit = (u[None] * sc[:, None, :]) if conv else (u.t()[None] * sc[:, :, None])
+                hit = hit.contiguous()
+            self._col_cache[key] = hit
+        return hit
+
     def _make_hook(self, name: str):
         def hook(module, args, output):
             f = self._fused.get(name)
@@ -425,16 +437,18 @@ class MembraneStack:
             # beta = 1 (no delta tensor, no second pass over the output).  With autograd recording, keep the
             # out-of-place form.
             if output.is_contiguous() and not (torch.is_grad_enabled() and (output.requires_grad or self.trainable)):
+                # two ops per module: the down projection, then one batched GEMM with the per-row scaled
+                # ups (built once per strength change), so no separate scaling pass
                 if f.kind == "conv":
                     if x.is_contiguous() and x.ndim == 4:
                         h = torch.matmul(d, x.reshape(b, x.shape[1], -1))  # [B, R, HW]
-                        h.mul_(sc[:, :, None])
-                        output.view(b, output.shape[1], -1).baddbmm_(u.expand(b, -1, -1), h)
+                        ub = self._scaled_up(name, u, sc, conv=True)  # [B, out, R]
+                        output.view(b, output.shape[1], -1).baddbmm_(ub, h)
                         return output
                 else:
                     h = F.linear(x, d)
-                    h.mul_(sc.reshape(b, *([1] * (h.ndim - 2)), -1))
-                    output.view(-1, output.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), u.t())
+                    ub = self._scaled_up(name, u, sc, conv=False)  # [B, R, out]
+                    output.view(b, -1, output.shape[-1]).baddbmm_(h.reshape(b, -1, h.shape[-1]), ub)
                     return output
             if f.kind == "conv":
                 h = F.conv2d(x, d[:, :, None, None]) * sc[:, :, None, None]
