@@ -108,15 +108,8 @@ def _steps_of(training: Any) -> int | None:
     return None
 
 
-def describe_file(path: Path, name: str) -> Entry:
-    """An :class:`Entry` from the header of ``path`` (errors are recorded, not raised)."""
-    st = path.stat()
-    e = Entry(name=name, path=path, size=st.st_size, mtime_ns=st.st_mtime_ns)
-    try:
-        header = _read_header(path)
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        e.error = str(getattr(exc, "strerror", None) or exc)
-        return e
+def _fill_from_header(e: Entry, header: dict) -> list[str]:
+    """Fill ``e`` from a parsed header; returns the ``lora_down`` keys. Raises on malformed headers."""
     meta = header.get("__metadata__") or {}
     keys = [k for k in header if k != "__metadata__"]
     downs = [k for k in keys if k.endswith(".lora_down.weight")]
@@ -146,6 +139,23 @@ def describe_file(path: Path, name: str) -> Entry:
         e.steps = _steps_of(json.loads(meta.get("spm_training", "{}") or "{}"))
     except json.JSONDecodeError:
         e.steps = None
+    return downs
+
+
+def describe_file(path: Path, name: str) -> Entry:
+    """An :class:`Entry` from the header of ``path`` (errors are recorded, not raised)."""
+    st = path.stat()
+    e = Entry(name=name, path=path, size=st.st_size, mtime_ns=st.st_mtime_ns)
+    try:
+        header = _read_header(path)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        e.error = str(getattr(exc, "strerror", None) or exc)
+        return e
+    try:
+        downs = _fill_from_header(e, header)
+    except (AttributeError, TypeError, ValueError, KeyError) as exc:  # a header of the wrong shape: one bad file
+        e.error = f"unreadable safetensors header ({type(exc).__name__}: {exc})"
+        return e
     if not downs:
         e.error = "no membrane tensors (lora_unet_….lora_down.weight) in the file"
     return e
