@@ -1,7 +1,7 @@
 """The SPM panel built with real Gradio (3.41 as in A1111 1.10, 4.40 as in Forge), against the stub WebUI.
 
 Skipped where Gradio is not installed (the default test environment); run it in a venv with
-``gradio==3.41.2`` or ``gradio==4.40.0`` (see docs/webui_readme_section.md).
+``gradio==3.41.2`` or ``gradio==4.40.0`` (see the README, section "Tests").
 """
 
 import runpy
