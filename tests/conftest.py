@@ -16,6 +16,18 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running (run with -m slow, or SPM_SLOW=1 in CI)")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one torch thread (and do not thrash when other jobs share the cores).
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from spm.tokenizer import clip_tokenizer

@@ -9,14 +9,7 @@ from spm.backend import Backend, Conditioning, LatentSpec, add_noise, check_back
 from spm.hosts.diffusers import DiffusersBackend
 from tests.test_train_models import tiny_sd_pipe, tiny_sdxl_pipe
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not thrash when other jobs share the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

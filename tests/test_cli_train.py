@@ -5,19 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from spm.checkpoint import load_membrane
 from spm.cli import build_parser, config_from_args, main, parse_membrane_arg
 from tests.test_train_models import tiny_sd_pipe
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
