@@ -111,14 +111,16 @@ def test_token_transport_on_bf16_rows():
 
     from spm.membrane import Membrane, MembraneInfo
 
-    def tokenize(texts):
-        return [[hash(w) % 1000 + 1 for w in t.split()] for t in texts]
+    vocab: dict[str, int] = {}
+
+    def tokenize(texts):  # deterministic ids (str hash() is salted per process and may collide)
+        return [[vocab.setdefault(w, len(vocab) + 1) for w in t.split()] for t in texts]
 
     def encode(texts):
         return torch.zeros(len(texts), 77, 8), tokenize(texts)
 
     t = RowWeightTransport(encode, tokenize, metric="tokenuni")
-    rows = torch.randn(2, 77, 8)
+    rows = torch.randn(2, 77, 8, generator=torch.Generator().manual_seed(0))
     t.record(["a cat", "a car"], rows, negative=False)
     t.set_weights({}, {"a cat": {"m": 0.5}, "a car": {"m": 1.0}})
     m = Membrane({}, MembraneInfo(concepts=["cat"]), name="m")
