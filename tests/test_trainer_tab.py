@@ -14,14 +14,7 @@ from spm.train.config import PRESETS, TrainConfig
 from spm.ui import jobs
 from spm.ui.jobs import NoModelError, RequestError, TrainService, parse_request
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest (and least disturbed by other jobs on a 2-core box) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAST_CFG = {"max_denoising_steps": 4, "pool_size": 2}  # x_t after at most 3 DDIM steps, 2 trajectories

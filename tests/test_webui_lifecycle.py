@@ -96,13 +96,7 @@ class World:
         stub.uninstall()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny UNet runs ~30x faster on one thread than on two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -17,13 +17,7 @@ from tests import webui_stub as stub
 from tests import webui_stub_train as tstub
 from tests.test_webui_lifecycle import tiny_unet
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
