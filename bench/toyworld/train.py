@@ -23,6 +23,13 @@ from . import data
 from . import model as M
 
 
+def _fresh_dir(path: Path) -> None:
+    """An empty folder at ``path`` (an earlier build's files removed)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+
+
 @dataclass
 class BuildConfig:
     seed: int = 0
@@ -245,9 +252,7 @@ def build(out: Path | None = None, cfg: BuildConfig | None = None) -> dict:
     report["unet_seconds"] = time.time() - t0
 
     base_dir = out / "base"
-    if base_dir.exists():
-        shutil.rmtree(base_dir)
-    base_dir.mkdir(parents=True)
+    _fresh_dir(base_dir)
     save_fp16(te, base_dir / "text_encoder")
     save_fp16(vae, base_dir / "vae")
     save_fp16(unet, base_dir / "unet")
@@ -260,9 +265,7 @@ def build(out: Path | None = None, cfg: BuildConfig | None = None) -> dict:
                                                     cfg, g, rng, False, "finetune", cfg.ft_batch)
     report["finetune_seconds"] = time.time() - t0
     ft_dir = out / "finetune"
-    if ft_dir.exists():
-        shutil.rmtree(ft_dir)
-    ft_dir.mkdir(parents=True)
+    _fresh_dir(ft_dir)
     save_fp16(unet, ft_dir / "unet")
     (ft_dir / "README.txt").write_text("Community fine-tune: only the UNet is stored; text_encoder, vae and scheduler "
                                        "are the base's (see bench/toyworld/model.py load_components).\n")
