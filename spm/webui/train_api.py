@@ -81,6 +81,11 @@ def webui_backend():
     sd_model = getattr(shared, "sd_model", None)
     if sd_model is None:
         raise NoModelError("no Stable Diffusion model is loaded; choose a checkpoint at the top of the page first")
+    # A generation that raised (out of memory, the NaN check) never reached the script's postprocess, so its
+    # membranes may still be on the UNet; the next generation would replace them, training must not see them.
+    from . import state
+
+    state.runtime().clear()
     if is_forge() and getattr(sd_model, "forge_objects", None) is not None:
         from .train_backend_forge import ForgeBackend
 
