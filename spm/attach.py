@@ -34,12 +34,18 @@ from .transport import (
     METRICS,
     ConceptCache,
     Encoder,
+    PhraseCache,
+    PhraseEncoder,
     RowRegistry,
     _m_clipcos,
     _m_clipcos_tokenuni,
     _m_tokenuni,
     concept_scores,
+    content_ids,
+    content_positions,
     content_tokens,
+    needs_phrases,
+    windows,
 )
 
 log = logging.getLogger("spm")
@@ -90,14 +96,54 @@ class Transport:
     """
 
     def __init__(self, encode: Encoder, encoder_key: object = None, metric: str = DEFAULT_METRIC,
-                 factor: float = 1.0, registry: RowRegistry | None = None):
+                 factor: float = 1.0, registry: RowRegistry | None = None,
+                 encode_ids: PhraseEncoder | None = None, lazy_phrases: bool = True):
         self.encode = encode
         self.encoder_key = encoder_key
         self.metric = metric
         self.factor = float(factor)
         self.registry = registry or RowRegistry()
         self.concepts = ConceptCache()
+        self.phrases = PhraseCache()
+        self.encode_ids = encode_ids or self._decode_and_encode
+        # lazy: missing phrase states are encoded inside scores() (fine where the text encoder stays loaded);
+        # otherwise hosts call prepare_phrases() before sampling and missing windows score 0
+        self.lazy_phrases = lazy_phrases
         self._matrices: dict[tuple, tuple] = {}  # concept set -> (embeddings kept alive, unit matrix, token sets, shape)
+        self._tokenizer = None
+
+    def _decode_and_encode(self, seqs: list[tuple[int, ...]]) -> list[torch.Tensor]:
+        """Default phrase encoder: token ids → text (the CLIP vocabulary) → ``encode`` → content states."""
+        if self._tokenizer is None:
+            from .tokenizer import clip_tokenizer
+
+            self._tokenizer = clip_tokenizer()
+        texts = [self.phrase_text(self._tokenizer.decode(list(q), skip_special_tokens=True,
+                                                         clean_up_tokenization_spaces=False).strip()) for q in seqs]
+        emb, toks = self.encode(texts)
+        out = []
+        for e, t, q in zip(emb, toks, seqs):
+            n = len(content_ids(t)) or len(q)
+            out.append(e[1:1 + max(1, min(n, e.shape[0] - 2))])
+        return out
+
+    def phrase_text(self, text: str) -> str:
+        """A decoded window as the host's ``encode`` must see it (hosts with prompt syntax escape it)."""
+        return text
+
+    def _concept_lengths(self) -> set[int]:
+        return {content_positions(ce.tokens, ce.embedding.shape[0]) for ce in self.concepts._cache.values()} - {0}
+
+    def prepare_phrases(self, row_tokens: Sequence[Sequence[int] | None] | None = None,
+                        lengths: Sequence[int] | None = None) -> int:
+        """Encode the phrase windows of ``row_tokens`` (default: every recorded row) for the concept lengths
+        known so far (or ``lengths``), while the text encoder is available. Returns how many were encoded."""
+        if not needs_phrases(self.metric):
+            return 0
+        rows = self.registry._tokens if row_tokens is None else row_tokens
+        lens = set(lengths) if lengths is not None else self._concept_lengths()
+        seqs = [w for ids in rows for m in lens for w in windows(ids, m)]
+        return self.phrases.prepare(seqs, self.encode_ids) if seqs else 0
 
     def scores(self, context: torch.Tensor, membranes: Sequence[Membrane],
                row_tokens: Sequence[Sequence[int] | None] | None = None) -> torch.Tensor:
@@ -110,9 +156,13 @@ class Transport:
             if out is not None:
                 return out
         cols = []
+        phrases = needs_phrases(self.metric)
         for m in membranes:
             concepts = self.concepts.get(m.concepts, self.encode, self.encoder_key) if self.metric != "off" else []
-            cols.append(concept_scores(context, row_tokens, concepts, self.metric))
+            if phrases and self.lazy_phrases and concepts:
+                lens = {content_positions(ce.tokens, ce.embedding.shape[0]) for ce in concepts} - {0}
+                self.prepare_phrases(row_tokens, lens)
+            cols.append(concept_scores(context, row_tokens, concepts, self.metric, phrases=self.phrases))
         return torch.stack(cols, 1) if cols else torch.zeros(context.shape[0], 0)
 
     def _scores_batched(self, context: torch.Tensor, membranes: Sequence[Membrane],

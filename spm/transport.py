@@ -145,12 +145,131 @@ def _m_off(ctx, toks, ce):
     return torch.ones(ctx.shape[0])
 
 
+# --------------------------------------------------------------------------------------- n-gram states
+PhraseEncoder = Callable[[list[tuple[int, ...]]], list[torch.Tensor]]
+"""``encode_ids(seqs)``: each token-id tuple encoded alone (``[BOS, *ids, EOS]``) → its content states ``[m, d]``."""
+
+# ``ngram`` maps its cosine through clamp((s - lo) / (hi - lo), 0, 1): windows below ``lo`` leave the row alone.
+NGRAM_LO = 0.90
+NGRAM_HI = 0.95
+
+
+def content_ids(ids: Sequence[int] | None, special: frozenset[int] = frozenset({BOS, EOS, 0})) -> list[int]:
+    """The content token ids of a row in order (BOS, EOS and padding removed)."""
+    if ids is None:
+        return []
+    return [int(i) for i in ids if int(i) not in special]
+
+
+def windows(ids: Sequence[int] | None, m: int) -> list[tuple[int, ...]]:
+    """Distinct windows of ``m`` consecutive content tokens (the whole content if shorter)."""
+    c = content_ids(ids)
+    if not c or m <= 0:
+        return []
+    if len(c) <= m:
+        return [tuple(c)]
+    return list(dict.fromkeys(tuple(c[j:j + m]) for j in range(len(c) - m + 1)))
+
+
+class PhraseCache:
+    """Unit-normalised, context-free encoder states of short token sequences, encoded alone and kept.
+
+    Hosts :meth:`prepare` the windows of their prompts while the text encoder is loaded (the WebUI may
+    offload it during sampling); :meth:`get` never encodes.
+    """
+
+    def __init__(self, capacity: int = 50000, batch: int = 64):
+        self.capacity, self.batch = capacity, batch
+        self._states: dict[tuple[int, ...], torch.Tensor] = {}
+        self.best: dict[tuple, float] = {}  # (row ids, concept text, m) -> best window cosine, once all were known
+
+    def prepare(self, seqs: Sequence[tuple[int, ...]], encode_ids: PhraseEncoder) -> int:
+        """Encode the sequences not cached yet; returns how many were encoded."""
+        todo = [t for t in dict.fromkeys(tuple(int(i) for i in q) for q in seqs) if t and t not in self._states]
+        for i in range(0, len(todo), self.batch):
+            part = todo[i:i + self.batch]
+            with torch.no_grad():
+                states = encode_ids(part)
+            for seq, st in zip(part, states):
+                self._states[seq] = F.normalize(st.detach().float().cpu(), dim=-1)
+        if len(self._states) > self.capacity:  # drop the oldest half
+            for k in list(self._states)[: len(self._states) // 2]:
+                del self._states[k]
+            self.best.clear()
+        return len(todo)
+
+    def get(self, seq: tuple[int, ...]) -> torch.Tensor | None:
+        return self._states.get(seq)
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def clear(self) -> None:
+        self._states.clear()
+        self.best.clear()
+
+
+def ngram(row_tokens: Sequence[Sequence[int] | None], concept: ConceptEmbedding, phrases: PhraseCache,
+          lo: float = NGRAM_LO, hi: float = NGRAM_HI) -> torch.Tensor:
+    """Context-free phrase match (ours): the best window of the prompt's tokens, encoded alone, against the
+    concept encoded alone, mapped through ``clamp((s - lo) / (hi - lo), 0, 1)``. → ``[B]``.
+
+    ``s`` is the mean per-token cosine between a window of ``m`` content tokens of the row (``m`` = the
+    concept's content length) and the concept's content states.  Unlike ``clipcos`` it ignores BOS and
+    padding and the words around the window, which on our measurements made every prompt look alike.
+    Rows with unknown tokens, or windows not prepared in ``phrases``, score 0.
+    """
+    m = content_positions(concept.tokens, concept.embedding.shape[0])
+    if m == 0:
+        return torch.zeros(len(row_tokens))
+    c = F.normalize(concept.embedding[1:1 + m].float(), dim=-1)
+    out = []
+    for ids in row_tokens:
+        key = (tuple(ids), concept.text, m) if ids is not None else None
+        best = phrases.best.get(key) if key is not None else None
+        if best is None:
+            best, complete = 0.0, True
+            for w in windows(ids, m):
+                st = phrases.get(w)
+                if st is None:
+                    complete = False
+                    continue
+                k = min(st.shape[0], m)
+                best = max(best, float((st[:k] * c[:k]).sum() / m))
+            if key is not None and complete:
+                phrases.best[key] = best
+        out.append(best)
+    s = torch.tensor(out, dtype=torch.float32)
+    return ((s - lo) / (hi - lo)).clamp(0.0, 1.0)
+
+
+def _m_ngram(ctx, toks, ce, phrases=None):
+    if phrases is None:
+        raise ValueError("the ngram metric needs the host's phrase states (use spm.attach.Transport)")
+    return ngram(toks, ce, phrases)
+
+
+def _m_ngram_tokenuni(ctx, toks, ce, phrases=None):
+    return torch.maximum(_m_ngram(ctx, toks, ce, phrases), tokenuni(toks, ce.tokens))
+
+
+_m_ngram.needs_phrases = True  # type: ignore[attr-defined]
+_m_ngram_tokenuni.needs_phrases = True  # type: ignore[attr-defined]
+
+
+def needs_phrases(metric: str) -> bool:
+    """Whether ``metric`` reads context-free phrase states (hosts must prepare them, see :class:`PhraseCache`)."""
+    return bool(getattr(METRICS.get(metric), "needs_phrases", False))
+
+
 METRICS: dict[str, MetricFn] = {
     "clipcos_tokenuni": _m_clipcos_tokenuni,
     "clipcos": _m_clipcos,
     "tokenuni": _m_tokenuni,
     "tokenwin": _m_tokenwin,
     "tokenwin_tokenuni": _m_tokenwin_tokenuni,
+    "ngram": _m_ngram,
+    "ngram_tokenuni": _m_ngram_tokenuni,
     "off": _m_off,
 }
 DEFAULT_METRIC = "clipcos_tokenuni"
@@ -185,8 +304,12 @@ def concept_scores(
     row_tokens: Sequence[Sequence[int] | None],
     concepts: Sequence[ConceptEmbedding],
     metric: str = DEFAULT_METRIC,
+    phrases: PhraseCache | None = None,
 ) -> torch.Tensor:
-    """``max`` over concepts of the metric, clamped to [0, 1]. → ``[B]`` float32 on CPU."""
+    """``max`` over concepts of the metric, clamped to [0, 1]. → ``[B]`` float32 on CPU.
+
+    ``phrases`` is required by the metrics that read phrase states (:func:`needs_phrases`).
+    """
     try:
         fn = METRICS[metric]
     except KeyError:
@@ -194,7 +317,8 @@ def concept_scores(
     if not concepts or metric == "off":
         return torch.ones(context.shape[0])
     ctx = context.detach().float().cpu()
-    s = torch.stack([fn(ctx, row_tokens, c).float() for c in concepts]).amax(0)
+    kw = {"phrases": phrases} if getattr(fn, "needs_phrases", False) else {}
+    s = torch.stack([fn(ctx, row_tokens, c, **kw).float() for c in concepts]).amax(0)
     return s.clamp(0.0, 1.0)
 
 
@@ -250,6 +374,7 @@ class RowRegistry:
 
 
 __all__ = [
-    "DEFAULT_METRIC", "METRICS", "ConceptCache", "ConceptEmbedding", "Encoder", "RowRegistry",
-    "clipcos", "concept_scores", "content_tokens", "register_metric", "tokenuni",
+    "DEFAULT_METRIC", "METRICS", "ConceptCache", "ConceptEmbedding", "Encoder", "PhraseCache", "RowRegistry",
+    "clipcos", "concept_scores", "content_ids", "content_tokens", "needs_phrases", "ngram", "register_metric",
+    "tokenuni", "windows",
 ]

@@ -181,11 +181,19 @@ class RowWeightTransport(Transport):
 
     def __init__(self, encode, tokenize: Tokenize | None, encoder_key: object = None,
                  metric: str = DEFAULT_METRIC, factor: float = 1.0):
-        super().__init__(encode, encoder_key=encoder_key, metric=metric, factor=factor)
+        # the text encoder may be offloaded while the UNet samples (lowvram, Forge): phrase states are
+        # prepared before sampling (Attachment.prepare_concepts), never inside the UNet hook
+        super().__init__(encode, encoder_key=encoder_key, metric=metric, factor=factor, lazy_phrases=False)
         self.tokenize = tokenize
         self.texts = TextRegistry()
         self.panel: dict[str, float] = {}
         self.table: dict[str, dict[str, float]] = {}
+
+    def phrase_text(self, text: str) -> str:
+        """Escape the WebUI's attention syntax, so a decoded ``(`` is encoded as the literal token."""
+        for ch in "\\()[]":
+            text = text.replace(ch, "\\" + ch)
+        return text
 
     def set_weights(self, panel: dict[str, float], table: dict[str, dict[str, float]]) -> None:
         self.panel = dict(panel)
@@ -316,6 +324,7 @@ class Attachment:
         texts = [c for m in membranes for c in m.concepts]
         if texts:
             self.transport.concepts.get(texts, self.transport.encode, self.transport.encoder_key)
+            self.transport.prepare_phrases()  # windows of every recorded prompt, for the ngram metrics
 
     def clear(self) -> None:
         """Remove every UNet hook (the model computes exactly as without SPM); keep the recorder."""

@@ -1,0 +1,135 @@
+"""The ``ngram`` transport metrics: context-free phrase states of the prompt's windows against the concept."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spm.attach import MembraneStack, Transport
+from spm.transport import (
+    NGRAM_HI,
+    NGRAM_LO,
+    ConceptEmbedding,
+    PhraseCache,
+    concept_scores,
+    needs_phrases,
+    ngram,
+    windows,
+)
+from tests.archs import tiny_diffusers_unet
+from tests.helpers import random_membrane
+
+BOS, EOS = 49406, 49407
+
+
+def test_windows_keep_order_drop_specials_and_repeats():
+    ids = [BOS, 5, 6, 7, 5, 6, EOS, EOS, EOS]
+    assert windows(ids, 1) == [(5,), (6,), (7,)]
+    assert windows(ids, 2) == [(5, 6), (6, 7), (7, 5)]
+    assert windows([BOS, 9, EOS], 3) == [(9,)]  # shorter than the concept: the whole content
+    assert windows(None, 1) == [] and windows([BOS, EOS], 1) == []
+
+
+def _fake_encoder(table: dict[int, torch.Tensor], calls: list):
+    def encode_ids(seqs):
+        calls.append(list(seqs))
+        return [torch.stack([table[i] for i in q]) for q in seqs]
+
+    return encode_ids
+
+
+def test_phrase_cache_encodes_each_window_once_and_normalises():
+    table = {1: torch.tensor([3.0, 4.0]), 2: torch.tensor([0.0, 2.0])}
+    calls: list = []
+    pc = PhraseCache(batch=1)
+    assert pc.prepare([(1,), (2,), (1,)], _fake_encoder(table, calls)) == 2
+    assert pc.prepare([(1,), (2,)], _fake_encoder(table, calls)) == 0
+    assert calls == [[(1,)], [(2,)]]  # batch 1: two calls, nothing twice
+    assert torch.allclose(pc.get((1,)), torch.tensor([[0.6, 0.8]]))
+    assert pc.get((3,)) is None
+
+
+def _concept(text: str, vec: torch.Tensor, token: int) -> ConceptEmbedding:
+    emb = torch.zeros(77, vec.shape[0])
+    emb[1] = vec
+    return ConceptEmbedding(text, emb, [BOS, token, EOS])
+
+
+@pytest.mark.parametrize("cos", [1.0, 0.97, NGRAM_HI, 0.93, NGRAM_LO, 0.5, -0.2])
+def test_ngram_maps_the_best_window_cosine_through_the_calibration(cos):
+    concept_vec = torch.tensor([1.0, 0.0])
+    other = torch.tensor([cos, (1 - cos**2) ** 0.5])
+    table = {10: concept_vec, 11: other, 12: torch.tensor([0.0, 1.0])}
+    pc = PhraseCache()
+    pc.prepare([(11,), (12,)], _fake_encoder(table, []))
+    ce = _concept("c", concept_vec, 10)
+    got = ngram([[BOS, 12, 11, EOS]], ce, pc)
+    want = min(max((cos - NGRAM_LO) / (NGRAM_HI - NGRAM_LO), 0.0), 1.0)
+    assert got.item() == pytest.approx(want, abs=1e-5)
+
+
+def test_ngram_unprepared_windows_and_unknown_rows_score_zero():
+    ce = _concept("c", torch.tensor([1.0, 0.0]), 10)
+    assert ngram([[BOS, 11, EOS], None], ce, PhraseCache()).tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="phrase states"):
+        concept_scores(torch.zeros(1, 77, 2), [[BOS, 11, EOS]], [ce], "ngram")  # no phrases given
+
+
+def test_needs_phrases():
+    assert needs_phrases("ngram") and needs_phrases("ngram_tokenuni")
+    assert not needs_phrases("clipcos") and not needs_phrases("tokenuni") and not needs_phrases("nonexistent")
+
+
+def test_transport_ngram_on_a_real_encoder(encode, tokenizer):
+    """A literal mention scores 1 (the word encoded alone is the concept's own state); the states the
+    default phrase encoder makes are exactly the host's encoding of the decoded window."""
+    tr = Transport(encode, metric="ngram")
+    prompts = ["a photo of a cat on a sofa", "a red car"]
+    ctx, toks = encode(prompts)
+    concept = tr.concepts.get(["cat"], encode, None)[0]
+    s = concept_scores(ctx, toks, [concept], "ngram", phrases=tr.phrases)
+    assert s.tolist() == [0.0, 0.0]  # nothing prepared yet: never encodes by itself
+    tr.prepare_phrases(toks, [1])
+    s = concept_scores(ctx, toks, [concept], "ngram", phrases=tr.phrases)
+    assert s[0].item() == pytest.approx(1.0, abs=1e-5)
+    # the state of "car" is the host's encoding of "car" alone, position 1
+    car = tokenizer("car").input_ids[1]
+    want = F.normalize(encode(["car"])[0][0, 1], dim=-1)
+    assert torch.allclose(tr.phrases.get((car,))[0], want, atol=1e-5)
+    # raw cosine of "car" vs "cat" through the calibration
+    cos = float(want @ F.normalize(concept.embedding[1], dim=-1))
+    red = F.normalize(encode(["red"])[0][0, 1], dim=-1)
+    cos = max(cos, float(red @ F.normalize(concept.embedding[1], dim=-1)))
+    a = tokenizer("a").input_ids[1]
+    cos = max(cos, float(tr.phrases.get((a,))[0] @ F.normalize(concept.embedding[1], dim=-1)))
+    want_s = min(max((cos - NGRAM_LO) / (NGRAM_HI - NGRAM_LO), 0.0), 1.0)
+    assert s[1].item() == pytest.approx(want_s, abs=1e-4)
+
+
+def test_transport_lazy_vs_prepared_and_tokenuni_fallback(encode):
+    unet = tiny_diffusers_unet()
+    prompts = ["a cat", "a dog"]
+    ctx, toks = encode(prompts)
+    m = random_membrane(unet, "m", concepts=("cat",))
+    lazy = Transport(encode, metric="ngram_tokenuni")
+    lazy.registry.record(ctx, toks)
+    assert lazy.scores(ctx, [m])[0, 0].item() == pytest.approx(1.0)
+    assert len(lazy.phrases) > 0  # encoded on demand
+    eager = Transport(encode, metric="ngram_tokenuni", lazy_phrases=False)
+    eager.registry.record(ctx, toks)
+    s = eager.scores(ctx, [m])
+    assert s[0, 0].item() == 1.0 and s[1, 0].item() == 0.0  # tokenuni still sees the literal word
+    assert len(eager.phrases) == 0  # nothing encoded inside scores()
+    assert eager.prepare_phrases() > 0  # every recorded row, for the concept lengths known
+    assert eager.scores(ctx, [m]).tolist() == lazy.scores(ctx, [m]).tolist()
+    stack = MembraneStack(unet)
+    stack.add(m)
+    stack.set_transport(eager)
+    stack.detach()
+
+
+def test_webui_transport_escapes_prompt_syntax():
+    from spm.webui.runtime import RowWeightTransport
+
+    tr = RowWeightTransport(lambda texts: (torch.zeros(len(texts), 77, 4), [[] for _ in texts]), None)
+    assert tr.phrase_text("a (b) [c] \\ d") == "a \\(b\\) \\[c\\] \\\\ d"
+    assert tr.lazy_phrases is False
