@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     bs.add_argument("--n", type=int, default=8000)
     bs.add_argument("--batch", type=int, default=128)
     bs.add_argument("--device", default="cpu")
+    bs.add_argument("--pair-prob", type=float, default=0.5, help="share of two-object images in its training data")
+    bs.add_argument("--width", type=int, default=32)
+    bs.add_argument("--threads", type=int, default=2)
+    bs.add_argument("--out", type=Path, default=None, help="scorer folder (default: the shipped assets' scorer/)")
     gr = sub.add_parser("grid", help="write a grid PNG of base generations")
     gr.add_argument("--out", type=Path, default=None)
     gr.add_argument("--which", default="base")
@@ -57,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "build-scorer":
         from .train import BuildConfig, build_scorer_only
 
-        cfg = BuildConfig(n_scorer=args.n, scorer_steps=args.steps, scorer_batch=args.batch, device=args.device)
-        print(json.dumps(build_scorer_only(None, cfg)["scorer"]))
+        cfg = BuildConfig(n_scorer=args.n, scorer_steps=args.steps, scorer_batch=args.batch, device=args.device,
+                          scorer_pair_prob=args.pair_prob, scorer_width=args.width, threads=args.threads)
+        print(json.dumps(build_scorer_only(None, cfg, args.out)["scorer"]))
         return 0
     if args.cmd == "grid":
         from .harness import make_grid

@@ -299,29 +299,31 @@ def make_labels(objects: list[tuple[str, str]], background: str = "white", style
     return lab
 
 
-def _render_range(args: tuple[int, int, int, bool]) -> tuple[np.ndarray, list[Labels]]:
-    start, stop, seed, shifted = args
+def _render_range(args: tuple) -> tuple[np.ndarray, list[Labels]]:
+    start, stop, seed, shifted, two_prob = args
     imgs = np.zeros((stop - start, SIZE, SIZE, 3), np.uint8)
     labels = []
     for j, i in enumerate(range(start, stop)):
         rng = np.random.default_rng([seed * 10**7 + i, int(shifted)])
-        lab = sample_labels(rng, shifted)
+        lab = sample_labels(rng, shifted, two_prob)
         imgs[j] = np.asarray(render(lab))
         labels.append(lab)
     return imgs, labels
 
 
-def dataset_arrays(n: int, seed: int, shifted: bool = False, workers: int = 1) -> tuple[np.ndarray, list[Labels]]:
+def dataset_arrays(n: int, seed: int, shifted: bool = False, workers: int = 1,
+                   two_prob: float = 0.2) -> tuple[np.ndarray, list[Labels]]:
     """Render ``n`` images (uint8, N x 32 x 32 x 3) with labels; image i comes from seed ``seed * 10**7 + i``.
 
-    ``workers`` > 1 renders in processes; the result does not depend on it.
+    ``two_prob`` is the share of two-object images. ``workers`` > 1 renders in processes; the result does not
+    depend on it.
     """
     if workers <= 1 or n < 2000:
-        return _render_range((0, n, seed, shifted))
+        return _render_range((0, n, seed, shifted, two_prob))
     from concurrent.futures import ProcessPoolExecutor
 
     bounds = np.linspace(0, n, workers * 4 + 1).astype(int)
-    jobs = [(int(a), int(b), seed, shifted) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    jobs = [(int(a), int(b), seed, shifted, two_prob) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     with ProcessPoolExecutor(workers) as ex:
         parts = list(ex.map(_render_range, jobs))
     return np.concatenate([p[0] for p in parts]), [lab for p in parts for lab in p[1]]

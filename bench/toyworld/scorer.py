@@ -27,7 +27,7 @@ class Scorer(nn.Module):
 
     def __init__(self, width: int = 32):
         super().__init__()
-        w = width
+        self.width = w = width
 
         def block(i, o):
             return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.GroupNorm(8, o), nn.SiLU())
@@ -105,15 +105,17 @@ def train_scorer(vae, out_dir: Path, cfg, g: torch.Generator) -> dict:
 
     n = cfg.n_scorer
     w = getattr(cfg, "render_workers", 1)
-    a, la = data.dataset_arrays(n * 3 // 4, cfg.seed * 10 + 5, workers=w)
-    b, lb = data.dataset_arrays(n // 4, cfg.seed * 10 + 6, shifted=True, workers=w)
+    # two-object images are the hard case (smaller objects), so the scorer sees more of them than the model did
+    pairs = getattr(cfg, "scorer_pair_prob", 0.2)
+    a, la = data.dataset_arrays(n * 3 // 4, cfg.seed * 10 + 5, workers=w, two_prob=pairs)
+    b, lb = data.dataset_arrays(n // 4, cfg.seed * 10 + 6, shifted=True, workers=w, two_prob=pairs)
     x = torch.cat([to_tensor(a), to_tensor(b)])
     labels = la + lb
     y = _labels_t(labels)
     xr = roundtrip(vae, x, g)
     _log(f"scorer data: {x.shape[0]} renders + round-trips")
     dev = torch.device(getattr(cfg, "device", "cpu"))
-    scorer = Scorer().to(dev)
+    scorer = Scorer(getattr(cfg, "scorer_width", 32)).to(dev)
     opt = torch.optim.AdamW(scorer.parameters(), lr=cfg.scorer_lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(50, cfg.scorer_steps // 5 + 1), cfg.scorer_steps))
     scorer.train()
@@ -133,7 +135,7 @@ def train_scorer(vae, out_dir: Path, cfg, g: torch.Generator) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.half().contiguous() for k, v in scorer.state_dict().items()}, str(out_dir / "scorer.safetensors"))
-    (out_dir / "config.json").write_text(json.dumps({"width": 32, "heads": HEADS}))
+    (out_dir / "config.json").write_text(json.dumps({"width": scorer.width, "heads": HEADS}))
     rep = evaluate_scorer(scorer, vae, seed=cfg.seed * 10 + 9, n=min(2000, n // 2), workers=w)
     _log(f"scorer held-out: {rep}")
     return rep

@@ -50,9 +50,14 @@ class BuildConfig:
     scorer_steps: int = 3000
     scorer_batch: int = 256
     scorer_lr: float = 3e-3
+    scorer_pair_prob: float = 0.5  # share of two-object images in the scorer's training data (the model's: 0.2)
+    scorer_width: int = 32
     threads: int = 2
     device: str = "cpu"
     render_workers: int = 1
+    ema_decay: float = 0.999     # the saved UNet/text encoder are an exponential moving average of the weights (0: off)
+    min_snr_gamma: float = 5.0   # Min-SNR-gamma loss weighting (Hang et al. 2023); 0: plain MSE
+    init_from: str = ""          # an asset folder (with base/) to continue from: its VAE is kept, TE + UNet go on training
 
     @classmethod
     def cpu(cls) -> "BuildConfig":
@@ -171,6 +176,9 @@ def train_diffusion(unet, te, mean: torch.Tensor, std: torch.Tensor, labels: lis
     te.train(train_text)
     te.requires_grad_(train_text)
     ema = None
+    decay = float(getattr(cfg, "ema_decay", 0.0))
+    avg = [p.detach().clone() for p in params] if decay > 0 else None
+    gamma = float(getattr(cfg, "min_snr_gamma", 0.0))
     for step in range(steps):
         idx = torch.randint(0, mean.shape[0], (batch,), generator=g)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scale
@@ -183,21 +191,49 @@ def train_diffusion(unet, te, mean: torch.Tensor, std: torch.Tensor, labels: lis
         with torch.set_grad_enabled(train_text):
             h = te(ids.to(dev))[0]
         pred = unet(zt.to(dev), t.to(dev), h).sample
-        loss = F.mse_loss(pred, eps.to(dev))
+        per = (pred - eps.to(dev)).pow(2).mean((1, 2, 3))
+        if gamma > 0:  # Min-SNR-gamma weights for epsilon prediction: min(SNR, gamma) / SNR
+            snr = (a / (1 - a)).view(-1).to(dev)
+            loss = (per * snr.clamp(max=gamma) / snr).mean()
+        else:
+            loss = per.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        if avg is not None:
+            d = min(decay, (1 + step) / (10 + step))  # warm-up of the average, as in common EMA implementations
+            with torch.no_grad():
+                torch._foreach_lerp_(avg, [p.detach() for p in params], 1 - d)
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % 50 == 0 or step == steps - 1:
             _log(f"{tag} {step}/{steps} loss {loss.item():.4f} ema {ema:.4f}")
+    if avg is not None:
+        with torch.no_grad():
+            for p, q in zip(params, avg):
+                p.copy_(q)
     unet.eval().requires_grad_(False)
     te.eval().requires_grad_(False)
     return ema
 
 
 # ----------------------------------------------------------------------------------------------- build
+def _load_init(cfg: BuildConfig) -> dict:
+    """fp32 copies of the base model in ``cfg.init_from`` (loaded into memory first: ``out`` may be the same folder)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    base = Path(cfg.init_from) / "base"
+    if not (base / "unet").is_dir():
+        raise FileNotFoundError(f"--set init_from={cfg.init_from}: no base/unet under it")
+    te = CLIPTextModel.from_pretrained(str(base / "text_encoder"), torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(str(base / "vae"), torch_dtype=torch.float32).to(cfg.device)
+    unet = UNet2DConditionModel.from_pretrained(str(base / "unet"), torch_dtype=torch.float32)
+    vae.eval().requires_grad_(False)
+    return {"text_encoder": te, "vae": vae, "unet": unet}
+
+
 def build(out: Path | None = None, cfg: BuildConfig | None = None) -> dict:
     from .scorer import train_scorer
 
@@ -224,7 +260,11 @@ def build(out: Path | None = None, cfg: BuildConfig | None = None) -> dict:
     # stage cache: the VAE is a pure function of (seed, data sizes, VAE settings), so a rerun may reuse it
     key = f"vae_s{cfg.seed}_n{cfg.n_base}_{cfg.n_shift}_k{cfg.vae_steps}_b{cfg.vae_batch}_lr{cfg.vae_lr}"
     cache = out / "_stages" / f"{key}.pt"
-    if cache.is_file():
+    init = _load_init(cfg) if cfg.init_from else None
+    if init is not None:
+        vae = init["vae"]
+        _log(f"continuing from {cfg.init_from}: its VAE is kept, text encoder and UNet train on")
+    elif cache.is_file():
         vae = M.build_vae().to(cfg.device)
         state = torch.load(cache)
         vae.load_state_dict(state["vae"])
@@ -237,7 +277,7 @@ def build(out: Path | None = None, cfg: BuildConfig | None = None) -> dict:
         torch.save({"vae": {k: v.cpu() for k, v in vae.state_dict().items()}, "g": g.get_state()}, cache)
     report["vae_seconds"] = time.time() - t0
     mean, std = encode_all(vae, base_x)
-    scale = float(1.0 / mean.std())
+    scale = float(vae.config.scaling_factor) if init is not None else float(1.0 / mean.std())
     vae.register_to_config(scaling_factor=scale)
     rec = roundtrip(vae, base_x[:512])
     report["vae_psnr"] = float(10 * torch.log10(4.0 / F.mse_loss(rec, base_x[:512])))
@@ -246,7 +286,10 @@ def build(out: Path | None = None, cfg: BuildConfig | None = None) -> dict:
 
     t0 = time.time()
     torch.manual_seed(cfg.seed + 1)
-    te, unet = M.build_text_encoder().to(cfg.device), M.build_unet().to(cfg.device)
+    if init is not None:
+        te, unet = init["text_encoder"].to(cfg.device), init["unet"].to(cfg.device)
+    else:
+        te, unet = M.build_text_encoder().to(cfg.device), M.build_unet().to(cfg.device)
     report["unet_final_loss"] = train_diffusion(unet, te, mean, std, base_labels, scale, cfg.unet_steps, cfg.unet_lr,
                                                 cfg, g, rng, True, "unet", cfg.unet_batch)
     report["unet_seconds"] = time.time() - t0
@@ -280,8 +323,11 @@ def build(out: Path | None = None, cfg: BuildConfig | None = None) -> dict:
     return report
 
 
-def build_scorer_only(out: Path | None = None, cfg: BuildConfig | None = None) -> dict:
-    """Train only the scorer, on the VAE already in ``out/base`` (same data and procedure as in :func:`build`)."""
+def build_scorer_only(out: Path | None = None, cfg: BuildConfig | None = None, scorer_dir: Path | None = None) -> dict:
+    """Train only the scorer, on the VAE already in ``out/base`` (same data and procedure as in :func:`build`).
+
+    It is written to ``scorer_dir`` (default ``out/scorer``).
+    """
     from .scorer import train_scorer
 
     cfg = cfg or BuildConfig()
@@ -295,7 +341,8 @@ def build_scorer_only(out: Path | None = None, cfg: BuildConfig | None = None) -
     vae = AutoencoderKL.from_pretrained(str(out / "base" / "vae"), torch_dtype=torch.float32).to(cfg.device)
     vae.eval().requires_grad_(False)
     t0 = time.time()
-    rep = {"config": asdict(cfg), "scorer": train_scorer(vae, out / "scorer", cfg, g)}
+    sdir = Path(scorer_dir) if scorer_dir else out / "scorer"
+    rep = {"config": asdict(cfg), "scorer": train_scorer(vae, sdir, cfg, g)}
     rep["scorer_seconds"] = time.time() - t0
-    (out / "scorer" / "train_report.json").write_text(json.dumps(rep, indent=1))
+    (sdir / "train_report.json").write_text(json.dumps(rep, indent=1))
     return rep
