@@ -1,4 +1,4 @@
-"""``python -m spm``: ``info``, ``train``, ``generate`` and ``demo``."""
+"""``python -m spm``: ``info``, ``train``, ``generate``, ``demo`` and ``eval``."""
 
 from __future__ import annotations
 
@@ -254,6 +254,111 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+# --- eval -------------------------------------------------------------------------------------------
+def _import_toyworld():
+    """``bench.toyworld.evaluate``, also when ``python -m spm`` runs from outside the extension's folder."""
+    try:
+        from bench.toyworld import evaluate
+    except ImportError:
+        root = Path(__file__).resolve().parents[1]
+        if not (root / "bench" / "toyworld" / "evaluate.py").is_file() or str(root) in sys.path:
+            raise
+        sys.path.insert(0, str(root))
+        from bench.toyworld import evaluate
+    return evaluate
+
+
+def _eval_pipeline(spec: str, config: str | None):
+    """``base``/``finetune`` (the shipped toy models), a toy asset folder (``unet/`` …) or a diffusers model."""
+    from bench.toyworld.model import load_toy_pipeline
+
+    if spec in ("base", "finetune"):
+        return load_toy_pipeline(spec)
+    p = Path(spec)
+    if p.is_dir() and not (p / "model_index.json").exists() and (p / "unet").is_dir():
+        from bench.toyworld.evaluate import load_asset_folder
+
+        return load_asset_folder(p)
+    from .hosts.diffusers import load_pipeline
+
+    return load_pipeline(spec, config=config, device="cpu")
+
+
+def _cmd_eval(args) -> int:
+    """Erasure and preservation of membranes in the toy world (``bench/toyworld/evaluate.py``), as JSON."""
+    from .checkpoint import load_membrane
+
+    _threads(args.threads)
+
+    def fail(msg: str) -> int:
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+    try:
+        ev = _import_toyworld()
+    except ImportError as e:
+        return fail(f"`eval` needs the toy world (bench/toyworld from the repository, with its assets): {e}")
+    if args.transfer and args.model == "finetune":
+        return fail("--transfer evaluates on the shipped fine-tune as well; --model finetune already is it")
+    try:
+        items, names = [], []
+        for spec in args.membrane:
+            f, w = parse_membrane_arg(spec)
+            m = load_membrane(f)
+            items.append((m, w))
+            names.append(m.name)
+        if args.target:
+            if len(args.target) != len(items):
+                return fail(f"{len(args.target)} --target for {len(items)} --membrane: give one --target per --membrane, "
+                            "in the same order (comma-separate several objects)")
+            targets = [ev.normalise_targets([t for t in raw.split(",") if t.strip()])
+                       for raw in args.target]
+        else:
+            targets = []
+            for (m, _), spec in zip(items, args.membrane):
+                try:
+                    targets.append(ev.normalise_targets(m.concepts, f"the metadata of {parse_membrane_arg(spec)[0]}"))
+                except ValueError as e:
+                    raise ValueError(f"{e}; pass --target to name the toy object the membrane erases") from None
+    except (ValueError, FileNotFoundError, MembraneFileError) as e:
+        return fail(str(e))
+    suite = {k: getattr(args, k) for k in ("n_literal", "n_paraphrase", "n_per_other", "n_pairs", "n_mixed")
+             if getattr(args, k) is not None}
+    if args.suite_seed is not None:
+        suite["seed"] = args.suite_seed
+    say = None if args.quiet else (lambda msg: print(f"[eval] {msg}", file=sys.stderr))
+    try:
+        base = _eval_pipeline(args.model, args.config)
+        ev.check_toy_pipeline(base, f"--model {args.model}")
+        finetune = _eval_pipeline("finetune", None) if args.transfer else None
+        from bench.toyworld.scorer import load_scorer
+
+        scorer = load_scorer()
+    except FileNotFoundError as e:
+        return fail(f"the toy world's assets are missing ({e}); rebuild them with `python -m bench.toyworld build`")
+    except (ValueError, OSError) as e:
+        return fail(str(e))
+    from bench.toyworld import harness
+
+    try:
+        report = ev.evaluate(base, scorer, items, targets, finetune=finetune, metric=args.metric,
+                             transport=not args.no_transport,
+                             steps=harness.DEFAULT_STEPS if args.steps is None else args.steps,
+                             cfg=harness.DEFAULT_CFG if args.cfg is None else args.cfg,
+                             suite=suite, names=names, progress=say)
+    except (ValueError, MembraneFileError) as e:  # NotToyModel, IncompatibleMembrane, bad settings
+        return fail(str(e))
+    text = json.dumps(report, indent=2, ensure_ascii=False)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        print(out)
+    else:
+        print(text)
+    return 0
+
+
 # --- parser -----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m spm", description="SPM concept-erasing membranes")
@@ -305,6 +410,30 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--skip-training", action="store_true", help="reuse the membrane in --out if present")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=_cmd_demo)
+
+    e = sub.add_parser("eval", help="toy world: erasure and preservation of membranes, scored by the toy scorer (JSON)")
+    e.add_argument("--model", default="base",
+                   help="base or finetune (the shipped toy models), a toy asset folder, or a diffusers folder of a toy model")
+    e.add_argument("--config", help="for a single-file checkpoint: a diffusers folder with its configs")
+    e.add_argument("--transfer", action="store_true", help="also evaluate the membranes on the shipped fine-tune")
+    e.add_argument("--membrane", action="append", required=True, help="FILE[:weight] (repeatable: all act together)")
+    e.add_argument("--target", action="append",
+                   help="the toy objects a membrane erases (comma-separated), one --target per --membrane in the same "
+                        "order (default: each file's concepts metadata)")
+    e.add_argument("--metric", help="transport metric (default: the library default)")
+    e.add_argument("--no-transport", action="store_true", help="apply membranes at their weight to every prompt")
+    e.add_argument("--steps", type=int, help="DDIM steps (default 25, the toy harness's)")
+    e.add_argument("--cfg", type=float, help="guidance scale (default 6, the toy harness's)")
+    e.add_argument("--n-literal", type=int, help="literal target prompts (default 16)")
+    e.add_argument("--n-paraphrase", type=int, help="paraphrase prompts (default 8)")
+    e.add_argument("--n-per-other", type=int, help="single-object prompts per non-target object (default 3)")
+    e.add_argument("--n-pairs", type=int, help="two-object non-target prompts (default 8)")
+    e.add_argument("--n-mixed", type=int, help="target + non-target prompts (default 8)")
+    e.add_argument("--suite-seed", type=int, help="seed of the prompt suite (default 1234)")
+    e.add_argument("-o", "--out", help="write the JSON here (default: print it)")
+    e.add_argument("--threads", type=int, help="torch CPU threads")
+    e.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    e.set_defaults(func=_cmd_eval)
     return p
 
 

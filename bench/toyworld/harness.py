@@ -189,6 +189,11 @@ def psnr(a: list, b: list) -> np.ndarray:
         return 10 * np.log10(1.0 / mse)
 
 
+def median_psnr(a: list, b: list, cap_db: float = 100.0) -> float:
+    """Median same-pair PSNR in dB, each pair capped at ``cap_db`` (so identical images count as ``cap_db``)."""
+    return float(np.median(np.minimum(psnr(a, b), cap_db)))
+
+
 def ssim(a: list, b: list, window: int = 7, sigma: float = 1.5) -> np.ndarray:
     """Per-pair SSIM (Gaussian window, per channel, averaged; constants of Wang et al. 2004 for range [0, 1])."""
     x, y = _to_float(a), _to_float(b)

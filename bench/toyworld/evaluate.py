@@ -1,0 +1,312 @@
+"""The toy-world harness as a function: erasure and preservation of membranes, measured with the toy scorer.
+
+:func:`evaluate` generates the harness's fixed prompt suite (:func:`harness.prompt_suite`) with fixed seeds, once
+without and once with the membranes (diffusers host, Facilitated Transport unless turned off), scores every
+image with the toy scorer and returns a JSON-able dict.  ``python -m spm eval`` is its command line.
+
+Definitions (the same as ``bench/erasure.py``; fractions in 0..1, drops in percentage points):
+
+* ``erasure`` = 1 − (target found after) / (target found before) on the *literal* target prompts, per target,
+  then averaged over the targets; ``paraphrase_erasure`` the same on prompts that name a target only through a
+  paraphrase.  A target the base model never draws has no defined erasure: ``null``.
+* ``nontarget_fidelity_before/after``: share of non-target prompts in which the scorer finds every object the
+  prompt asks for; ``nontarget_drop_pt`` = 100 × (before − after).
+* ``nontarget_exact_before/after``: share of non-target images whose predicted object set equals the prompted one.
+* ``psnr_unrelated_db`` / ``ssim_unrelated``: medians over non-target prompts of same-seed PSNR (capped at
+  100 dB; identical images count as 100) and SSIM between images with and without the membranes.
+* ``mixed_*`` (when the suite has mixed prompts, a target and a non-target in one prompt): erasure of the target
+  and the share of images where the non-target object is still found.
+
+Images depend only on (prompt, seed, settings, membranes).  Generations without membranes are cached per
+(pipeline, case list), so the baseline of a suite is generated once however many membrane sets it is compared with.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import data, harness
+
+THRESHOLD = 0.5
+PSNR_CAP_DB = 100.0
+SUITE_DEFAULTS = {"n_literal": 16, "n_paraphrase": 8, "n_per_other": 3, "n_pairs": 8, "n_mixed": 8, "seed": 1234}
+PARTS = ("literal", "paraphrase", "nontarget", "mixed")
+
+
+class NotToyModel(ValueError):
+    """The pipeline is not the toy world's model (the toy scorer only reads the toy world's 32×32 pictograms)."""
+
+
+def check_toy_pipeline(pipe, label: str = "the model") -> None:
+    """Raise :class:`NotToyModel` unless ``pipe`` makes toy-world images (SD1-shaped, 32×32 px, context width 64)."""
+    from .model import TEXT_WIDTH
+
+    unet = pipe.unet
+    ctx = getattr(unet.config, "cross_attention_dim", None)
+    scale = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    size = int(unet.config.sample_size) * int(scale)
+    xl = getattr(pipe, "text_encoder_2", None) is not None
+    if xl or ctx != TEXT_WIDTH or size != data.SIZE:
+        raise NotToyModel(
+            f"{label} is not the toy-world model (it makes {size}x{size} images with context width {ctx}"
+            f"{', SDXL' if xl else ''}); the toy scorer only reads the toy world's {data.SIZE}x{data.SIZE} pictograms, "
+            "so `eval` measures toy models only (use `python -m spm generate` to look at other models)")
+
+
+def load_asset_folder(folder) -> object:
+    """A toy pipeline from an asset-style folder (``unet/`` and optionally ``text_encoder/``, ``vae/``; missing
+    parts come from the shipped base, as for the shipped fine-tune), e.g. the output of ``bench.toyworld build``."""
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from .model import asset_dir, make_pipeline
+
+    folder = Path(folder)
+
+    def pick(sub: str) -> str:
+        for d in (folder, asset_dir("base")):
+            if (d / sub).is_dir():
+                return str(d / sub)
+        raise FileNotFoundError(f"{folder} has no {sub}/ and the shipped base model is missing")
+
+    parts = {"text_encoder": CLIPTextModel, "vae": AutoencoderKL, "unet": UNet2DConditionModel}
+    comps = {k: cls.from_pretrained(pick(k)).eval().requires_grad_(False) for k, cls in parts.items()}
+    return make_pipeline(comps["text_encoder"], comps["vae"], comps["unet"])
+
+
+def normalise_targets(targets: Sequence[str], source: str = "") -> list[str]:
+    """Lower-case, strip, de-duplicate and check that every target is a toy-world object."""
+    out: list[str] = []
+    for t in targets:
+        name = str(t).strip().lower()
+        if name not in data.OBJECTS:
+            where = f" (from {source})" if source else ""
+            raise ValueError(f"target {t!r}{where} is not a toy-world object; the scorer knows only "
+                             f"{', '.join(data.OBJECTS)}")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise ValueError(f"no targets{f' for {source}' if source else ''}: name the erased objects with --target")
+    return out
+
+
+class Generations:
+    """Generates suites with fixed seeds; caches the generations without membranes.
+
+    Key: (pipeline, steps, cfg, the exact list of (prompt, seed)).  Whole lists are cached (not single images) so
+    that a baseline and its membrane run always batch identically: same-seed images then differ only by the
+    membranes, and a membrane that does nothing gives bit-identical images.
+    """
+
+    def __init__(self, steps: int = harness.DEFAULT_STEPS, cfg: float = harness.DEFAULT_CFG, batch_size: int = 64):
+        self.steps, self.cfg, self.batch_size = int(steps), float(cfg), int(batch_size)
+        self._cache: dict = {}
+        self.generated = {"without_membranes": 0, "with_membranes": 0}
+
+    def __call__(self, pipe, cases: list, membranes: Sequence = (), metric: str | None = None,
+                 transport: bool = True) -> list:
+        from spm.hosts.diffusers import PipelineMembranes
+
+        prompts, seeds = [c.prompt for c in cases], [c.seed for c in cases]
+        if not membranes:
+            key = (id(pipe), self.steps, self.cfg, tuple(zip(prompts, seeds)))
+            hit = self._cache.get(key)
+            if hit is not None:
+                return hit[1]
+        ctx = None
+        if membranes:
+            kw = {"metric": metric} if metric else {}
+            ctx = PipelineMembranes(pipe, list(membranes), transport=transport, **kw)
+        imgs = harness.generate(pipe, prompts, seeds, steps=self.steps, cfg=self.cfg, batch_size=self.batch_size,
+                                context=ctx)
+        if membranes:
+            self.generated["with_membranes"] += len(imgs)
+        else:
+            self.generated["without_membranes"] += len(imgs)
+            self._cache[key] = (pipe, imgs)  # the pipeline is held so that its id cannot be reused
+        return imgs
+
+
+def _sub(scores: dict[str, np.ndarray], idx: list[int]) -> dict[str, np.ndarray]:
+    return {k: v[idx] for k, v in scores.items()}
+
+
+def _erasure(fb: float, fa: float) -> float | None:
+    return (1.0 - fa / fb) if fb > 0 else None
+
+
+def _per_target(cases, sb, sa, targets) -> list[dict]:
+    rows = []
+    for t in targets:
+        idx = [i for i, c in enumerate(cases) if t in c.objects]
+        if not idx:
+            continue
+        fb = harness.target_found_rate(_sub(sb, idx), [t], THRESHOLD)
+        fa = harness.target_found_rate(_sub(sa, idx), [t], THRESHOLD)
+        rows.append({"target": t, "images": len(idx), "found_before": fb, "found_after": fa, "erasure": _erasure(fb, fa)})
+    return rows
+
+
+def _mean(vals) -> float | None:
+    vals = [v for v in vals if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def measure(gen: Generations, pipe, scorer, suite: dict[str, list], targets: list[str], membranes: Sequence,
+            metric: str | None, transport: bool) -> dict:
+    """All metrics of one membrane set on one pipeline and suite (see the module docstring)."""
+    cases = [c for part in PARTS for c in suite.get(part, [])]
+    before = gen(pipe, cases)
+    after = gen(pipe, cases, membranes, metric, transport)
+    sb, sa = harness.score_images(scorer, before), harness.score_images(scorer, after)
+    res: dict = {"targets": list(targets), "images": {}}
+    start = 0
+    for part in PARTS:
+        part_cases = suite.get(part, [])
+        idx = list(range(start, start + len(part_cases)))
+        start += len(part_cases)
+        res["images"][part] = len(idx)
+        if not idx:
+            continue
+        pb, pa = _sub(sb, idx), _sub(sa, idx)
+        if part in ("literal", "paraphrase"):
+            per = _per_target(part_cases, pb, pa, targets)
+            res["erasure" if part == "literal" else "paraphrase_erasure"] = _mean(p["erasure"] for p in per)
+            res[f"{part}_per_target"] = per
+            if part == "literal" and len(targets) > 1:
+                vals = [p["erasure"] for p in per if p["erasure"] is not None]
+                res["min_erasure"] = float(min(vals)) if vals else None
+        elif part == "nontarget":
+            fb, fa = harness.found_rate(pb, part_cases, THRESHOLD), harness.found_rate(pa, part_cases, THRESHOLD)
+            bi, ai = [before[i] for i in idx], [after[i] for i in idx]
+            res.update({
+                "nontarget_fidelity_before": fb, "nontarget_fidelity_after": fa, "nontarget_drop_pt": 100.0 * (fb - fa),
+                "nontarget_exact_before": harness.exact_accuracy(pb, part_cases, THRESHOLD),
+                "nontarget_exact_after": harness.exact_accuracy(pa, part_cases, THRESHOLD),
+                "psnr_unrelated_db": harness.median_psnr(bi, ai, PSNR_CAP_DB),
+                "ssim_unrelated": float(np.median(harness.ssim(bi, ai))),
+            })
+        else:  # mixed: one target and one non-target object per prompt
+            tgt = [next(o for o in c.objects if o in targets) for c in part_cases]
+            oth = [next(o for o in c.objects if o not in targets) for c in part_cases]
+            tb, ta = harness.found(pb, tgt, THRESHOLD).mean(), harness.found(pa, tgt, THRESHOLD).mean()
+            res["mixed_erasure"] = _erasure(float(tb), float(ta))
+            res["mixed_other_found_before"] = float(harness.found(pb, oth, THRESHOLD).mean())
+            res["mixed_other_found_after"] = float(harness.found(pa, oth, THRESHOLD).mean())
+    return res
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    out: list[str] = []
+    for n in names:
+        k, name = 2, n
+        while name in out:
+            name, k = f"{n}#{k}", k + 1
+        out.append(name)
+    return out
+
+
+def evaluate(base, scorer, membranes: Sequence, targets: Sequence[Sequence[str]] | None = None, *, finetune=None,
+             metric: str | None = None, transport: bool = True, steps: int = harness.DEFAULT_STEPS,
+             cfg: float = harness.DEFAULT_CFG, suite: dict | None = None, names: Sequence[str] | None = None,
+             each: bool = True, generations: Generations | None = None,
+             progress: Callable[[str], None] | None = None) -> dict:
+    """Erasure and preservation of ``membranes`` on the toy model ``base`` (and transfer to ``finetune``).
+
+    * ``membranes``: ``[(spm.membrane.Membrane, weight), …]``; ``targets``: per membrane, the toy objects it
+      erases (default: each membrane's ``concepts`` metadata); ``names``: labels (default: ``membrane.name``).
+    * ``metric``: the Facilitated Transport metric (default: the library's); ``transport=False`` applies every
+      membrane at its weight to every prompt.
+    * ``steps``/``cfg``: DDIM steps and guidance scale; ``suite``: overrides of :data:`SUITE_DEFAULTS`
+      (the arguments of :func:`harness.prompt_suite`).
+    * ``each``: with several membranes, also measure each alone (key ``each``, plus the ``multi`` summary).
+
+    Returns the metrics of all membranes together at the top level (see the module docstring), plus
+    ``settings``, ``membranes``, ``each``/``multi`` (several membranes), ``transfer`` (with ``finetune``),
+    ``generated`` (image counts) and ``seconds``.  Raises ``ValueError`` (bad targets, metric or settings),
+    :class:`NotToyModel` and :class:`spm.checkpoint.IncompatibleMembrane` before generating anything.
+    """
+    from spm.hosts.diffusers import PipelineMembranes
+    from spm.transport import DEFAULT_METRIC, METRICS
+
+    t0 = time.time()
+    say = progress or (lambda msg: None)
+    items = [(m, float(w)) for m, w in membranes]
+    if not items:
+        raise ValueError("no membranes to evaluate")
+    if targets is None:
+        targets = [m.concepts for m, _ in items]
+    if len(targets) != len(items):
+        raise ValueError(f"{len(targets)} target lists for {len(items)} membranes")
+    names = _unique_names(list(names) if names is not None else [m.name for m, _ in items])
+    if len(names) != len(items):
+        raise ValueError(f"{len(names)} names for {len(items)} membranes")
+    per_targets = [normalise_targets(t, n) for t, n in zip(targets, names)]
+    all_targets = list(dict.fromkeys(t for ts in per_targets for t in ts))
+    if len(all_targets) == len(data.OBJECTS):
+        raise ValueError("every toy-world object is a target: no non-target prompts are left to measure preservation")
+    metric = metric or DEFAULT_METRIC
+    if metric not in METRICS:
+        raise ValueError(f"unknown transport metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if steps < 1 or cfg < 0:
+        raise ValueError(f"steps must be >= 1 and cfg >= 0 (got {steps}, {cfg})")
+    sizes = {**SUITE_DEFAULTS, **(suite or {})}
+    unknown = sorted(set(sizes) - set(SUITE_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown suite settings {unknown}; known: {sorted(SUITE_DEFAULTS)}")
+    if any(int(v) < 0 for k, v in sizes.items() if k != "seed") or sizes["n_literal"] < 1:
+        raise ValueError(f"suite sizes must be >= 0 and n_literal >= 1 (got {sizes})")
+    pipes = [("base", base)] + ([("finetune", finetune)] if finetune is not None else [])
+    for label, pipe in pipes:
+        check_toy_pipeline(pipe, label)
+        PipelineMembranes(pipe, items).close()  # raises IncompatibleMembrane now, not after minutes of generation
+
+    gen = generations or Generations(steps, cfg)
+    if (gen.steps, gen.cfg) != (int(steps), float(cfg)):
+        raise ValueError("the Generations object was made for other steps/cfg")
+    tr = transport
+
+    def suite_for(ts: list[str]) -> dict:
+        return harness.prompt_suite(ts if len(ts) > 1 else ts[0], **sizes)
+
+    report: dict = {
+        "settings": {"sampler": "DDIM", "steps": int(steps), "cfg": float(cfg), "transport": bool(tr),
+                     "metric": metric if tr else None, "threshold": THRESHOLD, "psnr_cap_db": PSNR_CAP_DB,
+                     "suite": sizes, "torch_threads": torch.get_num_threads()},
+        "membranes": [{"name": n, "weight": w, "targets": ts} for n, (_, w), ts in zip(names, items, per_targets)],
+    }
+    together_suite = suite_for(all_targets)
+    say(f"all {len(items)} membrane(s) on the model: {sum(len(v) for v in together_suite.values())} prompts")
+    report.update(measure(gen, base, scorer, together_suite, all_targets, items, metric, tr))
+    if len(items) > 1 and each:
+        report["each"] = {}
+        for name, item, ts in zip(names, items, per_targets):
+            say(f"{name} alone on the model")
+            report["each"][name] = measure(gen, base, scorer, suite_for(ts), ts, [item], metric, tr)
+        alone = {p["target"]: p["erasure"] for r in report["each"].values() for p in r.get("literal_per_target", [])}
+        drops = [r["nontarget_drop_pt"] for r in report["each"].values() if "nontarget_drop_pt" in r]
+        report["multi"] = {
+            "membranes": len(items),
+            "min_erasure": report.get("min_erasure"),
+            "erasure_together": {p["target"]: p["erasure"] for p in report.get("literal_per_target", [])},
+            "erasure_alone": alone,
+            "nontarget_drop_pt": report.get("nontarget_drop_pt"),
+            "nontarget_drop_pt_worst_alone": max(drops) if drops else None,
+            "psnr_unrelated_db": report.get("psnr_unrelated_db"),
+        }
+    if finetune is not None:
+        say("all membranes on the fine-tune (transfer)")
+        report["transfer"] = measure(gen, finetune, scorer, together_suite, all_targets, items, metric, tr)
+    report["generated"] = dict(gen.generated)
+    report["seconds"] = time.time() - t0
+    return report
+
+
+__all__ = ["Generations", "NotToyModel", "SUITE_DEFAULTS", "check_toy_pipeline", "evaluate", "load_asset_folder", "measure",
+           "normalise_targets"]
