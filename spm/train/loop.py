@@ -8,8 +8,8 @@ Usage::
 * The UNet is frozen (``requires_grad`` False, restored afterwards) and never modified: the membrane is
   attached with :class:`~spm.attach.MembraneStack` (``trainable=True``) and detached at the end.
 * ``callback(Progress)`` is called every step (the WebUI tab draws from it); ``should_stop()`` is polled
-  every step; Ctrl-C (``KeyboardInterrupt``) stops too.  Either way the membrane trained so far is saved
-  atomically, with its resumable state beside it.
+  every step and before each UNet call of the latent-pool warm-up; Ctrl-C (``KeyboardInterrupt``) stops too.
+  Either way the membrane trained so far is saved atomically, with its resumable state beside it.
 * ``save_every`` writes checkpoints (membrane + ``.trainstate``); ``resume=True`` continues from them.
 * ``sample_every`` writes preview grids (target and control prompts; membrane OFF | ON) as PNG.
 """
@@ -100,6 +100,10 @@ def make_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.opti
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+class _StopRequested(Exception):
+    """``should_stop()`` turned true inside the pool warm-up (raised from a UNet pre-hook, caught by the loop)."""
+
+
 class Trainer:
     """Trains one membrane on ``backend`` (see the module docstring)."""
 
@@ -158,6 +162,27 @@ class Trainer:
             grid.save(path)
         return grid, path
 
+    def _fill(self, source: LatentPool, cond: dict[str, Conditioning]) -> bool:
+        """Fill the latent pool (``max_denoising_steps − 1`` batched CFG steps before the first iteration),
+        polling ``should_stop`` before each of its UNet calls.  False, with the pool left empty, if stopped."""
+        if self.should_stop is None:
+            source.fill(cond["targets"], cond["uncond"])
+            return True
+
+        def poll(module, args):
+            if self.should_stop():
+                raise _StopRequested
+
+        handle = self.backend.unet.register_forward_pre_hook(poll)
+        try:
+            source.fill(cond["targets"], cond["uncond"])
+            return True
+        except _StopRequested:
+            source.x, source.k, source.ti = [], [], []
+            return False
+        finally:
+            handle.remove()
+
     # --- the loop -----------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         cfg, be = self.cfg, self.backend
@@ -182,6 +207,12 @@ class Trainer:
                     layer.lora_up.weight.copy_(saved.layers[k].lora_up.weight)
             meta = load_state(state_path(self.output), optimizer, g)
             start = int(meta.get("step", 0))
+            done = (saved.info.training or {}).get("steps_done")
+            if isinstance(done, int) and done != start:
+                # the membrane is saved before its state: an interrupt in between leaves a newer membrane
+                log.warning("SPM: %s has %d steps but its %s has %d (a save was interrupted); continuing from the "
+                            "membrane's %d steps", self.output.name, done, state_path(self.output).name, start, done)
+                start = done
             aw.load_state_dict(meta.get("anchor_weight", {}))
             if start >= cfg.iterations:
                 log.info("SPM: %s already has %d of %d steps", self.output.name, start, cfg.iterations)
@@ -220,7 +251,9 @@ class Trainer:
                     interrupted = True
                     break
                 if isinstance(source, LatentPool) and not source.x:
-                    source.fill(cond["targets"], cond["uncond"])
+                    if not self._fill(source, cond):
+                        interrupted = True
+                        break
                     fill_ufe = self.meter.ufe
                     t_loop = time.perf_counter()
                 for group in optimizer.param_groups:
