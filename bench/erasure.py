@@ -19,7 +19,11 @@ Definitions (fractions in 0..1, drops in percentage points):
   ``transport.<metric>``: the single membrane with each transport metric;
   ``cost``: UNet-forward-equivalents and wall time per iteration of the default (pool) schedule and the
   reference schedule, measured in this run on the same model; ``ratio_to_reference`` is the UFE ratio.
-* ``erasure_vs_iterations``: erasure of checkpoints of the single run (``--curve``).
+* ``erasure_vs_iterations``: literal and paraphrase erasure of copies of the single membrane kept every
+  ``--curve-every`` iterations;
+* ``cost.equal_erasure``: a reference-schedule membrane trained ``--ref-iterations`` iterations, and the default
+  schedule's erasure after as many (from the curve): the per-iteration cost ratio holds at equal erasure when the
+  default's erasure there is at least the reference's.
 """
 
 from __future__ import annotations
@@ -67,20 +71,59 @@ class Bench:
             over.setdefault("lr", self.lr)
         return TrainConfig(targets=list(targets), **over)
 
-    def train(self, key: str, targets, **kw):
+    def train(self, key: str, targets, keep_every: int = 0, **kw):
+        """Train (or, with ``--reuse``, load) a membrane. ``keep_every`` > 0 also keeps a copy of the membrane
+        every that many iterations as ``{key}.step{N}.safetensors`` (for the erasure-vs-iterations curve)."""
+        import shutil
+
         from spm.checkpoint import load_membrane
         from spm.hosts.diffusers import DiffusersBackend
         from spm.train import Trainer
 
         path = self.out / f"{key}.safetensors"
-        if self.reuse and path.exists():
-            return load_membrane(path)
         cfg = self.config(targets, **kw)
+        steps = [k for k in range(keep_every, cfg.iterations, keep_every)] if keep_every else []
+        kept = [self.out / f"{key}.step{k}.safetensors" for k in steps]
+        if self.reuse and path.exists() and all(k.exists() for k in kept):
+            return load_membrane(path)
+        if keep_every:
+            cfg.save_every = keep_every
         if not self.quiet:
             print(f"[bench] training {key}: {cfg.targets} ({cfg.iterations} steps, {cfg.schedule}, la {cfg.la_mode})",
                   file=sys.stderr)
-        res = Trainer(DiffusersBackend(self.base), cfg, path, progress_bar=not self.quiet).train()
+
+        def keep(progress) -> None:
+            if keep_every and progress.step % keep_every == 0 and progress.step < cfg.iterations:
+                shutil.copyfile(path, self.out / f"{key}.step{progress.step}.safetensors")
+
+        res = Trainer(DiffusersBackend(self.base), cfg, path, progress_bar=not self.quiet, callback=keep).train()
         return res.membrane.cpu()
+
+    def checkpoints(self, key: str) -> list[tuple[int, object]]:
+        """``(iterations, membrane)`` for the copies kept by :meth:`train` and the final membrane."""
+        from spm.checkpoint import load_membrane
+
+        out = []
+        for f in self.out.glob(f"{key}.step*.safetensors"):
+            out.append((int(f.name[len(key) + 5:-len(".safetensors")]), load_membrane(f)))
+        final = load_membrane(self.out / f"{key}.safetensors")
+        out.append((int(final.info.training.get("steps_done", self.config([SINGLE]).iterations)), final))
+        return sorted(out, key=lambda t: t[0])
+
+    def literal_erasure(self, targets, membranes, schedule_parts=("literal", "paraphrase")) -> dict:
+        """Only the target-prompt numbers of :meth:`evaluate` (cheap: no non-target generations)."""
+        from bench.toyworld import harness
+
+        suite = harness.prompt_suite(list(targets) if len(targets) > 1 else targets[0])
+        res = {}
+        for part in schedule_parts:
+            cases = suite[part]
+            sb = harness.score_images(self.scorer, self.generate(self.base, cases))
+            sa = harness.score_images(self.scorer, self.generate(self.base, cases, membranes))
+            fb = harness.target_found_rate(sb, list(targets))
+            fa = harness.target_found_rate(sa, list(targets))
+            res["erasure" if part == "literal" else "paraphrase_erasure"] = (1 - fa / fb) if fb > 0 else None
+        return res
 
     def generate(self, pipe, cases, membranes=(), metric=None, transport=True):
         from bench.toyworld import harness
@@ -167,12 +210,24 @@ def run(args) -> dict:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "erasure.partial.json").write_text(json.dumps(report, indent=2))
 
-    single = b.train("single_circle", [SINGLE])
+    single = b.train("single_circle", [SINGLE], keep_every=args.curve_every)
     report["single"] = b.evaluate([SINGLE], [single])
+    partial()
+    report["erasure_vs_iterations"] = [{"iterations": k, **b.literal_erasure([SINGLE], [m])}
+                                       for k, m in b.checkpoints("single_circle")]
     partial()
     report["no_ft"] = b.evaluate([SINGLE], [single], transport=False)
     partial()
     report["cost"] = b.cost(args.cost_iterations)
+    if args.ref_iterations:
+        # "at equal erasure": the reference-faithful schedule trained as long as a point of the default's curve
+        ref = b.train("reference_circle", [SINGLE], schedule="reference", iterations=args.ref_iterations)
+        pool_at = {c["iterations"]: c for c in report["erasure_vs_iterations"]}.get(args.ref_iterations)
+        report["cost"]["equal_erasure"] = {
+            "iterations": args.ref_iterations,
+            "reference": b.literal_erasure([SINGLE], [ref]),
+            "pool": {k: v for k, v in (pool_at or {}).items() if k != "iterations"} or None,
+        }
     partial()
     no_la = b.train("no_la_circle", [SINGLE], la_mode="off")
     report["no_la"] = b.evaluate([SINGLE], [no_la])
@@ -201,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=None, help="override the default learning rate")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cost-iterations", type=int, default=20)
+    p.add_argument("--curve-every", type=int, default=100, help="keep the single membrane every N iterations")
+    p.add_argument("--ref-iterations", type=int, default=200,
+                   help="train a reference-schedule membrane this long and compare its erasure with the default "
+                        "schedule's at the same iteration count (0: skip)")
     p.add_argument("--skip-multi", action="store_true")
     p.add_argument("--reuse", action="store_true", help="reuse membranes already trained in --out")
     p.add_argument("--out", default=str(RESULTS / "erasure_membranes"))
