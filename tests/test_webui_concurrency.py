@@ -40,7 +40,7 @@ OFF = [False, [], "", "off", 1.0]  # the script's defaults, in API order
 REQUESTS = {
     "A": dict(prompt=["a photo of a cat", "a red car"], negative="blurry", args=[True, ["a"], "a:0.9", "tokenuni", 1.5]),
     "B": dict(prompt=["a dog in snow <spm:b:0.7>", "a house"], negative="", args=OFF),
-    "C": dict(prompt=["a tree", "a boat"], negative="ugly", args=OFF),
+    "C": dict(prompt=["a tree", "a boat"], negative="ugly", args=OFF, img2img=True),  # /sdapi/v1/img2img
 }
 MEMBRANES = {"A": {"a"}, "B": {"b"}, "C": set()}
 INFOTEXT = {"A": "a:0.9", "B": "b:0.7", "C": None}
@@ -68,10 +68,14 @@ class Recorder:
         self.handle.remove()
 
 
-def make_p(world: World, spec: dict, script_args=None):
-    p = stub.StableDiffusionProcessing(sd_model=world.model, prompt=list(spec["prompt"]), negative_prompt=spec["negative"],
-                                       batch_size=len(spec["prompt"]), steps=3, seed=11,
-                                       script_args=list(spec["args"] if script_args is None else script_args))
+def make_p(world: World, spec: dict):
+    kw = dict(sd_model=world.model, prompt=list(spec["prompt"]), negative_prompt=spec["negative"],
+              batch_size=len(spec["prompt"]), steps=3, seed=11, script_args=list(spec["args"]))
+    if spec.get("img2img"):
+        init = torch.randn(len(spec["prompt"]), 4, 4, 4, generator=torch.Generator().manual_seed(5))
+        p = stub.StableDiffusionProcessingImg2Img(init_latent=init, **kw)
+    else:
+        p = stub.StableDiffusionProcessing(**kw)
     p.scripts = stub.ScriptRunner([world.script])
     p.is_api = True
     return p
@@ -98,7 +102,7 @@ def check(world: World, results: dict, solo: dict, recorder: Recorder, errors: l
         calls = recorder.active.get(k)
         assert calls, f"request {k}: no UNet call recorded"
         assert all(used == MEMBRANES[k] for used in calls), (k, calls)  # nothing of another request
-    assert [n for n in hooked_modules(world.unet) if n] == [] and not world.unet._forward_pre_hooks  # the recorder's only
+    assert [n for n in hooked_modules(world.unet) if n] == [] and not world.unet._forward_pre_hooks  # only the Recorder's hook
     att = world.state.runtime().attachment
     assert att is not None and att.stack._slots == [] and att.stack._pre_hook is None
 
@@ -277,28 +281,37 @@ def test_training_after_a_failed_generation_starts_from_the_clean_unet(tmp_path,
 
 
 # --- through an HTTP API (FastAPI TestClient) ---------------------------------------------------------
-def txt2img_app(world: World, lock, recorder: Recorder):
-    """The part of A1111's ``/sdapi/v1/txt2img`` that matters here: the script's defaults, overwritten by
-    ``alwayson_scripts[title]["args"]`` (titles compared lower-case), then ``process_images`` under the
-    queue lock.  Images come back as base64 of the raw float32 latents so they can be compared exactly."""
+def api_app(world: World, lock, recorder: Recorder, arrived: threading.Semaphore):
+    """The part of A1111's ``/sdapi/v1/txt2img`` and ``img2img`` that matters here: the script's defaults,
+    overwritten by ``alwayson_scripts[title]["args"]`` (titles compared lower-case), then ``process_images``
+    under the queue lock.  Images come back as base64 of the raw float32 latents, to be compared exactly.
+    ``arrived`` is released by each request about to wait for the lock."""
     from fastapi import FastAPI, HTTPException
 
     app = FastAPI()
     script = world.script
 
-    @app.post("/sdapi/v1/txt2img")
-    def txt2img(req: dict):
+    def run(req: dict, img2img: bool):
         args = list(OFF)
         for title, spec in (req.get("alwayson_scripts") or {}).items():
             if title.lower() != script.title().lower():
                 raise HTTPException(status_code=422, detail=f"always on script {title} not found")
             for i, v in enumerate(list(spec.get("args", []))[:len(args)]):
                 args[i] = v
-        spec = dict(prompt=req["prompt"], negative=req.get("negative_prompt", ""), args=args)
+        spec = dict(prompt=req["prompt"], negative=req.get("negative_prompt", ""), args=args, img2img=img2img)
+        arrived.release()
         with lock:
             out = generate(world, spec, recorder, req.get("request"))
         return {"images": [base64.b64encode(im.contiguous().numpy().tobytes()).decode() for im in out.images],
                 "info": out.infotexts[0]}
+
+    @app.post("/sdapi/v1/txt2img")
+    def txt2img(req: dict):
+        return run(req, False)
+
+    @app.post("/sdapi/v1/img2img")
+    def img2img(req: dict):
+        return run(req, True)
 
     return app
 
@@ -313,7 +326,8 @@ def test_concurrent_http_requests(tmp_path, tokenizer, text_encoder):
         solo = solo_runs(w)
         recorder = Recorder(w)
         lock = threading.Lock()
-        client = TestClient(txt2img_app(w, lock, recorder))
+        arrived = threading.Semaphore(0)
+        client = TestClient(api_app(w, lock, recorder, arrived))
         bodies = {k: {"prompt": REQUESTS[k]["prompt"], "negative_prompt": REQUESTS[k]["negative"], "request": k,
                       **({"alwayson_scripts": {"spm concept erasing": {"args": REQUESTS[k]["args"]}}} if k != "C" else {})}
                   for k in REQUESTS}
@@ -323,7 +337,8 @@ def test_concurrent_http_requests(tmp_path, tokenizer, text_encoder):
         def post(k):
             try:
                 ready.wait()
-                responses[k] = client.post("/sdapi/v1/txt2img", json=bodies[k])
+                route = "img2img" if REQUESTS[k].get("img2img") else "txt2img"
+                responses[k] = client.post(f"/sdapi/v1/{route}", json=bodies[k])
             except Exception as e:  # noqa: BLE001
                 errors.append((k, repr(e)))
 
@@ -332,7 +347,7 @@ def test_concurrent_http_requests(tmp_path, tokenizer, text_encoder):
             for t in threads:
                 t.start()
             ready.wait()
-            time.sleep(0.05)
+            assert all(arrived.acquire(timeout=30) for _ in threads)  # all three are in the API, at the lock
         for t in threads:
             t.join(60)
         assert errors == [] and stub.errors_reported == []
