@@ -150,8 +150,10 @@ PhraseEncoder = Callable[[list[tuple[int, ...]]], list[torch.Tensor]]
 """``encode_ids(seqs)``: each token-id tuple encoded alone (``[BOS, *ids, EOS]``) → its content states ``[m, d]``."""
 
 # ``ngram`` maps its cosine through clamp((s - lo) / (hi - lo), 0, 1): windows below ``lo`` leave the row alone.
-NGRAM_LO = 0.90
-NGRAM_HI = 0.95
+NGRAM_LO = 0.85
+NGRAM_HI = 0.92
+# the states are centred on the mean state of this many random vocabulary tokens (each encoded alone)
+NGRAM_BANK = 256
 
 
 def content_ids(ids: Sequence[int] | None, special: frozenset[int] = frozenset({BOS, EOS, 0})) -> list[int]:
@@ -172,26 +174,44 @@ def windows(ids: Sequence[int] | None, m: int) -> list[tuple[int, ...]]:
 
 
 class PhraseCache:
-    """Unit-normalised, context-free encoder states of short token sequences, encoded alone and kept.
+    """Context-free encoder states of short token sequences (each encoded alone), centred and unit-normalised.
 
-    Hosts :meth:`prepare` the windows of their prompts while the text encoder is loaded (the WebUI may
-    offload it during sampling); :meth:`get` never encodes.
+    Text-encoder states share a large common direction (any two words' states have a high cosine), so the
+    states are centred on the mean state of ``bank`` random vocabulary tokens — computed once per encoder,
+    with a fixed seed — before they are compared.  Hosts :meth:`prepare` the windows of their prompts while
+    the text encoder is loaded (the WebUI may offload it during sampling); :meth:`get` never encodes.
     """
 
-    def __init__(self, capacity: int = 50000, batch: int = 64):
-        self.capacity, self.batch = capacity, batch
+    def __init__(self, capacity: int = 50000, batch: int = 64, bank: int = NGRAM_BANK, seed: int = 0):
+        self.capacity, self.batch, self.bank, self.seed = capacity, batch, bank, seed
         self._states: dict[tuple[int, ...], torch.Tensor] = {}
+        self.center: torch.Tensor | None = None  # [d] mean state of the random-token bank
         self.best: dict[tuple, float] = {}  # (row ids, concept text, m) -> best window cosine, once all were known
 
-    def prepare(self, seqs: Sequence[tuple[int, ...]], encode_ids: PhraseEncoder) -> int:
-        """Encode the sequences not cached yet; returns how many were encoded."""
-        todo = [t for t in dict.fromkeys(tuple(int(i) for i in q) for q in seqs) if t and t not in self._states]
-        for i in range(0, len(todo), self.batch):
-            part = todo[i:i + self.batch]
+    def _encode(self, seqs: list[tuple[int, ...]], encode_ids: PhraseEncoder) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        for i in range(0, len(seqs), self.batch):
             with torch.no_grad():
-                states = encode_ids(part)
-            for seq, st in zip(part, states):
-                self._states[seq] = F.normalize(st.detach().float().cpu(), dim=-1)
+                out.extend(st.detach().float().cpu() for st in encode_ids(seqs[i:i + self.batch]))
+        return out
+
+    def unit(self, states: torch.Tensor) -> torch.Tensor:
+        """Centred, unit-normalised ``[m, d]`` states (call after :meth:`prepare` has set the centre)."""
+        x = states.detach().float().cpu()
+        if self.center is not None:
+            x = x - self.center
+        return F.normalize(x, dim=-1)
+
+    def prepare(self, seqs: Sequence[tuple[int, ...]], encode_ids: PhraseEncoder) -> int:
+        """Encode the sequences not cached yet (and, the first time, the centring bank); returns how many
+        sequences were encoded."""
+        todo = [t for t in dict.fromkeys(tuple(int(i) for i in q) for q in seqs) if t and t not in self._states]
+        if todo and self.center is None and self.bank > 0:
+            g = torch.Generator().manual_seed(self.seed)
+            ids = torch.randint(256, BOS, (self.bank,), generator=g).tolist()  # regular tokens: no bytes, no specials
+            self.center = torch.stack([st[0] for st in self._encode([(i,) for i in ids], encode_ids)]).mean(0)
+        for seq, st in zip(todo, self._encode(todo, encode_ids)):
+            self._states[seq] = self.unit(st)
         if len(self._states) > self.capacity:  # drop the oldest half
             for k in list(self._states)[: len(self._states) // 2]:
                 del self._states[k]
@@ -207,6 +227,7 @@ class PhraseCache:
     def clear(self) -> None:
         self._states.clear()
         self.best.clear()
+        self.center = None
 
 
 def ngram(row_tokens: Sequence[Sequence[int] | None], concept: ConceptEmbedding, phrases: PhraseCache,
@@ -214,15 +235,15 @@ def ngram(row_tokens: Sequence[Sequence[int] | None], concept: ConceptEmbedding,
     """Context-free phrase match (ours): the best window of the prompt's tokens, encoded alone, against the
     concept encoded alone, mapped through ``clamp((s - lo) / (hi - lo), 0, 1)``. → ``[B]``.
 
-    ``s`` is the mean per-token cosine between a window of ``m`` content tokens of the row (``m`` = the
-    concept's content length) and the concept's content states.  Unlike ``clipcos`` it ignores BOS and
+    ``s`` is the mean per-token cosine between the centred states (see :class:`PhraseCache`) of a window of
+    ``m`` content tokens of the row (``m`` = the concept's content length) and the concept's content states.  Unlike ``clipcos`` it ignores BOS and
     padding and the words around the window, which on our measurements made every prompt look alike.
     Rows with unknown tokens, or windows not prepared in ``phrases``, score 0.
     """
     m = content_positions(concept.tokens, concept.embedding.shape[0])
-    if m == 0:
+    if m == 0 or not len(phrases):
         return torch.zeros(len(row_tokens))
-    c = F.normalize(concept.embedding[1:1 + m].float(), dim=-1)
+    c = phrases.unit(concept.embedding[1:1 + m])
     out = []
     for ids in row_tokens:
         key = (tuple(ids), concept.text, m) if ids is not None else None

@@ -40,7 +40,7 @@ def _fake_encoder(table: dict[int, torch.Tensor], calls: list):
 def test_phrase_cache_encodes_each_window_once_and_normalises():
     table = {1: torch.tensor([3.0, 4.0]), 2: torch.tensor([0.0, 2.0])}
     calls: list = []
-    pc = PhraseCache(batch=1)
+    pc = PhraseCache(batch=1, bank=0)  # no centring bank: the fake encoder knows only two tokens
     assert pc.prepare([(1,), (2,), (1,)], _fake_encoder(table, calls)) == 2
     assert pc.prepare([(1,), (2,)], _fake_encoder(table, calls)) == 0
     assert calls == [[(1,)], [(2,)]]  # batch 1: two calls, nothing twice
@@ -59,7 +59,7 @@ def test_ngram_maps_the_best_window_cosine_through_the_calibration(cos):
     concept_vec = torch.tensor([1.0, 0.0])
     other = torch.tensor([cos, (1 - cos**2) ** 0.5])
     table = {10: concept_vec, 11: other, 12: torch.tensor([0.0, 1.0])}
-    pc = PhraseCache()
+    pc = PhraseCache(bank=0)
     pc.prepare([(11,), (12,)], _fake_encoder(table, []))
     ce = _concept("c", concept_vec, 10)
     got = ngram([[BOS, 12, 11, EOS]], ce, pc)
@@ -80,8 +80,8 @@ def test_needs_phrases():
 
 
 def test_transport_ngram_on_a_real_encoder(encode, tokenizer):
-    """A literal mention scores 1 (the word encoded alone is the concept's own state); the states the
-    default phrase encoder makes are exactly the host's encoding of the decoded window."""
+    """A literal mention scores 1 (the word encoded alone is the concept's own state); window states are the
+    host's encoding of the decoded window, centred on the mean state of the random-token bank."""
     tr = Transport(encode, metric="ngram")
     prompts = ["a photo of a cat on a sofa", "a red car"]
     ctx, toks = encode(prompts)
@@ -89,19 +89,21 @@ def test_transport_ngram_on_a_real_encoder(encode, tokenizer):
     s = concept_scores(ctx, toks, [concept], "ngram", phrases=tr.phrases)
     assert s.tolist() == [0.0, 0.0]  # nothing prepared yet: never encodes by itself
     tr.prepare_phrases(toks, [1])
+    # the centre: the mean position-1 state of 256 seeded random regular tokens, each encoded alone
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randint(256, BOS, (256,), generator=g).tolist()
+    texts = [tokenizer.decode([i], clean_up_tokenization_spaces=False).strip() for i in bank]
+    assert torch.allclose(tr.phrases.center, encode(texts)[0][:, 1].mean(0), atol=1e-5)
     s = concept_scores(ctx, toks, [concept], "ngram", phrases=tr.phrases)
     assert s[0].item() == pytest.approx(1.0, abs=1e-5)
-    # the state of "car" is the host's encoding of "car" alone, position 1
-    car = tokenizer("car").input_ids[1]
-    want = F.normalize(encode(["car"])[0][0, 1], dim=-1)
-    assert torch.allclose(tr.phrases.get((car,))[0], want, atol=1e-5)
-    # raw cosine of "car" vs "cat" through the calibration
-    cos = float(want @ F.normalize(concept.embedding[1], dim=-1))
-    red = F.normalize(encode(["red"])[0][0, 1], dim=-1)
-    cos = max(cos, float(red @ F.normalize(concept.embedding[1], dim=-1)))
-    a = tokenizer("a").input_ids[1]
-    cos = max(cos, float(tr.phrases.get((a,))[0] @ F.normalize(concept.embedding[1], dim=-1)))
-    want_s = min(max((cos - NGRAM_LO) / (NGRAM_HI - NGRAM_LO), 0.0), 1.0)
+    c = tr.phrases.unit(concept.embedding[1:2])[0]
+    cos = []
+    for word in ("a", "red", "car"):
+        state = encode([word])[0][0, 1]
+        want = F.normalize(state - tr.phrases.center, dim=-1)
+        assert torch.allclose(tr.phrases.get((tokenizer(word).input_ids[1],))[0], want, atol=1e-5)
+        cos.append(float(want @ c))
+    want_s = min(max((max(cos) - NGRAM_LO) / (NGRAM_HI - NGRAM_LO), 0.0), 1.0)
     assert s[1].item() == pytest.approx(want_s, abs=1e-4)
 
 
