@@ -423,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--metric", help="transport metric (default: the library default)")
     e.add_argument("--no-transport", action="store_true", help="apply membranes at their weight to every prompt")
     e.add_argument("--steps", type=int, help="DDIM steps (default 25, the toy harness's)")
-    e.add_argument("--cfg", type=float, help="guidance scale (default 6, the toy harness's)")
+    e.add_argument("--cfg", type=float, help="guidance scale (default 7.5, the toy harness's)")
     e.add_argument("--n-literal", type=int, help="literal target prompts (default 16)")
     e.add_argument("--n-paraphrase", type=int, help="paraphrase prompts (default 8)")
     e.add_argument("--n-per-other", type=int, help="single-object prompts per non-target object (default 3)")

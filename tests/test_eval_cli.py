@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from bench.toyworld import harness
 from spm.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -88,7 +89,7 @@ def test_zero_membrane_changes_nothing(files, capsys):
     assert r["mixed_other_found_before"] == r["mixed_other_found_after"]
     assert not {"each", "multi", "transfer"} & set(r)
     s = r["settings"]
-    assert s["steps"] == 6 and s["cfg"] == 6.0 and s["transport"] and s["metric"] and s["suite"]["n_literal"] == 2
+    assert s["steps"] == 6 and s["cfg"] == harness.DEFAULT_CFG and s["transport"] and s["metric"] and s["suite"]["n_literal"] == 2
     assert r["membranes"] == [{"name": "zero", "weight": 1.0, "targets": ["circle"]}]
     assert r["generated"] == {"without_membranes": 11, "with_membranes": 11} and r["seconds"] > 0
     json.dumps(r, allow_nan=False)  # strict JSON: undefined values are null, never NaN

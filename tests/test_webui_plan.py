@@ -4,6 +4,7 @@ import pytest
 
 from spm.checkpoint import save_membrane
 from spm.library import Library
+from spm.transport import DEFAULT_METRIC
 from spm.webui.plan import Planner
 from spm.webui.runtime import RowWeightTransport, TextRegistry, derived_groups, lookup_with_prefix
 from tests.test_library import tiny
@@ -50,7 +51,7 @@ def test_panel_weights_from_ui_and_api(tmp_path):
         w, problems = panel_weights(True, [], "c:x")
         assert w == {} and "not a number" in problems[0]
         assert parse_transport_infotext("tokenuni x1.25") == ("tokenuni", 1.25)
-        assert parse_transport_infotext("bogus") == ("clipcos_tokenuni", 1.0)
+        assert parse_transport_infotext("bogus") == (DEFAULT_METRIC, 1.0)
     finally:
         stub.uninstall()
 

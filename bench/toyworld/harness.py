@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from . import data
 
 DEFAULT_STEPS = 25
-DEFAULT_CFG = 6.0
+DEFAULT_CFG = 7.5
 
 
 # ----------------------------------------------------------------------------------------------- generation
@@ -227,7 +227,7 @@ def image_grid(images: list, cols: int, scale: int = 3):
 
 # ----------------------------------------------------------------------------------------------- asset check
 def make_grid(out: Path | None = None, which: str = "base", seed: int = 5) -> Path:
-    """8 objects (rows) x 6 colours (columns), background cycling white/black/gray; DDIM 25 steps, CFG 6."""
+    """8 objects (rows) x 6 colours (columns), background cycling white/black/gray; DDIM 25 steps, CFG 7.5."""
     from .model import load_toy_pipeline
 
     torch.set_num_threads(2)

@@ -25,7 +25,7 @@ from .runtime import derived_groups
 log = logging.getLogger("spm")
 
 TITLE = "SPM concept erasing"
-METRIC_CHOICES = ["clipcos_tokenuni", "clipcos", "tokenuni", "off"]
+METRIC_CHOICES = ["ngram_tokenuni", "clipcos_tokenuni", "clipcos", "tokenuni", "ngram", "tokenwin", "off"]
 XYZ_WEIGHT = "spm_xyz_weight"
 XYZ_FACTOR = "spm_xyz_factor"
 
