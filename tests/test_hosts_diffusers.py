@@ -58,3 +58,13 @@ def test_off_metric_applies_everywhere(pipe):
     with PipelineMembranes(pipe, [(m, 0.7)], metric="off") as pm:
         generate(pipe, ["a red car"])
         assert pm.stack.current_strengths[:, 0].tolist() == pytest.approx([0.7, 0.7])
+
+
+def test_phrase_windows_are_not_recorded_as_rows(pipe):
+    """``ngram`` encodes phrase windows and its centring bank outside the row registry, so they can never push
+    a real prompt's row out of it (a registry miss would switch the membrane off for that row)."""
+    m = random_membrane(pipe.unet, "m", concepts=("cat",))
+    with PipelineMembranes(pipe, [(m, 1.0)], metric="ngram_tokenuni") as pm:
+        generate(pipe, ["a cat on a sofa", "a dog"])
+        assert len(pm.transport.phrases) > 0 and pm.transport.phrases.center is not None
+        assert len(pm.transport.registry._tokens) == 4  # 2 prompts + their 2 negative rows, nothing else

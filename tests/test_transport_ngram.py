@@ -135,3 +135,4 @@ def test_webui_transport_escapes_prompt_syntax():
     tr = RowWeightTransport(lambda texts: (torch.zeros(len(texts), 77, 4), [[] for _ in texts]), None)
     assert tr.phrase_text("a (b) [c] \\ d") == "a \\(b\\) \\[c\\] \\\\ d"
     assert tr.lazy_phrases is False
+

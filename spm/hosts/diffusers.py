@@ -36,7 +36,9 @@ def _tokens(pipe, texts: list[str]) -> list[list[int]]:
 def _encode(pipe, texts: list[str], **extra) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Conditioning exactly as the pipeline gives the UNet (no CFG duplication)."""
     device = getattr(pipe, "_execution_device", None) or pipe.unet.device
-    out = pipe.encode_prompt(texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False, **extra)
+    # the unwrapped encoder: concepts and phrase windows are not rows of any batch, so they are not recorded
+    encode_prompt = getattr(pipe.encode_prompt, "_spm_original", pipe.encode_prompt)
+    out = encode_prompt(texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False, **extra)
     return out[0], (out[2] if len(out) > 2 else None)
 
 
