@@ -15,6 +15,9 @@ Definitions (fractions in 0..1, drops in percentage points):
   (identical images count as 100 dB);
 * ``single``: one membrane (target ``circle``) with transport on (the library's default metric);
   ``no_la``: the same trained without Latent Anchoring; ``no_ft``: the single membrane with transport off;
+  ``no_la_no_ft``: the no-LA membrane with transport off (compare with ``no_ft``: LA's effect where the
+  membrane acts on everything); ``mixed_other_*``: the non-target object of prompts that also name the target
+  (``a red circle and a blue square``), found before/after;
   ``multi``: three membranes at once; ``transfer``: the single membrane on the community fine-tune;
   ``transport.<metric>``: the single membrane with each transport metric;
   ``cost``: UNet-forward-equivalents and wall time per iteration of the default (pool) schedule and the
@@ -147,7 +150,7 @@ class Bench:
         pipe = pipe or self.base
         suite = harness.prompt_suite(list(targets) if len(targets) > 1 else targets[0])
         res: dict = {}
-        for part in ("literal", "paraphrase", "nontarget"):
+        for part in ("literal", "paraphrase", "nontarget", "mixed"):
             cases = suite[part]
             before = self.generate(pipe, cases)
             after = self.generate(pipe, cases, membranes, metric, transport)
@@ -169,6 +172,11 @@ class Bench:
                 if len(targets) > 1 and part == "literal":
                     res["min_erasure"] = float(min(p["erasure"] for p in per))
                 res[f"{part}_images"] = len(cases)
+            elif part == "mixed":  # a target and a non-target in one prompt: the non-target should survive
+                oth = [next(o for o in c.objects if o not in targets) for c in cases]
+                res["mixed_other_found_before"] = float(harness.found(sb, oth).mean())
+                res["mixed_other_found_after"] = float(harness.found(sa, oth).mean())
+                res["mixed_other_drop_pt"] = 100.0 * (res["mixed_other_found_before"] - res["mixed_other_found_after"])
             else:
                 fb, fa = harness.found_rate(sb, cases), harness.found_rate(sa, cases)
                 res["nontarget_fidelity_before"], res["nontarget_fidelity_after"] = fb, fa
@@ -231,6 +239,9 @@ def run(args) -> dict:
     partial()
     no_la = b.train("no_la_circle", [SINGLE], la_mode="off")
     report["no_la"] = b.evaluate([SINGLE], [no_la])
+    # with transport on, an unrelated prompt never gets the membrane at all, so Latent Anchoring's effect shows
+    # where the membrane is on: the mixed prompts, and every prompt with transport off
+    report["no_la_no_ft"] = b.evaluate([SINGLE], [no_la], transport=False)
     partial()
     report["transfer"] = b.evaluate([SINGLE], [single], pipe=b.ft)
     partial()
