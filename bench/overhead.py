@@ -582,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         encode = make_encoder(clip_text_encoder(768))
         ms = [Membrane({}, MembraneInfo(concepts=CONCEPTS[i]), name=f"m{i}") for i in range(max(COUNTS))]
-        section = {"machine": machine(), "transport": time_transport(encode, ms, repeats=50)}
+        section = {"machine": machine(), "transport": time_transport(encode, ms, repeats=50),
+                   "transport_reference_metric": time_transport(encode, ms, repeats=50, metric=STEP_METRIC)}
         target = args.out or RESULTS
         result = json.loads(target.read_text()) if target.is_file() else {}
         result["transport_remeasured"] = section

@@ -159,7 +159,7 @@ PhraseEncoder = Callable[[list[tuple[int, ...]]], list[torch.Tensor]]
 NGRAM_LO = 0.85
 NGRAM_HI = 0.92
 # the states are centred on the mean state of this many random vocabulary tokens (each encoded alone)
-NGRAM_BANK = 256
+NGRAM_BANK = 64
 
 
 def content_ids(ids: Sequence[int] | None, special: frozenset[int] = frozenset({BOS, EOS, 0})) -> list[int]:

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from spm.attach import MembraneStack, Transport
 from spm.transport import (
+    NGRAM_BANK,
     NGRAM_HI,
     NGRAM_LO,
     ConceptEmbedding,
@@ -89,9 +90,9 @@ def test_transport_ngram_on_a_real_encoder(encode, tokenizer):
     s = concept_scores(ctx, toks, [concept], "ngram", phrases=tr.phrases)
     assert s.tolist() == [0.0, 0.0]  # nothing prepared yet: never encodes by itself
     tr.prepare_phrases(toks, [1])
-    # the centre: the mean position-1 state of 256 seeded random regular tokens, each encoded alone
+    # the centre: the mean position-1 state of NGRAM_BANK seeded random regular tokens, each encoded alone
     g = torch.Generator().manual_seed(0)
-    bank = torch.randint(256, BOS, (256,), generator=g).tolist()
+    bank = torch.randint(256, BOS, (NGRAM_BANK,), generator=g).tolist()
     texts = [tokenizer.decode([i], clean_up_tokenization_spaces=False).strip() for i in bank]
     assert torch.allclose(tr.phrases.center, encode(texts)[0][:, 1].mean(0), atol=1e-5)
     s = concept_scores(ctx, toks, [concept], "ngram", phrases=tr.phrases)
