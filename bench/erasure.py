@@ -42,7 +42,7 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SINGLE = "circle"
-MULTI = ("circle", "star", "heart")
+MULTI = ("circle", "heart", "arrow")  # objects the base model draws reliably (star and cross: about half the time)
 
 
 def _median_psnr(a, b) -> float:
