@@ -142,8 +142,12 @@ class Transport:
             return 0
         rows = self.registry._tokens if row_tokens is None else row_tokens
         lens = set(lengths) if lengths is not None else self._concept_lengths()
-        seqs = [w for ids in rows for m in lens for w in windows(ids, m)]
-        return self.phrases.prepare(seqs, self.encode_ids) if seqs else 0
+        done = self.phrases.prepared
+        todo = {(tuple(ids), m) for ids in rows if ids is not None for m in lens} - done
+        seqs = [w for ids, m in todo for w in windows(ids, m)]
+        n = self.phrases.prepare(seqs, self.encode_ids) if seqs else 0
+        done.update(todo)
+        return n
 
     def scores(self, context: torch.Tensor, membranes: Sequence[Membrane],
                row_tokens: Sequence[Sequence[int] | None] | None = None) -> torch.Tensor:

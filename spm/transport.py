@@ -193,6 +193,7 @@ class PhraseCache:
         self._states: dict[tuple[int, ...], torch.Tensor] = {}
         self.center: torch.Tensor | None = None  # [d] mean state of the random-token bank
         self.best: dict[tuple, float] = {}  # (row ids, concept text, m) -> best window cosine, once all were known
+        self.prepared: set[tuple] = set()  # (row ids, m) whose windows are all encoded
 
     def _encode(self, seqs: list[tuple[int, ...]], encode_ids: PhraseEncoder) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []
@@ -222,6 +223,7 @@ class PhraseCache:
             for k in list(self._states)[: len(self._states) // 2]:
                 del self._states[k]
             self.best.clear()
+            self.prepared.clear()
         return len(todo)
 
     def get(self, seq: tuple[int, ...]) -> torch.Tensor | None:
@@ -233,6 +235,7 @@ class PhraseCache:
     def clear(self) -> None:
         self._states.clear()
         self.best.clear()
+        self.prepared.clear()
         self.center = None
 
 
