@@ -131,8 +131,10 @@ class Transport:
         """A decoded window as the host's ``encode`` must see it (hosts with prompt syntax escape it)."""
         return text
 
-    def _concept_lengths(self) -> set[int]:
-        return {content_positions(ce.tokens, ce.embedding.shape[0]) for ce in self.concepts._cache.values()} - {0}
+    @staticmethod
+    def _lengths(concepts) -> set[int]:
+        """The content lengths (window sizes) of ``concepts``."""
+        return {content_positions(ce.tokens, ce.embedding.shape[0]) for ce in concepts} - {0}
 
     def prepare_phrases(self, row_tokens: Sequence[Sequence[int] | None] | None = None,
                         lengths: Sequence[int] | None = None) -> int:
@@ -140,8 +142,8 @@ class Transport:
         known so far (or ``lengths``), while the text encoder is available. Returns how many were encoded."""
         if not needs_phrases(self.metric):
             return 0
-        rows = self.registry._tokens if row_tokens is None else row_tokens
-        lens = set(lengths) if lengths is not None else self._concept_lengths()
+        rows = self.registry.tokens() if row_tokens is None else row_tokens
+        lens = set(lengths) if lengths is not None else self._lengths(self.concepts.embeddings())
         done = self.phrases.prepared
         todo = {(tuple(ids), m) for ids in rows if ids is not None for m in lens} - done
         seqs = [w for ids, m in todo for w in windows(ids, m)]
@@ -164,8 +166,7 @@ class Transport:
         for m in membranes:
             concepts = self.concepts.get(m.concepts, self.encode, self.encoder_key) if self.metric != "off" else []
             if phrases and self.lazy_phrases and concepts:
-                lens = {content_positions(ce.tokens, ce.embedding.shape[0]) for ce in concepts} - {0}
-                self.prepare_phrases(row_tokens, lens)
+                self.prepare_phrases(row_tokens, self._lengths(concepts))
             cols.append(concept_scores(context, row_tokens, concepts, self.metric, phrases=self.phrases))
         return torch.stack(cols, 1) if cols else torch.zeros(context.shape[0], 0)
 

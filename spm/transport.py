@@ -325,6 +325,10 @@ class ConceptCache:
                 self._cache[(t, encoder_key)] = ConceptEmbedding(t, e.detach().float().cpu().clone(), list(k))
         return [self._cache[(t, encoder_key)] for t in texts]
 
+    def embeddings(self) -> list[ConceptEmbedding]:
+        """Every concept embedding computed so far (any encoder key)."""
+        return list(self._cache.values())
+
     def clear(self) -> None:
         self._cache.clear()
 
@@ -397,6 +401,10 @@ class RowRegistry:
             err = (bank[idx[:, 0]] - s).abs().sum(1)
             out.append(self._tokens[int(idx[int(err.argmin()), 0])])
         return out
+
+    def tokens(self) -> list[list[int]]:
+        """The token ids of every recorded row, oldest first."""
+        return list(self._tokens)
 
     def clear(self) -> None:
         self._sigs.clear()
