@@ -40,6 +40,7 @@ from .transport import (
     _m_clipcos,
     _m_clipcos_tokenuni,
     _m_tokenuni,
+    checked_phrase_encoder,
     concept_scores,
     content_ids,
     content_positions,
@@ -97,7 +98,8 @@ class Transport:
 
     def __init__(self, encode: Encoder, encoder_key: object = None, metric: str = DEFAULT_METRIC,
                  factor: float = 1.0, registry: RowRegistry | None = None,
-                 encode_ids: PhraseEncoder | None = None, lazy_phrases: bool = True):
+                 encode_ids: PhraseEncoder | None = None, lazy_phrases: bool = True,
+                 fast_encode_ids: PhraseEncoder | None = None):
         self.encode = encode
         self.encoder_key = encoder_key
         self.metric = metric
@@ -106,6 +108,8 @@ class Transport:
         self.concepts = ConceptCache()
         self.phrases = PhraseCache()
         self.encode_ids = encode_ids or self._decode_and_encode
+        if fast_encode_ids is not None:  # e.g. causal_phrase_encoder: used once it matches the exact path
+            self.encode_ids = checked_phrase_encoder(fast_encode_ids, self.encode_ids)
         # lazy: missing phrase states are encoded inside scores() (fine where the text encoder stays loaded);
         # otherwise hosts call prepare_phrases() before sampling and missing windows score 0
         self.lazy_phrases = lazy_phrases

@@ -30,11 +30,14 @@ conditioning exactly as its UNet receives it, plus token ids.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger("spm")
 
 BOS, EOS = 49406, 49407
 
@@ -154,6 +157,66 @@ def _m_off(ctx, toks, ce):
 # --------------------------------------------------------------------------------------- n-gram states
 PhraseEncoder = Callable[[list[tuple[int, ...]]], list[torch.Tensor]]
 """``encode_ids(seqs)``: each token-id tuple encoded alone (``[BOS, *ids, EOS]``) → its content states ``[m, d]``."""
+
+def causal_phrase_encoder(run: Callable[[torch.Tensor], torch.Tensor], bos: int = BOS, eos: int = EOS,
+                          max_length: int = 77) -> PhraseEncoder:
+    """A fast :data:`PhraseEncoder` for causal text encoders (CLIP): ``run(ids [n, L]) -> states [n, L, d]``.
+
+    Each window is encoded as ``[BOS, *ids, EOS]``, the batch padded at the end to its longest window
+    instead of to ``max_length`` tokens.  A causal encoder's state at a position depends only on the
+    tokens before it, so the content states equal those of the full padded encoding (to float rounding)
+    at a fraction of the cost.  Hosts should check that equality once (see :func:`checked_phrase_encoder`).
+    """
+
+    def encode_ids(seqs: list[tuple[int, ...]]) -> list[torch.Tensor]:
+        seqs = [tuple(int(i) for i in q)[: max_length - 2] for q in seqs]
+        if not seqs:
+            return []
+        ids = torch.full((len(seqs), max(len(q) for q in seqs) + 2), eos, dtype=torch.long)
+        ids[:, 0] = bos
+        for i, q in enumerate(seqs):
+            if q:
+                ids[i, 1:1 + len(q)] = torch.tensor(q, dtype=torch.long)
+        with torch.no_grad():
+            states = run(ids)
+        return [states[i, 1:1 + max(1, len(q))] for i, q in enumerate(seqs)]
+
+    return encode_ids
+
+
+PROBE = (320, 736, 7117, 5994)  # "a red circle background": ids that survive decoding and re-encoding
+
+
+def checked_phrase_encoder(fast: PhraseEncoder, reference: PhraseEncoder, rtol: float = 1e-3,
+                           probe: tuple[int, ...] = PROBE) -> PhraseEncoder:
+    """``fast`` once its states have matched ``reference``'s on the first call; ``reference`` otherwise.
+
+    The first call encodes ``probe`` both ways and compares (max difference ≤ ``rtol`` × the largest state
+    magnitude).  The probe is a fixed phrase: an arbitrary token need not survive the reference path's
+    decode-and-re-encode (``ing</w>`` decodes to ``ing``), and would fail the check for that reason.  A host whose encoding differs from the fast path (clip skip, a custom text
+    encoder) thus silently keeps the exact, slower path.
+    """
+    chosen: list[PhraseEncoder] = []
+
+    def encode_ids(seqs: list[tuple[int, ...]]) -> list[torch.Tensor]:
+        if not seqs:
+            return []
+        if not chosen:
+            try:
+                a = fast([probe])[0].detach().float().cpu()
+            except Exception as e:  # a host whose encoder cannot take raw ids keeps the reference path
+                log.info("SPM: fast phrase encoding unavailable (%s); using the full encoder", e)
+                chosen.append(reference)
+                return reference(seqs)
+            b = reference([probe])[0].detach().float().cpu()
+            ok = a.shape == b.shape and bool((a - b).abs().max() <= rtol * max(1.0, float(b.abs().max())))
+            if not ok:
+                log.info("SPM: fast phrase encoding differs from the full encoder here; using the full encoder")
+            chosen.append(fast if ok else reference)
+        return chosen[0](seqs)
+
+    return encode_ids
+
 
 # ``ngram`` maps its cosine through clamp((s - lo) / (hi - lo), 0, 1): windows below ``lo`` leave the row alone.
 NGRAM_LO = 0.85
@@ -412,7 +475,7 @@ class RowRegistry:
 
 
 __all__ = [
-    "DEFAULT_METRIC", "METRICS", "ConceptCache", "ConceptEmbedding", "Encoder", "PhraseCache", "RowRegistry",
-    "clipcos", "concept_scores", "content_ids", "content_tokens", "needs_phrases", "ngram", "register_metric",
+    "DEFAULT_METRIC", "METRICS", "ConceptCache", "ConceptEmbedding", "Encoder", "PhraseCache", "PhraseEncoder",
+    "RowRegistry", "causal_phrase_encoder", "checked_phrase_encoder", "clipcos", "concept_scores", "content_ids", "content_tokens", "needs_phrases", "ngram", "register_metric",
     "tokenuni", "windows",
 ]

@@ -53,6 +53,38 @@ def pipeline_encoder(pipe):
     return encode
 
 
+def phrase_runner(pipe):
+    """``run(ids [n, L]) -> states [n, L, d]`` as ``encode_prompt`` builds the conditioning (no clip skip):
+    SD1/SD2 the last hidden state, SDXL both encoders' penultimate hidden states side by side.
+    ``None`` for pipelines without a first text encoder."""
+    te1 = getattr(pipe, "text_encoder", None)
+    te2 = getattr(pipe, "text_encoder_2", None)
+    if te1 is None:
+        return None
+    xl = te2 is not None
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for te in (te1, te2) if xl else (te1,):
+            o = te(ids.to(te.device), output_hidden_states=xl)
+            outs.append(o.hidden_states[-2] if xl else o[0])
+        return torch.cat(outs, -1) if xl else outs[0]
+
+    return run
+
+
+def phrase_encoder(pipe):
+    """The fast phrase-window encoder of ``pipe`` (see :func:`spm.transport.causal_phrase_encoder`), or None."""
+    from ..transport import causal_phrase_encoder
+
+    run = phrase_runner(pipe)
+    tok = getattr(pipe, "tokenizer", None)
+    if run is None or tok is None or tok.bos_token_id is None or tok.eos_token_id is None:
+        return None
+    return causal_phrase_encoder(run, bos=tok.bos_token_id, eos=tok.eos_token_id,
+                                 max_length=int(getattr(tok, "model_max_length", 77) or 77))
+
+
 def _record_wrapper(pipe, registry):
     original = pipe.encode_prompt
     if getattr(original, "_spm_wrapped", False):
@@ -93,7 +125,9 @@ class PipelineMembranes:
                  factor: float = 1.0, transport: bool = True):
         self.pipe = pipe
         self.stack = MembraneStack(pipe.unet)
-        self.transport = Transport(pipeline_encoder(pipe), encoder_key=id(pipe.text_encoder), metric=metric, factor=factor)
+        # phrase windows (ngram metrics) go through the text encoder unpadded, once checked against the full path
+        self.transport = Transport(pipeline_encoder(pipe), encoder_key=id(pipe.text_encoder), metric=metric, factor=factor,
+                                   fast_encode_ids=phrase_encoder(pipe))
         self.stack.set_membranes(list(membranes))
         if transport:
             self.stack.set_transport(self.transport)
@@ -259,4 +293,4 @@ def load_pipeline(model: str, *, config: str | None = None, device: str | None =
     return pipe
 
 
-__all__ = ["DiffusersBackend", "PipelineMembranes", "attach_to_pipeline", "load_pipeline", "pipeline_encoder"]
+__all__ = ["DiffusersBackend", "PipelineMembranes", "attach_to_pipeline", "load_pipeline", "phrase_encoder", "pipeline_encoder"]
