@@ -459,6 +459,24 @@ class MembraneStack:
             self._col_cache[key] = hit
         return None if hit.numel() == 0 else hit
 
+    def _active_runs(self, f: _Fused, b: int) -> list[tuple[int, int]]:
+        """Maximal runs ``[start, end)`` of rows with a non-zero strength on ``f``'s membranes.  Rows whose
+        strengths are all 0 (e.g. an unconditional row that names no erased concept) are skipped entirely:
+        their output is the module's own, and the hook costs nothing for them."""
+        key = ("runs", f.cols_key, b)
+        hit = self._col_cache.get(key)
+        if hit is None:
+            active = (self._strengths[:, f.cols] != 0).any(1).tolist()
+            hit, start = [], None
+            for i, a in enumerate(active + [False]):
+                if a and start is None:
+                    start = i
+                elif not a and start is not None:
+                    hit.append((start, i))
+                    start = None
+            self._col_cache[key] = hit
+        return hit
+
     def _scaled_up(self, name: str, u: torch.Tensor, sc: torch.Tensor, conv: bool) -> torch.Tensor:
         """Per-row ``U · diag(s_row)``: ``[B, out, R]`` (conv) or ``[B, R, out]`` (linear), cached until the
         strengths change (the strength-column cache is cleared at the same moments)."""
@@ -497,17 +515,23 @@ class MembraneStack:
             # out-of-place form.
             if output.is_contiguous() and not (torch.is_grad_enabled() and (output.requires_grad or self.trainable)):
                 # two ops per module: the down projection, then one batched GEMM with the per-row scaled
-                # ups (built once per strength change), so no separate scaling pass
+                # ups (built once per strength change), so no separate scaling pass; rows without any
+                # strength are skipped (batch slices of contiguous tensors are contiguous views)
+                runs = self._active_runs(f, b) if self._strengths is not None and self._strengths.shape[0] == b else [(0, b)]
                 if f.kind == "conv":
                     if x.is_contiguous() and x.ndim == 4:
-                        h = torch.matmul(d, x.reshape(b, x.shape[1], -1))  # [B, R, HW]
                         ub = self._scaled_up(name, u, sc, conv=True)  # [B, out, R]
-                        output.view(b, output.shape[1], -1).baddbmm_(ub, h)
+                        for a, e in runs:
+                            xs = x if (a, e) == (0, b) else x[a:e]
+                            h = torch.matmul(d, xs.reshape(e - a, x.shape[1], -1))  # [b', R, HW]
+                            output[a:e].view(e - a, output.shape[1], -1).baddbmm_(ub[a:e], h)
                         return output
-                else:
-                    h = F.linear(x, d)
+                elif x.is_contiguous() or runs == [(0, b)]:
                     ub = self._scaled_up(name, u, sc, conv=False)  # [B, R, out]
-                    output.view(b, -1, output.shape[-1]).baddbmm_(h.reshape(b, -1, h.shape[-1]), ub)
+                    for a, e in runs:
+                        xs = x if (a, e) == (0, b) else x[a:e]
+                        h = F.linear(xs, d)
+                        output[a:e].view(e - a, -1, output.shape[-1]).baddbmm_(h.reshape(e - a, -1, h.shape[-1]), ub[a:e])
                     return output
             if f.kind == "conv":
                 h = F.conv2d(x, d[:, :, None, None]) * sc[:, :, None, None]

@@ -48,6 +48,31 @@ def test_per_row_strengths_and_zero_row_identity(setup):
     assert torch.equal(run(unet, x, t, ctx), base)
 
 
+@pytest.mark.parametrize("linear_proj", [False, True])
+@pytest.mark.parametrize("rows", [[0.0, 1.0, 0.0, 0.5], [1.0, 0.0, 0.0, 0.7], [0.0, 0.0, 0.3, 0.0], [0.2, 0.4, 0.6, 0.8]])
+def test_rows_without_strength_are_skipped_exactly(rows, linear_proj):
+    """The in-place path skips rows whose strengths are all 0 (runs of active rows as batch slices): those
+    rows are bit-identical to the bare model, the others equal the out-of-place (autograd) formula."""
+    unet = tiny_diffusers_unet(linear_proj=linear_proj)
+    torch.manual_seed(2)
+    x, t, ctx = torch.randn(4, 4, 8, 8), torch.full((4,), 300), torch.randn(4, 77, 32)
+    base = run(unet, x, t, ctx)
+    stack = MembraneStack(unet)
+    stack.add(random_membrane(unet, "a", seed=5))
+    stack.add(random_membrane(unet, "b", seed=6))
+    stack.set_strengths([[r, r / 2] for r in rows])
+    fast = run(unet, x, t, ctx)
+    with torch.enable_grad():  # autograd recording: the out-of-place formula over every row
+        slow = unet(x.requires_grad_(True), t, encoder_hidden_states=ctx).sample.detach()
+    for i, r in enumerate(rows):
+        if r == 0:
+            assert torch.equal(fast[i], base[i])
+        else:
+            assert not torch.equal(fast[i], base[i])
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    stack.detach()
+
+
 def test_module_level_sum_without_cross_terms(setup):
     unet, x, t, ctx = setup
     a, b = random_membrane(unet, "a", seed=3), random_membrane(unet, "b", seed=4)
