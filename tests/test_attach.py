@@ -162,3 +162,26 @@ def test_low_precision_module_keeps_dtype(setup):
     with torch.no_grad():
         y = unet(x.bfloat16(), t, encoder_hidden_states=ctx.bfloat16()).sample
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+
+
+def test_rank_one_fast_path_on_large_inputs():
+    """One rank-1 membrane on a large input takes the padded (threaded) down projection: same result."""
+    unet = tiny_diffusers_unet()
+    m = random_membrane(unet, "a", seed=7)
+    stack = MembraneStack(unet)
+    stack.add(m)
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    mod = dict(unet.named_modules())[name]
+    layer = m.layers["lora_unet_" + name.replace(".", "_")]
+    inp = torch.randn(4, 8192, 32)  # 1 M elements: the padded path
+    assert inp.numel() >= 1 << 20
+    with torch.no_grad():
+        stack.set_strengths([[1.0], [0.0], [0.5], [2.0]])
+        got = mod(inp)
+        assert stack._fused[name].padded  # the fast path ran
+        plain = torch.nn.functional.linear(inp, mod.weight, mod.bias)
+    delta = inp @ layer.down_matrix().T @ layer.up_matrix().T * layer.scale
+    for i, s in enumerate([1.0, 0.0, 0.5, 2.0]):
+        torch.testing.assert_close(got[i], plain[i] + s * delta[i], rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[1], plain[1])
+    stack.detach()

@@ -139,7 +139,7 @@ def test_one_hook_per_module_and_shared_strength_columns():
     with torch.inference_mode():
         unet(x, t, encoder_hidden_states=ctx)
     # every module carries the same three membranes: one strength-column tensor for the whole call
-    assert len([k for k in stack._col_cache if k[0] != "up"]) == 1
+    assert len([k for k in stack._col_cache if k[0] not in ("up", "runs")]) == 1
     assert all(len(f.cache) == 1 for f in stack._fused.values())
 
 
