@@ -158,6 +158,7 @@ def _m_off(ctx, toks, ce):
 PhraseEncoder = Callable[[list[tuple[int, ...]]], list[torch.Tensor]]
 """``encode_ids(seqs)``: each token-id tuple encoded alone (``[BOS, *ids, EOS]``) → its content states ``[m, d]``."""
 
+
 def causal_phrase_encoder(run: Callable[[torch.Tensor], torch.Tensor], bos: int = BOS, eos: int = EOS,
                           max_length: int = 77) -> PhraseEncoder:
     """A fast :data:`PhraseEncoder` for causal text encoders (CLIP): ``run(ids [n, L]) -> states [n, L, d]``.
@@ -193,8 +194,9 @@ def checked_phrase_encoder(fast: PhraseEncoder, reference: PhraseEncoder, rtol: 
 
     The first call encodes ``probe`` both ways and compares (max difference ≤ ``rtol`` × the largest state
     magnitude).  The probe is a fixed phrase: an arbitrary token need not survive the reference path's
-    decode-and-re-encode (``ing</w>`` decodes to ``ing``), and would fail the check for that reason.  A host whose encoding differs from the fast path (clip skip, a custom text
-    encoder) thus silently keeps the exact, slower path.
+    decode-and-re-encode (``ing</w>`` decodes to ``ing``), and would fail the check for that reason.  A host
+    whose encoding differs from the fast path (clip skip, a custom text encoder) thus keeps the exact,
+    slower path (logged at INFO).
     """
     chosen: list[PhraseEncoder] = []
 
