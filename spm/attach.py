@@ -63,6 +63,9 @@ def default_context(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return None
 
 
+# a lone rank-1 down projection on an input at least this large runs as a 2-row GEMM (see MembraneStack._make_hook)
+PAD_RANK1_MIN_NUMEL = 1 << 20
+
 # built-in metrics that Transport.scores evaluates batched: name -> (function, uses clipcos, uses tokenuni)
 _BUILTIN = {
     "clipcos": (_m_clipcos, True, False),
@@ -529,7 +532,7 @@ class MembraneStack:
                 # two ops per module: the down projection, then one batched GEMM with the per-row scaled
                 # ups (built once per strength change), so no separate scaling pass; rows without any
                 # strength are skipped (batch slices of contiguous tensors are contiguous views)
-                runs = self._active_runs(f, b) if self._strengths is not None and self._strengths.shape[0] == b else [(0, b)]
+                runs = self._active_runs(f, b) if self._strengths.shape[0] == b else [(0, b)]  # sc is set: so are strengths
                 if f.kind == "conv":
                     if x.is_contiguous() and x.ndim == 4:
                         ub = self._scaled_up(name, u, sc, conv=True)  # [B, out, R]
@@ -542,7 +545,7 @@ class MembraneStack:
                     ub = self._scaled_up(name, u, sc, conv=False)  # [B, R, out]
                     # rank 1 in all: a one-row down projection is a GEMV, which runs on one thread; with a zero
                     # second row it is a (threaded) GEMM, about twice as fast on large inputs
-                    dd = self._padded_down(f, d) if d.shape[0] == 1 and x.numel() >= 1 << 20 else d
+                    dd = self._padded_down(f, d) if d.shape[0] == 1 and x.numel() >= PAD_RANK1_MIN_NUMEL else d
                     for a, e in runs:
                         xs = x if (a, e) == (0, b) else x[a:e]
                         h = F.linear(xs, dd)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from spm.attach import MembraneStack, Transport
+from spm.attach import PAD_RANK1_MIN_NUMEL, MembraneStack, Transport
 from tests.archs import tiny_diffusers_unet
 from tests.helpers import random_membrane
 
@@ -174,7 +174,7 @@ def test_rank_one_fast_path_on_large_inputs():
     mod = dict(unet.named_modules())[name]
     layer = m.layers["lora_unet_" + name.replace(".", "_")]
     inp = torch.randn(4, 8192, 32)  # 1 M elements: the padded path
-    assert inp.numel() >= 1 << 20
+    assert inp.numel() >= PAD_RANK1_MIN_NUMEL
     with torch.no_grad():
         stack.set_strengths([[1.0], [0.0], [0.5], [2.0]])
         got = mod(inp)
