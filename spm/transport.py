@@ -310,8 +310,9 @@ def ngram(row_tokens: Sequence[Sequence[int] | None], concept: ConceptEmbedding,
     concept encoded alone, mapped through ``clamp((s - lo) / (hi - lo), 0, 1)``. → ``[B]``.
 
     ``s`` is the mean per-token cosine between the centred states (see :class:`PhraseCache`) of a window of
-    ``m`` content tokens of the row (``m`` = the concept's content length) and the concept's content states.  Unlike ``clipcos`` it ignores BOS and
-    padding and the words around the window, which on our measurements made every prompt look alike.
+    ``m`` content tokens of the row (``m`` = the concept's content length) and the concept's content states.
+    Unlike ``clipcos`` it ignores BOS and padding and the words around the window, which on our
+    measurements made every prompt look alike.
     Rows with unknown tokens, or windows not prepared in ``phrases``, score 0.
     """
     m = content_positions(concept.tokens, concept.embedding.shape[0])
@@ -478,6 +479,6 @@ class RowRegistry:
 
 __all__ = [
     "DEFAULT_METRIC", "METRICS", "ConceptCache", "ConceptEmbedding", "Encoder", "PhraseCache", "PhraseEncoder",
-    "RowRegistry", "causal_phrase_encoder", "checked_phrase_encoder", "clipcos", "concept_scores", "content_ids", "content_tokens", "needs_phrases", "ngram", "register_metric",
-    "tokenuni", "windows",
+    "RowRegistry", "causal_phrase_encoder", "checked_phrase_encoder", "clipcos", "concept_scores", "content_ids",
+    "content_tokens", "needs_phrases", "ngram", "register_metric", "tokenuni", "windows",
 ]
