@@ -46,7 +46,7 @@ MULTI = ("circle", "heart", "arrow")  # objects the base model draws reliably (s
 
 
 def _median_psnr(a, b) -> float:
-    from bench.toyworld import harness
+    from spm.toy import harness
 
     p = np.minimum(harness.psnr(a, b), 100.0)
     return float(np.median(p))
@@ -54,8 +54,8 @@ def _median_psnr(a, b) -> float:
 
 class Bench:
     def __init__(self, iterations: int | None, lr: float | None, out: Path, reuse: bool, quiet: bool):
-        from bench.toyworld.model import load_toy_pipeline
-        from bench.toyworld.scorer import load_scorer
+        from spm.toy.model import load_toy_pipeline
+        from spm.toy.scorer import load_scorer
 
         self.base = load_toy_pipeline("base")
         self.ft = load_toy_pipeline("finetune")
@@ -115,7 +115,7 @@ class Bench:
 
     def literal_erasure(self, targets, membranes, schedule_parts=("literal", "paraphrase")) -> dict:
         """Only the target-prompt numbers of :meth:`evaluate` (cheap: no non-target generations)."""
-        from bench.toyworld import harness
+        from spm.toy import harness
 
         suite = harness.prompt_suite(list(targets) if len(targets) > 1 else targets[0])
         res = {}
@@ -129,8 +129,8 @@ class Bench:
         return res
 
     def generate(self, pipe, cases, membranes=(), metric=None, transport=True):
-        from bench.toyworld import harness
         from spm.hosts.diffusers import PipelineMembranes
+        from spm.toy import harness
 
         key = (id(pipe), tuple(c.prompt for c in cases), tuple(c.seed for c in cases))
         if not membranes and key in self.cache:
@@ -145,7 +145,7 @@ class Bench:
         return imgs
 
     def evaluate(self, targets, membranes, pipe=None, metric=None, transport=True) -> dict:
-        from bench.toyworld import harness
+        from spm.toy import harness
 
         pipe = pipe or self.base
         suite = harness.prompt_suite(list(targets) if len(targets) > 1 else targets[0])

@@ -144,7 +144,7 @@ def toy_unet() -> tuple[torch.nn.Module, torch.nn.Module | None, str]:
     """The toy world's model (trained assets if built, else its architecture with random weights), or the
     tiny test UNet when the toy world is not available.  Returns (unet, text encoder or None, description)."""
     try:
-        from bench.toyworld import model as toy
+        from spm.toy import model as toy
 
         try:
             c = toy.load_components("base")

@@ -191,12 +191,13 @@ def _cmd_demo(args) -> int:
     import torch
 
     _threads(args.threads)
+    from .toy import harness
+    from .toy.model import load_toy_pipeline
+
     try:
-        from bench.toyworld import harness
-        from bench.toyworld.model import load_toy_pipeline
         pipe = load_toy_pipeline("base")
-    except (ImportError, FileNotFoundError) as e:
-        print(f"error: the demo needs the toy world (bench/toyworld with its assets): {e}", file=sys.stderr)
+    except FileNotFoundError as e:
+        print(f"error: the demo needs the shipped toy model: {e}", file=sys.stderr)
         return 2
     from .checkpoint import load_membrane
     from .hosts.diffusers import DiffusersBackend, PipelineMembranes
@@ -234,7 +235,7 @@ def _cmd_demo(args) -> int:
                     "grid_layout": "rows: prompts (4 with the target, then 4 controls); columns: seeds without | with the membrane",
                     "control_psnr_db_median": float(torch.tensor(psnr).clamp(max=100).median())}
     try:
-        from bench.toyworld.scorer import load_scorer
+        from .toy.scorer import load_scorer
 
         scorer = load_scorer()
         sb, sa = harness.score_images(scorer, before[:n_lit]), harness.score_images(scorer, after[:n_lit])
@@ -255,28 +256,15 @@ def _cmd_demo(args) -> int:
 
 
 # --- eval -------------------------------------------------------------------------------------------
-def _import_toyworld():
-    """``bench.toyworld.evaluate``, also when ``python -m spm`` runs from outside the extension's folder."""
-    try:
-        from bench.toyworld import evaluate
-    except ImportError:
-        root = Path(__file__).resolve().parents[1]
-        if not (root / "bench" / "toyworld" / "evaluate.py").is_file() or str(root) in sys.path:
-            raise
-        sys.path.insert(0, str(root))
-        from bench.toyworld import evaluate
-    return evaluate
-
-
 def _eval_pipeline(spec: str, config: str | None):
     """``base``/``finetune`` (the shipped toy models), a toy asset folder (``unet/`` …) or a diffusers model."""
-    from bench.toyworld.model import load_toy_pipeline
+    from .toy.model import load_toy_pipeline
 
     if spec in ("base", "finetune"):
         return load_toy_pipeline(spec)
     p = Path(spec)
     if p.is_dir() and not (p / "model_index.json").exists() and (p / "unet").is_dir():
-        from bench.toyworld.evaluate import load_asset_folder
+        from .toy.evaluate import load_asset_folder
 
         return load_asset_folder(p)
     from .hosts.diffusers import load_pipeline
@@ -285,7 +273,7 @@ def _eval_pipeline(spec: str, config: str | None):
 
 
 def _cmd_eval(args) -> int:
-    """Erasure and preservation of membranes in the toy world (``bench/toyworld/evaluate.py``), as JSON."""
+    """Erasure and preservation of membranes in the toy world (``spm/toy/evaluate.py``), as JSON."""
     from .checkpoint import load_membrane
 
     _threads(args.threads)
@@ -294,10 +282,7 @@ def _cmd_eval(args) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 2
 
-    try:
-        ev = _import_toyworld()
-    except ImportError as e:
-        return fail(f"`eval` needs the toy world (bench/toyworld from the repository, with its assets): {e}")
+    from .toy import evaluate as ev
     if args.transfer and args.model == "finetune":
         return fail("--transfer evaluates on the shipped fine-tune as well; --model finetune already is it")
     try:
@@ -331,14 +316,14 @@ def _cmd_eval(args) -> int:
         base = _eval_pipeline(args.model, args.config)
         ev.check_toy_pipeline(base, f"--model {args.model}")
         finetune = _eval_pipeline("finetune", None) if args.transfer else None
-        from bench.toyworld.scorer import load_scorer
+        from .toy.scorer import load_scorer
 
         scorer = load_scorer()
     except FileNotFoundError as e:
         return fail(f"the toy world's assets are missing ({e}); rebuild them with `python -m bench.toyworld build`")
     except (ValueError, OSError) as e:
         return fail(str(e))
-    from bench.toyworld import harness
+    from .toy import harness
 
     try:
         report = ev.evaluate(base, scorer, items, targets, finetune=finetune, metric=args.metric,

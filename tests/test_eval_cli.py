@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import pytest
 import torch
 
-from bench.toyworld import harness
 from spm.cli import main
+from spm.toy import harness
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,8 +41,8 @@ def _membrane(unet, concepts, std, seed=0):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from bench.toyworld.model import load_toy_pipeline
     from spm.checkpoint import save_membrane
+    from spm.toy.model import load_toy_pipeline
 
     d = tmp_path_factory.mktemp("membranes")
     unet = load_toy_pipeline("base").unet
@@ -182,27 +181,20 @@ def test_clear_errors(files, tmp_path, capsys, monkeypatch):
     assert run("--membrane", str(other)) == 2
     assert "other.safetensors" in (e := _err(capsys)) and "context 32" in e
 
-    # the toy world's assets or the harness itself missing
-    import bench.toyworld.model as toy_model
+    # the toy world's assets missing
+    import spm.toy.model as toy_model
 
     monkeypatch.setattr(toy_model, "ASSETS", tmp_path / "no_assets")
     assert run("--membrane", zero) == 2
     assert "assets are missing" in _err(capsys)
-    monkeypatch.undo()
-    import bench.toyworld
-
-    monkeypatch.delattr(bench.toyworld, "evaluate", raising=False)
-    monkeypatch.setitem(sys.modules, "bench.toyworld.evaluate", None)
-    assert run("--membrane", zero) == 2
-    assert "needs the toy world" in _err(capsys)
 
 
 def test_evaluate_api_caches_baselines(files):
     """The importable function: a shared :class:`Generations` never generates a baseline twice."""
-    from bench.toyworld.evaluate import Generations, evaluate
-    from bench.toyworld.model import load_toy_pipeline
-    from bench.toyworld.scorer import load_scorer
     from spm.checkpoint import load_membrane
+    from spm.toy.evaluate import Generations, evaluate
+    from spm.toy.model import load_toy_pipeline
+    from spm.toy.scorer import load_scorer
 
     pipe, scorer = load_toy_pipeline("base"), load_scorer()
     zero = load_membrane(files["zero"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench.toyworld import data
-from bench.toyworld.model import asset_dir
+from spm.toy.model import asset_dir
 
 HAVE_ASSETS = (asset_dir("base") / "unet").is_dir()
 HAVE_SCORER = (asset_dir("scorer") / "scorer.safetensors").is_file()
@@ -56,7 +56,7 @@ def test_caption_variety():
 
 
 def test_prompt_suite_separates_targets():
-    from bench.toyworld.harness import prompt_suite
+    from spm.toy.harness import prompt_suite
 
     suite = prompt_suite("star")
     assert set(suite) == {"literal", "paraphrase", "nontarget", "mixed"}
@@ -71,7 +71,7 @@ def test_prompt_suite_separates_targets():
 
 
 def test_image_metrics():
-    from bench.toyworld.harness import psnr, ssim
+    from spm.toy.harness import psnr, ssim
 
     imgs = [data.sample(i)[0] for i in range(4)]
     assert np.isinf(psnr(imgs, imgs)).all()
@@ -83,7 +83,7 @@ def test_image_metrics():
 # ----------------------------------------------------------------------------------------------- assets
 @pytest.fixture(scope="module")
 def base_components():
-    from bench.toyworld.model import load_components
+    from spm.toy.model import load_components
 
     return load_components("base")
 
@@ -117,7 +117,7 @@ def test_assets_have_sd1_shapes(base_components):
 
 @needs_assets
 def test_finetune_differs_only_in_unet(base_components):
-    from bench.toyworld.model import load_components
+    from spm.toy.model import load_components
 
     ft = load_components("finetune")
     assert not (asset_dir("finetune") / "text_encoder").exists()
@@ -129,8 +129,8 @@ def test_finetune_differs_only_in_unet(base_components):
 
 @needs_assets
 def test_generation_is_deterministic_per_seed():
-    from bench.toyworld.harness import generate
-    from bench.toyworld.model import load_toy_pipeline
+    from spm.toy.harness import generate
+    from spm.toy.model import load_toy_pipeline
 
     pipe = load_toy_pipeline("base")
     one = generate(pipe, ["a red star", "ring"], [1, 2], steps=4)
@@ -146,8 +146,8 @@ def test_generation_is_deterministic_per_seed():
 
 @needs_scorer
 def test_scorer_reads_renders():
-    from bench.toyworld.scorer import accuracy, load_scorer, predict
     from bench.toyworld.train import to_tensor
+    from spm.toy.scorer import accuracy, load_scorer, predict
 
     scorer = load_scorer()
     imgs, labs = data.dataset_arrays(64, 31337)

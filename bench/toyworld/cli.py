@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(build_scorer_only(None, cfg, args.out)["scorer"]))
         return 0
     if args.cmd == "grid":
-        from .harness import make_grid
+        from .check import make_grid
 
         path = make_grid(args.out, which=args.which)
         print(path)
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         yaml_path = export_ldm(args.out)
         print(json.dumps({"checkpoint": str(args.out), "config": str(yaml_path)}))
         return 0
-    from .harness import check_assets
+    from .check import check_assets
 
     res = check_assets(n_per_object=args.n_per_object)
     out = Path(__file__).resolve().parents[1] / "results" / "toyworld.json"

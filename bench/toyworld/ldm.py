@@ -177,7 +177,7 @@ def export_ldm(out: str | Path, which: str = "base") -> Path:
     """Write ``out`` (one LDM-keyed safetensors, fp16) and ``out`` with suffix ``.yaml``. Returns the yaml path."""
     from safetensors.torch import save_file
 
-    from .model import load_components
+    from spm.toy.model import load_components
 
     out = Path(out)
     c = load_components(which)

@@ -1,4 +1,4 @@
-"""A small CNN that reads toy-world images: objects (multi-label), colours (multi-label), background, style.
+"""Training of the toy world's scorer (the model itself is :mod:`spm.toy.scorer`).
 
 Trained on renders of the base and shifted data, their VAE round-trips, and soft augmentation (blur, noise,
 colour jitter), so that it reads *generated* images, which are softer than renders.
@@ -10,45 +10,14 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from spm.toy.scorer import HEADS, Scorer, accuracy, predict
 
 from . import data
-
-HEADS = {"objects": len(data.OBJECTS), "colours": len(data.COLOURS), "background": len(data.BACKGROUNDS),
-         "style": len(data.STYLES)}
-
-
-class Scorer(nn.Module):
-    """Input: N x 3 x 32 x 32 in [-1, 1]. Output: dict of logits per head."""
-
-    def __init__(self, width: int = 32):
-        super().__init__()
-        self.width = w = width
-
-        def block(i, o):
-            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.GroupNorm(8, o), nn.SiLU())
-
-        self.features = nn.Sequential(
-            block(3, w), nn.MaxPool2d(2),                      # 16
-            block(w, 2 * w), block(2 * w, 2 * w), nn.MaxPool2d(2),  # 8
-            block(2 * w, 4 * w), nn.MaxPool2d(2),              # 4
-            block(4 * w, 4 * w),
-        )
-        self.head = nn.Linear(8 * w, sum(HEADS.values()))
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        f = self.features(x)
-        f = torch.cat([f.mean((2, 3)), f.amax((2, 3))], 1)
-        out = self.head(f)
-        res, i = {}, 0
-        for k, n in HEADS.items():
-            res[k] = out[:, i:i + n]
-            i += n
-        return res
+from .common import log, lr_lambda, roundtrip, to_tensor
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -79,30 +48,7 @@ def _labels_t(labels: list) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v) for k, v in data.label_arrays(labels).items()}
 
 
-@torch.no_grad()
-def predict(scorer: Scorer, x: torch.Tensor, bs: int = 512) -> dict[str, np.ndarray]:
-    """Probabilities (objects, colours: sigmoid; background, style: softmax) for images in [-1, 1]."""
-    outs: dict[str, list] = {k: [] for k in HEADS}
-    for i in range(0, x.shape[0], bs):
-        o = scorer(x[i:i + bs])
-        for k in HEADS:
-            outs[k].append(torch.sigmoid(o[k]) if k in ("objects", "colours") else torch.softmax(o[k], 1))
-    return {k: torch.cat(v).numpy() for k, v in outs.items()}
-
-
-def accuracy(pred: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> dict[str, float]:
-    """Exact-set accuracy for objects and colours, top-1 for background and style."""
-    return {
-        "objects": float(((pred["objects"] > 0.5) == (y["objects"] > 0.5)).all(1).mean()),
-        "colours": float(((pred["colours"] > 0.5) == (y["colours"] > 0.5)).all(1).mean()),
-        "background": float((pred["background"].argmax(1) == y["background"]).mean()),
-        "style": float((pred["style"].argmax(1) == y["style"]).mean()),
-    }
-
-
 def train_scorer(vae, out_dir: Path, cfg, g: torch.Generator) -> dict:
-    from .train import _log, _lr_lambda, roundtrip, to_tensor
-
     n = cfg.n_scorer
     w = getattr(cfg, "render_workers", 1)
     # two-object images are the hard case (smaller objects), so the scorer sees more of them than the model did
@@ -113,11 +59,11 @@ def train_scorer(vae, out_dir: Path, cfg, g: torch.Generator) -> dict:
     labels = la + lb
     y = _labels_t(labels)
     xr = roundtrip(vae, x, g)
-    _log(f"scorer data: {x.shape[0]} renders + round-trips")
+    log(f"scorer data: {x.shape[0]} renders + round-trips")
     dev = torch.device(getattr(cfg, "device", "cpu"))
     scorer = Scorer(getattr(cfg, "scorer_width", 32)).to(dev)
     opt = torch.optim.AdamW(scorer.parameters(), lr=cfg.scorer_lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(50, cfg.scorer_steps // 5 + 1), cfg.scorer_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(min(50, cfg.scorer_steps // 5 + 1), cfg.scorer_steps))
     scorer.train()
     for step in range(cfg.scorer_steps):
         idx = torch.randint(0, x.shape[0], (cfg.scorer_batch,), generator=g)
@@ -130,21 +76,19 @@ def train_scorer(vae, out_dir: Path, cfg, g: torch.Generator) -> dict:
         opt.step()
         sched.step()
         if step % 100 == 0 or step == cfg.scorer_steps - 1:
-            _log(f"scorer {step}/{cfg.scorer_steps} loss {loss.item():.4f}")
+            log(f"scorer {step}/{cfg.scorer_steps} loss {loss.item():.4f}")
     scorer.to("cpu").eval().requires_grad_(False)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.half().contiguous() for k, v in scorer.state_dict().items()}, str(out_dir / "scorer.safetensors"))
     (out_dir / "config.json").write_text(json.dumps({"width": scorer.width, "heads": HEADS}))
     rep = evaluate_scorer(scorer, vae, seed=cfg.seed * 10 + 9, n=min(2000, n // 2), workers=w)
-    _log(f"scorer held-out: {rep}")
+    log(f"scorer held-out: {rep}")
     return rep
 
 
 def evaluate_scorer(scorer: Scorer, vae, seed: int = 9, n: int = 2000, workers: int = 1) -> dict:
     """Held-out accuracy on fresh renders (base + shifted) and on their VAE round-trips."""
-    from .train import roundtrip, to_tensor
-
     t0 = time.time()
     a, la = data.dataset_arrays(n, seed, workers=workers)
     b, lb = data.dataset_arrays(n // 4, seed + 1, shifted=True, workers=workers)
@@ -158,16 +102,3 @@ def evaluate_scorer(scorer: Scorer, vae, seed: int = 9, n: int = 2000, workers: 
     return res
 
 
-def load_scorer(path: Path | None = None) -> Scorer:
-    from .model import asset_dir
-
-    d = Path(path) if path else asset_dir("scorer")
-    cfgd = json.loads((d / "config.json").read_text())
-    s = Scorer(cfgd["width"])
-    s.load_state_dict({k: v.float() for k, v in load_file(str(d / "scorer.safetensors")).items()})
-    return s.eval().requires_grad_(False)
-
-
-def pil_to_tensor(images: list) -> torch.Tensor:
-    arr = np.stack([np.asarray(im.convert("RGB").resize((data.SIZE, data.SIZE))) for im in images])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)

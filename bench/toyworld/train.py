@@ -9,7 +9,6 @@ seeded generator; on the same machine type the same seed gives the same files.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -19,8 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spm.toy import model as M
+
 from . import data
-from . import model as M
+from .common import log, lr_lambda, roundtrip, to_tensor, to_uint8  # noqa: F401  (to_tensor, to_uint8: used by tests)
 
 
 def _fresh_dir(path: Path) -> None:
@@ -72,28 +73,6 @@ class BuildConfig:
                    warmup=5)
 
 
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        p = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
-    return f
-
-
-def to_tensor(imgs: np.ndarray) -> torch.Tensor:
-    """uint8 N x H x W x 3 -> float N x 3 x H x W in [-1, 1]."""
-    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-
-
 def save_fp16(module, path: Path) -> None:
     import copy
 
@@ -114,7 +93,7 @@ def train_vae(imgs: torch.Tensor, cfg: BuildConfig, g: torch.Generator):
     dev = torch.device(cfg.device)
     vae = M.build_vae().to(dev)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(50, cfg.vae_steps // 5 + 1), cfg.vae_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(min(50, cfg.vae_steps // 5 + 1), cfg.vae_steps))
     vae.train()
     for step in range(cfg.vae_steps):
         idx = torch.randint(0, imgs.shape[0], (cfg.vae_batch,), generator=g)
@@ -128,7 +107,7 @@ def train_vae(imgs: torch.Tensor, cfg: BuildConfig, g: torch.Generator):
         opt.step()
         sched.step()
         if step % 50 == 0 or step == cfg.vae_steps - 1:
-            _log(f"vae {step}/{cfg.vae_steps} loss {loss.item():.4f}")
+            log(f"vae {step}/{cfg.vae_steps} loss {loss.item():.4f}")
     vae.eval().requires_grad_(False)
     return vae
 
@@ -142,17 +121,6 @@ def encode_all(vae, imgs: torch.Tensor, bs: int = 256) -> tuple[torch.Tensor, to
         means.append(post.mean.cpu())
         stds.append(post.std.cpu())
     return torch.cat(means), torch.cat(stds)
-
-
-@torch.no_grad()
-def roundtrip(vae, imgs: torch.Tensor, g: torch.Generator | None = None, bs: int = 256) -> torch.Tensor:
-    out = []
-    dev = next(vae.parameters()).device
-    for i in range(0, imgs.shape[0], bs):
-        post = vae.encode(imgs[i:i + bs].to(dev)).latent_dist
-        z = post.mean if g is None else post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(dev)
-        out.append(vae.decode(z).sample.clamp(-1, 1).cpu())
-    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------------------------- UNet + text
@@ -171,7 +139,7 @@ def train_diffusion(unet, te, mean: torch.Tensor, std: torch.Tensor, labels: lis
     acp = noise_sched.alphas_cumprod.float()
     params = list(unet.parameters()) + (list(te.parameters()) if train_text else [])
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(cfg.warmup, steps // 5 + 1), steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(min(cfg.warmup, steps // 5 + 1), steps))
     unet.train().requires_grad_(True)
     te.train(train_text)
     te.requires_grad_(train_text)
@@ -208,7 +176,7 @@ def train_diffusion(unet, te, mean: torch.Tensor, std: torch.Tensor, labels: lis
                 torch._foreach_lerp_(avg, [p.detach() for p in params], 1 - d)
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % 50 == 0 or step == steps - 1:
-            _log(f"{tag} {step}/{steps} loss {loss.item():.4f} ema {ema:.4f}")
+            log(f"{tag} {step}/{steps} loss {loss.item():.4f} ema {ema:.4f}")
     if avg is not None:
         with torch.no_grad():
             for p, q in zip(params, avg):
@@ -251,7 +219,7 @@ def build(out: Path | None = None, cfg: BuildConfig | None = None) -> dict:
     t_all = time.time()
     report: dict = {"config": asdict(cfg)}
 
-    _log("rendering data")
+    log("rendering data")
     base_np, base_labels = data.dataset_arrays(cfg.n_base, cfg.seed * 10 + 1, workers=cfg.render_workers)
     shift_np, shift_labels = data.dataset_arrays(cfg.n_shift, cfg.seed * 10 + 2, shifted=True, workers=cfg.render_workers)
     base_x, shift_x = to_tensor(base_np), to_tensor(shift_np)
@@ -263,14 +231,14 @@ def build(out: Path | None = None, cfg: BuildConfig | None = None) -> dict:
     init = _load_init(cfg) if cfg.init_from else None
     if init is not None:
         vae = init["vae"]
-        _log(f"continuing from {cfg.init_from}: its VAE is kept, text encoder and UNet train on")
+        log(f"continuing from {cfg.init_from}: its VAE is kept, text encoder and UNet train on")
     elif cache.is_file():
         vae = M.build_vae().to(cfg.device)
         state = torch.load(cache)
         vae.load_state_dict(state["vae"])
         g.set_state(state["g"])
         vae.eval().requires_grad_(False)
-        _log(f"reusing cached VAE stage {cache}")
+        log(f"reusing cached VAE stage {cache}")
     else:
         vae = train_vae(torch.cat([base_x, shift_x[: len(shift_x) // 2]]), cfg, g)
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -282,7 +250,7 @@ def build(out: Path | None = None, cfg: BuildConfig | None = None) -> dict:
     rec = roundtrip(vae, base_x[:512])
     report["vae_psnr"] = float(10 * torch.log10(4.0 / F.mse_loss(rec, base_x[:512])))
     report["vae_scaling_factor"] = scale
-    _log(f"vae psnr {report['vae_psnr']:.2f} dB, scaling factor {scale:.4f}")
+    log(f"vae psnr {report['vae_psnr']:.2f} dB, scaling factor {scale:.4f}")
 
     t0 = time.time()
     torch.manual_seed(cfg.seed + 1)
@@ -311,7 +279,7 @@ def build(out: Path | None = None, cfg: BuildConfig | None = None) -> dict:
     _fresh_dir(ft_dir)
     save_fp16(unet, ft_dir / "unet")
     (ft_dir / "README.txt").write_text("Community fine-tune: only the UNet is stored; text_encoder, vae and scheduler "
-                                       "are the base's (see bench/toyworld/model.py load_components).\n")
+                                       "are the base's (see spm/toy/model.py load_components).\n")
 
     if cfg.n_scorer > 0:
         t0 = time.time()
@@ -319,7 +287,7 @@ def build(out: Path | None = None, cfg: BuildConfig | None = None) -> dict:
         report["scorer_seconds"] = time.time() - t0
     report["total_seconds"] = time.time() - t_all
     (out / "build_report.json").write_text(json.dumps(report, indent=1))
-    _log(f"build done in {report['total_seconds']:.0f}s")
+    log(f"build done in {report['total_seconds']:.0f}s")
     return report
 
 

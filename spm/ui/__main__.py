@@ -1,6 +1,6 @@
 """``python -m spm.ui``: the SPM Trainer tab standalone, on a diffusers pipeline, served on 127.0.0.1.
 
-    python -m spm.ui                          # the toy model (bench/toyworld assets), membranes in ./models/spm
+    python -m spm.ui                          # the toy model (spm/toy/assets), membranes in ./models/spm
     python -m spm.ui --model DIR_OR_FILE [--config DIR] --membranes OUT --port 7861
 
 The pipeline is loaded on the first Train click (startup stays fast; a load error shows in the tab).
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .jobs import NoModelError
 
-TOY_CONTROLS = ["a blue square", "a green triangle"]  # prompts the toy model knows (bench/toyworld/data.py)
+TOY_CONTROLS = ["a blue square", "a green triangle"]  # prompts the toy model knows (spm/toy/captions.py)
 
 
 def make_provider(model: str | None, config: str | None = None, device: str | None = None):
@@ -29,7 +29,7 @@ def make_provider(model: str | None, config: str | None = None, device: str | No
 
                 try:
                     if model is None:
-                        from bench.toyworld.model import load_toy_pipeline
+                        from spm.toy.model import load_toy_pipeline
 
                         pipe = load_toy_pipeline("base")
                         if device:

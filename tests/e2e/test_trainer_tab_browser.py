@@ -1,6 +1,6 @@
 """The standalone trainer tab driven in headless Chromium (Playwright + Debian's chromium).
 
-Serves :func:`spm.ui.trainer_tab.build_trainer_tab` on 127.0.0.1 with the toy model (bench/toyworld assets)
+Serves :func:`spm.ui.trainer_tab.build_trainer_tab` on 127.0.0.1 with the toy model (spm/toy/assets)
 or, when those are absent, a tiny random SD1 pipeline; fills in the form like a user, trains a few steps,
 and checks the progress, the status message, the saved file and the before/after image.
 
@@ -39,7 +39,7 @@ def toy_or_tiny_backend():
     from spm.hosts.diffusers import DiffusersBackend
 
     try:
-        from bench.toyworld.model import load_toy_pipeline
+        from spm.toy.model import load_toy_pipeline
 
         return DiffusersBackend(load_toy_pipeline("base")), "toy"
     except (ImportError, FileNotFoundError, OSError):

@@ -29,7 +29,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import data, harness
+from . import captions, harness
+from .model import IMAGE_SIZE
 
 THRESHOLD = 0.5
 PSNR_CAP_DB = 100.0
@@ -50,10 +51,10 @@ def check_toy_pipeline(pipe, label: str = "the model") -> None:
     scale = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     size = int(unet.config.sample_size) * int(scale)
     xl = getattr(pipe, "text_encoder_2", None) is not None
-    if xl or ctx != TEXT_WIDTH or size != data.SIZE:
+    if xl or ctx != TEXT_WIDTH or size != IMAGE_SIZE:
         raise NotToyModel(
             f"{label} is not the toy-world model (it makes {size}x{size} images with context width {ctx}"
-            f"{', SDXL' if xl else ''}); the toy scorer only reads the toy world's {data.SIZE}x{data.SIZE} pictograms, "
+            f"{', SDXL' if xl else ''}); the toy scorer only reads the toy world's {IMAGE_SIZE}x{IMAGE_SIZE} pictograms, "
             "so `eval` measures toy models only (use `python -m spm generate` to look at other models)")
 
 
@@ -85,10 +86,10 @@ def normalise_targets(targets: Sequence[str], source: str = "") -> list[str]:
     out: list[str] = []
     for t in targets:
         name = str(t).strip().lower()
-        if name not in data.OBJECTS:
+        if name not in captions.OBJECTS:
             where = f" (from {source})" if source else ""
             raise ValueError(f"target {t!r}{where} is not a toy-world object; the scorer knows only "
-                             f"{', '.join(data.OBJECTS)}")
+                             f"{', '.join(captions.OBJECTS)}")
         if name not in out:
             out.append(name)
     if not out:
@@ -249,7 +250,7 @@ def evaluate(base, scorer, membranes: Sequence, targets: Sequence[Sequence[str]]
         raise ValueError(f"{len(names)} names for {len(items)} membranes")
     per_targets = [normalise_targets(t, n) for t, n in zip(targets, names)]
     all_targets = list(dict.fromkeys(t for ts in per_targets for t in ts))
-    if len(all_targets) == len(data.OBJECTS):
+    if len(all_targets) == len(captions.OBJECTS):
         raise ValueError("every toy-world object is a target: no non-target prompts are left to measure preservation")
     metric = metric or DEFAULT_METRIC
     if metric not in METRICS:

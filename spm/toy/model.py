@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-# TOYWORLD_ASSETS may point at another asset tree (e.g. one made by `build --quick`)
-ASSETS = Path(os.environ.get("TOYWORLD_ASSETS") or Path(__file__).resolve().parent / "assets")
+# TOYWORLD_ASSETS may point at another asset tree (e.g. one made by `python -m bench.toyworld build --quick`)
+ASSETS = Path(os.environ.get("TOYWORLD_ASSETS") or Path(__file__).resolve().parent / "assets" / "shapes")
 TEXT_WIDTH = 64
+IMAGE_SIZE = 32  # pixels; the VAE makes 8x8x4 latents of it
 
 SCHEDULER_KW = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

@@ -8,15 +8,13 @@ generation (e.g. attached membranes) is passed as ``context``: a context manager
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data
+from . import captions
 
 DEFAULT_STEPS = 25
 DEFAULT_CFG = 7.5
@@ -61,21 +59,21 @@ class PromptCase:
 
 
 def _single_case(obj: str, rng: np.random.Generator, seed: int, paraphrase: bool, kind: str) -> PromptCase:
-    col = data.COLOURS[int(rng.integers(len(data.COLOURS)))]
-    lab = data.make_labels([(obj, col)], data.BACKGROUNDS[int(rng.integers(3))], data.STYLES[int(rng.integers(3))],
+    col = captions.COLOURS[int(rng.integers(len(captions.COLOURS)))]
+    lab = captions.make_labels([(obj, col)], captions.BACKGROUNDS[int(rng.integers(3))], captions.STYLES[int(rng.integers(3))],
                            seed=seed)
-    text = data.caption(lab, rng, paraphrase_prob=1.0 if paraphrase else 0.0)
+    text = captions.caption(lab, rng, paraphrase_prob=1.0 if paraphrase else 0.0)
     cols = [col] if col in text else []
     return PromptCase(text, seed, [obj], cols, kind)
 
 
 def _pair_case(a: str, b: str, rng: np.random.Generator, seed: int, kind: str) -> PromptCase:
-    ca, cb = rng.choice(len(data.COLOURS), 2, replace=False)
-    bg = data.BACKGROUNDS[int(rng.integers(3))]
-    pa = data.object_phrase(data.OBJECTS.index(a), int(ca), rng, 0.0, True)
-    pb = data.object_phrase(data.OBJECTS.index(b), int(cb), rng, 0.0, True)
+    ca, cb = rng.choice(len(captions.COLOURS), 2, replace=False)
+    bg = captions.BACKGROUNDS[int(rng.integers(3))]
+    pa = captions.object_phrase(captions.OBJECTS.index(a), int(ca), rng, 0.0, True)
+    pb = captions.object_phrase(captions.OBJECTS.index(b), int(cb), rng, 0.0, True)
     return PromptCase(f"{pa} and {pb} on a {bg} background", seed, [a, b],
-                      [data.COLOURS[int(ca)], data.COLOURS[int(cb)]], kind)
+                      [captions.COLOURS[int(ca)], captions.COLOURS[int(cb)]], kind)
 
 
 def prompt_suite(target: str | list[str], n_literal: int = 16, n_paraphrase: int = 8, n_per_other: int = 3,
@@ -89,10 +87,10 @@ def prompt_suite(target: str | list[str], n_literal: int = 16, n_paraphrase: int
     """
     targets = [target] if isinstance(target, str) else list(target)
     for t in targets:
-        if t not in data.OBJECTS:
+        if t not in captions.OBJECTS:
             raise ValueError(f"unknown object {t!r}")
-    others = [o for o in data.OBJECTS if o not in targets]
-    rng = np.random.default_rng([seed, *[data.OBJECTS.index(t) for t in targets]])
+    others = [o for o in captions.OBJECTS if o not in targets]
+    rng = np.random.default_rng([seed, *[captions.OBJECTS.index(t) for t in targets]])
     s = seed * 1000
     suite: dict[str, list[PromptCase]] = {"literal": [], "paraphrase": [], "nontarget": [], "mixed": []}
     for i in range(n_literal):
@@ -123,7 +121,7 @@ def fidelity_suite(n_per_object: int = 12, seed: int = 777) -> list[PromptCase]:
     """Single-object prompts (literal words, varied captions, 1 in 4 the bare word) for every object."""
     rng = np.random.default_rng(seed)
     cases = []
-    for k, o in enumerate(data.OBJECTS):
+    for k, o in enumerate(captions.OBJECTS):
         for i in range(n_per_object):
             sd = seed * 1000 + k * 100 + i
             cases.append(PromptCase(o, sd, [o], [], "literal") if i % 4 == 0 else _single_case(o, rng, sd, False, "literal"))
@@ -139,7 +137,7 @@ def score_images(scorer, images: list) -> dict[str, np.ndarray]:
 
 def found(scores: dict[str, np.ndarray], objects: list[str], threshold: float = 0.5) -> np.ndarray:
     """Per image: does the scorer find ``objects[i]`` (a name) in image i?"""
-    idx = np.array([data.OBJECTS.index(o) for o in objects])
+    idx = np.array([captions.OBJECTS.index(o) for o in objects])
     return scores["objects"][np.arange(len(idx)), idx] > threshold
 
 
@@ -147,13 +145,13 @@ def found_rate(scores: dict[str, np.ndarray], cases: list[PromptCase], threshold
     """Share of images in which the scorer finds *every* object the prompt asked for."""
     if not cases:
         return float("nan")
-    ok = [all(scores["objects"][i, data.OBJECTS.index(o)] > threshold for o in c.objects) for i, c in enumerate(cases)]
+    ok = [all(scores["objects"][i, captions.OBJECTS.index(o)] > threshold for o in c.objects) for i, c in enumerate(cases)]
     return float(np.mean(ok))
 
 
 def target_found_rate(scores: dict[str, np.ndarray], targets: list[str], threshold: float = 0.5) -> float:
     """Share of images in which the scorer finds any of ``targets`` (1 - erasure rate)."""
-    idx = [data.OBJECTS.index(t) for t in targets]
+    idx = [captions.OBJECTS.index(t) for t in targets]
     return float((scores["objects"][:, idx] > threshold).any(1).mean())
 
 
@@ -163,15 +161,15 @@ def exact_accuracy(scores: dict[str, np.ndarray], cases: list[PromptCase], thres
         return float("nan")
     ok = []
     for i, c in enumerate(cases):
-        want = np.zeros(len(data.OBJECTS), bool)
-        want[[data.OBJECTS.index(o) for o in c.objects]] = True
+        want = np.zeros(len(captions.OBJECTS), bool)
+        want[[captions.OBJECTS.index(o) for o in c.objects]] = True
         ok.append(bool(((scores["objects"][i] > threshold) == want).all()))
     return float(np.mean(ok))
 
 
 def colour_rate(scores: dict[str, np.ndarray], cases: list[PromptCase], threshold: float = 0.5) -> float:
     """Among prompts that name colours, share of images in which the scorer finds all of them."""
-    ok = [all(scores["colours"][i, data.COLOURS.index(c)] > threshold for c in case.colours)
+    ok = [all(scores["colours"][i, captions.COLOURS.index(c)] > threshold for c in case.colours)
           for i, case in enumerate(cases) if case.colours]
     return float(np.mean(ok)) if ok else float("nan")
 
@@ -223,77 +221,3 @@ def image_grid(images: list, cols: int, scale: int = 3):
     for i, im in enumerate(images):
         grid.paste(im, ((i % cols) * w, (i // cols) * h))
     return grid.resize((cols * w * scale, rows * h * scale), Image.NEAREST)
-
-
-# ----------------------------------------------------------------------------------------------- asset check
-def make_grid(out: Path | None = None, which: str = "base", seed: int = 5) -> Path:
-    """8 objects (rows) x 6 colours (columns), background cycling white/black/gray; DDIM 25 steps, CFG 7.5."""
-    from .model import load_toy_pipeline
-
-    torch.set_num_threads(2)
-    out = Path(out) if out else Path(__file__).resolve().parent / f"{which}_grid.png"
-    pipe = load_toy_pipeline(which)
-    prompts, seeds = [], []
-    for i, o in enumerate(data.OBJECTS):
-        for j, c in enumerate(data.COLOURS):
-            prompts.append(f"a {c} {o} on a {data.BACKGROUNDS[j % 3]} background")
-            seeds.append(seed * 1000 + i * 10 + j)
-    imgs = generate(pipe, prompts, seeds)
-    image_grid(imgs, len(data.COLOURS), scale=3).save(out)
-    return out
-
-
-def check_assets(n_per_object: int = 12, steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG,
-                 n_heldout: int = 1000, scorer_wait_s: float = 0.0) -> dict:
-    """Evaluate the shipped assets: scorer accuracy, base and fine-tune prompt fidelity. Returns a JSON-able dict.
-
-    Generation runs first; ``scorer_wait_s`` > 0 lets the scorer file appear meanwhile (the wait is not counted
-    in ``seconds`` and is reported as ``waited_for_scorer_seconds``).
-    """
-    from .model import asset_dir, load_components, make_pipeline
-    from .scorer import evaluate_scorer, load_scorer
-
-    torch.set_num_threads(2)
-    t0 = time.time()
-    res: dict = {"settings": {"sampler": "DDIM", "steps": steps, "cfg": cfg, "n_per_object": n_per_object,
-                              "n_heldout_renders": n_heldout, "threshold": 0.5}}
-    cases = fidelity_suite(n_per_object)
-    prompts, seeds = [c.prompt for c in cases], [c.seed for c in cases]
-    base = load_components("base")
-    images = {}
-    for which in ("base", "finetune"):
-        comps = base if which == "base" else load_components("finetune")
-        pipe = make_pipeline(comps["text_encoder"], comps["vae"], comps["unet"])
-        t1 = time.time()
-        images[which] = generate(pipe, prompts, seeds, steps=steps, cfg=cfg)
-        res[f"{which}_generation_seconds"] = time.time() - t1
-    waited = 0.0
-    path = asset_dir("scorer") / "scorer.safetensors"
-    while not path.is_file() and waited < scorer_wait_s:
-        time.sleep(5)
-        waited += 5
-    time.sleep(2 if waited else 0)
-    waited += 2 if waited else 0
-    scorer = load_scorer()
-    acc = evaluate_scorer(scorer, base["vae"], seed=424242, n=n_heldout)
-    res.update({
-        "scorer_object_accuracy": acc["renders"]["objects"],
-        "scorer_object_accuracy_vae": acc["renders_vae"]["objects"],
-        "scorer_object_accuracy_shifted": acc["shifted_renders"]["objects"],
-        "scorer_object_accuracy_shifted_vae": acc["shifted_renders_vae"]["objects"],
-        "scorer_heldout": {k: v for k, v in acc.items() if k != "seconds"},
-    })
-    for which in ("base", "finetune"):
-        sc = score_images(scorer, images[which])
-        res[f"{which}_prompt_fidelity"] = found_rate(sc, cases)
-        res[f"{which}_exact_object_accuracy"] = exact_accuracy(sc, cases)
-        res[f"{which}_colour_fidelity"] = colour_rate(sc, cases)
-        res[f"{which}_per_object_fidelity"] = {
-            o: found_rate({k: v[[i for i, c in enumerate(cases) if c.objects == [o]]] for k, v in sc.items()},
-                          [c for c in cases if c.objects == [o]]) for o in data.OBJECTS}
-    res["n_generations"] = 2 * len(cases)
-    res["torch_threads"] = torch.get_num_threads()
-    if waited:
-        res["waited_for_scorer_seconds"] = waited
-    res["seconds"] = time.time() - t0 - waited
-    return res

@@ -1,0 +1,93 @@
+"""The toy world's asset check (``python -m bench.toyworld --json``) and its grid of base generations."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from spm.toy import captions as data
+from spm.toy.harness import (
+    DEFAULT_CFG,
+    DEFAULT_STEPS,
+    colour_rate,
+    exact_accuracy,
+    fidelity_suite,
+    found_rate,
+    generate,
+    image_grid,
+    score_images,
+)
+from spm.toy.model import asset_dir, load_components, load_toy_pipeline, make_pipeline
+from spm.toy.scorer import load_scorer
+
+from .scorer import evaluate_scorer
+
+
+def make_grid(out: Path | None = None, which: str = "base", seed: int = 5) -> Path:
+    """8 objects (rows) x 6 colours (columns), background cycling white/black/gray; DDIM 25 steps, CFG 7.5."""
+    torch.set_num_threads(2)
+    out = Path(out) if out else asset_dir("base").parent / f"{which}_grid.png"
+    pipe = load_toy_pipeline(which)
+    prompts, seeds = [], []
+    for i, o in enumerate(data.OBJECTS):
+        for j, c in enumerate(data.COLOURS):
+            prompts.append(f"a {c} {o} on a {data.BACKGROUNDS[j % 3]} background")
+            seeds.append(seed * 1000 + i * 10 + j)
+    imgs = generate(pipe, prompts, seeds)
+    image_grid(imgs, len(data.COLOURS), scale=3).save(out)
+    return out
+
+
+def check_assets(n_per_object: int = 12, steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG,
+                 n_heldout: int = 1000, scorer_wait_s: float = 0.0) -> dict:
+    """Evaluate the shipped assets: scorer accuracy, base and fine-tune prompt fidelity. Returns a JSON-able dict.
+
+    Generation runs first; ``scorer_wait_s`` > 0 lets the scorer file appear meanwhile (the wait is not counted
+    in ``seconds`` and is reported as ``waited_for_scorer_seconds``).
+    """
+    torch.set_num_threads(2)
+    t0 = time.time()
+    res: dict = {"settings": {"sampler": "DDIM", "steps": steps, "cfg": cfg, "n_per_object": n_per_object,
+                              "n_heldout_renders": n_heldout, "threshold": 0.5}}
+    cases = fidelity_suite(n_per_object)
+    prompts, seeds = [c.prompt for c in cases], [c.seed for c in cases]
+    base = load_components("base")
+    images = {}
+    for which in ("base", "finetune"):
+        comps = base if which == "base" else load_components("finetune")
+        pipe = make_pipeline(comps["text_encoder"], comps["vae"], comps["unet"])
+        t1 = time.time()
+        images[which] = generate(pipe, prompts, seeds, steps=steps, cfg=cfg)
+        res[f"{which}_generation_seconds"] = time.time() - t1
+    waited = 0.0
+    path = asset_dir("scorer") / "scorer.safetensors"
+    while not path.is_file() and waited < scorer_wait_s:
+        time.sleep(5)
+        waited += 5
+    time.sleep(2 if waited else 0)
+    waited += 2 if waited else 0
+    scorer = load_scorer()
+    acc = evaluate_scorer(scorer, base["vae"], seed=424242, n=n_heldout)
+    res.update({
+        "scorer_object_accuracy": acc["renders"]["objects"],
+        "scorer_object_accuracy_vae": acc["renders_vae"]["objects"],
+        "scorer_object_accuracy_shifted": acc["shifted_renders"]["objects"],
+        "scorer_object_accuracy_shifted_vae": acc["shifted_renders_vae"]["objects"],
+        "scorer_heldout": {k: v for k, v in acc.items() if k != "seconds"},
+    })
+    for which in ("base", "finetune"):
+        sc = score_images(scorer, images[which])
+        res[f"{which}_prompt_fidelity"] = found_rate(sc, cases)
+        res[f"{which}_exact_object_accuracy"] = exact_accuracy(sc, cases)
+        res[f"{which}_colour_fidelity"] = colour_rate(sc, cases)
+        res[f"{which}_per_object_fidelity"] = {
+            o: found_rate({k: v[[i for i, c in enumerate(cases) if c.objects == [o]]] for k, v in sc.items()},
+                          [c for c in cases if c.objects == [o]]) for o in data.OBJECTS}
+    res["n_generations"] = 2 * len(cases)
+    res["torch_threads"] = torch.get_num_threads()
+    if waited:
+        res["waited_for_scorer_seconds"] = waited
+    res["seconds"] = time.time() - t0 - waited
+    return res
