@@ -9,3 +9,50 @@ stays in ``bench/toyworld``.
 * :mod:`spm.toy.scorer`    the classifier that reads generated toy images
 * :mod:`spm.toy.harness`   generation, prompt suites, scoring helpers; :mod:`spm.toy.evaluate`: ``spm eval``
 """
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["MODELS", "ToyModel", "concepts", "load", "toy_model"]
+
+
+@dataclass(frozen=True)
+class ToyModel:
+    """A shipped toy model that the command line and the standalone tab accept by name (``--model toy``)."""
+
+    name: str      # the name users type
+    world: str     # the toy world it belongs to: a folder under spm/toy/assets/
+    which: str     # "base" or "finetune" inside that world
+    summary: str   # one line for --help
+
+
+MODELS: dict[str, ToyModel] = {
+    "toy": ToyModel("toy", "shapes", "base", "the shapes world's base model (32x32 pictograms, CLIP-L-style text encoder 64x2)"),
+    "toy-finetune": ToyModel("toy-finetune", "shapes", "finetune",
+                             "the shapes world's community fine-tune (UNet fine-tuned on another palette and textures)"),
+}
+
+
+def toy_model(spec: str | None) -> ToyModel | None:
+    """The shipped toy model called ``spec``, or None when ``spec`` is not one of their names (e.g. a path)."""
+    return MODELS.get(spec) if spec else None
+
+
+def concepts(world: str) -> tuple[str, ...]:
+    """The object concepts a toy world's models know (what its membranes can erase), without importing torch."""
+    if world == "shapes":
+        from .captions import OBJECTS
+
+        return OBJECTS
+    raise ValueError(f"unknown toy world {world!r}; the shipped ones: {sorted({m.world for m in MODELS.values()})}")
+
+
+def load(spec: str, dtype=None):
+    """A diffusers pipeline for the shipped toy model called ``spec`` (see :data:`MODELS`)."""
+    m = toy_model(spec)
+    if m is None:
+        raise ValueError(f"{spec!r} is not a shipped toy model; choose one of {', '.join(MODELS)}")
+    from .model import load_toy_pipeline
+
+    return load_toy_pipeline(m.which) if dtype is None else load_toy_pipeline(m.which, dtype)
