@@ -6,7 +6,11 @@ sub-folders are both reachable and never ambiguous.  A bare stem (``van_gogh``) 
 one file has it.  Names are validated by :func:`spm.tags.check_name` and the resolved file must lie inside
 the folder (symlinks pointing out of it are refused).
 
-Listing reads only the safetensors header (JSON metadata and tensor names), never the tensors.
+Listing reads only the safetensors header (JSON metadata and tensor names), never the tensors, and only for
+files that are new or changed since the last scan: descriptions are cached by ``(path, mtime_ns, size)``, so
+rescanning an unchanged folder costs one directory walk and a ``stat`` per file.  :attr:`Library.signature`
+changes exactly when the listing does (a file added, removed, replaced or touched), for clients that keep a
+copy of the list (the WebUI panel and cards).
 Loading goes through :func:`spm.checkpoint.load_membrane` (all its validation) and is cached per file,
 keyed by ``(path, mtime_ns, size)``: an edited or replaced file is reloaded, a deleted one gives a clear
 :class:`LibraryError`.
@@ -14,6 +18,7 @@ keyed by ``(path, mtime_ns, size)``: an edited or replaced file is reloaded, a d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -142,9 +147,9 @@ def _fill_from_header(e: Entry, header: dict) -> list[str]:
     return downs
 
 
-def describe_file(path: Path, name: str) -> Entry:
-    """An :class:`Entry` from the header of ``path`` (errors are recorded, not raised)."""
-    st = path.stat()
+def describe_file(path: Path, name: str, st: os.stat_result | None = None) -> Entry:
+    """An :class:`Entry` from the header of ``path`` (errors are recorded, not raised); ``st``: its ``stat``."""
+    st = path.stat() if st is None else st
     e = Entry(name=name, path=path, size=st.st_size, mtime_ns=st.st_mtime_ns)
     try:
         header = _read_header(path)
@@ -169,8 +174,11 @@ class Library:
         self.cache_size = cache_size
         self._entries: dict[str, Entry] = {}
         self._cache: OrderedDict[Path, tuple[tuple[int, int], Membrane]] = OrderedDict()
+        self._described: dict[Path, tuple[tuple[int, int], Entry]] = {}
         self._lock = threading.RLock()
         self.problem: str | None = None
+        self.signature: str = ""
+        self.headers_read = 0  # how many headers :meth:`refresh` has parsed so far (the cache's effect)
 
     # --- listing -----------------------------------------------------------------------------
     def refresh(self) -> list[Entry]:
@@ -188,18 +196,38 @@ class Library:
             except OSError as exc:
                 files = []
                 problem = f"the membrane folder {root} cannot be read: {exc.strerror or exc}"
+            with self._lock:
+                described = dict(self._described)
+            fresh: dict[Path, tuple[tuple[int, int], Entry]] = {}
+            parsed = 0
             for path in files:
                 rel = path.relative_to(root).with_suffix("")
                 name = "/".join(rel.parts)
                 try:
                     check_name(name)
                     self._inside(path)
-                    entries[name] = describe_file(path, name)
+                    st = path.stat()
+                    key = (st.st_mtime_ns, st.st_size)
+                    hit = described.get(path)
+                    if hit is not None and hit[0] == key:
+                        entry = hit[1]
+                    else:
+                        entry = describe_file(path, name, st)
+                        parsed += 1
+                    fresh[path] = (key, entry)
+                    entries[name] = entry
                 except (TagError, LibraryError, OSError) as exc:
                     log.warning("SPM: skipping %s: %s", path, exc)
+            with self._lock:
+                self._described = fresh
+                self.headers_read += parsed
+        digest = hashlib.sha1((problem or "").encode("utf8"))
+        for name, e in entries.items():
+            digest.update(f"\0{name}\0{e.mtime_ns}\0{e.size}".encode("utf8"))
         with self._lock:
             self._entries = entries
             self.problem = problem
+            self.signature = digest.hexdigest()[:16]
         return list(entries.values())
 
     @property
