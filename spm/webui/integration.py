@@ -10,7 +10,7 @@ import logging
 from modules import script_callbacks
 
 from . import state
-from .script import XYZ_FACTOR, XYZ_WEIGHT
+from .panel import XYZ_FACTOR, XYZ_WEIGHT
 
 log = logging.getLogger("spm")
 

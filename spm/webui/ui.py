@@ -10,6 +10,7 @@ from typing import Any
 
 from ..tags import parse_weight_list
 from . import state
+from .panel import METRIC_CHOICES, parse_transport_infotext, sync_weights
 
 
 def membrane_choices() -> list[str]:
@@ -33,8 +34,6 @@ def _paste_names(d: dict) -> list[str]:
 def build_panel(script: Any) -> tuple[list, list]:
     """Components in API order ``[enabled, membranes, weights, metric, factor]`` and the infotext fields."""
     import gradio as gr
-
-    from .script import METRIC_CHOICES, parse_transport_infotext, sync_weights
 
     try:
         from modules.ui_components import InputAccordion  # A1111 1.7+ and Forge
