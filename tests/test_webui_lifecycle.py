@@ -325,6 +325,20 @@ def test_extra_network_page_and_settings(world):
     assert '+ 0.8 +' in item["prompt"] and item["description"] == "mine"
 
 
+def test_settings_have_their_own_section_under_a_category(world):
+    """A1111 1.10 / Forge group settings pages under category headings; a section without a category id
+    lands under "Uncategorized" (``Options.dumpjson``)."""
+    opts = world.env.shared.opts
+    assert {opts.data_labels[k].section for k in ("spm_default_weight", "spm_write_infotext")} == {("spm", "SPM")}
+    # a WebUI's own section and an extension's section without a category, as the real settings hold them
+    opts.add_option("sd_vae", stub.OptionInfo("Automatic", "SD VAE", section=("vae", "VAE"), category_id="sd"))
+    opts.add_option("canvas_hotkey_zoom", stub.OptionInfo("Alt", "Zoom canvas", section=("canvas_hotkey", "Canvas Hotkeys")))
+    headings = stub.settings_headings(opts)
+    assert headings["Canvas Hotkeys"] == "Uncategorized"  # the stand-in reproduces the WebUI's grouping
+    assert headings["SPM"] == "Stable Diffusion"
+    assert opts.spm_default_weight == 1.0 and opts.spm_write_infotext is True
+
+
 def test_model_without_sd_targets_does_not_break_generation(world, monkeypatch):
     """E.g. Flux in Forge: no SPM targets. Idle SPM stays silent; a tag gives a warning, not an error."""
     world.add_membrane("m")

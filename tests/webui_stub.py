@@ -40,7 +40,7 @@ from torch import nn
 
 MODULE_NAMES = [
     "modules", "modules.scripts", "modules.script_callbacks", "modules.extra_networks", "modules.ui_extra_networks",
-    "modules.shared", "modules.paths", "modules.prompt_parser", "modules.processing", "modules_forge",
+    "modules.shared", "modules.options", "modules.paths", "modules.prompt_parser", "modules.processing", "modules_forge",
     "backend", "backend.operations", "backend.patcher", "backend.patcher.unet", "xyz_grid.py", "modules.ui_components",
 ]
 
@@ -55,6 +55,8 @@ def _module(name: str) -> types.ModuleType:
 # modules.shared / modules.paths
 # ================================================================================================
 class OptionInfo:
+    """``modules/options.py`` OptionInfo (same signature; the label/comment helpers are left out)."""
+
     def __init__(self, default=None, label="", component=None, component_args=None, onchange=None, section=None,
                  refresh=None, comment_before='', comment_after='', infotext=None, restrict_api=False, category_id=None):
         self.default = default
@@ -65,6 +67,44 @@ class OptionInfo:
         self.section = section
         self.category_id = category_id
         self.refresh = refresh
+        self.do_not_save = False
+        self.comment_before = comment_before
+        self.comment_after = comment_after
+        self.infotext = infotext
+        self.restrict_api = restrict_api
+
+
+def options_section(section_identifier, options_dict):
+    """``modules/options.py``: a 2-tuple sets the section, a 3-tuple also the category id."""
+    for v in options_dict.values():
+        if len(section_identifier) == 2:
+            v.section = section_identifier
+        elif len(section_identifier) == 3:
+            v.section = section_identifier[0:2]
+            v.category_id = section_identifier[2]
+    return options_dict
+
+
+@dataclass
+class OptionsCategory:
+    id: str
+    label: str
+
+
+class OptionsCategories:
+    def __init__(self):
+        self.mapping = {}
+
+    def register_category(self, category_id, label):
+        if category_id in self.mapping:
+            return category_id
+        self.mapping[category_id] = OptionsCategory(category_id, label)
+
+
+categories = OptionsCategories()
+for _cid, _label in (("saving", "Saving images"), ("sd", "Stable Diffusion"), ("ui", "User Interface"),
+                     ("system", "System"), ("postprocessing", "Postprocessing"), ("training", "Training")):
+    categories.register_category(_cid, _label)  # modules/shared_options.py registers these at import
 
 
 class Options:
@@ -75,7 +115,45 @@ class Options:
 
     def add_option(self, key, info):
         self.data_labels[key] = info
-        self.data.setdefault(key, info.default)
+        if key not in self.data and not info.do_not_save:
+            self.data[key] = info.default
+
+    def reorder(self):
+        """``Options.reorder`` (called by the settings UI after ``ui_settings_callback``): every item of a section
+        takes the category of the section's first item; categories in registration order (unknown last),
+        sections alphabetically inside."""
+        section_categories = {}
+        for _, item in self.data_labels.items():
+            if item.section not in section_categories:
+                section_categories[item.section] = item.category_id
+        for _, item in self.data_labels.items():
+            item.category_id = section_categories.get(item.section)
+        category_ids = {cid: i for i, cid in enumerate(categories.mapping)}
+
+        def sort_key(x):
+            item = x[1]
+            return category_ids.get(item.category_id, len(category_ids)), item.section[1]
+
+        self.__dict__["data_labels"] = dict(sorted(self.data_labels.items(), key=sort_key))
+
+    def dumpjson(self):
+        """``Options.dumpjson``: the values, and ``_categories``: ``[section label, category label]`` for the
+        first section of each category (the settings page writes the category as a heading above it)."""
+        import json
+
+        d = {k: self.data.get(k, v.default) for k, v in self.data_labels.items()}
+        d["_comments_before"] = {k: v.comment_before for k, v in self.data_labels.items() if v.comment_before is not None}
+        d["_comments_after"] = {k: v.comment_after for k, v in self.data_labels.items() if v.comment_after is not None}
+        item_categories = {}
+        for item in self.data_labels.values():
+            if item.section[0] is None:
+                continue
+            category = categories.mapping.get(item.category_id)
+            category = "Uncategorized" if category is None else category.label
+            if category not in item_categories:
+                item_categories[category] = item.section[1]
+        d["_categories"] = [[v, k] for k, v in item_categories.items()] + [["Defaults", "Other"]]
+        return json.dumps(d)
 
     def __getattr__(self, item):
         if item in self.data:
@@ -84,6 +162,22 @@ class Options:
 
     def __setattr__(self, key, value):
         self.data[key] = value
+
+
+def settings_headings(opts) -> dict[str, str]:
+    """Section label → the category heading it appears under in the settings sidebar, as the page draws
+    ``_categories`` (a heading above a section, valid until the next heading), after ``reorder``."""
+    import json
+
+    opts.reorder()
+    headings = {section: category for section, category in json.loads(opts.dumpjson())["_categories"]}
+    out, current = {}, None
+    for item in opts.data_labels.values():
+        if item.section[0] is None:
+            continue
+        current = headings.get(item.section[1], current)
+        out[item.section[1]] = current
+    return out
 
 
 # ================================================================================================
@@ -901,6 +995,9 @@ def install(tmp_path, *, forge: bool = False) -> types.SimpleNamespace:
     shared = _module("modules.shared")
     shared.opts = Options()
     shared.OptionInfo = OptionInfo
+    shared.options_section = options_section
+    options = _module("modules.options")
+    options.OptionInfo, options.options_section, options.categories = OptionInfo, options_section, categories
     shared.cmd_opts = types.SimpleNamespace(spm_dir=str(tmp_path / "models" / "spm"))
     shared.sd_model = None
     sc = _module("modules.script_callbacks")
@@ -922,7 +1019,7 @@ def install(tmp_path, *, forge: bool = False) -> types.SimpleNamespace:
     sm.Script, sm.AlwaysVisible, sm.scripts_data, sm.ScriptRunner = Script, AlwaysVisible, scripts_data, ScriptRunner
     proc = _module("modules.processing")
     proc.StableDiffusionProcessing, proc.process_images, proc.Processed = StableDiffusionProcessing, process_images, Processed
-    for name in ("paths", "shared", "script_callbacks", "extra_networks", "ui_extra_networks", "prompt_parser", "scripts", "processing"):
+    for name in ("paths", "shared", "options", "script_callbacks", "extra_networks", "ui_extra_networks", "prompt_parser", "scripts", "processing"):
         setattr(root, name, sys.modules[f"modules.{name}"])
     xyz = _module("xyz_grid.py")
     xyz.AxisOption = AxisOption

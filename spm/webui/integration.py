@@ -17,6 +17,7 @@ log = logging.getLogger("spm")
 AXIS_WEIGHT = "[SPM] weight"
 AXIS_FACTOR = "[SPM] facilitate factor"
 SECTION = ("spm", "SPM")
+CATEGORY = "sd"  # the settings sidebar's "Stable Diffusion" heading (A1111 1.7+, Forge), where Extra Networks is
 
 
 def _apply_attr(field):
@@ -71,9 +72,10 @@ def on_ui_settings() -> None:
     opts = shared.opts
     opts.add_option("spm_default_weight", shared.OptionInfo(
         1.0, "Default membrane weight (panel, cards, <spm:name> without a weight)", slider,
-        {"minimum": 0.0, "maximum": 2.0, "step": 0.05}, section=SECTION))
+        {"minimum": 0.0, "maximum": 2.0, "step": 0.05}, section=SECTION, category_id=CATEGORY))
     opts.add_option("spm_write_infotext", shared.OptionInfo(
-        True, "Write SPM membranes and transport to the generation parameters (infotext)", section=SECTION))
+        True, "Write SPM membranes and transport to the generation parameters (infotext)", section=SECTION,
+        category_id=CATEGORY))
 
 
 def on_model_loaded(sd_model) -> None:
