@@ -327,9 +327,70 @@ class ExtraNetworksPage:
     def allowed_directories_for_previews(self):
         return []
 
+    def create_item_html(self, tabname, item):
+        """The card of ``html/extra-networks-card.html`` reduced to what scripts depend on: ``data-name`` and the
+        ``onclick`` built from the item's ``prompt`` JS expression (html-escaped, not quoted)."""
+        import html
+
+        onclick = item.get("onclick", None)
+        if onclick is None:
+            onclick = html.escape("cardClicked('{tabname}', {prompt}, {neg_prompt}, {allow_neg});".format(
+                tabname=tabname, prompt=item["prompt"], neg_prompt=item.get("negative_prompt", "''"),
+                allow_neg=str(self.allow_negative_prompt).lower()))
+        name = html.escape(item["name"])
+        return (f'<div class="card" onclick="{onclick}" data-name="{name}"><div class="actions">'
+                f'<span class="name">{name}</span><span class="description">{html.escape(item.get("description") or "")}'
+                '</span></div></div>')
+
+    def create_html(self, tabname, *, empty=False):
+        """The pane: ``list_items`` (unless ``empty``) rendered as cards; "Loading..." while empty."""
+        items_list = [] if empty else list(self.list_items())
+        self.items = {x["name"]: x for x in items_list}
+        for item in self.items.values():
+            if "user_metadata" not in item:
+                self.read_user_metadata(item)
+        cards = "".join(self.create_item_html(tabname, item) for item in self.items.values())
+        if not cards:
+            cards = "Loading..." if empty else "<div class='nocards'>Nothing here.</div>"
+        return f"<div id='{tabname}_{self.extra_networks_tabname}_pane' class='extra-network-pane'>{cards}</div>"
+
 
 def register_page(page):
     registered_pages.append(page)
+
+
+def create_ui(interface, unrelated_tabs, tabname):
+    """``ui_extra_networks.create_ui`` reduced to its data flow (needs Gradio): one ``gr.HTML`` per page,
+    ``{tabname}_{page}_cards_html``, filled on page load from a cache that only the hidden
+    ``{tabname}_{page}_extra_refresh_internal`` button (every page's ``refresh``, then new HTML) renews."""
+    import gradio as gr
+
+    ui = types.SimpleNamespace(pages=[], pages_contents=[], stored_extra_pages=list(registered_pages), tabname=tabname)
+    for page in ui.stored_extra_pages:
+        with gr.Tab(page.title, elem_id=f"{tabname}_{page.extra_networks_tabname}"):
+            ui.pages.append(gr.HTML(page.create_html(tabname, empty=True),
+                                    elem_id=f"{tabname}_{page.extra_networks_tabname}_cards_html"))
+
+    def create_html():
+        ui.pages_contents = [pg.create_html(ui.tabname) for pg in ui.stored_extra_pages]
+
+    def pages_html():
+        if not ui.pages_contents:
+            create_html()
+        return ui.pages_contents
+
+    def refresh():
+        for pg in ui.stored_extra_pages:
+            pg.refresh()
+        create_html()
+        return ui.pages_contents
+
+    for page in ui.stored_extra_pages:
+        button_refresh = gr.Button("Refresh", elem_id=f"{tabname}_{page.extra_networks_tabname}_extra_refresh_internal",
+                                   visible=False)
+        button_refresh.click(fn=refresh, inputs=[], outputs=ui.pages)
+    interface.load(fn=pages_html, inputs=[], outputs=ui.pages)
+    return ui
 
 
 # ================================================================================================
@@ -1010,6 +1071,7 @@ def install(tmp_path, *, forge: bool = False) -> types.SimpleNamespace:
         setattr(en, k, v)
     uen = _module("modules.ui_extra_networks")
     uen.ExtraNetworksPage, uen.register_page, uen.quote_js = ExtraNetworksPage, register_page, quote_js
+    uen.create_ui = create_ui
     pp = _module("modules.prompt_parser")
     for k in ("SdConditioning", "get_learned_conditioning_prompt_schedules", "get_learned_conditioning",
               "get_multicond_prompt_list", "get_multicond_learned_conditioning", "reconstruct_cond_batch",
