@@ -487,3 +487,11 @@ def test_core_import_under_a_unique_name_when_spm_clashes(tmp_path, tokenizer, t
         sys.modules.update(saved)
         stub.uninstall()
     del w
+
+
+def test_browser_script_parses():
+    """``javascript/spm.js`` is valid JS (the browser test, marked slow, runs it in Chromium)."""
+    if NODE is None:
+        pytest.skip("node is not installed (apt-get install nodejs)")
+    res = subprocess.run([NODE, "--check", str(ROOT / "javascript" / "spm.js")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
