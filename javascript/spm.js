@@ -29,7 +29,7 @@
         spm_factor: "Multiplies every membrane's strength (weight × factor × transport score)."
     };
     var known = {names: null, descriptions: {}, signature: null, defaultWeight: null};
-    var pending = null;
+    var pending = null, queued = null;
     var cardsAsked = {};
 
     function root() {
@@ -54,10 +54,9 @@
     }
 
     // --- the listing ---------------------------------------------------------------------------------------
-    function fetchNames() {
-        if (pending) return pending;
+    function request() {
         if (typeof fetch !== "function") return Promise.resolve(null);
-        pending = fetch(ROUTE, {cache: "no-store", credentials: "same-origin"})
+        return fetch(ROUTE, {cache: "no-store", credentials: "same-origin"})
             .then(function(r) {
                 return r.ok ? r.json() : null;
             })
@@ -72,12 +71,26 @@
             })
             .catch(function() {
                 return null;
-            })
-            .then(function(d) {
+            });
+    }
+
+    // One request at a time; a call while one is in flight gets one more request after it (the folder may
+    // have changed since the first was sent), shared by every caller in the meantime.
+    function fetchNames() {
+        if (!pending) {
+            pending = request().then(function(d) {
                 pending = null;
                 return d;
             });
-        return pending;
+            return pending;
+        }
+        if (!queued) {
+            queued = pending.then(function() {
+                queued = null;
+                return fetchNames();
+            });
+        }
+        return queued;
     }
 
     function panelNames(tab) {

@@ -228,6 +228,13 @@ def test_panel_cards_and_completion_in_the_browser(served):
             panel_has(page, "delta")
             page.wait_for_selector(card("delta"), state="attached", timeout=60_000)
             assert page.locator(card("alpha")).count() == 1
+            # ... and when the user comes back to txt2img from another tab (e.g. the SPM Trainer, after a run)
+            page.locator("#tabs > .tab-nav > button", has_text="Other").click()
+            page.wait_for_selector("#tab_other", state="visible", timeout=30_000)
+            save_membrane(tiny(concepts=("zeta",)), folder / "zeta.safetensors")
+            page.locator("#tabs > .tab-nav > button", has_text="txt2img").click()
+            panel_has(page, "zeta")
+            page.wait_for_selector(card("zeta"), state="attached", timeout=60_000)
 
             # no route (an older extension version, a proxy): the JS cannot tell what changed, so the panel's
             # own page-load rescan is what lists a new file; completion uses the panel's names; no errors
