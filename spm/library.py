@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import struct
 import threading
 from collections import OrderedDict
@@ -175,6 +176,7 @@ class Library:
         self._entries: dict[str, Entry] = {}
         self._cache: OrderedDict[Path, tuple[tuple[int, int], Membrane]] = OrderedDict()
         self._described: dict[Path, tuple[tuple[int, int], Entry]] = {}
+        self._skipped: dict[Path, str] = {}
         self._lock = threading.RLock()
         self.problem: str | None = None
         self.signature: str = ""
@@ -192,7 +194,9 @@ class Library:
             problem = f"the membrane folder {root} is not a folder"
         else:
             try:
-                files = sorted(p for p in root.rglob("*") if p.suffix.lower() == SUFFIX and p.is_file())
+                # rglob does not descend into symlinked folders (Python 3.10-3.13), so only a file that is itself
+                # a link can lead out of the folder: those are checked with a full resolve, the others cost a stat
+                files = sorted(p for p in root.rglob("*") if p.suffix.lower() == SUFFIX)
             except OSError as exc:
                 files = []
                 problem = f"the membrane folder {root} cannot be read: {exc.strerror or exc}"
@@ -200,26 +204,33 @@ class Library:
                 described = dict(self._described)
             fresh: dict[Path, tuple[tuple[int, int], Entry]] = {}
             parsed = 0
+            skipped: dict[Path, str] = {}
             for path in files:
-                rel = path.relative_to(root).with_suffix("")
-                name = "/".join(rel.parts)
                 try:
-                    check_name(name)
-                    self._inside(path)
-                    st = path.stat()
+                    st = path.lstat()
+                    if stat.S_ISLNK(st.st_mode):
+                        self._inside(path)
+                        st = path.stat()
+                    if not stat.S_ISREG(st.st_mode):
+                        continue
                     key = (st.st_mtime_ns, st.st_size)
                     hit = described.get(path)
                     if hit is not None and hit[0] == key:
                         entry = hit[1]
                     else:
+                        name = "/".join(path.relative_to(root).with_suffix("").parts)
+                        check_name(name)
                         entry = describe_file(path, name, st)
                         parsed += 1
                     fresh[path] = (key, entry)
-                    entries[name] = entry
+                    entries[entry.name] = entry
                 except (TagError, LibraryError, OSError) as exc:
-                    log.warning("SPM: skipping %s: %s", path, exc)
+                    skipped[path] = str(exc)
+                    if self._skipped.get(path) != skipped[path]:  # once per file and reason, not on every rescan
+                        log.warning("SPM: skipping %s: %s", path, exc)
             with self._lock:
                 self._described = fresh
+                self._skipped = skipped
                 self.headers_read += parsed
         digest = hashlib.sha1((problem or "").encode("utf8"))
         for name, e in entries.items():

@@ -179,3 +179,14 @@ def test_signature_of_a_missing_folder_differs_from_an_empty_one(tmp_path):
     missing = Library(tmp_path / "nope")
     missing.refresh()
     assert empty.signature and missing.signature and empty.signature != missing.signature
+
+
+def test_a_skipped_file_is_reported_once_not_on_every_rescan(folder, caplog):
+    save_membrane(tiny(), folder / "a,b.safetensors")  # ',' cannot appear in a tag
+    lib = Library(folder)
+    with caplog.at_level("WARNING", logger="spm"):
+        lib.refresh()
+        lib.refresh()
+    assert [r.getMessage() for r in caplog.records if "a,b" in r.getMessage()] != []
+    assert len([r for r in caplog.records if "a,b" in r.getMessage()]) == 1
+    assert "a,b" not in lib.names()
