@@ -1,8 +1,8 @@
 // SPM in the browser (A1111 1.10 / Gradio 3.41 and Forge / Gradio 4.40): the WebUI injects every extension's
 // javascript/*.js into the page head.
 //
-// * `<spm:` completion in the txt2img / img2img prompt boxes, with the names of GET ./spm/v1/names (or, without
-//   the route, the names the panel lists);
+// * `<spm:` completion in the txt2img / img2img / hires-fix prompt boxes, with the names of GET ./spm/v1/names
+//   (or, without the route, the names the panel lists);
 // * fresh lists: when the folder changed (the route's `signature`), the panel's list is refreshed (its 🔄 button)
 //   and so are the Extra Networks SPM cards (their stamp, written by spm/webui/networks.py, says which listing
 //   they show) — checked on page load, on a tab switch, when the window regains focus and when `<spm:` is typed;
@@ -161,11 +161,12 @@
     var box = null;
     var session = null; // {area, start, query, items, index}
 
+    // the prompts whose tags SPM reads (a tag never acts on negative rows, so not the negative prompts)
+    var PROMPTS = "#txt2img_prompt, #img2img_prompt, #hires_prompt";
+
     function promptArea(el) {
         if (!el || el.tagName !== "TEXTAREA" || !el.closest) return false;
-        return !!el.closest(TABS.map(function(t) {
-            return "#" + t + "_prompt";
-        }).join(","));
+        return !!el.closest(PROMPTS);
     }
 
     function formatWeight(w) {
