@@ -172,8 +172,11 @@ def type_at_end(page, typed: str):
 def complete(page, typed: str, pick: str):
     type_at_end(page, typed)
     page.wait_for_selector(f"#spm_complete .spm-complete-item[data-name='{pick}']", state="visible", timeout=30_000)
-    while page.locator("#spm_complete .spm-complete-item.selected").get_attribute("data-name") != pick:
+    for _ in range(page.locator("#spm_complete .spm-complete-item").count()):
+        if page.locator("#spm_complete .spm-complete-item.selected").get_attribute("data-name") == pick:
+            break
         page.keyboard.press("ArrowDown")
+    assert page.locator("#spm_complete .spm-complete-item.selected").get_attribute("data-name") == pick
     page.keyboard.press("Enter")
     page.wait_for_selector("#spm_complete", state="hidden", timeout=30_000)
 
