@@ -4,7 +4,10 @@ Mirrors **AUTOMATIC1111 stable-diffusion-webui v1.10.1 (commit 82a973c0)** — s
 ``modules/scripts.py`` (Script, ScriptRunner lifecycle with ``p.script_args[args_from:args_to]``),
 ``modules/script_callbacks.py`` (on_* registration and the *_callback firing functions),
 ``modules/extra_networks.py`` (ExtraNetworkParams, ExtraNetwork, ``<(\\w+):([^>]+)>`` parsing that keeps only
-the first prompt's tags), ``modules/ui_extra_networks.py`` (ExtraNetworksPage, register_page, quote_js),
+the first prompt's tags), ``modules/ui_extra_networks.py`` (ExtraNetworksPage, register_page, quote_js; the card's
+``onclick`` from the item's ``prompt`` expression; ``create_ui``'s cards rendered once, served from that copy on every
+page load, renewed only by the hidden refresh button), ``modules/options.py`` (OptionInfo, options_section, the
+settings categories, ``Options.reorder`` and ``dumpjson``'s ``_categories``),
 ``modules/prompt_parser.py`` (SdConditioning, get_multicond_prompt_list, schedules, reconstruct_* — the
 prompt-editing grammar is reduced to non-nested ``[a:b:N]``, ``[a:N]``, ``[a::N]`` and hires-step
 re-scheduling is left out; checked once against the real parser for first-pass schedules),
