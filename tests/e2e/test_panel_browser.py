@@ -137,10 +137,10 @@ def served(tmp_path):
     gr.routes.templates.TemplateResponse = template_response
     demo.queue()
     port = free_port()
-    app, _, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False,
-                            inbrowser=False, quiet=True, show_api=False, allowed_paths=[str(JS), str(CSS)])
-    stub.fire("app_started", demo, app)
     try:
+        app, _, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False,
+                                inbrowser=False, quiet=True, show_api=False, allowed_paths=[str(JS), str(CSS)])
+        stub.fire("app_started", demo, app)
         yield f"http://127.0.0.1:{port}/", folder
     finally:
         demo.close()
@@ -278,9 +278,9 @@ def test_the_script_is_harmless_on_a_page_without_the_panel(tmp_path):
 
     gr.routes.templates.TemplateResponse = template_response
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False, inbrowser=False,
-                quiet=True, show_api=False, allowed_paths=[str(JS)])
     try:
+        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False, inbrowser=False,
+                    quiet=True, show_api=False, allowed_paths=[str(JS)])
         with playwright_api.sync_playwright() as p:
             browser = p.chromium.launch(
                 executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"), args=ARGS)
@@ -294,7 +294,7 @@ def test_the_script_is_harmless_on_a_page_without_the_panel(tmp_path):
                 page.locator("#txt2img_prompt textarea").click()
                 page.keyboard.type("<spm:x")
                 # the route answers 404 here (no extension routes): the names request settles, nothing is listed
-                page.wait_for_function("() => window.spmWebui.sync().then(() => true)", timeout=30_000)
+                assert page.evaluate("() => window.spmWebui.sync().then(() => window.spmWebui.names())") is None
                 assert page.locator("#spm_complete .spm-complete-item").count() == 0
                 assert page.locator("#txt2img_prompt textarea").input_value() == "<spm:x"
             finally:
