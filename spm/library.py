@@ -6,7 +6,11 @@ sub-folders are both reachable and never ambiguous.  A bare stem (``van_gogh``) 
 one file has it.  Names are validated by :func:`spm.tags.check_name` and the resolved file must lie inside
 the folder (symlinks pointing out of it are refused).
 
-Listing reads only the safetensors header (JSON metadata and tensor names), never the tensors.
+Listing reads only the safetensors header (JSON metadata and tensor names), never the tensors, and only for
+files that are new or changed since the last scan: descriptions are cached by ``(path, mtime_ns, size)``, so
+rescanning an unchanged folder costs one directory walk and a ``stat`` per file.  :attr:`Library.signature`
+changes exactly when the listing does (a file added, removed, replaced or touched), for clients that keep a
+copy of the list (the WebUI panel and cards).
 Loading goes through :func:`spm.checkpoint.load_membrane` (all its validation) and is cached per file,
 keyed by ``(path, mtime_ns, size)``: an edited or replaced file is reloaded, a deleted one gives a clear
 :class:`LibraryError`.
@@ -14,9 +18,11 @@ keyed by ``(path, mtime_ns, size)``: an edited or replaced file is reloaded, a d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import stat
 import struct
 import threading
 from collections import OrderedDict
@@ -142,9 +148,9 @@ def _fill_from_header(e: Entry, header: dict) -> list[str]:
     return downs
 
 
-def describe_file(path: Path, name: str) -> Entry:
-    """An :class:`Entry` from the header of ``path`` (errors are recorded, not raised)."""
-    st = path.stat()
+def describe_file(path: Path, name: str, st: os.stat_result | None = None) -> Entry:
+    """An :class:`Entry` from the header of ``path`` (errors are recorded, not raised); ``st``: its ``stat``."""
+    st = path.stat() if st is None else st
     e = Entry(name=name, path=path, size=st.st_size, mtime_ns=st.st_mtime_ns)
     try:
         header = _read_header(path)
@@ -169,8 +175,12 @@ class Library:
         self.cache_size = cache_size
         self._entries: dict[str, Entry] = {}
         self._cache: OrderedDict[Path, tuple[tuple[int, int], Membrane]] = OrderedDict()
+        self._described: dict[Path, tuple[tuple[int, int], Entry]] = {}
+        self._skipped: dict[Path, str] = {}
         self._lock = threading.RLock()
         self.problem: str | None = None
+        self.signature: str = ""
+        self.headers_read = 0  # how many headers :meth:`refresh` has parsed so far (the cache's effect)
 
     # --- listing -----------------------------------------------------------------------------
     def refresh(self) -> list[Entry]:
@@ -184,22 +194,51 @@ class Library:
             problem = f"the membrane folder {root} is not a folder"
         else:
             try:
-                files = sorted(p for p in root.rglob("*") if p.suffix.lower() == SUFFIX and p.is_file())
+                # rglob does not descend into symlinked folders (Python 3.10-3.13), so only a file that is itself
+                # a link can lead out of the folder: those are checked with a full resolve, the others cost a stat
+                files = sorted(p for p in root.rglob("*") if p.suffix.lower() == SUFFIX)
             except OSError as exc:
                 files = []
                 problem = f"the membrane folder {root} cannot be read: {exc.strerror or exc}"
+            with self._lock:
+                described = dict(self._described)
+            fresh: dict[Path, tuple[tuple[int, int], Entry]] = {}
+            parsed = 0
+            skipped: dict[Path, str] = {}
             for path in files:
-                rel = path.relative_to(root).with_suffix("")
-                name = "/".join(rel.parts)
                 try:
-                    check_name(name)
-                    self._inside(path)
-                    entries[name] = describe_file(path, name)
+                    st = path.lstat()
+                    if stat.S_ISLNK(st.st_mode):
+                        self._inside(path)
+                        st = path.stat()
+                    if not stat.S_ISREG(st.st_mode):
+                        continue
+                    key = (st.st_mtime_ns, st.st_size)
+                    hit = described.get(path)
+                    if hit is not None and hit[0] == key:
+                        entry = hit[1]
+                    else:
+                        name = "/".join(path.relative_to(root).with_suffix("").parts)
+                        check_name(name)
+                        entry = describe_file(path, name, st)
+                        parsed += 1
+                    fresh[path] = (key, entry)
+                    entries[entry.name] = entry
                 except (TagError, LibraryError, OSError) as exc:
-                    log.warning("SPM: skipping %s: %s", path, exc)
+                    skipped[path] = str(exc)
+                    if self._skipped.get(path) != skipped[path]:  # once per file and reason, not on every rescan
+                        log.warning("SPM: skipping %s: %s", path, exc)
+            with self._lock:
+                self._described = fresh
+                self._skipped = skipped
+                self.headers_read += parsed
+        digest = hashlib.sha1((problem or "").encode("utf8"))
+        for name, e in entries.items():
+            digest.update(f"\0{name}\0{e.mtime_ns}\0{e.size}".encode("utf8"))
         with self._lock:
             self._entries = entries
             self.problem = problem
+            self.signature = digest.hexdigest()[:16]
         return list(entries.values())
 
     @property

@@ -133,3 +133,60 @@ def test_unreadable_file_is_listed_with_error(folder):
     assert e.error and "unreadable" in e.description()
     with pytest.raises(LibraryError):
         lib.load("junk")
+
+
+def test_rescan_reads_only_new_or_changed_headers(folder, monkeypatch):
+    """An unchanged folder costs a directory scan: no header is parsed again; a touched, replaced or new file
+    is read once; a deleted one disappears; the signature changes exactly when the listing does."""
+    import spm.library as library
+
+    reads = []
+    real = library._read_header
+    monkeypatch.setattr(library, "_read_header", lambda path: reads.append(path.name) or real(path))
+    lib = Library(folder)
+    first = {e.name: e for e in lib.refresh()}
+    assert len(reads) == 5 and lib.headers_read == 5
+    sig = lib.signature
+    reads.clear()
+    again = {e.name: e for e in lib.refresh()}
+    assert reads == [] and lib.signature == sig
+    assert again["nudity"] is first["nudity"]  # the cached description itself
+    # a touched file (same bytes, new mtime) is re-read; nothing else is
+    path = folder / "nudity.safetensors"
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
+    lib.refresh()
+    assert reads == ["nudity.safetensors"] and lib.signature != sig
+    # a replaced file with other metadata, a new file and a deleted file
+    reads.clear()
+    save_membrane(tiny(concepts=("nsfw",)), path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 20_000_000))
+    save_membrane(tiny(concepts=("dog",)), folder / "dog.safetensors")
+    (folder / "猫.safetensors").unlink()
+    entries = {e.name: e for e in lib.refresh()}
+    assert sorted(reads) == ["dog.safetensors", "nudity.safetensors"]
+    assert entries["nudity"].concepts == ["nsfw"] and entries["dog"].concepts == ["dog"] and "猫" not in entries
+    sig2 = lib.signature
+    reads.clear()
+    lib.refresh()
+    assert reads == [] and lib.signature == sig2
+    assert Library(folder).refresh() and Library(folder).signature == ""  # not scanned yet: no signature
+
+
+def test_signature_of_a_missing_folder_differs_from_an_empty_one(tmp_path):
+    empty = Library(tmp_path)
+    empty.refresh()
+    missing = Library(tmp_path / "nope")
+    missing.refresh()
+    assert empty.signature and missing.signature and empty.signature != missing.signature
+
+
+def test_a_skipped_file_is_reported_once_not_on_every_rescan(folder, caplog):
+    save_membrane(tiny(), folder / "a,b.safetensors")  # ',' cannot appear in a tag
+    lib = Library(folder)
+    with caplog.at_level("WARNING", logger="spm"):
+        lib.refresh()
+        lib.refresh()
+    assert [r.getMessage() for r in caplog.records if "a,b" in r.getMessage()] != []
+    assert len([r for r in caplog.records if "a,b" in r.getMessage()]) == 1
+    assert "a,b" not in lib.names()

@@ -7,7 +7,12 @@ CFG-denoiser UNet calls → hires pass → postprocess) and compares latents wit
 
 from __future__ import annotations
 
+import html
+import json
+import re
 import runpy
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -315,14 +320,100 @@ def test_extra_network_page_and_settings(world):
     page = next(pg for pg in stub.registered_pages if pg.title == "SPM")
     items = list(page.list_items())
     assert [i["name"] for i in items] == ["styles/van_gogh"]
-    assert items[0]["prompt"] == '"<spm:styles/van_gogh:" + 1.0 + ">"'
     assert "Van Gogh" in items[0]["description"]
     assert "spm_default_weight" in world.env.shared.opts.data_labels
     world.env.shared.opts.spm_default_weight = 0.6
-    assert '+ 0.6 +' in page.create_item("styles/van_gogh")["prompt"]
+    assert "0.6" in page.create_item("styles/van_gogh")["prompt"]  # the render-time fallback
     (world.folder / "styles" / "van_gogh.json").write_text('{"preferred weight": 0.8, "description": "mine"}')
     item = page.create_item("styles/van_gogh")
-    assert '+ 0.8 +' in item["prompt"] and item["description"] == "mine"
+    assert item["description"] == "mine"
+    assert js_eval(item["prompt"], {"spm_default_weight": 0.3}) == "<spm:styles/van_gogh:0.8>"
+
+
+NODE = shutil.which("node")
+
+
+def js_run(code: str, opts) -> str:
+    """Run browser-side JS in node, with ``opts`` (the WebUI's settings object; None: not defined); its stdout."""
+    if NODE is None:
+        pytest.skip("node is not installed (apt-get install nodejs)")
+    prelude = "" if opts is None else f"var opts = {json.dumps(opts)};"
+    res = subprocess.run([NODE, "-e", prelude + code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def js_eval(expr: str, opts) -> str:
+    """A card's ``prompt`` JS expression evaluated as the browser does on a click."""
+    return js_run(f"process.stdout.write(String({expr}));", opts)
+
+
+def test_card_inserts_the_weight_with_its_decimal_point(world):
+    """The card's ``prompt`` is a JS expression: ``"<spm:a:" + 1.0 + ">"`` gives ``<spm:a:1>`` in a browser."""
+    world.add_membrane("cat", concepts=("cat",))
+    page = next(pg for pg in stub.registered_pages if pg.title == "SPM")
+    prompt = page.create_item("cat")["prompt"]
+    assert js_eval(prompt, {"spm_default_weight": 1}) == "<spm:cat:1.0>"
+    assert js_eval(prompt, {"spm_default_weight": 0.85}) == "<spm:cat:0.85>"
+    assert js_eval(prompt, {"spm_default_weight": 2}) == "<spm:cat:2.0>"
+    assert js_eval(prompt, {}) == "<spm:cat:1.0>"  # settings not loaded yet: the value at render time
+    world.env.shared.opts.spm_default_weight = 0.5
+    assert js_eval(page.create_item("cat")["prompt"], None) == "<spm:cat:0.5>"
+    # the WebUI's card markup: the expression sits html-escaped in onclick, which the browser unescapes
+    html_card = page.create_item_html("txt2img", page.create_item("cat"))
+    onclick = html.unescape(re.search(r'onclick="([^"]*)"', html_card).group(1))
+    clicked = "function cardClicked(tab, text, negative, allowNegative) { process.stdout.write(tab + ' ' + text); }"
+    assert js_run(clicked + onclick, {"spm_default_weight": 1}) == "txt2img <spm:cat:1.0>"
+
+
+def test_cards_are_rendered_from_the_folder_of_now_with_a_stamp(world):
+    """The WebUI renders the cards once and serves that copy until Refresh: the cards carry the signature of
+    the listing they show, so javascript/spm.js can tell they are stale; a render rescans the folder."""
+    world.add_membrane("cat")
+    page = next(pg for pg in stub.registered_pages if pg.title == "SPM")
+    assert 'data-spm-signature="loading"' in page.create_html("txt2img", empty=True)
+    first = page.create_html("txt2img")
+    sig = world.state.library().signature
+    assert 'data-name="cat"' in first and f'data-spm-signature="{sig}"' in first
+    # a training run saved a new file; nobody pressed Refresh or rescanned
+    save_membrane(random_membrane(world.unet, name="dog", concepts=("dog",), seed=2), world.folder / "dog.safetensors")
+    second = page.create_html("txt2img")
+    assert 'data-name="dog"' in second and world.state.library().signature != sig
+    assert f'data-spm-signature="{world.state.library().signature}"' in second
+
+
+def test_names_route_follows_the_folder(world):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from spm.webui import integration
+
+    app = FastAPI()
+    stub.fire("app_started", None, app)
+    client = TestClient(app)
+    d = client.get("/spm/v1/names").json()
+    assert d["names"] == [] and d["problem"] is None and d["default_weight"] == 1.0
+    world.add_membrane("styles/cat", concepts=("cat",))
+    d2 = client.get("/spm/v1/names").json()
+    assert d2["names"] == ["styles/cat"] and "cat" in d2["descriptions"]["styles/cat"]
+    assert d2["signature"] != d["signature"]
+    assert client.get("/spm/v1/names").json()["signature"] == d2["signature"]
+    assert integration.names_payload()["signature"] == d2["signature"]
+    assert world.state.notify_membranes_changed() == d2["signature"]
+
+
+def test_settings_have_their_own_section_under_a_category(world):
+    """A1111 1.10 / Forge group settings pages under category headings; a section without a category id
+    lands under "Uncategorized" (``Options.dumpjson``)."""
+    opts = world.env.shared.opts
+    assert {opts.data_labels[k].section for k in ("spm_default_weight", "spm_write_infotext")} == {("spm", "SPM")}
+    # a WebUI's own section and an extension's section without a category, as the real settings hold them
+    opts.add_option("sd_vae", stub.OptionInfo("Automatic", "SD VAE", section=("vae", "VAE"), category_id="sd"))
+    opts.add_option("canvas_hotkey_zoom", stub.OptionInfo("Alt", "Zoom canvas", section=("canvas_hotkey", "Canvas Hotkeys")))
+    headings = stub.settings_headings(opts)
+    assert headings["Canvas Hotkeys"] == "Uncategorized"  # the stand-in reproduces the WebUI's grouping
+    assert headings["SPM"] == "Stable Diffusion"
+    assert opts.spm_default_weight == 1.0 and opts.spm_write_infotext is True
 
 
 def test_model_without_sd_targets_does_not_break_generation(world, monkeypatch):
@@ -396,3 +487,11 @@ def test_core_import_under_a_unique_name_when_spm_clashes(tmp_path, tokenizer, t
         sys.modules.update(saved)
         stub.uninstall()
     del w
+
+
+def test_browser_script_parses():
+    """``javascript/spm.js`` is valid JS (the browser test, marked slow, runs it in Chromium)."""
+    if NODE is None:
+        pytest.skip("node is not installed (apt-get install nodejs)")
+    res = subprocess.run([NODE, "--check", str(ROOT / "javascript" / "spm.js")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr

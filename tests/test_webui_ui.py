@@ -81,3 +81,37 @@ def test_refresh_and_weight_sync(script):
     assert isinstance(upd, dict)
     assert upd["choices"] == ["cat", "styles/van_gogh"] and upd["value"] == ["styles/van_gogh"]
     assert sync_weights(["cat", "styles/van_gogh"], "styles/van_gogh:0.3, gone:2") == "cat:1.0, styles/van_gogh:0.3"
+
+
+def load_events(blocks):
+    """``(output ids, fn)`` of each event a page load fires (Gradio 3.41: ``trigger == "load"``; 4.40: a target
+    ``(id, "load")``)."""
+    fns = blocks.fns
+    out = []
+    for i, dep in enumerate(blocks.get_config_file()["dependencies"]):
+        if dep.get("trigger") == "load" or any(isinstance(t, (list, tuple)) and t[1] == "load" for t in dep.get("targets") or []):
+            block_fn = fns[dep["id"]] if isinstance(fns, dict) else fns[i]
+            out.append((list(dep["outputs"]), block_fn.fn))
+    return out
+
+
+def test_the_list_is_rescanned_on_every_page_load(script):
+    """A1111 and Forge build txt2img inside its own Blocks and render it into the page: the panel adds a load
+    event there, so a page opened after a new membrane was trained lists it (without 🔄)."""
+    s, folder = script
+    with gr.Blocks() as txt2img_interface:
+        comps = s.ui(False)
+    with gr.Blocks() as demo:
+        txt2img_interface.render()
+    membranes = comps[1]
+    events = [fn for outputs, fn in load_events(demo) if outputs == [membranes._id]]
+    assert len(events) == 1
+    save_membrane(tiny(concepts=("cat",)), folder / "cat.safetensors")
+    upd = events[0](["nudity", "gone"])
+    assert upd["choices"] == ["cat", "nudity", "styles/van_gogh"] and upd["value"] == ["nudity"]
+
+
+def test_the_panel_outside_blocks_has_no_load_event(script):
+    from spm.webui.ui import refresh_on_page_load
+
+    assert refresh_on_page_load(None) is False

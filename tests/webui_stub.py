@@ -4,7 +4,10 @@ Mirrors **AUTOMATIC1111 stable-diffusion-webui v1.10.1 (commit 82a973c0)** — s
 ``modules/scripts.py`` (Script, ScriptRunner lifecycle with ``p.script_args[args_from:args_to]``),
 ``modules/script_callbacks.py`` (on_* registration and the *_callback firing functions),
 ``modules/extra_networks.py`` (ExtraNetworkParams, ExtraNetwork, ``<(\\w+):([^>]+)>`` parsing that keeps only
-the first prompt's tags), ``modules/ui_extra_networks.py`` (ExtraNetworksPage, register_page, quote_js),
+the first prompt's tags), ``modules/ui_extra_networks.py`` (ExtraNetworksPage, register_page, quote_js; the card's
+``onclick`` from the item's ``prompt`` expression; ``create_ui``'s cards rendered once, served from that copy on every
+page load, renewed only by the hidden refresh button), ``modules/options.py`` (OptionInfo, options_section, the
+settings categories, ``Options.reorder`` and ``dumpjson``'s ``_categories``),
 ``modules/prompt_parser.py`` (SdConditioning, get_multicond_prompt_list, schedules, reconstruct_* — the
 prompt-editing grammar is reduced to non-nested ``[a:b:N]``, ``[a:N]``, ``[a::N]`` and hires-step
 re-scheduling is left out; checked once against the real parser for first-pass schedules),
@@ -40,7 +43,7 @@ from torch import nn
 
 MODULE_NAMES = [
     "modules", "modules.scripts", "modules.script_callbacks", "modules.extra_networks", "modules.ui_extra_networks",
-    "modules.shared", "modules.paths", "modules.prompt_parser", "modules.processing", "modules_forge",
+    "modules.shared", "modules.options", "modules.paths", "modules.prompt_parser", "modules.processing", "modules_forge",
     "backend", "backend.operations", "backend.patcher", "backend.patcher.unet", "xyz_grid.py", "modules.ui_components",
 ]
 
@@ -55,6 +58,8 @@ def _module(name: str) -> types.ModuleType:
 # modules.shared / modules.paths
 # ================================================================================================
 class OptionInfo:
+    """``modules/options.py`` OptionInfo (same signature; the label/comment helpers are left out)."""
+
     def __init__(self, default=None, label="", component=None, component_args=None, onchange=None, section=None,
                  refresh=None, comment_before='', comment_after='', infotext=None, restrict_api=False, category_id=None):
         self.default = default
@@ -65,6 +70,44 @@ class OptionInfo:
         self.section = section
         self.category_id = category_id
         self.refresh = refresh
+        self.do_not_save = False
+        self.comment_before = comment_before
+        self.comment_after = comment_after
+        self.infotext = infotext
+        self.restrict_api = restrict_api
+
+
+def options_section(section_identifier, options_dict):
+    """``modules/options.py``: a 2-tuple sets the section, a 3-tuple also the category id."""
+    for v in options_dict.values():
+        if len(section_identifier) == 2:
+            v.section = section_identifier
+        elif len(section_identifier) == 3:
+            v.section = section_identifier[0:2]
+            v.category_id = section_identifier[2]
+    return options_dict
+
+
+@dataclass
+class OptionsCategory:
+    id: str
+    label: str
+
+
+class OptionsCategories:
+    def __init__(self):
+        self.mapping = {}
+
+    def register_category(self, category_id, label):
+        if category_id in self.mapping:
+            return category_id
+        self.mapping[category_id] = OptionsCategory(category_id, label)
+
+
+categories = OptionsCategories()
+for _cid, _label in (("saving", "Saving images"), ("sd", "Stable Diffusion"), ("ui", "User Interface"),
+                     ("system", "System"), ("postprocessing", "Postprocessing"), ("training", "Training")):
+    categories.register_category(_cid, _label)  # modules/shared_options.py registers these at import
 
 
 class Options:
@@ -75,7 +118,45 @@ class Options:
 
     def add_option(self, key, info):
         self.data_labels[key] = info
-        self.data.setdefault(key, info.default)
+        if key not in self.data and not info.do_not_save:
+            self.data[key] = info.default
+
+    def reorder(self):
+        """``Options.reorder`` (called by the settings UI after ``ui_settings_callback``): every item of a section
+        takes the category of the section's first item; categories in registration order (unknown last),
+        sections alphabetically inside."""
+        section_categories = {}
+        for _, item in self.data_labels.items():
+            if item.section not in section_categories:
+                section_categories[item.section] = item.category_id
+        for _, item in self.data_labels.items():
+            item.category_id = section_categories.get(item.section)
+        category_ids = {cid: i for i, cid in enumerate(categories.mapping)}
+
+        def sort_key(x):
+            item = x[1]
+            return category_ids.get(item.category_id, len(category_ids)), item.section[1]
+
+        self.__dict__["data_labels"] = dict(sorted(self.data_labels.items(), key=sort_key))
+
+    def dumpjson(self):
+        """``Options.dumpjson``: the values, and ``_categories``: ``[section label, category label]`` for the
+        first section of each category (the settings page writes the category as a heading above it)."""
+        import json
+
+        d = {k: self.data.get(k, v.default) for k, v in self.data_labels.items()}
+        d["_comments_before"] = {k: v.comment_before for k, v in self.data_labels.items() if v.comment_before is not None}
+        d["_comments_after"] = {k: v.comment_after for k, v in self.data_labels.items() if v.comment_after is not None}
+        item_categories = {}
+        for item in self.data_labels.values():
+            if item.section[0] is None:
+                continue
+            category = categories.mapping.get(item.category_id)
+            category = "Uncategorized" if category is None else category.label
+            if category not in item_categories:
+                item_categories[category] = item.section[1]
+        d["_categories"] = [[v, k] for k, v in item_categories.items()] + [["Defaults", "Other"]]
+        return json.dumps(d)
 
     def __getattr__(self, item):
         if item in self.data:
@@ -84,6 +165,22 @@ class Options:
 
     def __setattr__(self, key, value):
         self.data[key] = value
+
+
+def settings_headings(opts) -> dict[str, str]:
+    """Section label → the category heading it appears under in the settings sidebar, as the page draws
+    ``_categories`` (a heading above a section, valid until the next heading), after ``reorder``."""
+    import json
+
+    opts.reorder()
+    headings = {section: category for section, category in json.loads(opts.dumpjson())["_categories"]}
+    out, current = {}, None
+    for item in opts.data_labels.values():
+        if item.section[0] is None:
+            continue
+        current = headings.get(item.section[1], current)
+        out[item.section[1]] = current
+    return out
 
 
 # ================================================================================================
@@ -233,9 +330,70 @@ class ExtraNetworksPage:
     def allowed_directories_for_previews(self):
         return []
 
+    def create_item_html(self, tabname, item):
+        """The card of ``html/extra-networks-card.html`` reduced to what scripts depend on: ``data-name`` and the
+        ``onclick`` built from the item's ``prompt`` JS expression (html-escaped, not quoted)."""
+        import html
+
+        onclick = item.get("onclick", None)
+        if onclick is None:
+            onclick = html.escape("cardClicked('{tabname}', {prompt}, {neg_prompt}, {allow_neg});".format(
+                tabname=tabname, prompt=item["prompt"], neg_prompt=item.get("negative_prompt", "''"),
+                allow_neg=str(self.allow_negative_prompt).lower()))
+        name = html.escape(item["name"])
+        return (f'<div class="card" onclick="{onclick}" data-name="{name}"><div class="actions">'
+                f'<span class="name">{name}</span><span class="description">{html.escape(item.get("description") or "")}'
+                '</span></div></div>')
+
+    def create_html(self, tabname, *, empty=False):
+        """The pane: ``list_items`` (unless ``empty``) rendered as cards; "Loading..." while empty."""
+        items_list = [] if empty else list(self.list_items())
+        self.items = {x["name"]: x for x in items_list}
+        for item in self.items.values():
+            if "user_metadata" not in item:
+                self.read_user_metadata(item)
+        cards = "".join(self.create_item_html(tabname, item) for item in self.items.values())
+        if not cards:
+            cards = "Loading..." if empty else "<div class='nocards'>Nothing here.</div>"
+        return f"<div id='{tabname}_{self.extra_networks_tabname}_pane' class='extra-network-pane'>{cards}</div>"
+
 
 def register_page(page):
     registered_pages.append(page)
+
+
+def create_ui(interface, unrelated_tabs, tabname):
+    """``ui_extra_networks.create_ui`` reduced to its data flow (needs Gradio): one ``gr.HTML`` per page,
+    ``{tabname}_{page}_cards_html``, filled on page load from a cache that only the hidden
+    ``{tabname}_{page}_extra_refresh_internal`` button (every page's ``refresh``, then new HTML) renews."""
+    import gradio as gr
+
+    ui = types.SimpleNamespace(pages=[], pages_contents=[], stored_extra_pages=list(registered_pages), tabname=tabname)
+    for page in ui.stored_extra_pages:
+        with gr.Tab(page.title, elem_id=f"{tabname}_{page.extra_networks_tabname}"):
+            ui.pages.append(gr.HTML(page.create_html(tabname, empty=True),
+                                    elem_id=f"{tabname}_{page.extra_networks_tabname}_cards_html"))
+
+    def create_html():
+        ui.pages_contents = [pg.create_html(ui.tabname) for pg in ui.stored_extra_pages]
+
+    def pages_html():
+        if not ui.pages_contents:
+            create_html()
+        return ui.pages_contents
+
+    def refresh():
+        for pg in ui.stored_extra_pages:
+            pg.refresh()
+        create_html()
+        return ui.pages_contents
+
+    for page in ui.stored_extra_pages:
+        button_refresh = gr.Button("Refresh", elem_id=f"{tabname}_{page.extra_networks_tabname}_extra_refresh_internal",
+                                   visible=False)
+        button_refresh.click(fn=refresh, inputs=[], outputs=ui.pages)
+    interface.load(fn=pages_html, inputs=[], outputs=ui.pages)
+    return ui
 
 
 # ================================================================================================
@@ -901,6 +1059,9 @@ def install(tmp_path, *, forge: bool = False) -> types.SimpleNamespace:
     shared = _module("modules.shared")
     shared.opts = Options()
     shared.OptionInfo = OptionInfo
+    shared.options_section = options_section
+    options = _module("modules.options")
+    options.OptionInfo, options.options_section, options.categories = OptionInfo, options_section, categories
     shared.cmd_opts = types.SimpleNamespace(spm_dir=str(tmp_path / "models" / "spm"))
     shared.sd_model = None
     sc = _module("modules.script_callbacks")
@@ -913,6 +1074,7 @@ def install(tmp_path, *, forge: bool = False) -> types.SimpleNamespace:
         setattr(en, k, v)
     uen = _module("modules.ui_extra_networks")
     uen.ExtraNetworksPage, uen.register_page, uen.quote_js = ExtraNetworksPage, register_page, quote_js
+    uen.create_ui = create_ui
     pp = _module("modules.prompt_parser")
     for k in ("SdConditioning", "get_learned_conditioning_prompt_schedules", "get_learned_conditioning",
               "get_multicond_prompt_list", "get_multicond_learned_conditioning", "reconstruct_cond_batch",
@@ -922,7 +1084,7 @@ def install(tmp_path, *, forge: bool = False) -> types.SimpleNamespace:
     sm.Script, sm.AlwaysVisible, sm.scripts_data, sm.ScriptRunner = Script, AlwaysVisible, scripts_data, ScriptRunner
     proc = _module("modules.processing")
     proc.StableDiffusionProcessing, proc.process_images, proc.Processed = StableDiffusionProcessing, process_images, Processed
-    for name in ("paths", "shared", "script_callbacks", "extra_networks", "ui_extra_networks", "prompt_parser", "scripts", "processing"):
+    for name in ("paths", "shared", "options", "script_callbacks", "extra_networks", "ui_extra_networks", "prompt_parser", "scripts", "processing"):
         setattr(root, name, sys.modules[f"modules.{name}"])
     xyz = _module("xyz_grid.py")
     xyz.AxisOption = AxisOption

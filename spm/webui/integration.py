@@ -1,4 +1,11 @@
-"""WebUI callbacks: extra network + cards page, X/Y/Z axes, settings, detaching on model switch / Reload UI.
+"""WebUI callbacks: extra network + cards page, X/Y/Z axes, settings, detaching on model switch / Reload UI,
+and the route the browser side (``javascript/spm.js``) reads.
+
+Route (:func:`add_routes`, host-agnostic):
+
+* ``GET /spm/v1/names`` — ``{"names": [...], "signature": "…", "descriptions": {name: "…"}, "default_weight": 1.0,
+  "problem": null}``: the folder rescanned (headers of new or changed files only), for the prompt's ``<spm:``
+  completion and to tell the panel and the cards that they are stale (``signature`` changes with the listing).
 
 Imported only by the extension's ``scripts/``; :func:`register` is called once at script load.
 """
@@ -10,13 +17,14 @@ import logging
 from modules import script_callbacks
 
 from . import state
-from .script import XYZ_FACTOR, XYZ_WEIGHT
+from .panel import XYZ_FACTOR, XYZ_WEIGHT
 
 log = logging.getLogger("spm")
 
 AXIS_WEIGHT = "[SPM] weight"
 AXIS_FACTOR = "[SPM] facilitate factor"
 SECTION = ("spm", "SPM")
+CATEGORY = "sd"  # the settings sidebar's "Stable Diffusion" heading (A1111 1.7+, Forge), where Extra Networks is
 
 
 def _apply_attr(field):
@@ -71,9 +79,35 @@ def on_ui_settings() -> None:
     opts = shared.opts
     opts.add_option("spm_default_weight", shared.OptionInfo(
         1.0, "Default membrane weight (panel, cards, <spm:name> without a weight)", slider,
-        {"minimum": 0.0, "maximum": 2.0, "step": 0.05}, section=SECTION))
+        {"minimum": 0.0, "maximum": 2.0, "step": 0.05}, section=SECTION, category_id=CATEGORY))
     opts.add_option("spm_write_infotext", shared.OptionInfo(
-        True, "Write SPM membranes and transport to the generation parameters (infotext)", section=SECTION))
+        True, "Write SPM membranes and transport to the generation parameters (infotext)", section=SECTION,
+        category_id=CATEGORY))
+
+
+def names_payload() -> dict:
+    """The body of ``GET /spm/v1/names``."""
+    from .networks import default_weight
+
+    lib = state.library()
+    entries = lib.refresh()
+    return {"names": [e.name for e in entries], "signature": lib.signature,
+            "descriptions": {e.name: e.description() for e in entries}, "default_weight": default_weight(),
+            "problem": lib.problem}
+
+
+def add_routes(app, prefix: str = "/spm/v1") -> None:
+    """Add ``GET {prefix}/names`` to a FastAPI ``app``."""
+
+    def get_names():
+        return names_payload()
+
+    app.add_api_route(f"{prefix}/names", get_names, methods=["GET"],
+                      summary="The SPM membrane names (for completion) and the listing's signature")
+
+
+def on_app_started(demo, app) -> None:
+    add_routes(app)
 
 
 def on_model_loaded(sd_model) -> None:
@@ -88,4 +122,5 @@ def register() -> None:
     script_callbacks.on_before_ui(on_before_ui)
     script_callbacks.on_ui_settings(on_ui_settings)
     script_callbacks.on_model_loaded(on_model_loaded)
+    script_callbacks.on_app_started(on_app_started)
     script_callbacks.on_script_unloaded(on_script_unloaded)

@@ -16,6 +16,7 @@ import os
 
 from modules import extra_networks, shared, ui_extra_networks
 
+from ..tags import format_number
 from . import state
 
 log = logging.getLogger("spm")
@@ -36,10 +37,31 @@ class ExtraNetworkSpm(extra_networks.ExtraNetwork):
         self.last_params = []
 
 
-def default_multiplier() -> str:
+def default_weight() -> float:
     opts = getattr(shared, "opts", None)
     w = getattr(opts, "spm_default_weight", None)
-    return str(float(w)) if w is not None else "opts.extra_networks_default_multiplier"
+    try:
+        return float(w) if w is not None else 1.0
+    except (TypeError, ValueError):
+        return 1.0
+
+
+def weight_js(preferred: float | None = None) -> str:
+    """A JS expression giving the weight *as text*, with its decimal point (``1.0``, ``0.85``): the card's
+    ``prompt`` is evaluated in the browser, where ``"<spm:a:" + 1.0 + ">"`` would give ``<spm:a:1>``.
+
+    A card's preferred weight (its user metadata) is a string literal; otherwise the setting
+    ``opts.spm_default_weight`` is read when the card is clicked, as the Lora cards read
+    ``opts.extra_networks_default_multiplier``, falling back to the value at render time."""
+    if preferred:
+        return ui_extra_networks.quote_js(format_number(float(preferred)))
+    fallback = format_number(default_weight())
+    return ("(function(w){w=Number(w);if(!isFinite(w))return " + ui_extra_networks.quote_js(fallback) + ";"
+            "var s=String(Math.round(w*1e4)/1e4);return /[.e]/.test(s)?s:s+'.0';})"
+            "(typeof opts==='object'&&opts?opts.spm_default_weight:undefined)")
+
+
+STAMP = '<span class="spm-cards-stamp" data-spm-signature="{}" hidden></span>'
 
 
 class ExtraNetworksPageSpm(ui_extra_networks.ExtraNetworksPage):
@@ -68,11 +90,22 @@ class ExtraNetworksPageSpm(ui_extra_networks.ExtraNetworksPage):
         }
         self.read_user_metadata(item)  # the WebUI's per-card user metadata (.json beside the file)
         preferred = (item.get("user_metadata") or {}).get("preferred weight") or 0.0
-        weight = str(float(preferred)) if preferred else default_multiplier()
-        item["prompt"] = quote(f"<spm:{name}:") + " + " + weight + " + " + quote(">")
+        try:
+            preferred = float(preferred)
+        except (TypeError, ValueError):
+            preferred = 0.0
+        item["prompt"] = quote(f"<spm:{name}:") + " + " + weight_js(preferred) + " + " + quote(">")
         return item
 
+    def create_html(self, tabname, *, empty=False):
+        """The WebUI's pane, plus a hidden stamp with the library's signature at render time ("loading" while
+        empty): ``javascript/spm.js`` compares it with ``/spm/v1/names`` and refreshes cards that are stale
+        (the WebUI renders the cards once and serves that copy on every page load until Refresh)."""
+        html = super().create_html(tabname, empty=empty)
+        return html + STAMP.format("loading" if empty else state.library().signature)
+
     def list_items(self):
+        state.library().refresh()  # cheap: a directory scan; only new or changed headers are read
         for index, name in enumerate(list(state.library().entries)):
             item = self.create_item(name, index)
             if item is not None:

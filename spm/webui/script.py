@@ -17,59 +17,18 @@ from typing import Any
 
 from modules import scripts, shared
 
-from ..tags import format_number, format_weight_list, parse_weight_list
+from ..tags import format_number
 from ..transport import DEFAULT_METRIC, METRICS
 from . import state
+from .panel import METRIC_CHOICES, TITLE, XYZ_FACTOR, XYZ_WEIGHT, panel_weights, parse_transport_infotext, sync_weights
 from .runtime import derived_groups
 
 log = logging.getLogger("spm")
-
-TITLE = "SPM concept erasing"
-METRIC_CHOICES = ["ngram_tokenuni", "clipcos_tokenuni", "clipcos", "tokenuni", "ngram", "tokenwin", "off"]
-XYZ_WEIGHT = "spm_xyz_weight"
-XYZ_FACTOR = "spm_xyz_factor"
 
 
 def _opt(name: str, default: Any) -> Any:
     opts = getattr(shared, "opts", None)
     return getattr(opts, name, default) if opts is not None else default
-
-
-def panel_weights(enabled: Any, selected: Any, weights: Any, default: float = 1.0) -> tuple[dict[str, float], list[str]]:
-    """The panel's ``{name: weight}`` from the raw script args (UI or API), and problems."""
-    if not enabled:
-        return {}, []
-    if isinstance(selected, str):
-        selected = [s for s in (x.strip() for x in selected.split(",")) if s]
-    selected = [str(s) for s in (selected or [])]
-    if isinstance(weights, dict):
-        parsed, problems = {str(k): float(v) for k, v in weights.items()}, []
-    else:
-        parsed, problems = parse_weight_list(str(weights or ""), default)
-    out = {name: parsed.get(name, default) for name in selected}
-    for name, w in parsed.items():
-        out.setdefault(name, w)
-    return out, [f"SPM: weights: {p}" for p in problems]
-
-
-def sync_weights(selected: list[str] | None, weights: str | None) -> str:
-    """The weights field after the selection changed: keep known weights, add new names at the default."""
-    parsed, _ = parse_weight_list(weights or "", 1.0)
-    default = float(_opt("spm_default_weight", 1.0))
-    return format_weight_list({n: parsed.get(n, default) for n in (selected or [])})
-
-
-def parse_transport_infotext(text: str) -> tuple[str, float]:
-    """``"clipcos_tokenuni x1.2"`` → (metric, factor)."""
-    parts = (text or "").split()
-    metric = parts[0] if parts and parts[0] in METRICS else DEFAULT_METRIC
-    factor = 1.0
-    if len(parts) > 1 and parts[1].startswith("x"):
-        try:
-            factor = float(parts[1][1:])
-        except ValueError:
-            pass
-    return metric, factor
 
 
 def _warn(p: Any, messages: list[str]) -> None:
@@ -237,4 +196,6 @@ class SpmScript(scripts.Script):
             params.pop("SPM transport", None)
 
 
-__all__ = ["METRIC_CHOICES", "SpmScript", "TITLE", "panel_weights", "parse_transport_infotext", "sync_weights"]
+# the panel helpers are re-exported: API users and older tests import them from here
+__all__ = ["METRIC_CHOICES", "SpmScript", "TITLE", "XYZ_FACTOR", "XYZ_WEIGHT", "panel_weights", "parse_transport_infotext",
+           "sync_weights"]

@@ -48,6 +48,17 @@ def library() -> Library:
     return _library
 
 
+def notify_membranes_changed() -> str:
+    """A membrane was written, replaced or deleted (the trainer calls this after saving): rescan the folder now.
+
+    Returns the new listing signature.  The panel and the cards pick the change up on their own —
+    on the next page load, and in an open page when ``javascript/spm.js`` sees the signature of
+    ``/spm/v1/names`` differ from what they show (tab switch, window focus, typing ``<spm:``)."""
+    lib = library()
+    lib.refresh()
+    return lib.signature
+
+
 def planner() -> Planner:
     global _planner
     lib = library()

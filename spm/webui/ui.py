@@ -10,18 +10,41 @@ from typing import Any
 
 from ..tags import parse_weight_list
 from . import state
+from .panel import METRIC_CHOICES, parse_transport_infotext, sync_weights
 
 
 def membrane_choices() -> list[str]:
-    return state.library().names()
+    """The folder's names now (a rescan: cheap, only new or changed headers are read)."""
+    return [e.name for e in state.library().refresh()]
 
 
 def refresh_choices(selected: list[str] | None) -> dict:
-    """Rescan the folder; keep the selected names that still exist."""
+    """Rescan the folder; keep the selected names that still exist (🔄, and every page load)."""
     import gradio as gr
 
-    names = [e.name for e in state.library().refresh()]
+    names = membrane_choices()
     return gr.update(choices=names, value=[n for n in (selected or []) if n in names])
+
+
+def enclosing_blocks():
+    """The ``gr.Blocks`` being built (A1111 and Forge build txt2img and img2img each inside its own Blocks,
+    which they later render into the page; their load events run on every page load), or None."""
+    try:
+        from gradio.context import Context
+    except ImportError:  # pragma: no cover - Gradio moved it
+        return None
+    root = getattr(Context, "root_block", None)
+    return root if callable(getattr(root, "load", None)) else None
+
+
+def refresh_on_page_load(membranes) -> bool:
+    """Rescan the folder on every page load: the list then shows the membranes of now, not of server start
+    (Gradio 3.41 and 4.40 both fire a Blocks' load events in a page that renders it). False outside Blocks."""
+    root = enclosing_blocks()
+    if root is None:
+        return False
+    root.load(fn=refresh_choices, inputs=[membranes], outputs=[membranes], show_progress="hidden", api_name=False)
+    return True
 
 
 def _paste_names(d: dict) -> list[str]:
@@ -33,8 +56,6 @@ def _paste_names(d: dict) -> list[str]:
 def build_panel(script: Any) -> tuple[list, list]:
     """Components in API order ``[enabled, membranes, weights, metric, factor]`` and the infotext fields."""
     import gradio as gr
-
-    from .script import METRIC_CHOICES, parse_transport_infotext, sync_weights
 
     try:
         from modules.ui_components import InputAccordion  # A1111 1.7+ and Forge
@@ -63,6 +84,7 @@ def build_panel(script: Any) -> tuple[list, list]:
             factor = gr.Slider(label="Facilitate factor", minimum=0.0, maximum=3.0, step=0.05, value=1.0,
                                elem_id=script.elem_id("spm_factor"))
     refresh.click(fn=refresh_choices, inputs=[membranes], outputs=[membranes])
+    refresh_on_page_load(membranes)
     membranes.change(fn=sync_weights, inputs=[membranes, weights], outputs=[weights])
     infotext_fields = [
         (enabled, lambda d: "SPM" in d),
