@@ -306,6 +306,16 @@ def load_model_strict(cls, folder, dtype: torch.dtype = torch.float32, what: str
                                  f"{_first([m for m in missing if m])}") from None
     missing = list(info.get("missing_keys") or [])
     unexpected = list(info.get("unexpected_keys") or [])
+    if not unexpected and hasattr(model, "_convert_deprecated_attention_blocks"):
+        # diffusers' low-memory loader drops unexpected keys without reporting them: compare the files' keys
+        from safetensors import safe_open
+
+        stored: dict = {}
+        for f in _weight_files(folder):
+            with safe_open(str(f), framework="pt") as fh:
+                stored.update(dict.fromkeys(fh.keys()))
+        model._convert_deprecated_attention_blocks(stored)  # the old VAE attention names it renames itself
+        unexpected = sorted(set(stored) - set(model.state_dict()))
     mismatched = list(info.get("mismatched_keys") or [])
     errors = list(info.get("error_msgs") or [])
     if missing and unexpected and not mismatched and not errors:
