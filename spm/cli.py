@@ -360,9 +360,12 @@ class _Phases:
 def _generate_with_progress(harness, pipe, prompts, seeds, phases: _Phases, label: str) -> list:
     """One batch per prompt, printing ``label k/N`` after each (the toy model is small: batching more gains little)."""
     out: list = []
+    t0 = time.perf_counter()
     for k, p in enumerate(prompts, 1):
         out.extend(harness.generate(pipe, [p] * len(seeds), list(seeds)))
-        phases.say(f"  {label} {k}/{len(prompts)} prompts ({len(out)} images)")
+        spent = time.perf_counter() - t0
+        phases.say(f"  {label} {k}/{len(prompts)} prompts, {len(out)} images, {spent:.1f} s, "
+                   f"ETA {spent / k * (len(prompts) - k):.1f} s")
     return out
 
 
