@@ -148,3 +148,12 @@ def test_no_traceback_from_the_real_entry_point(tmp_path, membrane_file):
                            timeout=300)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "g.png").exists()
+
+
+def test_standalone_tab_wrong_model_is_one_line(tmp_path, capsys):
+    from spm.ui.__main__ import main as ui_main
+
+    with pytest.raises(SystemExit) as e:
+        ui_main(["--model", str(tmp_path / "nope"), "--membranes", str(tmp_path / "m")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "not a shipped toy model" in err
