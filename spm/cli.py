@@ -275,7 +275,12 @@ def _cmd_train(args) -> int:
         trainer = Trainer(backend, cfg, out, resume=args.resume)
     except _model_errors() as e:
         return _fail(e)
-    res = trainer.train()
+    from .checkpoint import MembraneFileError
+
+    try:
+        res = trainer.train()
+    except (ValueError, MembraneFileError) as e:  # a --resume file of another model, settings the model cannot run
+        return _fail(e)
     c = res.cost
     print(json.dumps({"output": str(out), "steps": res.steps, "interrupted": res.interrupted,
                       "seconds": round(res.seconds, 1), "final_loss": res.history[-1]["loss"] if res.history else None,
