@@ -575,6 +575,12 @@ def _cmd_bake(args) -> int:
 
 
 # --- parser -----------------------------------------------------------------------------------------
+def _wrap(text: str) -> str:
+    import textwrap
+
+    return textwrap.fill(text, 100)
+
+
 def build_parser() -> argparse.ArgumentParser:
     toy_help = _toy_help()
     raw = argparse.RawDescriptionHelpFormatter
@@ -665,10 +671,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bake", formatter_class=raw, epilog=toy_help,
         help="merge membranes at fixed weights into a checkpoint (for deployments without the extension)",
-        description="Merge membranes into a copy of a checkpoint: W' = W + Σ weight·(alpha/rank)·up·down on every "
+        description=_wrap("Merge membranes into a copy of a checkpoint: W' = W + Σ weight·(alpha/rank)·up·down on every "
                     "membrane module, computed in fp32 and stored in the checkpoint's dtype. The input is never "
                     "modified. The baked model LOSES FACILITATED TRANSPORT: every prompt gets each membrane's full "
-                    "weight, so unrelated prompts change too. Keep the membranes as files where the extension runs.")
+                    "weight, so unrelated prompts change too. Keep the membranes as files where the extension runs."))
     b.add_argument("--model", required=True,
                    help="a shipped toy model by name, a diffusers folder, or a single-file SD checkpoint in the WebUI's "
                         "(LDM) layout (.safetensors)")
