@@ -363,15 +363,15 @@ class _Phases:
 
 
 def _generate_with_progress(harness, pipe, prompts, seeds, phases: _Phases, label: str) -> list:
-    """One batch per prompt, printing ``label k/N`` after each (the toy model is small: batching more gains little)."""
-    out: list = []
-    t0 = time.perf_counter()
-    for k, p in enumerate(prompts, 1):
-        out.extend(harness.generate(pipe, [p] * len(seeds), list(seeds)))
-        spent = time.perf_counter() - t0
-        phases.say(f"  {label} {k}/{len(prompts)} prompts, {len(out)} images, {spent:.1f} s, "
-                   f"ETA {spent / k * (len(prompts) - k):.1f} s")
-    return out
+    """Every (prompt, seed) in one batched call, as the toy harness batches; the pipeline's own bar shows step k/N."""
+    ps = [p for p in prompts for _ in seeds]
+    ss = [s for _ in prompts for s in seeds]
+    if not phases.quiet:
+        pipe.set_progress_bar_config(disable=False, desc=f"[demo] {label}", file=sys.stderr, mininterval=1.0)
+    try:
+        return harness.generate(pipe, ps, ss)
+    finally:
+        pipe.set_progress_bar_config(disable=True)
 
 
 def _cmd_demo(args) -> int:
