@@ -337,15 +337,14 @@ def load_model_strict(cls, folder, dtype: torch.dtype = torch.float32, what: str
 
 
 def _common_prefix(missing: list[str], unexpected: list[str]) -> str | None:
-    """``text_model.`` when every missing key is an unexpected key with that one prefix, and vice versa."""
-    u = set(unexpected)
+    """``text_model.`` when every unexpected key is a missing key without that one prefix (what is left missing
+    after the renaming is then reported by name)."""
+    u, miss = set(unexpected), set(missing)
     for m in missing:
         for k in u:
             if m.endswith("." + k):
                 prefix = m[: -len(k)]
-                if {prefix + x for x in u} == set(missing):
-                    return prefix
-                return None
+                return prefix if {prefix + x for x in u} <= miss else None
     return None
 
 
