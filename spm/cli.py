@@ -1,29 +1,132 @@
-"""``python -m spm``: ``info``, ``train``, ``generate``, ``demo`` and ``eval``."""
+"""``python -m spm``: ``info``, ``train``, ``generate``, ``demo``, ``eval`` and ``bake``.
+
+Building the parser and ``--help`` import nothing heavy (no torch, diffusers or transformers): every command
+imports what it needs when it runs.  The defaults shown come from :mod:`spm.train.config` and the shipped toy
+models from :mod:`spm.toy`, both importable without torch.  A bad argument ends in one line on stderr and exit 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
-from .checkpoint import MembraneFileError, info_dict
+DEFAULT_METRIC = "ngram_tokenuni"  # spm.transport.DEFAULT_METRIC (kept equal by tests/test_cli_help.py)
+GENERATE_STEPS = 25
+GENERATE_CFG = 7.5
 
 
-def _cmd_info(args) -> int:
-    out = []
-    for f in args.files:
-        try:
-            out.append(info_dict(f))
-        except MembraneFileError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    print(json.dumps(out[0] if len(out) == 1 else out, indent=2, ensure_ascii=False))
-    return 0
+class CliError(Exception):
+    """A bad argument or input found while a command runs: printed as one ``error:`` line, exit 2."""
 
 
-# --- shared -----------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (``prog: error: …``), exit 2, not the usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _fail(msg: object) -> int:
+    text = str(msg).strip().splitlines()
+    print(f"error: {text[0] if text else type(msg).__name__}", file=sys.stderr)
+    return 2
+
+
+# --- argument types (argparse calls them; their errors become one line) ---------------------------
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} is not positive (give 1 or more)")
+    return v
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} is negative (give 0 or more)")
+    return v
+
+
+def finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = finite_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not positive")
+    return v
+
+
+# --- membranes and models ------------------------------------------------------------------------
+def parse_membrane_arg(spec: str) -> tuple[str, float]:
+    """``FILE[:weight]`` → (file, weight). A Windows drive colon is not a weight separator.
+
+    A non-numeric or non-finite weight after the last colon is a ``ValueError``, unless the whole ``spec``
+    names an existing file (a file name that contains a colon).
+    """
+    path, sep, w = spec.rpartition(":")
+    if not sep or not path or (len(path) == 1 and path.isalpha()) or w.startswith(("/", "\\")):
+        return spec, 1.0
+    if Path(spec).is_file():
+        return spec, 1.0
+    try:
+        weight = float(w)
+    except ValueError:
+        raise ValueError(f"--membrane {spec}: the weight {w!r} after ':' is not a number (FILE[:weight], e.g. "
+                         f"{Path(path).name}:0.8)") from None
+    if not math.isfinite(weight):
+        raise ValueError(f"--membrane {spec}: the weight {w!r} is not a finite number")
+    return path, weight
+
+
+def _load_membranes(specs) -> list:
+    """``[(Membrane, weight)]`` for ``FILE[:weight]`` specs, with a command-line hint for a missing file."""
+    from .checkpoint import load_membrane
+
+    items = []
+    for spec in specs or []:
+        f, w = parse_membrane_arg(spec)
+        p = Path(f)
+        if not p.exists():
+            raise CliError(f"--membrane {f}: no such file (give a path to a .safetensors membrane)")
+        items.append((load_membrane(p), w))
+    return items
+
+
+def _toy_help() -> str:
+    """The shipped toy models by name and the concepts each world knows (no torch)."""
+    from . import toy
+
+    lines = ["shipped toy models (--model NAME):"]
+    width = max(len(n) for n in toy.MODELS)
+    for name, m in toy.MODELS.items():
+        lines.append(f"  {name:<{width}}  {m.summary}")
+    for world in dict.fromkeys(m.world for m in toy.MODELS.values()):
+        names = ", ".join(n for n, m in toy.MODELS.items() if m.world == world)
+        lines.append(f"concepts the {world} models ({names}) know: {', '.join(toy.concepts(world))}")
+    return "\n".join(lines)
+
+
+MODEL_HELP = "a shipped toy model by name (see below), a diffusers folder, or a single .safetensors checkpoint"
+
+
 def _threads(n: int | None) -> None:
     if n:
         import torch
@@ -37,46 +140,98 @@ def _dtype(name: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
-def _load_pipe(args):
+def load_model(spec: str, config: str | None = None, device: str | None = None, dtype_name: str = "fp32"):
+    """A diffusers pipeline for ``--model``: a shipped toy model's name, or a path for :func:`load_pipeline`."""
     import torch
 
+    from . import toy
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = _dtype(dtype_name)
+    if toy.toy_model(spec) is not None:
+        pipe = toy.load(spec, dtype)
+        pipe.to(device)
+        return pipe
     from .hosts.diffusers import load_pipeline
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_pipeline(args.model, config=args.config, device=device, dtype=_dtype(args.model_dtype))
+    return load_pipeline(spec, config=config, device=device, dtype=dtype)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a diffusers folder or a single .safetensors checkpoint")
+def _load_pipe(args):
+    return load_model(args.model, args.config, args.device, args.model_dtype)
+
+
+def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, help=MODEL_HELP)
     p.add_argument("--config", help="for single-file checkpoints: a diffusers folder with the matching configs")
     p.add_argument("--device", help="cuda, cpu, mps … (default: cuda when available)")
-    p.add_argument("--model-dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype the model is loaded in")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--model-dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="dtype the model is loaded in (default: fp32)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
+
+
+def _model_errors():
+    from .checkpoint import MembraneFileError
+
+    return (CliError, ValueError, FileNotFoundError, NotADirectoryError, OSError, MembraneFileError)
+
+
+def _info_cmd(args) -> int:
+    from .checkpoint import MembraneFileError, info_dict
+
+    out = []
+    for f in args.files:
+        if not Path(f).exists():
+            return _fail(f"{f}: no such file (give a path to a .safetensors membrane)")
+        try:
+            out.append(info_dict(f))
+        except MembraneFileError as e:
+            return _fail(e)
+    print(json.dumps(out[0] if len(out) == 1 else out, indent=2, ensure_ascii=False))
+    return 0
 
 
 # --- train ------------------------------------------------------------------------------------------
 _TRAIN_FLAGS = {  # flag → (TrainConfig field, type, help)
-    "--surrogate": ("surrogate", str, "what the target becomes (default '': the unconditional prediction)"),
-    "--iterations": ("iterations", int, "training steps"),
-    "--lr": ("lr", float, "learning rate"),
-    "--guidance-scale": ("guidance_scale", float, "erase guidance g in ε_neu − g·(ε_pos − ε_neu)"),
-    "--la-mode": ("la_mode", str, "Latent Anchoring weight: adaptive (default), fixed (the reference) or off"),
-    "--la-strength": ("la_strength", float, "fixed mode: the anchor weight (reference 1000); adaptive: its ceiling"),
-    "--la-budget": ("la_budget", float, "adaptive mode: allowed anchor drift relative to the concept's own signal"),
-    "--anchors": ("anchors", int, "anchor conditionings per step (the reference's sampling_batch_size)"),
+    "--surrogate": ("surrogate", str, "what the target becomes ('': the unconditional prediction)"),
+    "--iterations": ("iterations", positive_int, "training steps"),
+    "--lr": ("lr", positive_float, "learning rate"),
+    "--guidance-scale": ("guidance_scale", finite_float, "erase guidance g in ε_neu − g·(ε_pos − ε_neu)"),
+    "--la-mode": ("la_mode", str, "Latent Anchoring weight: adaptive, fixed (the reference) or off"),
+    "--la-strength": ("la_strength", finite_float, "fixed mode: the anchor weight (reference 1000); adaptive: its ceiling"),
+    "--la-budget": ("la_budget", finite_float, "adaptive mode: allowed anchor drift relative to the concept's own signal"),
+    "--anchors": ("anchors", non_negative_int, "anchor conditionings per step (the reference's sampling_batch_size)"),
     "--optimizer": ("optimizer", str, "auto, adamw or adamw8bit"),
     "--lr-scheduler": ("lr_scheduler", str, "cosine_with_restarts, cosine, constant or linear"),
-    "--lr-warmup-steps": ("lr_warmup_steps", int, "warm-up steps (capped at a sixth of the run)"),
+    "--lr-warmup-steps": ("lr_warmup_steps", non_negative_int, "warm-up steps (capped at a sixth of the run)"),
     "--precision": ("precision", str, "fp32, fp16 or bf16 (autocast)"),
-    "--resolution": ("resolution", int, "training resolution in pixels (default: the model's)"),
-    "--rank": ("rank", int, "membrane rank (SPM: 1)"),
-    "--alpha": ("alpha", float, "membrane alpha"),
+    "--resolution": ("resolution", positive_int, "training resolution in pixels"),
+    "--rank": ("rank", positive_int, "membrane rank (SPM: 1)"),
+    "--alpha": ("alpha", positive_float, "membrane alpha"),
     "--seed": ("seed", int, "random seed"),
-    "--save-every": ("save_every", int, "checkpoint every N steps (membrane + .trainstate for --resume)"),
-    "--sample-every": ("sample_every", int, "preview grid (PNG) every N steps"),
-    "--pool-size": ("pool_size", int, "latent pool size (fast schedule)"),
-    "--max-denoising-steps": ("max_denoising_steps", int, "DDIM steps of the x_t trajectories"),
+    "--save-every": ("save_every", non_negative_int, "checkpoint every N steps (membrane + .trainstate for --resume)"),
+    "--sample-every": ("sample_every", non_negative_int, "preview grid (PNG) every N steps"),
+    "--pool-size": ("pool_size", positive_int, "latent pool size (fast schedule)"),
+    "--max-denoising-steps": ("max_denoising_steps", positive_int, "DDIM steps of the x_t trajectories"),
 }
+_NONE_DEFAULT = {"resolution": "the model's"}
+
+
+def _default_text(field: str) -> str:
+    """``(default: 600; style 1000, nudity 1000)``: TrainConfig's default and the presets that change it."""
+    from dataclasses import MISSING, fields
+
+    from .train.config import PRESETS, TrainConfig
+
+    f = {x.name: x for x in fields(TrainConfig)}[field]
+    base = f.default
+    if base is MISSING:
+        return ""
+    shown = _NONE_DEFAULT.get(field, "none") if base is None else ("''" if base == "" else f"{base:g}" if isinstance(
+        base, float) else str(base))
+    by = [f"{name} {over[field]:g}" if isinstance(over[field], float) else f"{name} {over[field]}"
+          for name, over in PRESETS.items() if field in over]
+    return f"(default: {shown}{'; preset ' + ', '.join(by) if by else ''})"
 
 
 def config_from_args(args):
@@ -102,8 +257,6 @@ def config_from_args(args):
 
 
 def _cmd_train(args) -> int:
-    from .train import Trainer
-
     _threads(args.threads)
     try:
         cfg = config_from_args(args)
@@ -112,15 +265,22 @@ def _cmd_train(args) -> int:
             raise ValueError(f"-o {out}: membranes are saved as .safetensors")
         if out.exists() and not (args.resume or args.overwrite):
             raise ValueError(f"{out} exists; pass --resume to continue it or --overwrite to replace it")
-        pipe = _load_pipe(args)
+        if args.resume and not out.exists():
+            raise ValueError(f"--resume: {out} does not exist yet (train without --resume first)")
         from .hosts.diffusers import DiffusersBackend
+        from .train import Trainer
 
+        pipe = _load_pipe(args)
         backend = DiffusersBackend(pipe)
         trainer = Trainer(backend, cfg, out, resume=args.resume)
-    except (ValueError, FileNotFoundError, MembraneFileError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    res = trainer.train()
+    except _model_errors() as e:
+        return _fail(e)
+    from .checkpoint import MembraneFileError
+
+    try:
+        res = trainer.train()
+    except (ValueError, MembraneFileError) as e:  # a --resume file of another model, settings the model cannot run
+        return _fail(e)
     c = res.cost
     print(json.dumps({"output": str(out), "steps": res.steps, "interrupted": res.interrupted,
                       "seconds": round(res.seconds, 1), "final_loss": res.history[-1]["loss"] if res.history else None,
@@ -133,34 +293,28 @@ def _cmd_train(args) -> int:
 
 
 # --- generate ---------------------------------------------------------------------------------------
-def parse_membrane_arg(spec: str) -> tuple[str, float]:
-    """``FILE[:weight]`` → (file, weight). A Windows drive colon is not a weight separator."""
-    path, sep, w = spec.rpartition(":")
-    if sep and path and not (len(path) == 1 and path.isalpha()):
-        try:
-            return path, float(w)
-        except ValueError:
-            pass
-    return spec, 1.0
+def _check_size(pipe, width: int | None, height: int | None) -> None:
+    factor = int(getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1))
+    for flag, v in (("--width", width), ("--height", height)):
+        if v is not None and v % factor:
+            raise CliError(f"{flag} {v}: not a multiple of {factor}, the model's latent factor "
+                           f"(e.g. {max(factor, v // factor * factor)})")
 
 
 def _cmd_generate(args) -> int:
+    _threads(args.threads)
+    try:
+        items = _load_membranes(args.membrane)
+        pipe = _load_pipe(args)
+        _check_size(pipe, args.width, args.height)
+    except _model_errors() as e:
+        return _fail(e)
     import torch
 
-    from .checkpoint import load_membrane
+    from .checkpoint import MembraneFileError
     from .hosts.diffusers import PipelineMembranes
     from .train.sampling import image_grid
 
-    _threads(args.threads)
-    try:
-        items = []
-        for spec in args.membrane or []:
-            f, w = parse_membrane_arg(spec)
-            items.append((load_membrane(f), w))
-        pipe = _load_pipe(args)
-    except (ValueError, FileNotFoundError, MembraneFileError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     prompts = list(args.prompt)
     seeds = [args.seed + i for i in range(args.n)]
     images = []
@@ -173,8 +327,7 @@ def _cmd_generate(args) -> int:
                            height=args.height, width=args.width, output_type="pt")
                 images.append(out.images.float().cpu())
     except (ValueError, MembraneFileError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e)
     grid = image_grid(torch.cat(images), len(prompts))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     grid.save(args.output)
@@ -186,19 +339,56 @@ def _cmd_generate(args) -> int:
 DEMO_CONTROLS = ["a red square on a white background", "a blue star", "a green heart on a gray background", "a triangle"]
 
 
+class _Phases:
+    """``[demo] phase…`` lines on stderr with each phase's time, and a total."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.t0 = time.perf_counter()
+        self.started = self.t0
+
+    def say(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+    def start(self, msg: str) -> None:
+        self.started = time.perf_counter()
+        self.say(f"{msg}…")
+
+    def done(self, msg: str = "done") -> None:
+        self.say(f"  {msg} ({time.perf_counter() - self.started:.1f} s)")
+
+    def total(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def _generate_with_progress(harness, pipe, prompts, seeds, phases: _Phases, label: str) -> list:
+    """Every (prompt, seed) in one batched call, as the toy harness batches; the pipeline's own bar shows step k/N."""
+    ps = [p for p in prompts for _ in seeds]
+    ss = [s for _ in prompts for s in seeds]
+    if not phases.quiet:
+        pipe.set_progress_bar_config(disable=False, desc=f"[demo] {label}", file=sys.stderr, mininterval=1.0)
+    try:
+        return harness.generate(pipe, ps, ss)
+    finally:
+        pipe.set_progress_bar_config(disable=True)
+
+
 def _cmd_demo(args) -> int:
     """Train a membrane on the shipped toy model, write a before/after grid, print erasure and preservation."""
+    ph = _Phases(args.quiet)
+    ph.start(f"loading the toy model {args.model!r} (torch, diffusers)")
+    _threads(args.threads)
     import torch
 
-    _threads(args.threads)
+    from . import toy
     from .toy import harness
-    from .toy.model import load_toy_pipeline
 
     try:
-        pipe = load_toy_pipeline("base")
+        pipe = toy.load(args.model)
     except FileNotFoundError as e:
-        print(f"error: the demo needs the shipped toy model: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"the demo needs the shipped toy model: {e}")
+    ph.done()
     from .checkpoint import load_membrane
     from .hosts.diffusers import DiffusersBackend, PipelineMembranes
     from .train import TrainConfig, Trainer
@@ -207,33 +397,40 @@ def _cmd_demo(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     target = args.target
     membrane_file = out_dir / f"{target}.safetensors"
-    t0 = time.time()
     cfg = TrainConfig(targets=[target], iterations=args.iterations, seed=args.seed)
     if not args.skip_training or not membrane_file.exists():
-        print(f"training a membrane that erases {target!r} on the toy model ({cfg.iterations} steps)…", file=sys.stderr)
+        ph.start(f"training a membrane that erases {target!r} on the toy model ({cfg.iterations} steps)")
         res = Trainer(DiffusersBackend(pipe), cfg, membrane_file, progress_bar=not args.quiet).train()
         if res.interrupted:
             print(f"interrupted; partial membrane in {membrane_file}", file=sys.stderr)
             return 130
+        ph.done(f"trained {res.steps} steps, saved {membrane_file}")
+    else:
+        ph.say(f"reusing {membrane_file} (--skip-training)")
     membrane = load_membrane(membrane_file)
     literal = [target, f"a red {target}", f"a blue {target} on a white background", f"a green {target} on a black background"]
     prompts = literal + DEMO_CONTROLS
     seeds = list(range(args.seeds))
-    ps = [p for p in prompts for _ in seeds]
-    ss = [s for _ in prompts for s in seeds]
-    before = harness.generate(pipe, ps, ss)
-    with torch.no_grad():
-        after = harness.generate(pipe, ps, ss, context=PipelineMembranes(pipe, [(membrane, 1.0)]))
+    ph.start(f"generating before: {len(prompts)} prompts x {len(seeds)} seeds without the membrane")
+    before = _generate_with_progress(harness, pipe, prompts, seeds, ph, "before")
+    ph.done()
+    ph.start(f"generating after: {len(prompts)} prompts x {len(seeds)} seeds with the membrane")
+    with torch.no_grad(), PipelineMembranes(pipe, [(membrane, 1.0)]):
+        after = _generate_with_progress(harness, pipe, prompts, seeds, ph, "after")
+    ph.done()
+    ph.start("writing the before/after grid")
     cols = []
     for i in range(len(prompts)):
         cols.extend(before[i * len(seeds):(i + 1) * len(seeds)] + after[i * len(seeds):(i + 1) * len(seeds)])
     grid_path = out_dir / f"{target}_before_after.png"
     harness.image_grid(cols, 2 * len(seeds), scale=3).save(grid_path)
+    ph.done(str(grid_path))
     n_lit = len(literal) * len(seeds)
     psnr = harness.psnr(before[n_lit:], after[n_lit:])
     report: dict = {"membrane": str(membrane_file), "grid": str(grid_path),
                     "grid_layout": "rows: prompts (4 with the target, then 4 controls); columns: seeds without | with the membrane",
                     "control_psnr_db_median": float(torch.tensor(psnr).clamp(max=100).median())}
+    ph.start(f"scoring {2 * len(before)} images with the toy scorer")
     try:
         from .toy.scorer import load_scorer
 
@@ -248,20 +445,34 @@ def _cmd_demo(args) -> int:
         cb, ca = harness.score_images(scorer, before[n_lit:]), harness.score_images(scorer, after[n_lit:])
         report["control_found_before"] = harness.found_rate(cb, cases)
         report["control_found_after"] = harness.found_rate(ca, cases)
+        ph.done()
     except (FileNotFoundError, OSError) as e:
         report["scorer"] = f"not available ({e}); only PSNR is reported"
-    report["seconds"] = round(time.time() - t0, 1)
+        ph.done("scorer not available")
+    report["seconds"] = round(ph.total(), 1)
+    ph.say(f"finished in {report['seconds']} s")
     print(json.dumps(report, indent=2))
     return 0
 
 
 # --- eval -------------------------------------------------------------------------------------------
-def _eval_pipeline(spec: str, config: str | None):
-    """``base``/``finetune`` (the shipped toy models), a toy asset folder (``unet/`` …) or a diffusers model."""
-    from .toy.model import load_toy_pipeline
+_EVAL_ALIASES = {"base": "toy", "finetune": "toy-finetune"}  # the names `spm eval` accepted before the registry
 
-    if spec in ("base", "finetune"):
-        return load_toy_pipeline(spec)
+
+def _toy_name(spec: str) -> str | None:
+    from . import toy
+
+    name = _EVAL_ALIASES.get(spec, spec)
+    return name if toy.toy_model(name) is not None else None
+
+
+def _eval_pipeline(spec: str, config: str | None):
+    """A shipped toy model's name (``base``/``finetune`` too), a toy asset folder (``unet/`` …) or a diffusers model."""
+    from . import toy
+
+    name = _toy_name(spec)
+    if name is not None:
+        return toy.load(name)
     p = Path(spec)
     if p.is_dir() and not (p / "model_index.json").exists() and (p / "unet").is_dir():
         from .toy.evaluate import load_asset_folder
@@ -272,30 +483,33 @@ def _eval_pipeline(spec: str, config: str | None):
     return load_pipeline(spec, config=config, device="cpu")
 
 
+def _finetune_of(spec: str) -> str | None:
+    """The shipped fine-tune of ``spec``'s toy world (the world of the shapes models for a path)."""
+    from . import toy
+
+    name = _toy_name(spec)
+    world = toy.MODELS[name].world if name else next(iter(toy.MODELS.values())).world
+    return next((n for n, m in toy.MODELS.items() if m.world == world and m.which == "finetune"), None)
+
+
 def _cmd_eval(args) -> int:
     """Erasure and preservation of membranes in the toy world (``spm/toy/evaluate.py``), as JSON."""
-    from .checkpoint import load_membrane
-
     _threads(args.threads)
-
-    def fail(msg: str) -> int:
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-
+    from .checkpoint import MembraneFileError
     from .toy import evaluate as ev
-    if args.transfer and args.model == "finetune":
-        return fail("--transfer evaluates on the shipped fine-tune as well; --model finetune already is it")
+
+    finetune_name = _finetune_of(args.model) if args.transfer else None
+    if args.transfer and finetune_name is None:
+        return _fail(f"--transfer: the toy world of --model {args.model} ships no fine-tune")
+    if args.transfer and _toy_name(args.model) == finetune_name:
+        return _fail(f"--transfer evaluates on the shipped fine-tune as well; --model {args.model} already is it")
     try:
-        items, names = [], []
-        for spec in args.membrane:
-            f, w = parse_membrane_arg(spec)
-            m = load_membrane(f)
-            items.append((m, w))
-            names.append(m.name)
+        items = _load_membranes(args.membrane)
+        names = [m.name for m, _ in items]
         if args.target:
             if len(args.target) != len(items):
-                return fail(f"{len(args.target)} --target for {len(items)} --membrane: give one --target per --membrane, "
-                            "in the same order (comma-separate several objects)")
+                return _fail(f"{len(args.target)} --target for {len(items)} --membrane: give one --target per --membrane, "
+                             "in the same order (comma-separate several objects)")
             targets = [ev.normalise_targets([t for t in raw.split(",") if t.strip()])
                        for raw in args.target]
         else:
@@ -305,8 +519,8 @@ def _cmd_eval(args) -> int:
                     targets.append(ev.normalise_targets(m.concepts, f"the metadata of {parse_membrane_arg(spec)[0]}"))
                 except ValueError as e:
                     raise ValueError(f"{e}; pass --target to name the toy object the membrane erases") from None
-    except (ValueError, FileNotFoundError, MembraneFileError) as e:
-        return fail(str(e))
+    except (CliError, ValueError, FileNotFoundError, MembraneFileError) as e:
+        return _fail(e)
     suite = {k: getattr(args, k) for k in ("n_literal", "n_paraphrase", "n_per_other", "n_pairs", "n_mixed")
              if getattr(args, k) is not None}
     if args.suite_seed is not None:
@@ -315,14 +529,14 @@ def _cmd_eval(args) -> int:
     try:
         base = _eval_pipeline(args.model, args.config)
         ev.check_toy_pipeline(base, f"--model {args.model}")
-        finetune = _eval_pipeline("finetune", None) if args.transfer else None
+        finetune = _eval_pipeline(finetune_name, None) if finetune_name else None
         from .toy.scorer import load_scorer
 
         scorer = load_scorer()
     except FileNotFoundError as e:
-        return fail(f"the toy world's assets are missing ({e}); rebuild them with `python -m bench.toyworld build`")
+        return _fail(f"the toy world's assets are missing ({e}); rebuild them with `python -m bench.toyworld build`")
     except (ValueError, OSError) as e:
-        return fail(str(e))
+        return _fail(e)
     from .toy import harness
 
     try:
@@ -332,7 +546,7 @@ def _cmd_eval(args) -> int:
                              cfg=harness.DEFAULT_CFG if args.cfg is None else args.cfg,
                              suite=suite, names=names, progress=say)
     except (ValueError, MembraneFileError) as e:  # NotToyModel, IncompatibleMembrane, bad settings
-        return fail(str(e))
+        return _fail(e)
     text = json.dumps(report, indent=2, ensure_ascii=False)
     if args.out:
         out = Path(args.out)
@@ -344,22 +558,47 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+# --- bake -------------------------------------------------------------------------------------------
+def _cmd_bake(args) -> int:
+    from .bake import bake
+
+    try:
+        items = _load_membranes(args.membrane)
+        if not items:
+            raise CliError("--membrane: give at least one FILE[:weight] to bake in")
+        out = bake(args.model, items, args.output, overwrite=args.overwrite,
+                   progress=None if args.quiet else (lambda m: print(f"[bake] {m}", file=sys.stderr, flush=True)))
+    except _model_errors() as e:
+        return _fail(e)
+    print(out)
+    return 0
+
+
 # --- parser -----------------------------------------------------------------------------------------
+def _wrap(text: str) -> str:
+    import textwrap
+
+    return textwrap.fill(text, 100)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m spm", description="SPM concept-erasing membranes")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    toy_help = _toy_help()
+    raw = argparse.RawDescriptionHelpFormatter
+    p = _Parser(prog="python -m spm", description="SPM concept-erasing membranes", epilog=toy_help, formatter_class=raw)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     i = sub.add_parser("info", help="print a membrane file's concepts, architecture, rank and modules as JSON")
     i.add_argument("files", nargs="+")
-    i.set_defaults(func=_cmd_info)
+    i.set_defaults(func=_info_cmd)
 
-    t = sub.add_parser("train", help="train a membrane that erases --target (diffusers host)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t = sub.add_parser("train", help="train a membrane that erases --target (diffusers host)", epilog=toy_help,
+                       formatter_class=raw)
     _add_model_args(t)
-    t.add_argument("--target", action="append", required=True, help="concept to erase (repeat or comma-separate)")
+    t.add_argument("--target", action="append", required=True,
+                   help="concept to erase (repeat or comma-separate; for a toy model one of the concepts below)")
     t.add_argument("-o", "--output", required=True, help="membrane file to write (.safetensors)")
-    t.add_argument("--preset", default="object", help="object, style or nudity")
-    for flag, (_, typ, hlp) in _TRAIN_FLAGS.items():
-        t.add_argument(flag, type=typ, default=None, help=hlp)
+    t.add_argument("--preset", default="object", help="object, style or nudity (default: object)")
+    for flag, (field, typ, hlp) in _TRAIN_FLAGS.items():
+        t.add_argument(flag, type=typ, default=None, help=f"{hlp} {_default_text(field)}")
     t.add_argument("--control", action="append", help="control prompt for the preview grids (repeatable)")
     t.add_argument("--dynamic-resolution", action="store_true", help="vary the training resolution")
     t.add_argument("--reference-schedule", action="store_true",
@@ -368,66 +607,88 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     t.set_defaults(func=_cmd_train)
 
-    g = sub.add_parser("generate", help="generate images with membranes and Facilitated Transport (diffusers host)")
+    g = sub.add_parser("generate", help="generate images with membranes and Facilitated Transport (diffusers host)",
+                       epilog=toy_help, formatter_class=raw)
     _add_model_args(g)
-    g.add_argument("--membrane", action="append", help="FILE[:weight] (repeatable)")
+    g.add_argument("--membrane", action="append", help="FILE[:weight] (repeatable; weight default 1)")
     g.add_argument("--prompt", action="append", required=True, help="prompt (repeatable: one grid row each)")
-    g.add_argument("--negative", default="", help="negative prompt")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("-n", type=int, default=1, help="images per prompt (seeds seed, seed+1, …)")
-    g.add_argument("--steps", type=int, default=25)
-    g.add_argument("--cfg", type=float, default=7.5)
-    g.add_argument("--width", type=int)
-    g.add_argument("--height", type=int)
-    g.add_argument("--metric", default=None, help="transport metric (default: the library default)")
-    g.add_argument("--factor", type=float, default=1.0, help="facilitate factor")
+    g.add_argument("--negative", default="", help="negative prompt (default: none)")
+    g.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
+    g.add_argument("-n", type=positive_int, default=1, help="images per prompt (seeds seed, seed+1, …; default: 1)")
+    g.add_argument("--steps", type=positive_int, default=GENERATE_STEPS, help=f"sampling steps (default: {GENERATE_STEPS})")
+    g.add_argument("--cfg", type=finite_float, default=GENERATE_CFG, help=f"guidance scale (default: {GENERATE_CFG})")
+    g.add_argument("--width", type=positive_int, help="pixels, a multiple of the model's latent factor (default: the model's)")
+    g.add_argument("--height", type=positive_int, help="pixels, a multiple of the model's latent factor (default: the model's)")
+    g.add_argument("--metric", default=DEFAULT_METRIC, help=f"transport metric (default: {DEFAULT_METRIC})")
+    g.add_argument("--factor", type=finite_float, default=1.0, help="facilitate factor (default: 1)")
     g.add_argument("--no-transport", action="store_true", help="apply membranes at their weight to every prompt")
     g.add_argument("-o", "--output", required=True, help="PNG grid to write")
     g.set_defaults(func=_cmd_generate)
 
-    d = sub.add_parser("demo", help="erase an object from the shipped toy model; before/after grid and numbers")
-    d.add_argument("--target", default="circle")
-    d.add_argument("--iterations", type=int, default=None)
-    d.add_argument("--seeds", type=int, default=4)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", default="demo_out")
-    d.add_argument("--threads", type=int)
+    from . import toy
+
+    d = sub.add_parser("demo", help="erase an object from the shipped toy model; before/after grid and numbers",
+                       epilog=toy_help, formatter_class=raw)
+    d.add_argument("--model", default="toy", choices=[n for n, m in toy.MODELS.items() if m.which == "base"],
+                   help="the shipped toy model (default: toy)")
+    d.add_argument("--target", default="circle", help="the concept to erase (default: circle)")
+    d.add_argument("--iterations", type=positive_int, default=None,
+                   help=f"training steps {_default_text('iterations').split(';')[0].rstrip(')')})")
+    d.add_argument("--seeds", type=positive_int, default=4, help="seeds per prompt (default: 4)")
+    d.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
+    d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    d.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     d.add_argument("--skip-training", action="store_true", help="reuse the membrane in --out if present")
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     d.set_defaults(func=_cmd_demo)
 
-    e = sub.add_parser("eval", help="toy world: erasure and preservation of membranes, scored by the toy scorer (JSON)")
-    e.add_argument("--model", default="base",
-                   help="base or finetune (the shipped toy models), a toy asset folder, or a diffusers folder of a toy model")
+    e = sub.add_parser("eval", help="toy world: erasure and preservation of membranes, scored by the toy scorer (JSON)",
+                       epilog=toy_help, formatter_class=raw)
+    e.add_argument("--model", default="toy",
+                   help="a shipped toy model by name (base and finetune are aliases of toy and toy-finetune), "
+                        "a toy asset folder, or a diffusers folder of a toy model (default: toy)")
     e.add_argument("--config", help="for a single-file checkpoint: a diffusers folder with its configs")
     e.add_argument("--transfer", action="store_true", help="also evaluate the membranes on the shipped fine-tune")
     e.add_argument("--membrane", action="append", required=True, help="FILE[:weight] (repeatable: all act together)")
     e.add_argument("--target", action="append",
                    help="the toy objects a membrane erases (comma-separated), one --target per --membrane in the same "
                         "order (default: each file's concepts metadata)")
-    e.add_argument("--metric", help="transport metric (default: the library default)")
+    e.add_argument("--metric", help=f"transport metric (default: {DEFAULT_METRIC})")
     e.add_argument("--no-transport", action="store_true", help="apply membranes at their weight to every prompt")
-    e.add_argument("--steps", type=int, help="DDIM steps (default 25, the toy harness's)")
-    e.add_argument("--cfg", type=float, help="guidance scale (default 7.5, the toy harness's)")
-    e.add_argument("--n-literal", type=int, help="literal target prompts (default 16)")
-    e.add_argument("--n-paraphrase", type=int, help="paraphrase prompts (default 8)")
-    e.add_argument("--n-per-other", type=int, help="single-object prompts per non-target object (default 3)")
-    e.add_argument("--n-pairs", type=int, help="two-object non-target prompts (default 8)")
-    e.add_argument("--n-mixed", type=int, help="target + non-target prompts (default 8)")
-    e.add_argument("--suite-seed", type=int, help="seed of the prompt suite (default 1234)")
+    e.add_argument("--steps", type=positive_int, help="DDIM steps (default: 25, the toy harness's)")
+    e.add_argument("--cfg", type=finite_float, help="guidance scale (default: 7.5, the toy harness's)")
+    e.add_argument("--n-literal", type=non_negative_int, help="literal target prompts (default: 16)")
+    e.add_argument("--n-paraphrase", type=non_negative_int, help="paraphrase prompts (default: 8)")
+    e.add_argument("--n-per-other", type=non_negative_int, help="single-object prompts per non-target object (default: 3)")
+    e.add_argument("--n-pairs", type=non_negative_int, help="two-object non-target prompts (default: 8)")
+    e.add_argument("--n-mixed", type=non_negative_int, help="target + non-target prompts (default: 8)")
+    e.add_argument("--suite-seed", type=int, help="seed of the prompt suite (default: 1234)")
     e.add_argument("-o", "--out", help="write the JSON here (default: print it)")
-    e.add_argument("--threads", type=int, help="torch CPU threads")
+    e.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     e.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     e.set_defaults(func=_cmd_eval)
+
+    b = sub.add_parser(
+        "bake", formatter_class=raw, epilog=toy_help,
+        help="merge membranes at fixed weights into a checkpoint (for deployments without the extension)",
+        description=_wrap("Merge membranes into a copy of a checkpoint: W' = W + Σ weight·(alpha/rank)·up·down on every "
+                    "membrane module, computed in fp32 and stored in the checkpoint's dtype. The input is never "
+                    "modified. The baked model LOSES FACILITATED TRANSPORT: every prompt gets each membrane's full "
+                    "weight, so unrelated prompts change too. Keep the membranes as files where the extension runs."))
+    b.add_argument("--model", required=True,
+                   help="a shipped toy model by name, a diffusers folder, or a single-file SD checkpoint in the WebUI's "
+                        "(LDM) layout (.safetensors)")
+    b.add_argument("--membrane", action="append", required=True, help="FILE[:weight] (repeatable; weight default 1)")
+    b.add_argument("-o", "--output", required=True,
+                   help="where to write: a folder for a diffusers or toy model, a .safetensors file for a single file")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    b.set_defaults(func=_cmd_bake)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "cmd", None) == "generate" and args.metric is None:
-        from .transport import DEFAULT_METRIC
-
-        args.metric = DEFAULT_METRIC
     if getattr(args, "cmd", None) == "demo" and args.iterations is None:
         from .train.config import TrainConfig
 

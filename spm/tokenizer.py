@@ -126,3 +126,31 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>"):
     tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir()), pad_token=pad_token)
     tok.model_max_length = MAX_LENGTH
     return tok
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    """A pipeline's CLIP tokenizer from its ``tokenizer/`` folder, in either layout diffusers writes:
+
+    * ``vocab.json`` + ``merges.txt`` (transformers 4.x): :class:`transformers.CLIPTokenizer`;
+    * ``tokenizer.json`` alone (current transformers): :class:`transformers.CLIPTokenizerFast` (needs ``tokenizers``).
+
+    Anything else raises :class:`TokenizerUnavailable` naming the files that are missing.
+    """
+    d = Path(folder)
+    if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer.from_pretrained(str(d))
+    if (d / "tokenizer.json").is_file():
+        try:
+            from transformers import CLIPTokenizerFast
+        except ImportError as e:
+            raise TokenizerUnavailable(f"{d} holds only tokenizer.json, which needs the `tokenizers` package ({e})") from None
+        try:
+            return CLIPTokenizerFast.from_pretrained(str(d))
+        except Exception as e:  # tokenizers raises its own types on a corrupt file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TokenizerUnavailable(f"{d / 'tokenizer.json'} cannot be read as a CLIP tokenizer ({first})") from None
+    have = sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+    raise TokenizerUnavailable(f"{d}: no tokenizer files (vocab.json + merges.txt, or tokenizer.json); "
+                               f"it holds {', '.join(have) if have else 'nothing'}")

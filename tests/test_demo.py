@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,24 @@ def test_demo_trains_writes_grid_and_reports(tmp_path, capsys):
     from spm.checkpoint import load_membrane
 
     out = tmp_path / "demo"
-    rc = main(["demo", "--iterations", "3", "--seeds", "1", "--out", str(out), "--quiet", "--threads", "1"])
+    rc = main(["demo", "--iterations", "3", "--seeds", "1", "--out", str(out), "--threads", "1"])
     assert rc == 0
     cap = capsys.readouterr()
     r = json.loads(cap.out)
-    assert "training a membrane that erases 'circle'" in cap.err
+    # every phase says what it does, then how long it took: loading, training, before k/N, after k/N, grid, scoring
+    lines = [ln for ln in cap.err.splitlines() if ln.startswith("[demo]")]
+    starts = [k for k, ln in enumerate(lines) if ln.endswith("…")]
+    for phase in ("loading the toy model", "training a membrane that erases 'circle'", "generating before",
+                  "generating after", "writing the before/after grid", "scoring"):
+        i = next(k for k in starts if phase in lines[k])
+        end = next((k for k in starts if k > i), len(lines) - 1)  # the last line is the total
+        assert re.search(r"\(\d+\.\d s\)$", lines[end - 1]), (phase, lines[i:end])  # the phase's time
+    from spm.toy.harness import DEFAULT_STEPS
+
+    for label in ("before", "after"):  # the sampling steps of each phase, k/N with the bar's ETA
+        assert re.search(rf"\[demo\] {label}: 100%.*\| {DEFAULT_STEPS}/{DEFAULT_STEPS} \[", cap.err), cap.err[-2000:]
+    assert "loading the toy model" in lines[0]  # said before anything slow
+    assert "finished in" in lines[-1]
 
     assert Path(r["membrane"]) == out / "circle.safetensors"
     m = load_membrane(r["membrane"])

@@ -147,7 +147,7 @@ def test_clear_errors(files, tmp_path, capsys, monkeypatch):
         return main(["eval", *argv, "--steps", "1", *SMALL])
 
     assert run("--membrane", str(tmp_path / "missing.safetensors")) == 2
-    assert "does not exist" in _err(capsys)
+    assert "no such file" in _err(capsys)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 5)
     assert run("--membrane", str(bad)) == 2

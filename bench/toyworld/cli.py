@@ -74,7 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "export-ldm":
         from .ldm import export_ldm
 
-        yaml_path = export_ldm(args.out)
+        try:
+            yaml_path = export_ldm(args.out)
+        except ModuleNotFoundError as e:
+            if e.name != "ldm":
+                raise
+            print("error: export-ldm derives the LDM key names from CompVis ldm (stable-diffusion-sdkit), which is not "
+                  "installed: run `bash tools/setup.sh --dev` first", file=sys.stderr)
+            return 2
         print(json.dumps({"checkpoint": str(args.out), "config": str(yaml_path)}))
         return 0
     from .check import check_assets

@@ -239,15 +239,227 @@ class DiffusersBackend:
         return (img.float() / 2 + 0.5).clamp(0, 1).cpu()
 
 
+class ModelLoadError(ValueError):
+    """A model folder whose parts are missing or whose weights do not fit their model class."""
+
+
+_NO_WEIGHTS_PARTS = ("safety_checker", "feature_extractor", "image_encoder")
+
+
+def _quiet_loaders():
+    """Silence diffusers' and transformers' loading warnings: what they warn about is checked and raised here."""
+    import contextlib
+
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    @contextlib.contextmanager
+    def quiet():
+        dv, tv = dlog.get_verbosity(), tlog.get_verbosity()
+        dlog.set_verbosity_error()
+        tlog.set_verbosity_error()
+        try:
+            yield
+        finally:
+            dlog.set_verbosity(dv)
+            tlog.set_verbosity(tv)
+
+    return quiet()
+
+
+def _weight_files(folder) -> list:
+    from pathlib import Path
+
+    return sorted(Path(folder).glob("*.safetensors"))
+
+
+def _first(keys) -> str:
+    keys = sorted(keys)
+    return f"{len(keys)} (first: {keys[0]})" if keys else "0"
+
+
+def load_model_strict(cls, folder, dtype: torch.dtype = torch.float32, what: str = ""):
+    """``cls.from_pretrained(folder)``, but weights that do not fit are an error, never a warning.
+
+    Missing or unexpected keys raise :class:`ModelLoadError` naming them, except one known layout: a
+    transformers text encoder saved without its ``text_model.`` prefix (transformers >= 5), whose keys are
+    renamed and loaded strictly.
+    """
+    from pathlib import Path
+
+    folder = Path(folder)
+    what = what or folder.name
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder}: no config.json, so the {what} cannot be built")
+    if not _weight_files(folder):
+        others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".ckpt", ".pt", ".pth"))
+        why = f" (only pickled {', '.join(others)}: convert them to .safetensors)" if others else ""
+        raise ModelLoadError(f"{folder}: no .safetensors weights for the {what}{why}")
+    with _quiet_loaders():
+        try:
+            model, info = cls.from_pretrained(str(folder), torch_dtype=dtype, output_loading_info=True)
+        except ValueError as e:
+            if "keys are missing" not in str(e):
+                raise ModelLoadError(f"{folder}: cannot load the {what}: {str(e).strip().splitlines()[0]}") from None
+            missing = [m.strip().rstrip(".") for m in str(e).split("missing:", 1)[1].split("Please")[0].split(",")]
+            raise ModelLoadError(f"{folder}: the {what} weights do not fit {cls.__name__}: missing keys "
+                                 f"{_first([m for m in missing if m])}") from None
+    missing = list(info.get("missing_keys") or [])
+    unexpected = list(info.get("unexpected_keys") or [])
+    if not unexpected and hasattr(model, "_convert_deprecated_attention_blocks"):
+        # diffusers' low-memory loader drops unexpected keys without reporting them: compare the files' keys
+        from safetensors import safe_open
+
+        stored: dict = {}
+        for f in _weight_files(folder):
+            with safe_open(str(f), framework="pt") as fh:
+                stored.update(dict.fromkeys(fh.keys()))
+        model._convert_deprecated_attention_blocks(stored)  # the old VAE attention names it renames itself
+        unexpected = sorted(set(stored) - set(model.state_dict()))
+    mismatched = list(info.get("mismatched_keys") or [])
+    errors = list(info.get("error_msgs") or [])
+    if missing and unexpected and not mismatched and not errors:
+        prefix = _common_prefix(missing, unexpected)
+        if prefix is not None:
+            from safetensors.torch import load_file
+
+            sd: dict = {}
+            for f in _weight_files(folder):
+                sd.update({(prefix + k if k in set(unexpected) else k): v for k, v in load_file(str(f)).items()})
+            res = model.load_state_dict(sd, strict=False)
+            missing, unexpected = list(res.missing_keys), list(res.unexpected_keys)
+    if missing or unexpected or mismatched or errors:
+        detail = [f"{_first(missing)} missing" if missing else "", f"{_first(unexpected)} unexpected" if unexpected else "",
+                  f"{len(mismatched)} with other shapes" if mismatched else "", errors[0] if errors else ""]
+        raise ModelLoadError(f"{folder}: the {what} weights do not fit {cls.__name__} ("
+                             f"{'; '.join(d for d in detail if d)} keys): the model would run with random weights")
+    return model.to(dtype).eval()
+
+
+def _common_prefix(missing: list[str], unexpected: list[str]) -> str | None:
+    """``text_model.`` when every unexpected key is a missing key without that one prefix (what is left missing
+    after the renaming is then reported by name)."""
+    u, miss = set(unexpected), set(missing)
+    for m in missing:
+        for k in u:
+            if m.endswith("." + k):
+                prefix = m[: -len(k)]
+                return prefix if {prefix + x for x in u} <= miss else None
+    return None
+
+
+def _scheduler(folder):
+    import json
+    from pathlib import Path
+
+    import diffusers
+
+    cfg = Path(folder) / "scheduler_config.json"
+    if not cfg.is_file():
+        raise ModelLoadError(f"{folder}: no scheduler_config.json")
+    name = json.loads(cfg.read_text()).get("_class_name", "")
+    cls = getattr(diffusers, name, None)
+    if cls is None or not name.endswith("Scheduler"):
+        raise ModelLoadError(f"{cfg}: unknown scheduler class {name!r}")
+    return cls.from_pretrained(str(folder))
+
+
+def _folder_index(p) -> tuple[dict, bool]:
+    """(model_index entries, has model_index.json): a diffusers folder, or one of components only (``unet/`` …)."""
+    import json
+
+    index = p / "model_index.json"
+    if index.exists():
+        try:
+            return json.loads(index.read_text()), True
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"{index} is not valid JSON ({e})") from None
+    need = ("unet", "vae", "text_encoder", "scheduler")
+    lacking = [n for n in need if not (p / n).is_dir()]
+    if lacking:
+        raise ModelLoadError(f"{p} is a folder but not a diffusers pipeline (no model_index.json, and no "
+                             f"{', '.join(x + '/' for x in lacking)}); give a diffusers folder or a .safetensors checkpoint")
+    entries = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+               "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+               "scheduler": ["diffusers", "DDIMScheduler"], "_class_name": "StableDiffusionPipeline"}
+    if (p / "text_encoder_2").is_dir():
+        entries.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"], tokenizer_2=["transformers", "CLIPTokenizer"],
+                       _class_name="StableDiffusionXLPipeline")
+    return entries, False
+
+
+def load_folder_pipeline(p, dtype: torch.dtype = torch.float32, xl: bool | None = None):
+    """A pipeline from a diffusers folder (``model_index.json``) or a folder of its components only (``unet/``,
+    ``vae/``, ``text_encoder/``, ``scheduler/``, optional ``tokenizer/``: what ``bench.toyworld build`` writes).
+
+    Every model part loads strictly (:func:`load_model_strict`); a tokenizer folder may hold ``vocab.json`` +
+    ``merges.txt`` or only ``tokenizer.json`` (see :func:`spm.tokenizer.load_tokenizer`); without one the
+    CLIP tokenizer is built from its vocabulary.
+    """
+    import importlib
+    import inspect as _inspect
+    from pathlib import Path
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from ..tokenizer import TokenizerUnavailable, clip_tokenizer, load_tokenizer
+
+    p = Path(p)
+    entries, _ = _folder_index(p)
+    is_xl = ("XL" in str(entries.get("_class_name", ""))) if xl is None else xl
+    cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
+    params = _inspect.signature(cls.__init__).parameters
+    comps: dict = {}
+    for name, spec in entries.items():
+        if name.startswith("_") or name not in params:
+            continue
+        if not isinstance(spec, (list, tuple)):
+            comps[name] = spec  # a config value such as force_zeros_for_empty_prompt
+            continue
+        lib, cls_name = (list(spec) + [None, None])[:2]
+        sub = p / name
+        if name in _NO_WEIGHTS_PARTS or lib is None or cls_name is None:
+            comps[name] = None
+        elif name.startswith("tokenizer"):
+            try:
+                comps[name] = load_tokenizer(sub) if sub.is_dir() else clip_tokenizer("!" if name == "tokenizer_2" else "<|endoftext|>")
+            except TokenizerUnavailable as e:
+                raise ModelLoadError(str(e)) from None
+        elif name == "scheduler":
+            comps[name] = _scheduler(sub)
+        else:
+            if not sub.is_dir():
+                raise ModelLoadError(f"{p}: model_index.json names {name} but there is no {name}/ folder")
+            try:
+                model_cls = getattr(importlib.import_module(lib), cls_name)
+            except (ImportError, AttributeError):
+                raise ModelLoadError(f"{p}/model_index.json: unknown {name} class {lib}.{cls_name}") from None
+            comps[name] = load_model_strict(model_cls, sub, dtype, name.replace("_", " "))
+    for name, par in params.items():
+        if name != "self" and name not in comps and par.default is _inspect.Parameter.empty:
+            if name in _NO_WEIGHTS_PARTS:
+                comps[name] = None
+            else:
+                raise ModelLoadError(f"{p}: the pipeline needs a {name}/ folder")
+    if "requires_safety_checker" in params:
+        comps["requires_safety_checker"] = False
+    for name in ("text_encoder", "text_encoder_2"):
+        te, tok = comps.get(name), comps.get(name.replace("text_encoder", "tokenizer"))
+        limit = getattr(getattr(te, "config", None), "max_position_embeddings", None)
+        if tok is not None and limit and (tok.model_max_length or 0) > limit:
+            tok.model_max_length = int(limit)
+    with _quiet_loaders():
+        return cls(**comps)
+
+
 def load_pipeline(model: str, *, config: str | None = None, device: str | None = None,
                   dtype: torch.dtype = torch.float32, xl: bool | None = None):
-    """A diffusers pipeline from a diffusers folder or a single ``.safetensors`` checkpoint.
+    """A diffusers pipeline from a diffusers folder, a folder of its components, or a single ``.safetensors``.
 
     ``config``: for single files, a diffusers folder (or hub id, when online) whose configs describe the
     checkpoint; without it diffusers tries the Hugging Face hub.  Raises ``FileNotFoundError``/``ValueError``
-    with the fix in the message.
+    (:class:`ModelLoadError`) with the fix in the message.
     """
-    import json
     from pathlib import Path
 
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -256,35 +468,44 @@ def load_pipeline(model: str, *, config: str | None = None, device: str | None =
     p = Path(model)
     if not p.exists():
         raise FileNotFoundError(f"--model {model}: no such file or folder (a diffusers folder or a .safetensors checkpoint)")
-    verb = dlog.get_verbosity()
-    dlog.set_verbosity_error()
-    try:
-        if p.is_dir():
-            index = p / "model_index.json"
-            if not index.exists():
-                raise ValueError(f"{p} is a folder but not a diffusers pipeline (no model_index.json)")
-            cls_name = json.loads(index.read_text()).get("_class_name", "")
-            is_xl = "XL" in cls_name if xl is None else xl
-            cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
-            kw = {"safety_checker": None, "requires_safety_checker": False} if not is_xl else {}
-            pipe = cls.from_pretrained(str(p), torch_dtype=dtype, **kw)
-        else:
-            if p.suffix.lower() != ".safetensors":
-                raise ValueError(f"{p.name}: only .safetensors checkpoints are loaded (pickled .ckpt files can run code)")
-            if xl is None:
-                from safetensors import safe_open
+    if p.is_dir():
+        pipe = load_folder_pipeline(p, dtype, xl)
+    else:
+        if p.suffix.lower() != ".safetensors":
+            raise ValueError(f"{p.name}: only .safetensors checkpoints are loaded (pickled .ckpt files can run code)")
+        from safetensors import safe_open
 
-                with safe_open(str(p), framework="pt") as f:
-                    xl = any(k.startswith("conditioner.") for k in f.keys())
-            cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
-            kw = {"config": config} if config else {}
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                keys = list(f.keys())
+        except Exception as e:  # safetensors raises its own types for a file that is not one
+            raise ValueError(f"{p.name} is not a readable .safetensors checkpoint ({str(e).strip().splitlines()[0]})") from None
+        if not any(k.startswith("model.diffusion_model.") for k in keys):
+            raise ValueError(f"{p.name} holds no Stable Diffusion UNet (no model.diffusion_model.* keys): "
+                             "is it a membrane or a LoRA rather than a checkpoint?")
+        if xl is None:
+            xl = any(k.startswith("conditioner.") for k in keys)
+        cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+        kw: dict = {"config": config} if config else {}
+        if config and (Path(config) / "tokenizer").is_dir():  # a tokenizer.json-only folder loads through ours
+            from ..tokenizer import TokenizerUnavailable, load_tokenizer
+
             try:
-                pipe = cls.from_single_file(str(p), torch_dtype=dtype, **kw)
-            except Exception as e:  # diffusers raises several types here (hub errors offline, config mismatches)
-                hint = "" if config else " Pass --config DIR, a diffusers folder of the same architecture, to load it offline."
-                raise ValueError(f"could not load {p.name} as a single-file checkpoint: {e}.{hint}") from None
-    finally:
-        dlog.set_verbosity(verb)
+                kw["tokenizer"] = load_tokenizer(Path(config) / "tokenizer")
+                if xl and (Path(config) / "tokenizer_2").is_dir():
+                    kw["tokenizer_2"] = load_tokenizer(Path(config) / "tokenizer_2")
+            except TokenizerUnavailable as e:
+                raise ModelLoadError(str(e)) from None
+        verb = dlog.get_verbosity()
+        dlog.set_verbosity_error()
+        try:
+            pipe = cls.from_single_file(str(p), torch_dtype=dtype, **kw)
+        except Exception as e:  # diffusers raises several types here (hub errors offline, config mismatches)
+            hint = " Pass --config DIR, a diffusers folder of the same architecture, to load it offline." if not config else ""
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"could not load {p.name} as a single-file checkpoint.{hint} ({first})") from None
+        finally:
+            dlog.set_verbosity(verb)
     if hasattr(pipe, "safety_checker"):
         pipe.safety_checker = None
     if device:
@@ -293,4 +514,5 @@ def load_pipeline(model: str, *, config: str | None = None, device: str | None =
     return pipe
 
 
-__all__ = ["DiffusersBackend", "PipelineMembranes", "attach_to_pipeline", "load_pipeline", "phrase_encoder", "pipeline_encoder"]
+__all__ = ["DiffusersBackend", "ModelLoadError", "PipelineMembranes", "attach_to_pipeline", "load_folder_pipeline",
+           "load_model_strict", "load_pipeline", "phrase_encoder", "pipeline_encoder"]

@@ -1,6 +1,7 @@
 """``python -m spm.ui``: the SPM Trainer tab standalone, on a diffusers pipeline, served on 127.0.0.1.
 
     python -m spm.ui                          # the toy model (spm/toy/assets), membranes in ./models/spm
+    python -m spm.ui --model toy-finetune     # another shipped toy model, by name (spm.toy.MODELS)
     python -m spm.ui --model DIR_OR_FILE [--config DIR] --membranes OUT --port 7861
 
 The pipeline is loaded on the first Train click (startup stays fast; a load error shows in the tab).
@@ -11,8 +12,6 @@ from __future__ import annotations
 import argparse
 import threading
 from pathlib import Path
-
-from .jobs import NoModelError
 
 TOY_CONTROLS = ["a blue square", "a green triangle"]  # prompts the toy model knows (spm/toy/captions.py)
 
@@ -26,19 +25,20 @@ def make_provider(model: str | None, config: str | None = None, device: str | No
         with lock:
             if "backend" not in cache:
                 from ..hosts.diffusers import DiffusersBackend, load_pipeline
+                from .jobs import NoModelError
 
                 try:
-                    if model is None:
-                        from spm.toy.model import load_toy_pipeline
+                    from spm import toy
 
-                        pipe = load_toy_pipeline("base")
+                    name = model or next(iter(toy.MODELS))
+                    if toy.toy_model(name) is not None:
+                        pipe = toy.load(name)
                         if device:
                             pipe.to(device)
                     else:
                         pipe = load_pipeline(model, config=config, device=device)
                 except ImportError as e:
-                    raise NoModelError(f"the toy model needs the repository's bench/ folder ({e}); "
-                                       "pass --model DIR_OR_FILE instead") from None
+                    raise NoModelError(f"cannot load the model: a package is missing ({e}); run tools/setup.sh") from None
                 except (FileNotFoundError, ValueError, OSError) as e:
                     raise NoModelError(f"cannot load the model: {e}") from None
                 cache["backend"] = DiffusersBackend(pipe)
@@ -82,7 +82,10 @@ def fix_gradio_schema_bug() -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m spm.ui", description="The SPM Trainer tab, standalone")
-    ap.add_argument("--model", help="a diffusers folder or a .safetensors checkpoint (default: the toy model)")
+    from spm import toy
+
+    ap.add_argument("--model", help="a shipped toy model by name (" + ", ".join(toy.MODELS) + "), a diffusers folder or a "
+                                    f".safetensors checkpoint (default: {next(iter(toy.MODELS))})")
     ap.add_argument("--config", help="for single-file checkpoints: a diffusers folder with the configs")
     ap.add_argument("--device", help="cpu, cuda, … (default: where the pipeline loads)")
     ap.add_argument("--membranes", default="models/spm", help="folder the membranes are saved to (default: models/spm)")
@@ -94,7 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    from spm import toy
+
+    if args.model is not None and toy.toy_model(args.model) is None and not Path(args.model).exists():
+        ap.exit(2, f"{ap.prog}: error: --model {args.model}: no such file or folder, and not a shipped toy model "
+                   f"({', '.join(toy.MODELS)})\n")
+
     from .trainer_tab import build_trainer_tab
 
     fix_gradio_schema_bug()
@@ -103,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     from .jobs import DEFAULT_CONTROLS, split_concepts
 
     controls = split_concepts(args.controls, "--controls") if args.controls else (
-        TOY_CONTROLS if args.model is None else list(DEFAULT_CONTROLS))
+        TOY_CONTROLS if args.model is None or toy.toy_model(args.model) is not None else list(DEFAULT_CONTROLS))
     tab = build_trainer_tab(make_provider(args.model, args.config, args.device), folder, controls=controls)
     tab.queue()
     print(f"SPM Trainer: membranes are saved in {folder.resolve()}")
