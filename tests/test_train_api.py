@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from spm.ui.jobs import TrainService
+from spm.train.jobs import TrainService
 from tests import webui_stub as stub
 from tests import webui_stub_train as tstub
 from tests.test_trainer_tab import FAST_CFG, tiny_backend
@@ -101,7 +101,7 @@ def test_train_poll_and_list(backend, tmp_path):
 
 
 def test_failed_job_reports_its_error(tmp_path):
-    from spm.ui.jobs import NoModelError
+    from spm.train.jobs import NoModelError
 
     def none_loaded():
         raise NoModelError("no Stable Diffusion model is loaded")

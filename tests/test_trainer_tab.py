@@ -11,8 +11,8 @@ import torch
 
 from spm.checkpoint import load_membrane
 from spm.train.config import PRESETS, TrainConfig
-from spm.ui import jobs
-from spm.ui.jobs import NoModelError, RequestError, TrainService, parse_request
+from spm.train import jobs
+from spm.train.jobs import NoModelError, RequestError, TrainService, parse_request
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from spm.backend import check_backend
 from spm.train import TrainConfig, Trainer
-from spm.ui.jobs import NoModelError, TrainService
+from spm.train.jobs import NoModelError, TrainService
 from tests import webui_stub as stub
 from tests import webui_stub_train as tstub
 from tests.test_webui_lifecycle import tiny_unet

@@ -12,7 +12,7 @@ import argparse
 import threading
 from pathlib import Path
 
-from .jobs import NoModelError
+from ..train.jobs import NoModelError
 
 TOY_CONTROLS = ["a blue square", "a green triangle"]  # prompts the toy model knows (bench/toyworld/data.py)
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     fix_gradio_schema_bug()
     folder = Path(args.membranes)
     folder.mkdir(parents=True, exist_ok=True)
-    from .jobs import DEFAULT_CONTROLS, split_concepts
+    from ..train.jobs import DEFAULT_CONTROLS, split_concepts
 
     controls = split_concepts(args.controls, "--controls") if args.controls else (
         TOY_CONTROLS if args.model is None else list(DEFAULT_CONTROLS))

@@ -1,8 +1,8 @@
 """The SPM Trainer tab: a host-agnostic Gradio Blocks builder (Gradio 3.41 in A1111 1.10, 4.40 in Forge).
 
 :func:`build_trainer_tab` takes a *backend provider* (a callable returning a :class:`spm.backend.Backend`
-for the model to train against, or raising :class:`~spm.ui.jobs.NoModelError`) and the membrane folder,
-or a ready :class:`~spm.ui.jobs.TrainService`.  Two ways to run the Train button:
+for the model to train against, or raising :class:`~spm.train.jobs.NoModelError`) and the membrane folder,
+or a ready :class:`~spm.train.jobs.TrainService`.  Two ways to run the Train button:
 
 * **standalone** (``python -m spm.ui``): the handler is a generator; the job runs on the service's worker
   thread and the handler polls it twice a second (progress text, live loss plot, latest sample grid).
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..train.config import LA_MODES, PRECISIONS, PRESETS
-from .jobs import DEFAULT_CONTROLS, RequestError, TrainJob, TrainService, loss_plot, preset_values
+from ..train.jobs import DEFAULT_CONTROLS, RequestError, TrainJob, TrainService, loss_plot, preset_values
 
 PREFIX = "spm_train"
 
@@ -42,7 +42,7 @@ START_JS = """(...args) => {
 
 
 def form_to_request(values: dict[str, Any]) -> dict[str, Any]:
-    """The tab's field values → the request dict of :func:`spm.ui.jobs.parse_request`.
+    """The tab's field values → the request dict of :func:`spm.train.jobs.parse_request`.
 
     Empty text and 0 in "resolution" mean "the default"; Gradio numbers arrive as floats or ints.
     """

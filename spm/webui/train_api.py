@@ -24,7 +24,7 @@ import logging
 import threading
 from typing import Any
 
-from ..ui.jobs import NoModelError, Reporter, RequestError, TrainJob, TrainService
+from ..train.jobs import NoModelError, Reporter, RequestError, TrainJob, TrainService
 
 log = logging.getLogger("spm")
 
@@ -129,7 +129,7 @@ class WebUIReporter(Reporter):
         now = time.monotonic()
         if progress.preview is not None or now - self._last >= self.preview_every_s:
             self._last = now
-            from ..ui.jobs import loss_plot
+            from ..train.jobs import loss_plot
 
             image = progress.preview if progress.preview is not None else loss_plot(job.losses)
             assign = getattr(st, "assign_current_image", None)

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..backend import Conditioning, LatentSpec
 from ..naming import context_dim, describe_architecture, param_device_dtype
-from ..ui.jobs import NoModelError
+from ..train.jobs import NoModelError
 from .train_backend_a1111 import PARAMETERIZATIONS, default_resolution, split_conditioning
 
 NORMS = ("norm1", "norm2", "norm3")

@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 
 from ..tags import name_problem
-from ..train.config import LA_MODES, PRECISIONS, PRESETS, TrainConfig, preset
+from .config import LA_MODES, PRECISIONS, PRESETS, TrainConfig, preset
 
 log = logging.getLogger("spm")
 
@@ -493,7 +493,7 @@ class TrainService:
             self.reporter.end(job)
 
     def _train(self, job: TrainJob, backend, cfg: TrainConfig, out: Path):
-        from ..train import Trainer
+        from .loop import Trainer
 
         job.message = "training"
 
@@ -538,7 +538,7 @@ def before_after(backend, membrane, prompts: list[str], *, seeds: tuple[int, ...
     over the Backend protocol (works on every host).  The membrane is attached for the call only.
     """
     from ..attach import MembraneStack
-    from ..train.sampling import sample_images
+    from .sampling import sample_images
 
     if not prompts:
         raise ValueError("before_after needs at least one prompt")
