@@ -34,7 +34,7 @@ from torch import nn
 from tests import webui_stub as stub
 
 TRAIN_MODULES = ["modules.call_queue", "modules.progress", "modules.devices", "modules.shared_state",
-                 "backend.memory_management"]
+                 "modules.sd_models", "backend.memory_management"]
 
 
 # --- modules.shared_state --------------------------------------------------------------------------
@@ -305,6 +305,23 @@ def forge_engine(unet: nn.Module, clip, prediction_type: str = "epsilon"):
     return engine
 
 
+class FakeInitialModel:
+    """Forge's ``modules.sd_models.FakeInitialModel`` (backend era): the placeholder ``model_data.sd_model``
+    (so ``shared.sd_model``) holds from start-up until the first generation loads the real model.  It exists
+    for other extensions' token counters: ``cond_stage_model`` None, ``chunk_length`` 75,
+    ``get_prompt_lengths_on_ui``; there is no ``forge_objects`` and no ``model``."""
+
+    def __init__(self):
+        self.cond_stage_model = None
+        self.chunk_length = 75
+
+    def get_prompt_lengths_on_ui(self, prompt):
+        import math
+
+        r = len(prompt.strip("!,. ").replace(" ", ",").replace(".", ",").replace("!", ",").split(","))
+        return r, math.ceil(max(r, 1) / self.chunk_length) * self.chunk_length
+
+
 loaded_models: list = []
 
 
@@ -339,6 +356,11 @@ def install(tmp_path, *, forge: bool = False) -> types.SimpleNamespace:
     for name in ("call_queue", "progress", "devices", "shared_state"):
         setattr(root, name, sys.modules[f"modules.{name}"])
     if forge:
+        sm = stub._module("modules.sd_models")  # Forge's model slot starts with the placeholder, not None
+        sm.FakeInitialModel = FakeInitialModel
+        sm.model_data = types.SimpleNamespace(sd_model=FakeInitialModel())
+        root.sd_models = sm
+        env.shared.sd_model = sm.model_data.sd_model
         mm = stub._module("backend.memory_management")
         mm.load_model_gpu = load_model_gpu
         sys.modules["backend"].memory_management = mm

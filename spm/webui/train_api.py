@@ -86,10 +86,13 @@ def webui_backend():
     from . import state
 
     state.runtime().clear()
-    if is_forge() and getattr(sd_model, "forge_objects", None) is not None:
-        from .train_backend_forge import ForgeBackend
+    if is_forge():
+        from .train_backend_forge import NOT_LOADED, ForgeBackend, is_placeholder
 
-        return ForgeBackend(sd_model)
+        if is_placeholder(sd_model):  # Forge's stand-in until the first generation loads the real model
+            raise NoModelError(NOT_LOADED)
+        if getattr(sd_model, "forge_objects", None) is not None:
+            return ForgeBackend(sd_model)
     from .train_backend_a1111 import A1111Backend
 
     return A1111Backend(sd_model)
