@@ -1,4 +1,4 @@
-"""The trainer tab's core (spm/ui/jobs.py) and handlers (spm/ui/trainer_tab.py) on a tiny random SD1 pipeline."""
+"""The trainer job service (spm/train/jobs.py) and handlers (spm/ui/trainer_tab.py) on a tiny random SD1 pipeline."""
 
 from __future__ import annotations
 

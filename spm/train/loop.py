@@ -10,7 +10,13 @@ Usage::
 * ``callback(Progress)`` is called every step (the WebUI tab draws from it); ``should_stop()`` is polled
   every step and before each UNet call of the latent-pool warm-up; Ctrl-C (``KeyboardInterrupt``) stops too.
   Either way the membrane trained so far is saved atomically, with its resumable state beside it.
-* ``save_every`` writes checkpoints (membrane + ``.trainstate``); ``resume=True`` continues from them.
+* ``on_phase(Phase)`` reports the phases around the steps: filling the latent pool (k/N denoising steps) and
+  saving.
+* ``save_every`` writes checkpoints (membrane + ``.trainstate``); ``resume=True`` continues from them.  The
+  ``.trainstate`` is deleted when a run finishes all its iterations, unless ``keep_state=True`` (to extend
+  the run later); an interrupted run keeps it, so it can be resumed.
+* The latent pool holds at most as many trajectories as the run has iterations left: a trajectory is only
+  worth its fill cost if an iteration draws it.
 * ``sample_every`` writes preview grids (target and control prompts; membrane OFF | ON) as PNG.
 """
 
@@ -56,6 +62,17 @@ class Progress:
     eta_s: float
     preview: Any = None  # a PIL image when a grid was just made
     preview_path: Path | None = None
+
+
+@dataclass
+class Phase:
+    """A report from outside the training steps: ``name`` ("pool": filling the latent pool, counted in
+    trajectory denoising steps; "saving"), ``done`` of ``total`` units, and what they are."""
+
+    name: str
+    done: int
+    total: int
+    unit: str = ""
 
 
 @dataclass
@@ -109,7 +126,8 @@ class Trainer:
 
     def __init__(self, backend: Backend, config: TrainConfig, output: str | Path | None = None, *,
                  callback: Callable[[Progress], None] | None = None, should_stop: Callable[[], bool] | None = None,
-                 progress_bar: bool = True, resume: bool = False, name: str | None = None):
+                 progress_bar: bool = True, resume: bool = False, name: str | None = None,
+                 on_phase: Callable[[Phase], None] | None = None, keep_state: bool = False):
         check_backend(backend)
         config.validate()
         self.backend, self.cfg = backend, config
@@ -119,6 +137,7 @@ class Trainer:
         self.callback, self.should_stop = callback, should_stop
         self.progress_bar, self.resume = progress_bar, resume
         self.name = name or (self.output.stem if self.output else "membrane")
+        self.on_phase, self.keep_state = on_phase, keep_state
         self.meter = CostMeter()
 
     # --- pieces -------------------------------------------------------------------------------------
@@ -162,11 +181,20 @@ class Trainer:
             grid.save(path)
         return grid, path
 
+    def _phase(self, name: str, done: int, total: int, unit: str = "") -> None:
+        if self.on_phase is not None:
+            self.on_phase(Phase(name, done, total, unit))
+
     def _fill(self, source: LatentPool, cond: dict[str, Conditioning]) -> bool:
         """Fill the latent pool (``max_denoising_steps − 1`` batched CFG steps before the first iteration),
         polling ``should_stop`` before each of its UNet calls.  False, with the pool left empty, if stopped."""
+        self._phase("pool", 0, source.fill_work(), "denoising steps")
+
+        def progress(done: int, total: int) -> None:
+            self._phase("pool", done, total, "denoising steps")
+
         if self.should_stop is None:
-            source.fill(cond["targets"], cond["uncond"])
+            source.fill(cond["targets"], cond["uncond"], progress)
             return True
 
         def poll(module, args):
@@ -175,7 +203,7 @@ class Trainer:
 
         handle = self.backend.unet.register_forward_pre_hook(poll)
         try:
-            source.fill(cond["targets"], cond["uncond"])
+            source.fill(cond["targets"], cond["uncond"], progress)
             return True
         except _StopRequested:
             source.x, source.k, source.ti = [], [], []
@@ -234,7 +262,7 @@ class Trainer:
                                                 cfg.dynamic_resolution, g, self.meter, ac)
             else:
                 source = LatentPool(be, stack, cfg.max_denoising_steps, cfg.xt_guidance, res, cfg.dynamic_resolution,
-                                    g, self.meter, cfg.pool_size, ac)
+                                    g, self.meter, min(cfg.pool_size, max(1, cfg.iterations - start)), ac)
             n_anchor = cfg.anchors if aw.mode != "off" else 0
             need_uncond = cfg.schedule == "reference" or cfg.surrogate != ""
             if self.progress_bar:
@@ -323,7 +351,11 @@ class Trainer:
                 "seconds_per_iteration": loop_s / done}
         extra = {"interrupted": interrupted, "cost": cost}
         membrane.eval()
+        self._phase("saving", 0, 1)
         self._save(membrane, optimizer, g, step, aw, extra)
+        if self.output is not None and not interrupted and step >= cfg.iterations and not self.keep_state:
+            state_path(self.output).unlink(missing_ok=True)  # finished: nothing to resume; keep_state keeps it
+        self._phase("saving", 1, 1)
         membrane.info.training = {**self.cfg.to_dict(), "steps_done": step, "anchor_weight": aw.value, **extra}
         return TrainResult(membrane, self.output, step, interrupted, seconds, history, cost)
 
@@ -333,4 +365,4 @@ def train_membrane(backend: Backend, config: TrainConfig, output: str | Path | N
     return Trainer(backend, config, output, **kw).train()
 
 
-__all__ = ["AUTOCAST", "Progress", "TrainResult", "Trainer", "lr_factor", "make_optimizer", "train_membrane"]
+__all__ = ["AUTOCAST", "Phase", "Progress", "TrainResult", "Trainer", "lr_factor", "make_optimizer", "train_membrane"]

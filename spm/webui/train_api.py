@@ -100,12 +100,21 @@ def webui_backend():
 
 class WebUIReporter(Reporter):
     """Progress in ``shared.state`` (the WebUI's progress bar, ``/internal/progress``, live preview) and its
-    Interrupt button.  Mirrors how A1111's textual-inversion training reports (``job_count`` = steps,
-    ``job_no`` = the step, a one-line ``textinfo``, the loss plot / sample grid as the live preview)."""
+    Interrupt button.
+
+    The WebUI computes the bar's fraction and its ETA itself (``modules/progress.py``): fraction =
+    ``job_no / job_count`` (+ ``sampling_step / sampling_steps`` of the current job), ETA = the time since
+    ``time_start`` × (1 − fraction) / fraction.  So every phase of a training job (loading, filling the latent
+    pool k/N, training step k/N, before/after check k/M, saving) starts its own count: ``job_count`` = the
+    phase's total, ``job_no`` = done, ``time_start`` = when the phase began.  The bar then shows the phase's
+    own fraction and one ETA, the WebUI's, right for that phase; ``textinfo`` names the phase and carries no
+    ETA of ours.  A phase without a count (loading, saving) shows 0 % and no ETA.  The loss plot is the live
+    preview (the tab shows it in its "Loss" box)."""
 
     def __init__(self, preview_every_s: float = 2.0):
         self.preview_every_s = preview_every_s
         self._last = 0.0
+        self._phase: str | None = None
 
     @staticmethod
     def _state():
@@ -118,30 +127,38 @@ class WebUIReporter(Reporter):
         if job.queued_run and callable(getattr(st, "begin", None)):
             st.begin(job="spm-train")  # an API job: nobody else set the state up (the tab's wrapper does)
         st.job = "SPM training"
-        st.job_count = max(1, job.total)
-        st.job_no = 0
-        st.textinfo = f"SPM: training {job.request.name} ({', '.join(job.request.target)})"
+        self._phase = None
         self._last = 0.0
+        self.phase(job)
+
+    def phase(self, job: TrainJob) -> None:
+        import time
+
+        st = self._state()
+        if job.phase != self._phase:
+            self._phase = job.phase
+            st.time_start = time.time()  # the WebUI's ETA counts from here: this phase's own
+        st.job_count = max(1, job.phase_total)
+        st.job_no = min(job.phase_done, st.job_count) if job.phase_total else 0
+        st.sampling_step, st.sampling_steps = 0, 0
+        st.textinfo = f"SPM {job.request.name}: {job.progress_text(eta=False)}"
 
     def update(self, job: TrainJob, progress: Any) -> None:
         import time
 
         st = self._state()
-        st.job_no = job.step
-        st.textinfo = f"SPM {job.request.name}: {job.progress_text()}"
         now = time.monotonic()
-        if progress.preview is not None or now - self._last >= self.preview_every_s:
+        if now - self._last >= self.preview_every_s or job.step == job.total:
             self._last = now
             from ..train.jobs import loss_plot
 
-            image = progress.preview if progress.preview is not None else loss_plot(job.losses)
             assign = getattr(st, "assign_current_image", None)
-            if callable(assign):
-                assign(image)
+            if callable(assign):  # drawn in the tab's "Loss" box (sample grids are saved in NAME.samples/)
+                assign(loss_plot(job.losses))
 
     def end(self, job: TrainJob) -> None:
         st = self._state()
-        st.textinfo = f"SPM {job.request.name}: {job.status}"
+        st.textinfo = f"SPM {job.request.name}: {job.outcome or job.status}"
         if job.queued_run and callable(getattr(st, "end", None)):
             st.end()
 
