@@ -116,7 +116,7 @@ def _cmd_train(args) -> int:
         from .hosts.diffusers import DiffusersBackend
 
         backend = DiffusersBackend(pipe)
-        trainer = Trainer(backend, cfg, out, resume=args.resume)
+        trainer = Trainer(backend, cfg, out, resume=args.resume, keep_state=args.keep_state)
     except (ValueError, FileNotFoundError, MembraneFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -380,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--reference-schedule", action="store_true",
                    help="make x_t like the reference (re-denoise from noise every step; about 3x slower)")
     t.add_argument("--resume", action="store_true", help="continue from --output and its .trainstate")
+    t.add_argument("--keep-state", action="store_true",
+                   help="keep OUTPUT.trainstate after a finished run, to extend it later with --resume "
+                        "(an interrupted run always keeps it)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     t.set_defaults(func=_cmd_train)
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from spm.checkpoint import load_membrane
-from spm.train.config import PRESETS, TrainConfig
 from spm.train import jobs
+from spm.train.config import PRESETS, TrainConfig
 from spm.train.jobs import NoModelError, RequestError, TrainService, parse_request
 
 pytestmark = pytest.mark.usefixtures("one_thread")
