@@ -89,6 +89,20 @@ class State:
         self.id_live_preview += 1
 
 
+def progress_and_eta(state: State, now: float | None = None) -> tuple[float, float | None]:
+    """What ``modules/progress.py``'s ``progressapi`` tells the progress bar: the fraction from ``job_no /
+    job_count`` plus ``sampling_step / sampling_steps`` of the current job, and the ETA extrapolated from the
+    time since ``state.time_start`` (None while the fraction is 0)."""
+    progress = 0.0
+    if state.job_count > 0:
+        progress += state.job_no / state.job_count
+    if state.sampling_steps > 0 and state.job_count > 0:
+        progress += 1 / state.job_count * state.sampling_step / state.sampling_steps
+    progress = min(progress, 1)
+    elapsed = (time.time() if now is None else now) - (state.time_start or time.time())
+    return progress, (elapsed / progress - elapsed if progress > 0 else None)
+
+
 # --- modules.progress ------------------------------------------------------------------------------
 progress_state = types.SimpleNamespace(current_task=None, pending_tasks=OrderedDict(), finished_tasks=[], results={})
 
@@ -113,7 +127,49 @@ def add_task_to_queue(id_job):
 
 
 # --- modules.call_queue ----------------------------------------------------------------------------
-queue_lock = threading.Lock()  # A1111 1.10: threading.Lock (later versions: a FIFO lock); not re-entrant
+class WatchedLock:
+    """A ``threading.Lock`` (A1111 1.10's ``queue_lock``; not re-entrant) that also tells a test how many
+    threads are blocked waiting for it, so a test can wait for "the job is queued at the lock" instead of
+    sleeping and hoping."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._cv = threading.Condition()
+        self.waiting = 0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._lock.acquire(False):
+            return True
+        if not blocking:
+            return False
+        with self._cv:
+            self.waiting += 1
+            self._cv.notify_all()
+        try:
+            return self._lock.acquire(True, timeout)
+        finally:
+            with self._cv:
+                self.waiting -= 1
+                self._cv.notify_all()
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def wait_for_waiters(self, n: int, timeout: float = 120) -> bool:
+        """Block until ``n`` threads wait for the lock; False after ``timeout`` s (a deadlock guard)."""
+        with self._cv:
+            return self._cv.wait_for(lambda: self.waiting >= n, timeout)
+
+
+queue_lock = WatchedLock()
 
 
 def wrap_queued_call(func):
@@ -341,7 +397,7 @@ def install(tmp_path, *, forge: bool = False) -> types.SimpleNamespace:
     root = sys.modules["modules"]
     env.callbacks.on_ui_tabs = stub._add("ui_tabs")
     cq = stub._module("modules.call_queue")
-    cq.queue_lock = threading.Lock()
+    cq.queue_lock = WatchedLock()
     cq.wrap_gradio_gpu_call, cq.wrap_gradio_call, cq.wrap_queued_call = wrap_gradio_gpu_call, wrap_gradio_call, wrap_queued_call
     globals()["queue_lock"] = cq.queue_lock
     pr = stub._module("modules.progress")

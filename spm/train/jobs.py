@@ -50,6 +50,7 @@ SUFFIX = ".safetensors"
 # phase → what the progress line calls it
 PHASES = {"queued": "queued", "loading": "loading the model", "pool": "filling the latent pool",
           "training": "training step", "check": "before/after check", "saving": "saving"}
+UNITS = {"pool": "denoising steps", "training": "steps", "check": "sampling steps"}  # what a phase counts
 CONSOLE_LINES = 10  # about this many progress lines per job in the console
 # the before/after check, when preview_steps is left to the service: as many DDIM steps as the training's own
 # UNet work pays for, within the range where DDIM images are recognisable and the WebUI's default sampling steps
@@ -535,7 +536,8 @@ class TrainService:
             if message is not None:
                 job.message = message
             if phase not in ("training", "loading"):
-                self._say(job, job.phase_text() if not total else f"{PHASES[phase]} ({total})")
+                unit = UNITS.get(phase)
+                self._say(job, f"{PHASES[phase]}: {total} {unit}" if (unit and total) else PHASES[phase])
         self.reporter.phase(job)
 
     def _run(self, job: TrainJob) -> dict[str, Any]:

@@ -127,9 +127,9 @@ class WebUIReporter(Reporter):
         if job.queued_run and callable(getattr(st, "begin", None)):
             st.begin(job="spm-train")  # an API job: nobody else set the state up (the tab's wrapper does)
         st.job = "SPM training"
+        st.textinfo = f"SPM {job.request.name}: starting"
         self._phase = None
         self._last = 0.0
-        self.phase(job)
 
     def phase(self, job: TrainJob) -> None:
         import time
