@@ -5,10 +5,13 @@ Routes (:func:`add_routes`, host-agnostic, testable with FastAPI's ``TestClient`
 * ``POST /spm/v1/train`` — JSON ``{"name": …, "target": "a, b", "surrogate": "", "iterations": …, "lr": …,
   "la_strength": …, "anchors": …, "resolution": …, "seed": 0, "precision": "fp32", "save_every": 0}``
   (every field but ``name`` and ``target`` has a default; also ``preset``, ``la_mode``, ``control_prompts``,
-  ``preview``, ``preview_steps``, ``overwrite``) → ``{"id": …, "status": "queued"}``.  Bad input → 400 with
-  ``{"detail": message}``; an existing file without ``"overwrite": true`` → 409.
+  ``preview``, ``preview_steps``, ``overwrite``, ``keep_state``) → ``{"id": …, "status": "queued"}``.  Bad
+  input → 400 with ``{"detail": message}``; an existing file without ``"overwrite": true`` → 409.
 * ``GET /spm/v1/train/{id}`` — ``status`` (queued / running / done / failed / interrupted), ``step``,
-  ``total``, ``loss``, ``output``, ``preview``, ``error``, ``message``.  Unknown id → 404.
+  ``total``, ``loss``, ``output``, ``preview``, ``error``, ``message``, the current ``phase`` with
+  ``phase_done`` / ``phase_total`` / ``phase_eta_s``, the ``progress`` line, and ``erasure`` (the trainer's
+  verdict, when it gives one).  A final status appears only after the job released the WebUI's state and
+  the queue lock.  Unknown id → 404.
 * ``POST /spm/v1/train/{id}/interrupt`` — stop after the current step (the membrane so far is saved).
 * ``GET /spm/v1/membranes`` — the membrane folder with each file's metadata.
 
