@@ -151,12 +151,16 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         return Membrane.for_targets(find_targets(unet), self.cfg.rank, self.cfg.alpha, info, self.name)
 
-    def _save(self, membrane: Membrane, optimizer, g, step: int, aw: AnchorWeight, extra: dict) -> None:
+    def _save(self, membrane: Membrane, optimizer, g, step: int, aw: AnchorWeight, extra: dict,
+              state: bool = True) -> None:
         if self.output is None:
             return
         membrane.info.training = {**self.cfg.to_dict(), "steps_done": step, "anchor_weight": aw.value,
                                   "architecture_label": getattr(self.backend, "architecture", ""), **extra}
         save_membrane(membrane, self.output)
+        if not state:  # a finished run: no state to resume from (an older checkpoint's goes too)
+            state_path(self.output).unlink(missing_ok=True)
+            return
         save_state(state_path(self.output), optimizer, g, {"step": step, "anchor_weight": aw.state_dict(),
                                                             "config": self.cfg.to_dict()})
 
@@ -352,9 +356,8 @@ class Trainer:
         extra = {"interrupted": interrupted, "cost": cost}
         membrane.eval()
         self._phase("saving", 0, 1)
-        self._save(membrane, optimizer, g, step, aw, extra)
-        if self.output is not None and not interrupted and step >= cfg.iterations and not self.keep_state:
-            state_path(self.output).unlink(missing_ok=True)  # finished: nothing to resume; keep_state keeps it
+        self._save(membrane, optimizer, g, step, aw, extra,
+                   state=interrupted or step < cfg.iterations or self.keep_state)
         self._phase("saving", 1, 1)
         membrane.info.training = {**self.cfg.to_dict(), "steps_done": step, "anchor_weight": aw.value, **extra}
         return TrainResult(membrane, self.output, step, interrupted, seconds, history, cost)
