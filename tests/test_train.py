@@ -232,7 +232,8 @@ def test_the_latent_pool_is_sized_to_the_job(backend):
     assert short.cost["setup_ufe"] == 2 * sum(goals)  # one CFG pair (2 rows) per trajectory step
     pool = [(p.done, p.total) for p in phases if p.name == "pool"]
     assert pool[0] == (0, sum(goals)) and pool[-1] == (sum(goals), sum(goals))
-    assert [p.name for p in phases if p.name != "pool"] == ["saving", "saving"]
+    assert [(p.name, p.done, p.total) for p in phases if p.name != "pool"] == \
+        [("training", 0, 2), ("saving", 0, 1), ("saving", 1, 1)]
     long = Trainer(backend, cfg.with_(iterations=20), progress_bar=False).train()
     assert long.cost["setup_ufe"] == 2 * sum(1 + i * 5 // 16 for i in range(16))  # pool_size caps it
 

@@ -220,7 +220,8 @@ def test_webui_bar_counts_each_phase_and_shows_one_eta(webui):
         assert fraction == (done / total if total else 0.0), (name, done, total, fraction)
         assert (eta is None) == (fraction == 0)
         assert text.startswith("SPM circle: ") and "ETA" not in text
-    assert ("training", 2, 3) in [s[:3] for s in seen] and ("check", 1, 2) in [s[:3] for s in seen]
+    assert [s[:3] for s in seen if s[0] == "training"] == [("training", k, 3) for k in range(4)]
+    assert ("check", 1, 2) in [s[:3] for s in seen]
     assert [s[5] for s in seen if s[:3] == ("training", 2, 3)][0].startswith("SPM circle: training step 2/3 · loss")
 
 

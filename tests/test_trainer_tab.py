@@ -398,7 +398,7 @@ def test_every_phase_is_named_with_its_own_count(backend, tmp_path):
     # the pool: min(pool_size 2, iterations 3) trajectories filled to k = 1 and 2 of S - 1 = 3: 3 denoising steps
     assert by["pool"][0] == (0, 3) and by["pool"][-1] == (3, 3)
     assert [d for d, _ in by["pool"]] == sorted(d for d, _ in by["pool"])
-    assert by["training"] == [(1, 3), (2, 3), (3, 3)]
+    assert by["training"] == [(0, 3), (1, 3), (2, 3), (3, 3)]  # the phase (and its ETA clock) starts before step 1
     assert by["check"] == [(0, 2), (1, 2), (2, 2)]  # preview_steps 2
     texts = {p: t for p, _, _, t in rec.seen}
     assert texts["loading"] == "loading the model" and texts["pool"].startswith("filling the latent pool 3/3")

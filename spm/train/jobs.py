@@ -638,7 +638,8 @@ class TrainService:
                 self._say(job, job.progress_text())
 
         def on_phase(ph) -> None:
-            message = {"pool": "filling the latent pool", "saving": f"saving {out.name}"}.get(ph.name)
+            message = {"pool": "filling the latent pool", "training": "training",
+                       "saving": f"saving {out.name}"}.get(ph.name)
             self._phase(job, ph.name, ph.done, ph.total, message=message)
 
         def should_stop() -> bool:

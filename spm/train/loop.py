@@ -10,8 +10,8 @@ Usage::
 * ``callback(Progress)`` is called every step (the WebUI tab draws from it); ``should_stop()`` is polled
   every step and before each UNet call of the latent-pool warm-up; Ctrl-C (``KeyboardInterrupt``) stops too.
   Either way the membrane trained so far is saved atomically, with its resumable state beside it.
-* ``on_phase(Phase)`` reports the phases around the steps: filling the latent pool (k/N denoising steps) and
-  saving.
+* ``on_phase(Phase)`` reports the phases around the steps: filling the latent pool (k/N denoising steps), the
+  start of the steps ("training", when their clock starts) and saving.
 * ``save_every`` writes checkpoints (membrane + ``.trainstate``); ``resume=True`` continues from them.  The
   ``.trainstate`` is deleted when a run finishes all its iterations, unless ``keep_state=True`` (to extend
   the run later); an interrupted run keeps it, so it can be resumed.
@@ -67,7 +67,8 @@ class Progress:
 @dataclass
 class Phase:
     """A report from outside the training steps: ``name`` ("pool": filling the latent pool, counted in
-    trajectory denoising steps; "saving"), ``done`` of ``total`` units, and what they are."""
+    trajectory denoising steps; "training": the steps begin; "saving"), ``done`` of ``total`` units, and what
+    they are."""
 
     name: str
     done: int
@@ -275,6 +276,8 @@ class Trainer:
                 bar = tqdm(total=cfg.iterations, initial=start, desc=f"SPM {', '.join(cfg.targets)}", unit="it",
                            dynamic_ncols=True)
             membrane.train()
+            if not isinstance(source, LatentPool):
+                self._phase("training", step, cfg.iterations, "steps")
             fill_ufe = 0
             t_aside = 0.0  # previews and checkpoints, excluded from the per-iteration time
             t_loop = time.perf_counter()
@@ -288,6 +291,7 @@ class Trainer:
                         break
                     fill_ufe = self.meter.ufe
                     t_loop = time.perf_counter()
+                    self._phase("training", step, cfg.iterations, "steps")  # the steps' clock starts now
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr * lr_factor(cfg, step)
                 xs = source.draw(cond["targets"], cond["uncond"])
