@@ -120,7 +120,11 @@ def _cmd_train(args) -> int:
     except (ValueError, FileNotFoundError, MembraneFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    res = trainer.train()
+    try:
+        res = trainer.train()
+    except MembraneFileError as e:  # --resume without a state to resume from (a finished run deletes it)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     c = res.cost
     print(json.dumps({"output": str(out), "steps": res.steps, "interrupted": res.interrupted,
                       "seconds": round(res.seconds, 1), "final_loss": res.history[-1]["loss"] if res.history else None,

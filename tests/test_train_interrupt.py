@@ -235,5 +235,8 @@ def test_cli_ctrl_c_then_resume(model_dir, tmp_path, monkeypatch, capsys):
     assert cli.main(args + ["--resume"]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == ITERS
     assert disk_steps(out) == (ITERS, None)  # finished: the state is gone ...
+    assert cli.main(args + ["--resume", "--iterations", str(ITERS + 2)]) == 2  # nothing to extend: one line
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "--keep-state" in err and "Traceback" not in err
     assert cli.main(args + ["--overwrite", "--keep-state"]) == 0  # ... unless asked to keep it
     assert disk_steps(out) == (ITERS, ITERS)
