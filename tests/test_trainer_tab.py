@@ -416,12 +416,12 @@ def test_every_phase_is_named_with_its_own_count(backend, tmp_path):
 
 def test_the_console_gets_about_ten_progress_lines_and_the_error(backend, tmp_path, capsys):
     svc = service(backend, tmp_path)  # the default: print with an "SPM:" prefix
-    job = svc.run(svc.create(fast(iterations=25, preview=False)))
+    job = svc.run(svc.create(fast(iterations=13, preview=False)))
     assert job.status == "done"
     out = capsys.readouterr().out.splitlines()
     steps = [line for line in out if line.startswith("SPM: circle: training step")]
-    assert [s.split()[4] for s in steps] == [f"{k}/25" for k in (3, 6, 9, 12, 15, 18, 21, 24, 25)]
-    assert out[0].startswith("SPM: circle: training on") and out[-1].startswith("SPM: circle: done after 25/25")
+    assert [s.split()[4] for s in steps] == [f"{k}/13" for k in (2, 4, 6, 8, 10, 12, 13)]  # every ceil(13/10)
+    assert out[0].startswith("SPM: circle: training on") and out[-1].startswith("SPM: circle: done after 13/13")
 
     def broken():
         raise NoModelError("no model is loaded; load a checkpoint first")
