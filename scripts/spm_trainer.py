@@ -1,4 +1,4 @@
-"""SPM Trainer for the Stable Diffusion WebUI: registration only (the work is in ``spm/ui/`` and ``spm/webui/``).
+"""SPM Trainer for the Stable Diffusion WebUI: registration only (the work is in ``spm/train/jobs.py``, ``spm/ui/`` and ``spm/webui/``).
 
 Adds the "SPM Trainer" tab (``on_ui_tabs``) and the ``/spm/v1/train`` and ``/spm/v1/membranes`` routes
 (``on_app_started``).  The package is imported the same way ``scripts/spm_membranes.py`` does it: as ``spm``

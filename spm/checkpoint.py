@@ -236,10 +236,34 @@ def metadata_for(membrane: Membrane) -> dict[str, str]:
     }
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux: ``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def file_mode_for(path: str | os.PathLike) -> int:
+    """The permissions a file written at ``path`` should get: those of the file it replaces, else what a user's
+    new files get (``0666 & ~umask``), as ``open()`` would give them — not ``mkstemp``'s 0600."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        return 0o666 & ~current_umask()
+
+
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
     """Write to a temp file in the same folder, fsync, then rename over ``path``.
 
-    A failure (disk full, interrupt) removes the temp file and leaves any previous file untouched.
+    A failure (disk full, interrupt) removes the temp file and leaves any previous file untouched.  The file
+    gets the permissions of :func:`file_mode_for` (the temp file's 0600 is not kept).
     """
     from safetensors.torch import save_file
 
@@ -249,6 +273,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, file_mode_for(p))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, p)
@@ -328,6 +353,6 @@ def info_as_json(path: str | os.PathLike) -> str:
 
 
 __all__ = [
-    "IncompatibleMembrane", "MembraneFileError", "atomic_save", "info_dict", "load_membrane",
+    "IncompatibleMembrane", "MembraneFileError", "atomic_save", "current_umask", "file_mode_for", "info_dict", "load_membrane",
     "membrane_from_tensors", "metadata_for", "read_file", "resolve_targets", "save_membrane", "asdict",
 ]

@@ -272,7 +272,7 @@ def _cmd_train(args) -> int:
 
         pipe = _load_pipe(args)
         backend = DiffusersBackend(pipe)
-        trainer = Trainer(backend, cfg, out, resume=args.resume)
+        trainer = Trainer(backend, cfg, out, resume=args.resume, keep_state=args.keep_state)
     except _model_errors() as e:
         return _fail(e)
     from .checkpoint import MembraneFileError
@@ -604,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--reference-schedule", action="store_true",
                    help="make x_t like the reference (re-denoise from noise every step; about 3x slower)")
     t.add_argument("--resume", action="store_true", help="continue from --output and its .trainstate")
+    t.add_argument("--keep-state", action="store_true",
+                   help="keep OUTPUT.trainstate after a finished run, to extend it later with --resume "
+                        "(an interrupted run always keeps it)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     t.set_defaults(func=_cmd_train)
 

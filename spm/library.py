@@ -107,6 +107,9 @@ def _read_header(path: Path) -> dict[str, Any]:
 def _steps_of(training: Any) -> int | None:
     if not isinstance(training, dict):
         return None
+    done = training.get("steps_done")  # what SPM's trainer actually did (an interrupted run: fewer than planned)
+    if isinstance(done, int) and not isinstance(done, bool) and done >= 0:
+        return done
     for key in ("steps", "iterations", "max_train_steps", "train_steps"):
         v = training.get(key)
         if isinstance(v, (int, float)) and v > 0:

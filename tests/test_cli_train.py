@@ -41,7 +41,8 @@ def test_membrane_weight_syntax():
 def test_train_then_generate_end_to_end(model_dir, tmp_path, capsys):
     out = tmp_path / "circle.safetensors"
     rc = main(["train", "--model", str(model_dir), "--target", "circle", "-o", str(out), "--iterations", "3",
-               "--pool-size", "2", "--max-denoising-steps", "4", "--anchors", "1", "--save-every", "2", "--device", "cpu"])
+               "--pool-size", "2", "--max-denoising-steps", "4", "--anchors", "1", "--save-every", "2", "--device", "cpu",
+               "--keep-state"])  # to extend the finished run below
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert report["steps"] == 3 and report["cost"]["schedule"] == "pool"

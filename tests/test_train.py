@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from spm.attach import MembraneStack
 from spm.backend import Conditioning
-from spm.checkpoint import load_membrane, read_file
+from spm.checkpoint import MembraneFileError, load_membrane, read_file
 from spm.hosts.diffusers import DiffusersBackend
 from spm.membrane import Membrane
 from spm.naming import find_targets
@@ -190,10 +190,10 @@ def test_interrupt_flag_and_ctrl_c_leave_valid_files(backend, tmp_path):
 def test_resume_continues_step_count_and_optimizer(backend, tmp_path):
     out = tmp_path / "r.safetensors"
     cfg = TrainConfig(targets=["circle"], iterations=4, save_every=2, **FAST)
-    first = Trainer(backend, cfg, out, progress_bar=False).train()
+    first = Trainer(backend, cfg, out, progress_bar=False, keep_state=True).train()  # finished, state kept
     w4 = {k: v.clone() for k, v in first.membrane.reference_state_dict().items()}
     seen = []
-    res = Trainer(backend, cfg.with_(iterations=7), out, resume=True, progress_bar=False,
+    res = Trainer(backend, cfg.with_(iterations=7), out, resume=True, progress_bar=False, keep_state=True,
                   callback=lambda p: seen.append(p.step)).train()
     assert seen == [5, 6, 7] and res.steps == 7
     assert load_membrane(out).info.training["steps_done"] == 7
@@ -207,6 +207,35 @@ def test_resume_continues_step_count_and_optimizer(backend, tmp_path):
     assert steps == {7.0}  # the optimizer continued from its saved state (4 + 3 steps)
     with pytest.raises(Exception, match="cannot resume"):
         Trainer(backend, cfg, tmp_path / "none.safetensors", resume=True, progress_bar=False).train()
+
+
+def test_a_finished_run_deletes_its_state_unless_kept(backend, tmp_path):
+    cfg = TrainConfig(targets=["circle"], iterations=2, save_every=1, **FAST)
+    out = tmp_path / "s.safetensors"
+    Trainer(backend, cfg, out, progress_bar=False).train()
+    assert out.exists() and not state_path(out).exists()
+    with pytest.raises(MembraneFileError, match="keep_state"):
+        Trainer(backend, cfg.with_(iterations=3), out, resume=True, progress_bar=False).train()
+    Trainer(backend, cfg, out, progress_bar=False, keep_state=True).train()
+    assert state_path(out).exists()
+
+
+def test_the_latent_pool_is_sized_to_the_job(backend):
+    """A job of 2 iterations fills 2 trajectories, not ``pool_size`` 16: a trajectory no iteration draws is
+    wasted UNet work.  The fill reports its progress in trajectory steps."""
+    from spm.train.loop import Phase
+
+    cfg = TrainConfig(targets=["circle"], **{**FAST, "pool_size": 16, "max_denoising_steps": 6})
+    phases: list[Phase] = []
+    short = Trainer(backend, cfg.with_(iterations=2), progress_bar=False, on_phase=phases.append).train()
+    goals = [1 + i * 5 // 2 for i in range(2)]  # 2 trajectories staggered over k = 1 .. S-1 = 5
+    assert short.cost["setup_ufe"] == 2 * sum(goals)  # one CFG pair (2 rows) per trajectory step
+    pool = [(p.done, p.total) for p in phases if p.name == "pool"]
+    assert pool[0] == (0, sum(goals)) and pool[-1] == (sum(goals), sum(goals))
+    assert [(p.name, p.done, p.total) for p in phases if p.name != "pool"] == \
+        [("training", 0, 2), ("saving", 0, 1), ("saving", 1, 1)]
+    long = Trainer(backend, cfg.with_(iterations=20), progress_bar=False).train()
+    assert long.cost["setup_ufe"] == 2 * sum(1 + i * 5 // 16 for i in range(16))  # pool_size caps it
 
 
 def test_cost_counter_reference_vs_pool(backend):

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import runpy
-import time
 from pathlib import Path
 
 import pytest
 
-from spm.ui.jobs import TrainService
+from spm.train.jobs import TrainService
 from tests import webui_stub as stub
 from tests import webui_stub_train as tstub
 from tests.test_trainer_tab import FAST_CFG, tiny_backend
@@ -35,16 +34,16 @@ def client_for(service):
     return TestClient(app)
 
 
-def wait(client, job_id, timeout=120.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        r = client.get(f"/spm/v1/train/{job_id}")
-        assert r.status_code == 200
-        body = r.json()
-        if body["status"] in ("done", "failed", "interrupted"):
-            return body
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish")
+def wait(client, service, job_id, guard_s=300.0):
+    """The job's final state through the route, after waiting on the job's own event (``guard_s`` only turns
+    a deadlock into a failure)."""
+    job = service.get(job_id)
+    assert job is not None and job.done_event.wait(guard_s), f"job {job_id} did not finish (deadlock?)"
+    r = client.get(f"/spm/v1/train/{job_id}")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] in ("done", "failed", "interrupted"), body
+    return body
 
 
 FAST = {"name": "circle", "target": "a red circle", "iterations": 3, "anchors": 1, "preview_steps": 2,
@@ -80,11 +79,12 @@ def test_non_json_body_and_unknown_id(tmp_path):
 
 
 def test_train_poll_and_list(backend, tmp_path):
-    client = client_for(TrainService(lambda: backend, tmp_path, config_overrides=FAST_CFG))
+    svc = TrainService(lambda: backend, tmp_path, config_overrides=FAST_CFG)
+    client = client_for(svc)
     r = client.post("/spm/v1/train", json=FAST)
     assert r.status_code == 200
     job_id = r.json()["id"]
-    body = wait(client, job_id)
+    body = wait(client, svc, job_id)
     assert body["status"] == "done", body
     assert body["step"] == 3 and body["total"] == 3 and isinstance(body["loss"], float)
     assert body["output"] == str(tmp_path / "circle.safetensors") and body["error"] is None
@@ -97,17 +97,18 @@ def test_train_poll_and_list(backend, tmp_path):
     r = client.post("/spm/v1/train", json=FAST)
     assert r.status_code == 409 and "already exists" in r.json()["detail"]
     r = client.post("/spm/v1/train", json={**FAST, "overwrite": True, "preview": False, "iterations": 1})
-    assert wait(client, r.json()["id"])["status"] == "done"
+    assert wait(client, svc, r.json()["id"])["status"] == "done"
 
 
 def test_failed_job_reports_its_error(tmp_path):
-    from spm.ui.jobs import NoModelError
+    from spm.train.jobs import NoModelError
 
     def none_loaded():
         raise NoModelError("no Stable Diffusion model is loaded")
 
-    client = client_for(TrainService(none_loaded, tmp_path))
-    body = wait(client, client.post("/spm/v1/train", json=FAST).json()["id"])
+    svc = TrainService(none_loaded, tmp_path)
+    client = client_for(svc)
+    body = wait(client, svc, client.post("/spm/v1/train", json=FAST).json()["id"])
     assert body["status"] == "failed" and "no Stable Diffusion model is loaded" in body["error"]
 
 
@@ -134,7 +135,7 @@ def test_webui_routes_take_the_queue_lock_and_report_in_shared_state(webui):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from spm.webui import state
+    from spm.webui import state, train_api
 
     app = FastAPI()
     stub.fire("app_started", None, app)
@@ -145,11 +146,11 @@ def test_webui_routes_take_the_queue_lock_and_report_in_shared_state(webui):
         r = client.post("/spm/v1/train", json={**FAST, "resolution": 16})
         assert r.status_code == 200
         job_id = r.json()["id"]
-        time.sleep(0.3)
+        assert lock.wait_for_waiters(1), "the job never queued at the WebUI's lock"
         assert client.get(f"/spm/v1/train/{job_id}").json()["status"] == "queued"
     finally:
         lock.release()
-    body = wait(client, job_id)
+    body = wait(client, train_api.webui_service(), job_id)
     assert body["status"] == "done", body
     folder = Path(webui.shared.cmd_opts.spm_dir)
     assert body["output"] == str(folder / "circle.safetensors")
@@ -158,6 +159,70 @@ def test_webui_routes_take_the_queue_lock_and_report_in_shared_state(webui):
     assert "circle" in state.library().names()  # the generation panel's list knows it without a restart
     listed = client.get("/spm/v1/membranes").json()
     assert listed["folder"] == str(folder) and [m["name"] for m in listed["membranes"]] == ["circle"]
+
+
+def test_webui_status_says_done_only_after_the_webui_state_ended(webui):
+    """``shared.state.end()`` blocks here until the test has polled the route: the job must still read
+    "running" (the WebUI's counters are not reset yet), and "done" only after ``end`` and the lock."""
+    import threading
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from spm.webui import train_api
+
+    app = FastAPI()
+    stub.fire("app_started", None, app)
+    client = TestClient(app)
+    st, lock = webui.shared.state, webui.call_queue.queue_lock
+    in_end, release = threading.Event(), threading.Event()
+    real_end = st.end
+
+    def end():
+        in_end.set()
+        assert release.wait(120), "deadlock guard: the test never released state.end()"
+        real_end()
+
+    st.end = end
+    job_id = client.post("/spm/v1/train", json={**FAST, "resolution": 16, "preview": False}).json()["id"]
+    assert in_end.wait(300), "the job never ended the WebUI state"
+    assert client.get(f"/spm/v1/train/{job_id}").json()["status"] == "running" and st.job_count > 0
+    release.set()
+    body = wait(client, train_api.webui_service(), job_id)
+    assert body["status"] == "done" and st.job_count == 0 and not lock.locked()
+
+
+def test_webui_bar_counts_each_phase_and_shows_one_eta(webui):
+    """The WebUI's bar (``modules/progress.py``) takes its fraction from ``job_no / job_count`` and its ETA
+    from the time since ``time_start``: each phase sets them to its own count and start, and ``textinfo``
+    names the phase without an ETA of ours (the bar shows the WebUI's)."""
+    from spm.webui import train_api
+
+    svc = train_api.webui_service()
+    st = webui.shared.state
+    real, seen, last = svc.reporter.phase, [], {"phase": None}
+
+    def phase(job):
+        changed = job.phase != last["phase"]
+        last["phase"] = job.phase
+        before = st.time_start = -1.0 if changed else st.time_start
+        real(job)
+        assert (st.time_start > 0) if changed else (st.time_start == before), (job.phase, changed)
+        fraction, eta = tstub.progress_and_eta(st)
+        seen.append((job.phase, job.phase_done, job.phase_total, fraction, eta, st.textinfo))
+
+    svc.reporter.phase = phase
+    job = svc.run(svc.create({**FAST, "resolution": 16}))
+    assert job.status == "done", job.error
+    phases = [p for i, (p, *_) in enumerate(seen) if i == 0 or seen[i - 1][0] != p]
+    assert phases == ["loading", "pool", "training", "saving", "check"]
+    for name, done, total, fraction, eta, text in seen:
+        assert fraction == (done / total if total else 0.0), (name, done, total, fraction)
+        assert (eta is None) == (fraction == 0)
+        assert text.startswith("SPM circle: ") and "ETA" not in text
+    assert [s[:3] for s in seen if s[0] == "training"] == [("training", k, 3) for k in range(4)]
+    assert ("check", 1, 2) in [s[:3] for s in seen]
+    assert [s[5] for s in seen if s[:3] == ("training", 2, 3)][0].startswith("SPM circle: training step 2/3 · loss")
 
 
 def test_webui_tab_runs_under_wrap_gradio_gpu_call(webui):
@@ -177,6 +242,7 @@ def test_webui_tab_runs_under_wrap_gradio_gpu_call(webui):
     out = train_fn[0].fn("task(t1)", *[values[k] for k in tt.FORM])
     progress, plot, image, saved, status = out
     assert progress.startswith("step 2/2")
+    assert plot is not None and image is not None  # the loss plot for "Loss", the grid for "Before / after"
     assert saved.endswith("circle.safetensors") and Path(saved).exists()
     assert "data-status='done'" in status and "Time taken" in status  # the wrapper's stats on the last output
     assert tstub.progress_state.finished_tasks == ["task(t1)"] and ("begin", "task(t1)") in webui.shared.state.log

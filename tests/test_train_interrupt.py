@@ -20,7 +20,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from spm.checkpoint import load_membrane
+from spm.checkpoint import MembraneFileError, load_membrane
 from spm.hosts.diffusers import DiffusersBackend
 from spm.train import TrainConfig, Trainer
 from spm.train.state import load_state, state_path
@@ -63,9 +63,12 @@ class Saves:
             raise KeyboardInterrupt
 
 
-def disk_steps(out) -> tuple[int, int]:
-    """(steps_done of the membrane, step of its .trainstate) — both files load completely."""
+def disk_steps(out) -> tuple[int, int | None]:
+    """(steps_done of the membrane, step of its .trainstate) — both files load completely.  A finished run
+    deletes its state (None)."""
     m = load_membrane(out)
+    if not state_path(out).exists():
+        return m.info.training["steps_done"], None
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad])
     meta = load_state(state_path(out), opt, torch.Generator())
     return int(m.info.training["steps_done"]), int(meta["step"])
@@ -148,7 +151,7 @@ def test_interrupt_leaves_a_loadable_membrane_and_resume_finishes(backend, tmp_p
         assert calls.n == 2 and seen == []  # stopped inside the warm-up (before its second call), not after it
     if when == "at-once":
         assert calls.n == 0
-    assert disk_steps(out) == (steps, steps)
+    assert disk_steps(out) == (steps, steps if res.interrupted else None)  # a finished run keeps no state
     assert all(s is None or 0 <= s <= steps for s in saves.on_disk)  # every save found a complete file (or none)
     assert no_temp_files(tmp_path)
     assert not backend.unet._forward_hooks and not backend.unet._forward_pre_hooks
@@ -157,9 +160,13 @@ def test_interrupt_leaves_a_loadable_membrane_and_resume_finishes(backend, tmp_p
     # resume (a plain run: no more interruptions) finishes the remaining steps from there
     monkeypatch.setattr(safetensors.torch, "save_file", saves.real)
     seen.clear()
+    if not res.interrupted:  # nothing to resume: the finished run deleted its state
+        with pytest.raises(MembraneFileError, match="keep_state"):
+            Trainer(backend, CFG, out, resume=True, progress_bar=False).train()
+        return
     more = Trainer(backend, CFG, out, resume=True, progress_bar=False, callback=lambda p: seen.append(p.step)).train()
     assert more.steps == ITERS and not more.interrupted and seen == list(range(steps + 1, ITERS + 1))
-    assert disk_steps(out) == (ITERS, ITERS)
+    assert disk_steps(out) == (ITERS, None)
     assert no_temp_files(tmp_path)
 
 
@@ -176,7 +183,7 @@ def test_ctrl_c_in_a_checkpoint_keeps_the_previous_file(backend, tmp_path, monke
     assert not backend.unet._forward_hooks and not backend.unet._forward_pre_hooks
     monkeypatch.setattr(safetensors.torch, "save_file", saves.real)
     res = Trainer(backend, CFG, out, resume=True, progress_bar=False).train()
-    assert res.steps == ITERS and disk_steps(out) == (ITERS, ITERS)
+    assert res.steps == ITERS and disk_steps(out) == (ITERS, None)
 
 
 def test_ctrl_c_between_membrane_and_state_resumes_from_the_membrane(backend, tmp_path, monkeypatch):
@@ -192,7 +199,7 @@ def test_ctrl_c_between_membrane_and_state_resumes_from_the_membrane(backend, tm
     monkeypatch.setattr(safetensors.torch, "save_file", saves.real)
     seen: list[int] = []
     res = Trainer(backend, CFG, out, resume=True, progress_bar=False, callback=lambda p: seen.append(p.step)).train()
-    assert seen == [5] and res.steps == ITERS and disk_steps(out) == (ITERS, ITERS)
+    assert seen == [5] and res.steps == ITERS and disk_steps(out) == (ITERS, None)
 
 
 @pytest.fixture(scope="module")
@@ -227,4 +234,9 @@ def test_cli_ctrl_c_then_resume(model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(loop, "objective_step", real)
     assert cli.main(args + ["--resume"]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == ITERS
+    assert disk_steps(out) == (ITERS, None)  # finished: the state is gone ...
+    assert cli.main(args + ["--resume", "--iterations", str(ITERS + 2)]) == 2  # nothing to extend: one line
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "--keep-state" in err and "Traceback" not in err
+    assert cli.main(args + ["--overwrite", "--keep-state"]) == 0  # ... unless asked to keep it
     assert disk_steps(out) == (ITERS, ITERS)

@@ -1,4 +1,4 @@
-"""The trainer tab's core (spm/ui/jobs.py) and handlers (spm/ui/trainer_tab.py) on a tiny random SD1 pipeline."""
+"""The trainer job service (spm/train/jobs.py) and handlers (spm/ui/trainer_tab.py) on a tiny random SD1 pipeline."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from spm.checkpoint import load_membrane
+from spm.train import jobs
 from spm.train.config import PRESETS, TrainConfig
-from spm.ui import jobs
-from spm.ui.jobs import NoModelError, RequestError, TrainService, parse_request
+from spm.train.jobs import NoModelError, RequestError, TrainService, parse_request
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -374,3 +374,210 @@ def test_gradio_schema_fix_makes_image_api_info_readable():
     fix_gradio_schema_bug()
     assert isinstance(cu.json_schema_to_python_type(gr.Image(type="pil").api_info()), str)
     assert fix_gradio_schema_bug() is False  # idempotent: nothing left to fix
+
+
+# --- the job's phases, its final status, the console ---------------------------------------------------
+class Recorder(jobs.Reporter):
+    """Every phase report: (phase, done, total, the progress line without ETA)."""
+
+    def __init__(self):
+        self.seen: list[tuple] = []
+
+    def phase(self, job):
+        self.seen.append((job.phase, job.phase_done, job.phase_total, job.progress_text(eta=False)))
+
+
+def test_every_phase_is_named_with_its_own_count(backend, tmp_path):
+    rec, lines = Recorder(), []
+    svc = service(backend, tmp_path, reporter=rec, log_line=lines.append)
+    job = svc.run(svc.create(fast(control_prompts="a dog")))
+    assert job.status == "done", job.error
+    order = [p for i, (p, *_) in enumerate(rec.seen) if i == 0 or rec.seen[i - 1][0] != p]
+    assert order == ["loading", "pool", "training", "saving", "check"]
+    by = {name: [(d, t) for p, d, t, _ in rec.seen if p == name] for name in order}
+    # the pool: min(pool_size 2, iterations 3) trajectories filled to k = 1 and 2 of S - 1 = 3: 3 denoising steps
+    assert by["pool"][0] == (0, 3) and by["pool"][-1] == (3, 3)
+    assert [d for d, _ in by["pool"]] == sorted(d for d, _ in by["pool"])
+    assert by["training"] == [(0, 3), (1, 3), (2, 3), (3, 3)]  # the phase (and its ETA clock) starts before step 1
+    assert by["check"] == [(0, 2), (1, 2), (2, 2)]  # preview_steps 2
+    texts = {p: t for p, _, _, t in rec.seen}
+    assert texts["loading"] == "loading the model" and texts["pool"].startswith("filling the latent pool 3/3")
+    assert texts["training"].startswith("training step 3/3 · loss") and texts["check"].startswith("before/after check 2/2")
+    assert all("ETA" not in t for *_, t in rec.seen)
+    assert job.progress_text().startswith("step 3/3 · loss") and job.progress_text().endswith("done")
+    assert job.as_dict()["phase"] == "check" and job.as_dict()["progress"] == job.progress_text()
+    # the console: start, the phases, every step (3 steps: ~10 lines means all of them), the end
+    assert lines[0].startswith("circle: training on a red circle: 3 steps at lr")
+    assert any(line.startswith("circle: filling the latent pool") for line in lines)
+    steps = [line for line in lines if line.startswith("circle: training step")]
+    assert [s.split()[3] for s in steps] == ["1/3", "2/3", "3/3"] and all("ETA" in s for s in steps)
+    assert lines[-1].startswith("circle: done after 3/3 steps in ") and str(tmp_path / "circle.safetensors") in lines[-1]
+
+
+def test_the_console_gets_about_ten_progress_lines_and_the_error(backend, tmp_path, capsys):
+    svc = service(backend, tmp_path)  # the default: print with an "SPM:" prefix
+    job = svc.run(svc.create(fast(iterations=13, preview=False)))
+    assert job.status == "done"
+    out = capsys.readouterr().out.splitlines()
+    steps = [line for line in out if line.startswith("SPM: circle: training step")]
+    assert [s.split()[4] for s in steps] == [f"{k}/13" for k in (2, 4, 6, 8, 10, 12, 13)]  # every ceil(13/10)
+    assert out[0].startswith("SPM: circle: training on") and out[-1].startswith("SPM: circle: done after 13/13")
+
+    def broken():
+        raise NoModelError("no model is loaded; load a checkpoint first")
+
+    svc = TrainService(broken, tmp_path)
+    job = svc.run(svc.create(fast(name="other")))
+    assert job.status == "failed"
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        "SPM: other: failed (loading the model): no model is loaded; load a checkpoint first"
+
+
+def test_the_final_status_waits_for_the_reporter_and_the_lock(backend, tmp_path):
+    """Whoever polls the job sees "done" only after the reporter ended (the WebUI's state is reset) and the lock
+    is released.  ``end`` blocks here until the test has looked, so the order is checked, not timed."""
+    entered, release, seen = threading.Event(), threading.Event(), {}
+
+    class SlowEnd(jobs.Reporter):
+        def end(self, job):
+            entered.set()
+            assert release.wait(120), "deadlock guard: the test never released end()"
+
+    class Lock:
+        def __init__(self):
+            self.inner = threading.Lock()
+
+        def __enter__(self):
+            self.inner.acquire()
+
+        def __exit__(self, *exc):
+            seen["status at release"] = seen["job"].status
+            self.inner.release()
+
+    svc = service(backend, tmp_path, reporter=SlowEnd(), lock=Lock())
+    job = seen["job"] = svc.submit(fast(preview=False, iterations=1))
+    assert entered.wait(120), "the job never reached the reporter's end"
+    assert job.outcome == "done" and job.status == "running" and not job.done_event.is_set()
+    assert job.as_dict()["status"] == "running"
+    release.set()
+    assert job.done_event.wait(120), "deadlock guard: the job never finished"
+    assert job.status == "done" and seen["status at release"] == "running"
+
+
+def test_the_erasure_verdict_is_shown_when_the_trainer_gives_one(backend, tmp_path, monkeypatch):
+    from spm.train import loop
+    from spm.ui import trainer_tab as tt
+
+    orig = loop.Trainer.train
+
+    def train(self):
+        result = orig(self)
+        result.erasure = {"erased": False, "signal": 0.4, "threshold": 0.1, "message": "train longer"}
+        return result
+
+    monkeypatch.setattr(loop.Trainer, "train", train)
+    svc = service(backend, tmp_path)
+    job = svc.run(svc.create(fast(preview=False)))
+    assert job.status == "done" and job.erasure["erased"] is False
+    assert job.message.endswith("; not erased (signal 0.4, threshold 0.1): train longer")
+    assert job.as_dict()["erasure"] == job.erasure
+    assert "not erased (signal 0.4, threshold 0.1): train longer" in tt.status_html(job)
+    assert jobs.erasure_text({"erased": True, "signal": 0.01, "threshold": 0.1, "message": ""}) == \
+        "erased (signal 0.01, threshold 0.1)"
+    assert jobs.erasure_text(None) == ""
+
+
+def test_check_steps_follow_the_training_cost():
+    lo, hi = jobs.CHECK_STEPS
+    result = type("R", (), {})()
+    result.cost = {"ufe": 10}
+    assert jobs.check_steps(result, prompts=3) == lo  # a tiny job: the shortest check
+    result.cost = {"ufe": 10 ** 6}
+    assert jobs.check_steps(result, prompts=3) == hi
+    result.cost = {"ufe": 4 * 3 * 15}
+    assert jobs.check_steps(result, prompts=3) == 15  # as many rows as the training used
+    assert parse_request(fast(preview_steps=0)).preview_steps == 0
+
+
+# --- the folder: steps done, the state file, permissions ------------------------------------------------
+def test_an_interrupted_job_records_the_steps_it_did(backend, tmp_path):
+    from spm.library import Library
+
+    class Stop(jobs.Reporter):
+        def should_stop(self):
+            return True
+
+    svc = service(backend, tmp_path, reporter=Stop())
+    job = svc.run(svc.create(fast(iterations=4, preview=False)))
+    assert job.status == "interrupted" and job.step == 0
+    m = load_membrane(tmp_path / "circle.safetensors")
+    assert m.info.training["steps_done"] == 0 and m.info.training["iterations"] == 4
+    (entry,) = Library(tmp_path).refresh()
+    assert entry.steps == 0 and "4 steps" not in json.dumps(entry.as_dict())
+    assert (tmp_path / "circle.safetensors.trainstate").exists()  # an interrupted run can be resumed
+
+
+def test_a_finished_job_leaves_no_state_file_unless_asked(backend, tmp_path):
+    svc = service(backend, tmp_path)
+    assert svc.run(svc.create(fast(preview=False, save_every=1))).status == "done"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["circle.safetensors"]
+    assert svc.run(svc.create(fast(name="kept", preview=False, keep_state=True))).status == "done"
+    assert (tmp_path / "kept.safetensors.trainstate").exists()
+
+
+def test_files_get_the_users_permissions(backend, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        svc = service(backend, tmp_path)
+        job = svc.run(svc.create(fast(iterations=2, sample_every=2, control_prompts="a dog", keep_state=True)))
+        assert job.status == "done"
+        for f in ("circle.safetensors", "circle.preview.png", "circle.safetensors.trainstate",
+                  "circle.samples/step_000002.png"):
+            assert stat.S_IMODE((tmp_path / f).stat().st_mode) == 0o640, f
+        os.chmod(tmp_path / "circle.safetensors", 0o644)  # a file the user changed keeps its mode when replaced
+        assert svc.run(svc.create(fast(iterations=1, preview=False, overwrite=True))).status == "done"
+        assert stat.S_IMODE((tmp_path / "circle.safetensors").stat().st_mode) == 0o644
+    finally:
+        os.umask(old)
+
+
+# --- the tab: where things are drawn, a new start, a failure ---------------------------------------------
+def _children(block):
+    return list(getattr(block, "children", []) or [])
+
+
+def test_the_live_preview_box_holds_the_loss_plot(backend, tmp_path):
+    from spm.ui import trainer_tab as tt
+
+    tab = tt.build_trainer_tab(service=service(backend, tmp_path), wrap=lambda fn, extra_outputs=None: fn)
+    blocks = tab.blocks.values() if isinstance(tab.blocks, dict) else tab.blocks
+    live = [b for b in blocks if getattr(b, "elem_id", None) == f"{tt.PREFIX}_live"]
+    assert len(live) == 1
+    inside = [getattr(c, "elem_id", None) for c in _children(live[0])]
+    assert inside == [f"{tt.PREFIX}_loss"]  # the WebUI's live preview (the loss plot) lands in "Loss"
+    assert f"{tt.PREFIX}_status" in tt.START_JS and "display = 'none'" in tt.START_JS  # the old message goes
+
+
+def test_a_new_start_clears_the_old_run_and_a_failure_says_failed(backend, tmp_path):
+    from spm.ui import trainer_tab as tt
+
+    svc = service(backend, tmp_path)
+    values = {**{k: None for k in tt.FORM}, "name": "", "target": "a red circle", "iterations": 2, "anchors": 1,
+              "preview_steps": 1, "control_prompts": "a dog", "overwrite": False}
+    (bad,) = tt.train_stream(svc, *[values[k] for k in tt.FORM])
+    assert bad[0] == "not started" and bad[1] is None and bad[3] == "" and "name is missing" in bad[-1]
+    outs = list(tt.train_stream(svc, *[{**values, "name": "ok"}[k] for k in tt.FORM], poll_s=0.05))
+    first = outs[0]
+    assert first[1] is None and first[2] is None and first[3] == ""  # the old plot, image and file are gone
+    assert "error" not in first[-1]  # and so is the old message
+    assert outs[-1][0].startswith("step 2/2") and "data-status='done'" in outs[-1][-1]
+
+    def broken():
+        raise NoModelError("no model is loaded; load a checkpoint first")
+
+    svc2 = TrainService(broken, tmp_path)
+    out = tt.train_blocking(svc2, "task(x)", *[{**values, "name": "late"}[k] for k in tt.FORM])
+    assert out[0] == "failed (loading the model)" and "no model is loaded" in out[-1]

@@ -25,13 +25,13 @@ from __future__ import annotations
 import base64
 import queue
 import threading
-import time
 
 import pytest
 import torch
 
 from tests import webui_stub as stub
 from tests.test_webui_lifecycle import World, hooked_modules
+from tests.webui_stub_train import WatchedLock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,7 +118,7 @@ def world(request, tmp_path, tokenizer, text_encoder):
 
 def run_queued(world: World, order: list[str], lock, recorder: Recorder, ui: str | None = None):
     """Every request on its own thread through ``lock`` (as ``text2imgapi`` does).  The main thread holds the
-    lock until all threads are started and about to queue, so they really arrive together.  ``ui``: that
+    lock until every thread is blocked on it, so they really arrive together.  ``ui``: that
     request comes through the UI instead (A1111: ``wrap_gradio_gpu_call``, i.e. the same lock; Forge: the lock
     held by the Gradio thread while ``modules_forge.main_thread`` runs it)."""
     results, errors = {}, []
@@ -149,9 +149,9 @@ def run_queued(world: World, order: list[str], lock, recorder: Recorder, ui: str
         for t in threads:
             t.start()
         ready.wait()
-        time.sleep(0.02)
+        assert lock.wait_for_waiters(len(threads)), "deadlock guard: not every request reached the lock"
     for t in threads:
-        t.join(60)
+        t.join(120)
     if main_thread is not None:
         main_thread.stop()
     assert not any(t.is_alive() for t in threads)
@@ -197,7 +197,7 @@ def test_concurrent_requests_under_the_queue_lock_match_solo_runs(world, order, 
     solo = solo_runs(world)
     recorder = Recorder(world)
     try:
-        lock = threading.Lock()  # modules.call_queue.queue_lock
+        lock = WatchedLock()  # modules.call_queue.queue_lock
         for _ in range(2):  # and again, with everything SPM recorded from the first round still in place
             recorder.active.clear()
             results, errors = run_queued(world, order, lock, recorder, ui)
@@ -222,7 +222,7 @@ def test_a_failing_request_leaks_nothing_into_the_next(world):
 
     h = world.unet.register_forward_pre_hook(oom, with_kwargs=True)
     try:
-        lock = threading.Lock()
+        lock = WatchedLock()
         results, errors = run_queued(world, ["A", "C", "B"], lock, recorder)
         assert [e[0] for e in errors] == ["A"] and "out of memory" in errors[0][1]
         assert "A" not in results and stub.errors_reported == []
@@ -325,7 +325,7 @@ def test_concurrent_http_requests(tmp_path, tokenizer, text_encoder):
         w.add_membrane("b", concepts=("dog",), seed=2)
         solo = solo_runs(w)
         recorder = Recorder(w)
-        lock = threading.Lock()
+        lock = WatchedLock()
         arrived = threading.Semaphore(0)
         client = TestClient(api_app(w, lock, recorder, arrived))
         bodies = {k: {"prompt": REQUESTS[k]["prompt"], "negative_prompt": REQUESTS[k]["negative"], "request": k,
@@ -347,9 +347,10 @@ def test_concurrent_http_requests(tmp_path, tokenizer, text_encoder):
             for t in threads:
                 t.start()
             ready.wait()
-            assert all(arrived.acquire(timeout=30) for _ in threads)  # all three are in the API, at the lock
+            assert all(arrived.acquire(timeout=120) for _ in threads)  # all three are in the API (deadlock guard)
+            assert lock.wait_for_waiters(len(threads)), "deadlock guard: not every request reached the lock"
         for t in threads:
-            t.join(60)
+            t.join(120)
         assert errors == [] and stub.errors_reported == []
         for k, r in responses.items():
             assert r.status_code == 200, r.text

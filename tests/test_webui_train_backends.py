@@ -12,7 +12,7 @@ from torch import nn
 
 from spm.backend import check_backend
 from spm.train import TrainConfig, Trainer
-from spm.ui.jobs import NoModelError, TrainService
+from spm.train.jobs import NoModelError, TrainService
 from tests import webui_stub as stub
 from tests import webui_stub_train as tstub
 from tests.test_webui_lifecycle import tiny_unet
@@ -239,6 +239,25 @@ def test_forge_refuses_flow_models_and_quantised_weights(forge_env, tokenizer, t
         ForgeBackend(engine)
     with pytest.raises(NoModelError, match="generate one image"):
         ForgeBackend(None)
+
+
+def test_forge_before_the_first_generation_says_so(forge_env, tmp_path):
+    """Forge holds ``FakeInitialModel`` in ``shared.sd_model`` until the first generation: the job fails with
+    Forge's message (generate one image first), not with "cannot find the UNet … FakeInitialModel"."""
+    from spm.webui import train_api
+    from spm.webui.train_backend_forge import ForgeBackend, is_placeholder
+
+    placeholder = forge_env.shared.sd_model
+    assert type(placeholder).__name__ == "FakeInitialModel" and is_placeholder(placeholder)
+    with pytest.raises(NoModelError, match="Forge loads it on the first generation"):
+        train_api.webui_backend()
+    with pytest.raises(NoModelError, match="generate one image"):
+        ForgeBackend(placeholder)
+    svc = TrainService(train_api.webui_backend, tmp_path)
+    job = svc.run(svc.create({"name": "fc", "target": "a red circle", "iterations": 2}))
+    assert job.status == "failed" and "generate one image, then train" in job.error
+    assert "FakeInitialModel" not in job.error and not list(tmp_path.iterdir())
+    assert not is_placeholder(None) and not is_placeholder(types.SimpleNamespace(forge_objects=None))
 
 
 def test_forge_job_through_the_service(forge_env, tokenizer, text_encoder, tmp_path):

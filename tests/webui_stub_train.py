@@ -34,7 +34,7 @@ from torch import nn
 from tests import webui_stub as stub
 
 TRAIN_MODULES = ["modules.call_queue", "modules.progress", "modules.devices", "modules.shared_state",
-                 "backend.memory_management"]
+                 "modules.sd_models", "backend.memory_management"]
 
 
 # --- modules.shared_state --------------------------------------------------------------------------
@@ -89,6 +89,20 @@ class State:
         self.id_live_preview += 1
 
 
+def progress_and_eta(state: State, now: float | None = None) -> tuple[float, float | None]:
+    """What ``modules/progress.py``'s ``progressapi`` tells the progress bar: the fraction from ``job_no /
+    job_count`` plus ``sampling_step / sampling_steps`` of the current job, and the ETA extrapolated from the
+    time since ``state.time_start`` (None while the fraction is 0)."""
+    progress = 0.0
+    if state.job_count > 0:
+        progress += state.job_no / state.job_count
+    if state.sampling_steps > 0 and state.job_count > 0:
+        progress += 1 / state.job_count * state.sampling_step / state.sampling_steps
+    progress = min(progress, 1)
+    elapsed = (time.time() if now is None else now) - (state.time_start or time.time())
+    return progress, (elapsed / progress - elapsed if progress > 0 else None)
+
+
 # --- modules.progress ------------------------------------------------------------------------------
 progress_state = types.SimpleNamespace(current_task=None, pending_tasks=OrderedDict(), finished_tasks=[], results={})
 
@@ -113,7 +127,49 @@ def add_task_to_queue(id_job):
 
 
 # --- modules.call_queue ----------------------------------------------------------------------------
-queue_lock = threading.Lock()  # A1111 1.10: threading.Lock (later versions: a FIFO lock); not re-entrant
+class WatchedLock:
+    """A ``threading.Lock`` (A1111 1.10's ``queue_lock``; not re-entrant) that also tells a test how many
+    threads are blocked waiting for it, so a test can wait for "the job is queued at the lock" instead of
+    sleeping and hoping."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._cv = threading.Condition()
+        self.waiting = 0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._lock.acquire(False):
+            return True
+        if not blocking:
+            return False
+        with self._cv:
+            self.waiting += 1
+            self._cv.notify_all()
+        try:
+            return self._lock.acquire(True, timeout)
+        finally:
+            with self._cv:
+                self.waiting -= 1
+                self._cv.notify_all()
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def wait_for_waiters(self, n: int, timeout: float = 120) -> bool:
+        """Block until ``n`` threads wait for the lock; False after ``timeout`` s (a deadlock guard)."""
+        with self._cv:
+            return self._cv.wait_for(lambda: self.waiting >= n, timeout)
+
+
+queue_lock = WatchedLock()
 
 
 def wrap_queued_call(func):
@@ -305,6 +361,23 @@ def forge_engine(unet: nn.Module, clip, prediction_type: str = "epsilon"):
     return engine
 
 
+class FakeInitialModel:
+    """Forge's ``modules.sd_models.FakeInitialModel`` (backend era): the placeholder ``model_data.sd_model``
+    (so ``shared.sd_model``) holds from start-up until the first generation loads the real model.  It exists
+    for other extensions' token counters: ``cond_stage_model`` None, ``chunk_length`` 75,
+    ``get_prompt_lengths_on_ui``; there is no ``forge_objects`` and no ``model``."""
+
+    def __init__(self):
+        self.cond_stage_model = None
+        self.chunk_length = 75
+
+    def get_prompt_lengths_on_ui(self, prompt):
+        import math
+
+        r = len(prompt.strip("!,. ").replace(" ", ",").replace(".", ",").replace("!", ",").split(","))
+        return r, math.ceil(max(r, 1) / self.chunk_length) * self.chunk_length
+
+
 loaded_models: list = []
 
 
@@ -324,7 +397,7 @@ def install(tmp_path, *, forge: bool = False) -> types.SimpleNamespace:
     root = sys.modules["modules"]
     env.callbacks.on_ui_tabs = stub._add("ui_tabs")
     cq = stub._module("modules.call_queue")
-    cq.queue_lock = threading.Lock()
+    cq.queue_lock = WatchedLock()
     cq.wrap_gradio_gpu_call, cq.wrap_gradio_call, cq.wrap_queued_call = wrap_gradio_gpu_call, wrap_gradio_call, wrap_queued_call
     globals()["queue_lock"] = cq.queue_lock
     pr = stub._module("modules.progress")
@@ -339,6 +412,11 @@ def install(tmp_path, *, forge: bool = False) -> types.SimpleNamespace:
     for name in ("call_queue", "progress", "devices", "shared_state"):
         setattr(root, name, sys.modules[f"modules.{name}"])
     if forge:
+        sm = stub._module("modules.sd_models")  # Forge's model slot starts with the placeholder, not None
+        sm.FakeInitialModel = FakeInitialModel
+        sm.model_data = types.SimpleNamespace(sd_model=FakeInitialModel())
+        root.sd_models = sm
+        env.shared.sd_model = sm.model_data.sd_model
         mm = stub._module("backend.memory_management")
         mm.load_model_gpu = load_model_gpu
         sys.modules["backend"].memory_management = mm

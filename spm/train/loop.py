@@ -10,7 +10,13 @@ Usage::
 * ``callback(Progress)`` is called every step (the WebUI tab draws from it); ``should_stop()`` is polled
   every step and before each UNet call of the latent-pool warm-up; Ctrl-C (``KeyboardInterrupt``) stops too.
   Either way the membrane trained so far is saved atomically, with its resumable state beside it.
-* ``save_every`` writes checkpoints (membrane + ``.trainstate``); ``resume=True`` continues from them.
+* ``on_phase(Phase)`` reports the phases around the steps: filling the latent pool (k/N denoising steps), the
+  start of the steps ("training", when their clock starts) and saving.
+* ``save_every`` writes checkpoints (membrane + ``.trainstate``); ``resume=True`` continues from them.  The
+  ``.trainstate`` is deleted when a run finishes all its iterations, unless ``keep_state=True`` (to extend
+  the run later); an interrupted run keeps it, so it can be resumed.
+* The latent pool holds at most as many trajectories as the run has iterations left: a trajectory is only
+  worth its fill cost if an iteration draws it.
 * ``sample_every`` writes preview grids (target and control prompts; membrane OFF | ON) as PNG.
 """
 
@@ -56,6 +62,18 @@ class Progress:
     eta_s: float
     preview: Any = None  # a PIL image when a grid was just made
     preview_path: Path | None = None
+
+
+@dataclass
+class Phase:
+    """A report from outside the training steps: ``name`` ("pool": filling the latent pool, counted in
+    trajectory denoising steps; "training": the steps begin; "saving"), ``done`` of ``total`` units, and what
+    they are."""
+
+    name: str
+    done: int
+    total: int
+    unit: str = ""
 
 
 @dataclass
@@ -109,7 +127,8 @@ class Trainer:
 
     def __init__(self, backend: Backend, config: TrainConfig, output: str | Path | None = None, *,
                  callback: Callable[[Progress], None] | None = None, should_stop: Callable[[], bool] | None = None,
-                 progress_bar: bool = True, resume: bool = False, name: str | None = None):
+                 progress_bar: bool = True, resume: bool = False, name: str | None = None,
+                 on_phase: Callable[[Phase], None] | None = None, keep_state: bool = False):
         check_backend(backend)
         config.validate()
         self.backend, self.cfg = backend, config
@@ -119,6 +138,7 @@ class Trainer:
         self.callback, self.should_stop = callback, should_stop
         self.progress_bar, self.resume = progress_bar, resume
         self.name = name or (self.output.stem if self.output else "membrane")
+        self.on_phase, self.keep_state = on_phase, keep_state
         self.meter = CostMeter()
 
     # --- pieces -------------------------------------------------------------------------------------
@@ -132,12 +152,16 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         return Membrane.for_targets(find_targets(unet), self.cfg.rank, self.cfg.alpha, info, self.name)
 
-    def _save(self, membrane: Membrane, optimizer, g, step: int, aw: AnchorWeight, extra: dict) -> None:
+    def _save(self, membrane: Membrane, optimizer, g, step: int, aw: AnchorWeight, extra: dict,
+              state: bool = True) -> None:
         if self.output is None:
             return
         membrane.info.training = {**self.cfg.to_dict(), "steps_done": step, "anchor_weight": aw.value,
                                   "architecture_label": getattr(self.backend, "architecture", ""), **extra}
         save_membrane(membrane, self.output)
+        if not state:  # a finished run: no state to resume from (an older checkpoint's goes too)
+            state_path(self.output).unlink(missing_ok=True)
+            return
         save_state(state_path(self.output), optimizer, g, {"step": step, "anchor_weight": aw.state_dict(),
                                                             "config": self.cfg.to_dict()})
 
@@ -162,11 +186,20 @@ class Trainer:
             grid.save(path)
         return grid, path
 
+    def _phase(self, name: str, done: int, total: int, unit: str = "") -> None:
+        if self.on_phase is not None:
+            self.on_phase(Phase(name, done, total, unit))
+
     def _fill(self, source: LatentPool, cond: dict[str, Conditioning]) -> bool:
         """Fill the latent pool (``max_denoising_steps − 1`` batched CFG steps before the first iteration),
         polling ``should_stop`` before each of its UNet calls.  False, with the pool left empty, if stopped."""
+        self._phase("pool", 0, source.fill_work(), "denoising steps")
+
+        def progress(done: int, total: int) -> None:
+            self._phase("pool", done, total, "denoising steps")
+
         if self.should_stop is None:
-            source.fill(cond["targets"], cond["uncond"])
+            source.fill(cond["targets"], cond["uncond"], progress)
             return True
 
         def poll(module, args):
@@ -175,7 +208,7 @@ class Trainer:
 
         handle = self.backend.unet.register_forward_pre_hook(poll)
         try:
-            source.fill(cond["targets"], cond["uncond"])
+            source.fill(cond["targets"], cond["uncond"], progress)
             return True
         except _StopRequested:
             source.x, source.k, source.ti = [], [], []
@@ -234,7 +267,7 @@ class Trainer:
                                                 cfg.dynamic_resolution, g, self.meter, ac)
             else:
                 source = LatentPool(be, stack, cfg.max_denoising_steps, cfg.xt_guidance, res, cfg.dynamic_resolution,
-                                    g, self.meter, cfg.pool_size, ac)
+                                    g, self.meter, min(cfg.pool_size, max(1, cfg.iterations - start)), ac)
             n_anchor = cfg.anchors if aw.mode != "off" else 0
             need_uncond = cfg.schedule == "reference" or cfg.surrogate != ""
             if self.progress_bar:
@@ -243,6 +276,8 @@ class Trainer:
                 bar = tqdm(total=cfg.iterations, initial=start, desc=f"SPM {', '.join(cfg.targets)}", unit="it",
                            dynamic_ncols=True)
             membrane.train()
+            if not isinstance(source, LatentPool):
+                self._phase("training", step, cfg.iterations, "steps")
             fill_ufe = 0
             t_aside = 0.0  # previews and checkpoints, excluded from the per-iteration time
             t_loop = time.perf_counter()
@@ -256,6 +291,7 @@ class Trainer:
                         break
                     fill_ufe = self.meter.ufe
                     t_loop = time.perf_counter()
+                    self._phase("training", step, cfg.iterations, "steps")  # the steps' clock starts now
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr * lr_factor(cfg, step)
                 xs = source.draw(cond["targets"], cond["uncond"])
@@ -323,7 +359,10 @@ class Trainer:
                 "seconds_per_iteration": loop_s / done}
         extra = {"interrupted": interrupted, "cost": cost}
         membrane.eval()
-        self._save(membrane, optimizer, g, step, aw, extra)
+        self._phase("saving", 0, 1)
+        self._save(membrane, optimizer, g, step, aw, extra,
+                   state=interrupted or step < cfg.iterations or self.keep_state)
+        self._phase("saving", 1, 1)
         membrane.info.training = {**self.cfg.to_dict(), "steps_done": step, "anchor_weight": aw.value, **extra}
         return TrainResult(membrane, self.output, step, interrupted, seconds, history, cost)
 
@@ -333,4 +372,4 @@ def train_membrane(backend: Backend, config: TrainConfig, output: str | Path | N
     return Trainer(backend, config, output, **kw).train()
 
 
-__all__ = ["AUTOCAST", "Progress", "TrainResult", "Trainer", "lr_factor", "make_optimizer", "train_membrane"]
+__all__ = ["AUTOCAST", "Phase", "Progress", "TrainResult", "Trainer", "lr_factor", "make_optimizer", "train_membrane"]

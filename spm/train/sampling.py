@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -115,10 +116,24 @@ class LatentPool:
         t_prev = self.ts[[k + 1 for k in ks]].to(xs.device)
         return ddim_step(self.backend, guided, xs.float(), t, t_prev)
 
-    def fill(self, targets: Conditioning, uncond: Conditioning) -> None:
-        """Start ``size`` trajectories staggered over ``k = 1 … S−1`` (batched per step)."""
+    def fill_goals(self) -> list[int]:
+        """The DDIM step each trajectory is filled to: ``size`` of them staggered over ``k = 1 … S−1``."""
         n = self.size
-        goal = [1 + (i * (self.steps - 1)) // n for i in range(n)]
+        return [1 + (i * (self.steps - 1)) // n for i in range(n)]
+
+    def fill_work(self) -> int:
+        """Denoising steps (one trajectory, one step: two UNet rows) the fill takes: the unit of its progress."""
+        return sum(self.fill_goals())
+
+    def fill(self, targets: Conditioning, uncond: Conditioning,
+             progress: Callable[[int, int], None] | None = None) -> None:
+        """Start ``size`` trajectories staggered over ``k = 1 … S−1`` (batched per step).
+
+        ``progress(done, total)`` is called after each batched step, counted in trajectory steps
+        (:meth:`fill_work`), so its fraction follows the UNet work done."""
+        n = self.size
+        goal = self.fill_goals()
+        total, done = sum(goal), 0
         self.ti = [int(torch.randint(len(targets), (1,), generator=self.g)) for _ in range(n)]
         self.x = [_noise(_shape_for(self.backend, self.resolution, self.dynamic, self.g), self.g, self.backend.device)
                   for _ in range(n)]
@@ -134,6 +149,9 @@ class LatentPool:
                 for j, i in enumerate(idx):
                     self.x[i] = new[j:j + 1]
                     self.k[i] = step + 1
+                done += len(idx)
+                if progress is not None:
+                    progress(done, total)
 
     def draw(self, targets: Conditioning, uncond: Conditioning) -> XtSample:
         if not self.x:
@@ -166,10 +184,12 @@ class LatentPool:
 @torch.no_grad()
 def sample_images(backend: Backend, stack, cond: Conditioning, uncond: Conditioning, strengths: list[float],
                   seeds: list[int], steps: int = 20, guidance: float = 7.5, resolution: int | None = None,
-                  autocast: torch.dtype | None = None) -> torch.Tensor:
+                  autocast: torch.dtype | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """DDIM-sample one image per row of ``cond`` (with its membrane strength; the negative rows get 0).
 
     ``seeds`` gives each row's noise seed.  Returns images ``[B, 3, H, W]`` in [0, 1] (via ``backend.decode``).
+    ``progress(step, steps)`` is called after each sampling step.
     """
     b = len(cond)
     res = resolution or backend.latent.resolution
@@ -184,6 +204,8 @@ def sample_images(backend: Backend, stack, cond: Conditioning, uncond: Condition
         guided = cfg_out(out[:b], out[b:], guidance)
         t_prev = (ts[i + 1] if i + 1 < steps else torch.tensor(-1)).reshape(1).expand(b).to(backend.device)
         xs = ddim_step(backend, guided, xs.float(), t[:b], t_prev)
+        if progress is not None:
+            progress(i + 1, steps)
     return backend.decode(xs)
 
 

@@ -1,5 +1,9 @@
 """Resumable training state beside the membrane: ``<membrane>.safetensors.trainstate``.
 
+Written with every checkpoint (``save_every``) and at the end; the trainer deletes it when the run finished all
+its iterations (unless ``keep_state``), so a finished membrane leaves no state behind and an interrupted one
+can be resumed.
+
 A safetensors file (no pickles): the optimizer's per-parameter tensors under ``opt.<index>.<name>``, the
 generator state under ``rng``, and everything else (step, optimizer hyper-parameters, anchor weight, the
 settings) as JSON in the metadata.  Written atomically like the membrane itself.
@@ -44,7 +48,8 @@ def load_state(path: str | Path, optimizer: torch.optim.Optimizer, generator: to
     """Restore optimizer and generator; returns the JSON metadata (``step``, ``anchor_weight``, …)."""
     p = Path(path)
     if not p.exists():
-        raise MembraneFileError(f"cannot resume: {p.name} not found beside the membrane (was it trained with save_every?)")
+        raise MembraneFileError(f"cannot resume: {p.name} not found beside the membrane (a run that finished deletes "
+                                "it unless trained with keep_state / --keep-state; an interrupted run keeps it)")
     # read_file insists on the .safetensors suffix; the state file is safetensors under another name
     from safetensors import safe_open
 

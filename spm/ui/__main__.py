@@ -13,6 +13,8 @@ import argparse
 import threading
 from pathlib import Path
 
+from ..train.jobs import NoModelError
+
 TOY_CONTROLS = ["a blue square", "a green triangle"]  # prompts the toy model knows (spm/toy/captions.py)
 
 
@@ -25,7 +27,6 @@ def make_provider(model: str | None, config: str | None = None, device: str | No
         with lock:
             if "backend" not in cache:
                 from ..hosts.diffusers import DiffusersBackend, load_pipeline
-                from .jobs import NoModelError
 
                 try:
                     from spm import toy
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     fix_gradio_schema_bug()
     folder = Path(args.membranes)
     folder.mkdir(parents=True, exist_ok=True)
-    from .jobs import DEFAULT_CONTROLS, split_concepts
+    from ..train.jobs import DEFAULT_CONTROLS, split_concepts
 
     controls = split_concepts(args.controls, "--controls") if args.controls else (
         TOY_CONTROLS if args.model is None or toy.toy_model(args.model) is not None else list(DEFAULT_CONTROLS))

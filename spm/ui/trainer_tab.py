@@ -1,8 +1,8 @@
 """The SPM Trainer tab: a host-agnostic Gradio Blocks builder (Gradio 3.41 in A1111 1.10, 4.40 in Forge).
 
 :func:`build_trainer_tab` takes a *backend provider* (a callable returning a :class:`spm.backend.Backend`
-for the model to train against, or raising :class:`~spm.ui.jobs.NoModelError`) and the membrane folder,
-or a ready :class:`~spm.ui.jobs.TrainService`.  Two ways to run the Train button:
+for the model to train against, or raising :class:`~spm.train.jobs.NoModelError`) and the membrane folder,
+or a ready :class:`~spm.train.jobs.TrainService`.  Two ways to run the Train button:
 
 * **standalone** (``python -m spm.ui``): the handler is a generator; the job runs on the service's worker
   thread and the handler polls it twice a second (progress text, live loss plot, latest sample grid).
@@ -10,8 +10,10 @@ or a ready :class:`~spm.ui.jobs.TrainService`.  Two ways to run the Train button
   that runs the job in the request thread while ``wrap_gradio_gpu_call`` holds the WebUI's queue lock, so no
   generation runs meanwhile; progress goes to ``shared.state`` (a reporter set on the service) and the
   WebUI's own progress bar polls ``/internal/progress`` with the ``task(...)`` id that the ``js`` callback
-  puts in the hidden first input — the way A1111's textual-inversion *Train* button works.  The loss plot
-  and sample grids arrive as the live preview.
+  puts in the hidden first input — the way A1111's textual-inversion *Train* button works.  The live preview
+  (the loss plot) is drawn in the "Loss" box; the bar shows the phase and the WebUI's own ETA.
+
+A new start clears the previous run's message, plot and progress; a failure says "failed" in "Progress".
 
 Only constructor keywords that both Gradio versions accept are used; updates are ``gr.update(...)``.
 """
@@ -23,18 +25,24 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..train.config import LA_MODES, PRECISIONS, PRESETS
-from .jobs import DEFAULT_CONTROLS, RequestError, TrainJob, TrainService, loss_plot, preset_values
+from ..train.jobs import DEFAULT_CONTROLS, RequestError, TrainJob, TrainService, loss_plot, preset_values
 
 PREFIX = "spm_train"
 
 # the form, in input order (after the hidden task id in WebUI mode)
 FORM = ("name", "target", "surrogate", "preset", "iterations", "lr", "la_mode", "la_strength", "anchors",
         "resolution", "seed", "precision", "save_every", "sample_every", "control_prompts", "preview_steps",
-        "overwrite")
+        "overwrite", "keep_state")
 
 START_JS = """(...args) => {
+    var status = gradioApp().getElementById('%(p)s_status');
+    if (status) {  // the previous run's message goes away now, not when this run ends
+        status.querySelectorAll('.spm-error, .spm-ok, .spm-warn, .spm-info').forEach(function(e) {
+            e.style.display = 'none';
+        });
+    }
     var id = randomId();
-    requestProgress(id, gradioApp().getElementById('%(p)s_status'), gradioApp().getElementById('%(p)s_live'),
+    requestProgress(id, status, gradioApp().getElementById('%(p)s_live'),
                     function() {});
     args[0] = id;
     return args;
@@ -42,7 +50,7 @@ START_JS = """(...args) => {
 
 
 def form_to_request(values: dict[str, Any]) -> dict[str, Any]:
-    """The tab's field values → the request dict of :func:`spm.ui.jobs.parse_request`.
+    """The tab's field values → the request dict of :func:`spm.train.jobs.parse_request`.
 
     Empty text and 0 in "resolution" mean "the default"; Gradio numbers arrive as floats or ints.
     """
@@ -52,11 +60,13 @@ def form_to_request(values: dict[str, Any]) -> dict[str, Any]:
         if isinstance(v, str) and key not in ("name", "target", "surrogate", "control_prompts"):
             v = v.strip() or None
         data[key] = v
-    if data.get("resolution") in (0, 0.0):
-        data["resolution"] = None
+    for key in ("resolution", "preview_steps"):  # 0: the default (the model's size; sized to the job)
+        if data.get(key) in (0, 0.0):
+            data[key] = None
     if data.get("control_prompts") is None:
         data["control_prompts"] = ""
     data["overwrite"] = bool(data.get("overwrite"))
+    data["keep_state"] = bool(data.get("keep_state"))
     return data
 
 
@@ -74,7 +84,7 @@ def job_outputs(job: TrainJob, final: bool = False) -> tuple:
     """``(progress text, loss plot, preview image, saved file, status html)`` for one poll of ``job``."""
     import gradio as gr
 
-    plot = loss_plot(job.losses) if job.losses else gr.update()
+    plot: Any = loss_plot(job.losses) if job.losses else (None if final else gr.update())
     image: Any = gr.update()
     if final and job.preview_file and Path(job.preview_file).exists():
         image = _load(job.preview_file)
@@ -92,9 +102,13 @@ def _load(path: str):
 
 
 def error_outputs(message: str) -> tuple:
-    import gradio as gr
+    """A request that did not start: the message, and nothing left of the previous run."""
+    return "not started", None, None, "", status_html(None, message)
 
-    return gr.update(), gr.update(), gr.update(), gr.update(), status_html(None, message)
+
+def start_outputs(job: TrainJob) -> tuple:
+    """The first answer to a new start: the previous run's progress, plot, image, file and message cleared."""
+    return job.progress_text(), None, None, "", status_html(job)
 
 
 def train_stream(service: TrainService, *values, poll_s: float = 0.5):
@@ -105,6 +119,7 @@ def train_stream(service: TrainService, *values, poll_s: float = 0.5):
     except RequestError as e:
         yield error_outputs(str(e))
         return
+    yield start_outputs(job)
     while not job.done_event.wait(poll_s):
         yield job_outputs(job)
     yield job_outputs(job, final=True)
@@ -194,8 +209,10 @@ def build_trainer_tab(backend_provider: Callable[[], Any] | None = None, membran
                                                  precision=0, elem_id=f"{p}_sample_every")
                     control = gr.Textbox(label="Control prompts for the before/after check (commas separate)",
                                          value=", ".join(controls), elem_id=f"{p}_controls")
-                    preview_steps = gr.Number(label="Sampling steps of the before/after check", value=20,
-                                              precision=0, elem_id=f"{p}_preview_steps")
+                    preview_steps = gr.Number(label="Sampling steps of the before/after check (0 = sized to the job)",
+                                              value=0, precision=0, elem_id=f"{p}_preview_steps")
+                    keep_state = gr.Checkbox(label="Keep the resume state (NAME.safetensors.trainstate) after a "
+                                                   "finished run", value=False, elem_id=f"{p}_keep_state")
                 overwrite = gr.Checkbox(label="Overwrite an existing file of the same name", value=False,
                                         elem_id=f"{p}_overwrite")
                 with gr.Row():
@@ -204,15 +221,14 @@ def build_trainer_tab(backend_provider: Callable[[], Any] | None = None, membran
             with gr.Column():
                 status = gr.HTML(value="", elem_id=f"{p}_status")
                 progress = gr.Textbox(label="Progress", value="", interactive=False, elem_id=f"{p}_progress")
-                plot = gr.Image(label="Loss", type="pil", interactive=False, elem_id=f"{p}_loss")
-                with gr.Column(elem_id=f"{p}_live"):
-                    image = gr.Image(label="Before / after", type="pil", interactive=False,
-                                     elem_id=f"{p}_preview")
-                    gr.HTML(value="<small>Rows: the target and the control prompts. Left: without the membrane; "
-                                  "right: with it (same seeds).</small>", elem_id=f"{p}_preview_help")
+                with gr.Column(elem_id=f"{p}_live"):  # the WebUI draws its live preview (the loss plot) here
+                    plot = gr.Image(label="Loss", type="pil", interactive=False, elem_id=f"{p}_loss")
+                image = gr.Image(label="Before / after", type="pil", interactive=False, elem_id=f"{p}_preview")
+                gr.HTML(value="<small>Rows: the target and the control prompts. Left: without the membrane; "
+                              "right: with it (same seeds).</small>", elem_id=f"{p}_preview_help")
                 saved = gr.Textbox(label="Saved file", value="", interactive=False, elem_id=f"{p}_file")
         form = [name, target, surrogate, preset, iterations, lr, la_mode, la_strength, anchors, resolution, seed,
-                precision, save_every, sample_every, control, preview_steps, overwrite]
+                precision, save_every, sample_every, control, preview_steps, overwrite, keep_state]
         outputs = [progress, plot, image, saved, status]
         preset.change(fn=apply_preset, inputs=[preset], outputs=[iterations, lr, la_mode, la_strength, anchors])
         if webui:
@@ -239,5 +255,5 @@ def _gradio_major() -> int:
         return 4
 
 
-__all__ = ["FORM", "START_JS", "apply_preset", "build_trainer_tab", "form_to_request", "interrupt", "job_outputs",
-           "status_html", "train_blocking", "train_stream"]
+__all__ = ["FORM", "START_JS", "apply_preset", "build_trainer_tab", "error_outputs", "form_to_request", "interrupt",
+           "job_outputs", "start_outputs", "status_html", "train_blocking", "train_stream"]

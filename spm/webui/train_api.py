@@ -5,10 +5,13 @@ Routes (:func:`add_routes`, host-agnostic, testable with FastAPI's ``TestClient`
 * ``POST /spm/v1/train`` — JSON ``{"name": …, "target": "a, b", "surrogate": "", "iterations": …, "lr": …,
   "la_strength": …, "anchors": …, "resolution": …, "seed": 0, "precision": "fp32", "save_every": 0}``
   (every field but ``name`` and ``target`` has a default; also ``preset``, ``la_mode``, ``control_prompts``,
-  ``preview``, ``preview_steps``, ``overwrite``) → ``{"id": …, "status": "queued"}``.  Bad input → 400 with
-  ``{"detail": message}``; an existing file without ``"overwrite": true`` → 409.
+  ``preview``, ``preview_steps``, ``overwrite``, ``keep_state``) → ``{"id": …, "status": "queued"}``.  Bad
+  input → 400 with ``{"detail": message}``; an existing file without ``"overwrite": true`` → 409.
 * ``GET /spm/v1/train/{id}`` — ``status`` (queued / running / done / failed / interrupted), ``step``,
-  ``total``, ``loss``, ``output``, ``preview``, ``error``, ``message``.  Unknown id → 404.
+  ``total``, ``loss``, ``output``, ``preview``, ``error``, ``message``, the current ``phase`` with
+  ``phase_done`` / ``phase_total`` / ``phase_eta_s``, the ``progress`` line, and ``erasure`` (the trainer's
+  verdict, when it gives one).  A final status appears only after the job released the WebUI's state and
+  the queue lock.  Unknown id → 404.
 * ``POST /spm/v1/train/{id}/interrupt`` — stop after the current step (the membrane so far is saved).
 * ``GET /spm/v1/membranes`` — the membrane folder with each file's metadata.
 
@@ -24,7 +27,7 @@ import logging
 import threading
 from typing import Any
 
-from ..ui.jobs import NoModelError, Reporter, RequestError, TrainJob, TrainService
+from ..train.jobs import NoModelError, Reporter, RequestError, TrainJob, TrainService
 
 log = logging.getLogger("spm")
 
@@ -86,10 +89,13 @@ def webui_backend():
     from . import state
 
     state.runtime().clear()
-    if is_forge() and getattr(sd_model, "forge_objects", None) is not None:
-        from .train_backend_forge import ForgeBackend
+    if is_forge():
+        from .train_backend_forge import NOT_LOADED, ForgeBackend, is_placeholder
 
-        return ForgeBackend(sd_model)
+        if is_placeholder(sd_model):  # Forge's stand-in until the first generation loads the real model
+            raise NoModelError(NOT_LOADED)
+        if getattr(sd_model, "forge_objects", None) is not None:
+            return ForgeBackend(sd_model)
     from .train_backend_a1111 import A1111Backend
 
     return A1111Backend(sd_model)
@@ -97,12 +103,21 @@ def webui_backend():
 
 class WebUIReporter(Reporter):
     """Progress in ``shared.state`` (the WebUI's progress bar, ``/internal/progress``, live preview) and its
-    Interrupt button.  Mirrors how A1111's textual-inversion training reports (``job_count`` = steps,
-    ``job_no`` = the step, a one-line ``textinfo``, the loss plot / sample grid as the live preview)."""
+    Interrupt button.
+
+    The WebUI computes the bar's fraction and its ETA itself (``modules/progress.py``): fraction =
+    ``job_no / job_count`` (+ ``sampling_step / sampling_steps`` of the current job), ETA = the time since
+    ``time_start`` × (1 − fraction) / fraction.  So every phase of a training job (loading, filling the latent
+    pool k/N, training step k/N, before/after check k/M, saving) starts its own count: ``job_count`` = the
+    phase's total, ``job_no`` = done, ``time_start`` = when the phase began.  The bar then shows the phase's
+    own fraction and one ETA, the WebUI's, right for that phase; ``textinfo`` names the phase and carries no
+    ETA of ours.  A phase without a count (loading, saving) shows 0 % and no ETA.  The loss plot is the live
+    preview (the tab shows it in its "Loss" box)."""
 
     def __init__(self, preview_every_s: float = 2.0):
         self.preview_every_s = preview_every_s
         self._last = 0.0
+        self._phase: str | None = None
 
     @staticmethod
     def _state():
@@ -115,30 +130,38 @@ class WebUIReporter(Reporter):
         if job.queued_run and callable(getattr(st, "begin", None)):
             st.begin(job="spm-train")  # an API job: nobody else set the state up (the tab's wrapper does)
         st.job = "SPM training"
-        st.job_count = max(1, job.total)
-        st.job_no = 0
-        st.textinfo = f"SPM: training {job.request.name} ({', '.join(job.request.target)})"
+        st.textinfo = f"SPM {job.request.name}: starting"
+        self._phase = None
         self._last = 0.0
+
+    def phase(self, job: TrainJob) -> None:
+        import time
+
+        st = self._state()
+        if job.phase != self._phase:
+            self._phase = job.phase
+            st.time_start = time.time()  # the WebUI's ETA counts from here: this phase's own
+        st.job_count = max(1, job.phase_total)
+        st.job_no = min(job.phase_done, st.job_count) if job.phase_total else 0
+        st.sampling_step, st.sampling_steps = 0, 0
+        st.textinfo = f"SPM {job.request.name}: {job.progress_text(eta=False)}"
 
     def update(self, job: TrainJob, progress: Any) -> None:
         import time
 
         st = self._state()
-        st.job_no = job.step
-        st.textinfo = f"SPM {job.request.name}: {job.progress_text()}"
         now = time.monotonic()
-        if progress.preview is not None or now - self._last >= self.preview_every_s:
+        if now - self._last >= self.preview_every_s or job.step == job.total:
             self._last = now
-            from ..ui.jobs import loss_plot
+            from ..train.jobs import loss_plot
 
-            image = progress.preview if progress.preview is not None else loss_plot(job.losses)
             assign = getattr(st, "assign_current_image", None)
-            if callable(assign):
-                assign(image)
+            if callable(assign):  # drawn in the tab's "Loss" box (sample grids are saved in NAME.samples/)
+                assign(loss_plot(job.losses))
 
     def end(self, job: TrainJob) -> None:
         st = self._state()
-        st.textinfo = f"SPM {job.request.name}: {job.status}"
+        st.textinfo = f"SPM {job.request.name}: {job.outcome or job.status}"
         if job.queued_run and callable(getattr(st, "end", None)):
             st.end()
 

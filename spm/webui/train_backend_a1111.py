@@ -25,7 +25,7 @@ from torch import nn
 
 from ..backend import Conditioning, LatentSpec
 from ..naming import context_dim, describe_architecture, param_device_dtype
-from ..ui.jobs import NoModelError
+from ..train.jobs import NoModelError
 
 PARAMETERIZATIONS = {"eps": "eps", "epsilon": "eps", "v": "v", "v_prediction": "v"}
 
@@ -72,7 +72,7 @@ def _autocast():
 class A1111Backend:
     """:class:`spm.backend.Backend` over A1111's ``shared.sd_model`` (see the module docstring).
 
-    Raises :class:`~spm.ui.jobs.NoModelError` with the reason when the model cannot be trained against
+    Raises :class:`~spm.train.jobs.NoModelError` with the reason when the model cannot be trained against
     (no UNet, an unknown parameterization, no noise schedule, an inpainting / instruct model).
     """
 

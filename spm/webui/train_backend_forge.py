@@ -33,10 +33,26 @@ from torch import nn
 
 from ..backend import Conditioning, LatentSpec
 from ..naming import context_dim, describe_architecture, param_device_dtype
-from ..ui.jobs import NoModelError
+from ..train.jobs import NoModelError
 from .train_backend_a1111 import PARAMETERIZATIONS, default_resolution, split_conditioning
 
 NORMS = ("norm1", "norm2", "norm3")
+NOT_LOADED = ("no Stable Diffusion model is loaded yet; Forge loads it on the first generation — generate one image, "
+              "then train")
+
+
+def is_placeholder(sd_model: Any) -> bool:
+    """True for Forge's ``modules.sd_models.FakeInitialModel``: what ``shared.sd_model`` holds until the first
+    generation loads the real model (it has ``cond_stage_model = None``, ``chunk_length`` and
+    ``get_prompt_lengths_on_ui`` for other extensions, and no ``forge_objects``)."""
+    if sd_model is None:
+        return False
+    import sys
+
+    cls = getattr(sys.modules.get("modules.sd_models"), "FakeInitialModel", None)
+    if isinstance(cls, type) and isinstance(sd_model, cls):
+        return True
+    return type(sd_model).__name__ == "FakeInitialModel" and getattr(sd_model, "forge_objects", None) is None
 
 
 def _clone_input(module: nn.Module, args: tuple):
@@ -89,9 +105,8 @@ class ForgeBackend:
     host = "forge"
 
     def __init__(self, sd_model: Any):
-        if sd_model is None:
-            raise NoModelError("no Stable Diffusion model is loaded; Forge loads it on the first generation — "
-                               "generate one image, then train")
+        if sd_model is None or is_placeholder(sd_model):
+            raise NoModelError(NOT_LOADED)
         patcher = getattr(getattr(sd_model, "forge_objects", None), "unet", None)
         kmodel = getattr(patcher, "model", None)
         unet = getattr(kmodel, "diffusion_model", None)
@@ -180,4 +195,4 @@ class ForgeBackend:
             return ((img.float() + 1.0) / 2.0).clamp(0, 1).cpu().clone()
 
 
-__all__ = ["ForgeBackend", "add_norm_clone_hooks", "normal_tensors"]
+__all__ = ["NOT_LOADED", "ForgeBackend", "add_norm_clone_hooks", "is_placeholder", "normal_tensors"]

@@ -50,8 +50,8 @@ def toy_or_tiny_backend():
 
 @pytest.fixture
 def served(tmp_path):
+    from spm.train.jobs import TrainService
     from spm.ui.__main__ import fix_gradio_schema_bug
-    from spm.ui.jobs import TrainService
     from spm.ui.trainer_tab import build_trainer_tab
 
     fix_gradio_schema_bug()  # what `python -m spm.ui` does (gradio 4.40 + pydantic >= 2.11)

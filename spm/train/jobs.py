@@ -13,7 +13,13 @@ Host-agnostic (no Gradio, no WebUI imports).  The trainer tab and the HTTP API b
   *then* is trained against), trains with :class:`spm.train.Trainer` (which saves the membrane with full
   metadata, atomically), then renders the before/after grid (target + control prompts, membrane off | on,
   same seeds) and saves it as ``NAME.preview.png`` beside the file.
-* A :class:`Reporter` mirrors progress elsewhere (the WebUI's ``shared.state``) and may ask to stop.
+* A job goes through named phases, each with its own fraction and ETA (:data:`PHASES`): loading the model,
+  filling the latent pool (k/N denoising steps), training (step k/N), the before/after check (sampling step
+  k/M), saving.  A :class:`Reporter` mirrors them elsewhere (the WebUI's ``shared.state``) and may ask to stop;
+  the console gets a line at the start, about ten during the steps, one per phase, and one at the end or on
+  an error (``SPM: …``, as the WebUI's own jobs print).
+* A job's final status (done / failed / interrupted) is published only after the reporter has ended (the
+  WebUI's state is reset) and the lock is released, so whoever sees "done" may start the next job at once.
 """
 
 from __future__ import annotations
@@ -34,13 +40,21 @@ from typing import Any, Callable
 import torch
 
 from ..tags import name_problem
-from ..train.config import LA_MODES, PRECISIONS, PRESETS, TrainConfig, preset
+from .config import LA_MODES, PRECISIONS, PRESETS, TrainConfig, preset
 
 log = logging.getLogger("spm")
 
 DEFAULT_CONTROLS = ("a photo of a dog in a park", "a landscape painting of mountains")
 STATUSES = ("queued", "running", "done", "failed", "interrupted")
 SUFFIX = ".safetensors"
+# phase → what the progress line calls it
+PHASES = {"queued": "queued", "loading": "loading the model", "pool": "filling the latent pool",
+          "training": "training step", "check": "before/after check", "saving": "saving"}
+UNITS = {"pool": "denoising steps", "training": "steps", "check": "sampling steps"}  # what a phase counts
+CONSOLE_LINES = 10  # about this many progress lines per job in the console
+# the before/after check, when preview_steps is left to the service: as many DDIM steps as the training's own
+# UNet work pays for, within the range where DDIM images are recognisable and the WebUI's default sampling steps
+CHECK_STEPS = (10, 20)
 
 
 class RequestError(ValueError):
@@ -76,8 +90,9 @@ class TrainRequest:
     sample_every: int = 0  # sample grids (target + controls, off | on) every N steps during training; 0: none
     control_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_CONTROLS))
     preview: bool = True
-    preview_steps: int = 20
+    preview_steps: int | None = None  # None or 0: sized to the job (see CHECK_STEPS)
     overwrite: bool = False
+    keep_state: bool = False  # keep NAME.safetensors.trainstate after a finished run (to extend it later)
 
     def config(self) -> TrainConfig:
         """The :class:`TrainConfig`: the preset's values with this request's overrides."""
@@ -90,7 +105,8 @@ class TrainRequest:
                 over[key] = v
         cfg = preset(self.preset, **over)
         cfg.control_prompts = list(self.control_prompts)
-        cfg.preview_steps = self.preview_steps
+        if self.preview_steps:
+            cfg.preview_steps = self.preview_steps
         try:
             cfg.validate()
         except ValueError as e:
@@ -104,7 +120,7 @@ class TrainRequest:
 _INT = ("iterations", "anchors", "resolution", "seed", "save_every", "sample_every", "preview_steps")
 _FLOAT = ("lr", "la_strength")
 _STR = ("surrogate", "preset", "precision", "la_mode")
-_BOOL = ("preview", "overwrite")
+_BOOL = ("preview", "overwrite", "keep_state")
 KNOWN = {f.name for f in fields(TrainRequest)}
 
 
@@ -220,8 +236,8 @@ def parse_request(data: dict[str, Any]) -> TrainRequest:
         raise RequestError(f"save_every must be >= 0 (0: only at the end; got {req.save_every})")
     if req.sample_every < 0:
         raise RequestError(f"sample_every must be >= 0 (0: no sample grids during training; got {req.sample_every})")
-    if req.preview_steps < 1:
-        raise RequestError(f"preview_steps must be at least 1 (got {req.preview_steps})")
+    if req.preview_steps is not None and req.preview_steps < 0:
+        raise RequestError(f"preview_steps must be at least 1, or 0 to size the check to the job (got {req.preview_steps})")
     if req.resolution is not None and (req.resolution < 8 or req.resolution % 8):
         raise RequestError(f"resolution must be a multiple of 8 pixels, at least 8 (got {req.resolution}); "
                            "leave it empty for the model's default")
@@ -261,6 +277,13 @@ class TrainJob:
     sample_file: str | None = None  # the latest in-training sample grid, if any
     error: str | None = None
     message: str = ""
+    phase: str = "queued"  # a key of PHASES
+    phase_done: int = 0
+    phase_total: int = 0  # 0: no count (loading, saving)
+    phase_started: float | None = None  # time.monotonic() when the phase began
+    phase_eta_s: float | None = None
+    erasure: dict | None = None  # the trainer's erasure check, when it made one (erased, signal, threshold, message)
+    outcome: str | None = None  # the final status, set before the reporter ends; ``status`` follows after
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
@@ -275,23 +298,51 @@ class TrainJob:
     def interrupt(self) -> None:
         self.stop.set()
 
-    def progress_text(self) -> str:
-        """``step 3/10 · loss 0.0012 · 2.50 it/s · ETA 0:03``."""
-        if self.status == "queued":
+    def phase_text(self) -> str:
+        """``training step 3/10``, ``filling the latent pool 12/46``, ``loading the model``."""
+        label = PHASES.get(self.phase, self.phase)
+        return f"{label} {self.phase_done}/{self.phase_total}" if self.phase_total else label
+
+    def progress_text(self, eta: bool = True) -> str:
+        """While running: the phase, its count and (``eta``) its ETA, plus the loss and speed while training:
+        ``training step 3/10 · loss 0.0012 · 2.50 it/s · ETA 0:03``.  After: ``step 10/10 · loss 0.0012 ·
+        done``; a failed job says so.  In the WebUI, whose progress bar shows its own ETA, ``eta=False``."""
+        if self.status == "queued" and self.outcome is None:
             return "queued"
-        bits = [f"step {self.step}/{self.total}"]
-        if self.loss is not None:
+        final = self.outcome or (self.status if self.status in ("done", "failed", "interrupted") else None)
+        if final == "failed":
+            where = f" at step {self.step}/{self.total}" if self.step else ""
+            return f"failed{where} ({PHASES.get(self.phase, self.phase)})"
+        bits = [f"step {self.step}/{self.total}" if final else self.phase_text()]
+        if self.loss is not None and (final or self.phase in ("training", "check", "saving")):
             bits.append(f"loss {self.loss:.4g}")
-        if self.it_per_s > 0:
+        if self.it_per_s > 0 and (final or self.phase == "training"):
             bits.append(f"{self.it_per_s:.2f} it/s")
-        if self.status == "running" and self.eta_s is not None and math.isfinite(self.eta_s):
-            bits.append(f"ETA {format_seconds(self.eta_s)}")
+        if final:
+            bits.append(final)
+        elif eta and self.phase_eta_s is not None and math.isfinite(self.phase_eta_s):
+            bits.append(f"ETA {format_seconds(self.phase_eta_s)}")
         return " · ".join(bits)
+
+    def set_phase(self, phase: str, done: int = 0, total: int = 0, eta_s: float | None = None) -> bool:
+        """Enter or advance a phase; the ETA is the phase's own (elapsed in it × left / done) unless given.
+        True if the phase changed."""
+        now = time.monotonic()
+        changed = phase != self.phase
+        if changed or self.phase_started is None:
+            self.phase, self.phase_started = phase, now
+        self.phase_done, self.phase_total = done, total
+        if eta_s is None and total and done:
+            eta_s = (now - self.phase_started) * (total - done) / done
+        self.phase_eta_s = eta_s if (total and done) else None
+        return changed
 
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.request.name, "status": self.status, "step": self.step, "total": self.total,
                 "loss": self.loss, "it_per_s": self.it_per_s, "eta_s": self.eta_s, "output": self.output,
                 "preview": self.preview_file, "error": self.error, "message": self.message,
+                "phase": self.phase, "phase_done": self.phase_done, "phase_total": self.phase_total,
+                "phase_eta_s": self.phase_eta_s, "progress": self.progress_text(), "erasure": self.erasure,
                 "request": self.request.as_dict()}
 
 
@@ -302,10 +353,37 @@ def format_seconds(s: float) -> str:
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
 
+def erasure_text(erasure: dict | None) -> str:
+    """``erased (signal 0.012, threshold 0.05): …`` from a :class:`TrainResult`'s ``erasure``; '' if none."""
+    if not isinstance(erasure, dict):
+        return ""
+    verdict = "erased" if erasure.get("erased") else "not erased"
+    nums = []
+    for key in ("signal", "threshold"):
+        v = erasure.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            nums.append(f"{key} {v:.3g}")
+    text = verdict + (f" ({', '.join(nums)})" if nums else "")
+    msg = str(erasure.get("message") or "").strip()
+    return f"{text}: {msg}" if msg else text
+
+
+def console(message: str) -> None:
+    """One line on the console, as the WebUI's own jobs report (``SPM: …``)."""
+    print(f"SPM: {message}", flush=True)
+
+
 class Reporter:
-    """Mirrors a job's progress somewhere else.  The default does nothing."""
+    """Mirrors a job's progress somewhere else.  The default does nothing.
+
+    ``begin`` when the job starts, ``phase`` whenever its phase or the phase's count changes (every phase,
+    training steps included), ``update`` after each training step (with the trainer's :class:`Progress`),
+    ``end`` after the job (``job.outcome`` is its final status; ``job.status`` is published after ``end``)."""
 
     def begin(self, job: TrainJob) -> None:
+        pass
+
+    def phase(self, job: TrainJob) -> None:
         pass
 
     def update(self, job: TrainJob, progress: Any) -> None:
@@ -341,7 +419,7 @@ class TrainService:
 
     def __init__(self, backend_provider: BackendProvider, folder: str | Path, *, lock: Any = None,
                  reporter: Reporter | None = None, on_saved: Callable[[Path], None] | None = None, keep: int = 100,
-                 config_overrides: dict[str, Any] | None = None):
+                 config_overrides: dict[str, Any] | None = None, log_line: Callable[[str], None] | None = console):
         self.backend_provider = backend_provider
         self.config_overrides = dict(config_overrides or {})
         TrainConfig(targets=["x"]).with_(**self.config_overrides).validate()  # a typo fails here, not per job
@@ -349,6 +427,7 @@ class TrainService:
         self.lock = lock if lock is not None else threading.Lock()
         self.reporter = reporter or Reporter()
         self.on_saved = on_saved
+        self.log_line = log_line
         self.keep = keep
         self.jobs: OrderedDict[str, TrainJob] = OrderedDict()
         self._queue: list[TrainJob] = []
@@ -427,29 +506,58 @@ class TrainService:
 
     # --- running -----------------------------------------------------------------------------------
     def run(self, job: TrainJob, *, take_lock: bool = True) -> TrainJob:
-        """Run ``job`` in this thread (under the lock unless the caller holds it already)."""
+        """Run ``job`` in this thread (under the lock unless the caller holds it already).
+
+        The final status is published after the reporter has ended and the lock is released."""
         ctx = self.lock if take_lock else contextlib.nullcontext()
         job.queued_run = take_lock
+        final: dict[str, Any] = {}
         try:
             with ctx:
-                self._run(job)
+                final = self._run(job)
         finally:
-            job.done_event.set()  # after the lock is released: whoever waits may start the next job at once
+            job.finished = time.time()
+            job.message = final.get("message", job.message)
+            job.error = final.get("error", job.error)
+            job.status = final.get("status") or job.outcome or "failed"
+            job.done_event.set()  # whoever waits may start the next job at once
         return job
 
-    def _run(self, job: TrainJob) -> None:
+    def _say(self, job: TrainJob, text: str) -> None:
+        if self.log_line is not None:
+            try:
+                self.log_line(f"{job.request.name}: {text}")
+            except Exception:  # a closed console must not fail the job
+                pass
+
+    def _phase(self, job: TrainJob, phase: str, done: int = 0, total: int = 0, eta_s: float | None = None,
+               message: str | None = None) -> None:
+        if job.set_phase(phase, done, total, eta_s):
+            if message is not None:
+                job.message = message
+            if phase not in ("training", "loading"):
+                unit = UNITS.get(phase)
+                self._say(job, f"{PHASES[phase]}: {total} {unit}" if (unit and total) else PHASES[phase])
+        self.reporter.phase(job)
+
+    def _run(self, job: TrainJob) -> dict[str, Any]:
+        """The job; returns its final ``status``, ``message`` and ``error`` (published by :meth:`run`)."""
         req = job.request
         if job.stop.is_set():
-            job.status, job.message, job.finished = "interrupted", "interrupted before it started", time.time()
-            return
+            job.outcome = "interrupted"
+            return {"status": "interrupted", "message": "interrupted before it started"}
         job.status, job.started = "running", time.time()
-        job.message = "loading the model"
         self.current = job
         backend = None
+        final: dict[str, Any] = {}
+        t0 = time.monotonic()
         try:
             self.reporter.begin(job)
+            self._phase(job, "loading", message="loading the model")
             out = self.check_output(req)
             cfg = self.config_for(req)
+            self._say(job, f"training on {', '.join(req.target)}" + (f" -> {req.surrogate!r}" if req.surrogate else "")
+                      + f": {cfg.iterations} steps at lr {cfg.lr:g}, preset {req.preset}, into {out}")
             backend = self.backend_provider()
             if backend is None:
                 raise NoModelError("no model is loaded; load a Stable Diffusion checkpoint first")
@@ -468,34 +576,54 @@ class TrainService:
                     except Exception as e:  # the file is saved; a failed list refresh must not fail the job
                         log.warning("SPM: refreshing the membrane list failed: %s", e)
                 if req.preview and job.step > 0 and req.control_prompts is not None:
-                    job.message = "rendering the before/after check"
-                    grid = before_after(backend, result.membrane, list(req.target)[:1] + list(req.control_prompts),
-                                        steps=req.preview_steps, resolution=cfg.resolution, seeds=(cfg.seed,))
+                    prompts = list(req.target)[:1] + list(req.control_prompts)
+                    steps = req.preview_steps or check_steps(result, len(prompts))
+                    self._phase(job, "check", 0, steps, message="rendering the before/after check")
+
+                    def check_progress(done: int, total: int) -> None:
+                        self._phase(job, "check", done, total)
+
+                    grid = before_after(backend, result.membrane, prompts, steps=steps, resolution=cfg.resolution,
+                                        seeds=(cfg.seed,), progress=check_progress)
                     pp = preview_path(out)
                     grid.save(pp)
                     job.preview_file = str(pp)
             job.output = str(out)
-            job.status = "interrupted" if result.interrupted else "done"
+            job.erasure = getattr(result, "erasure", None)
+            status = "interrupted" if result.interrupted else "done"
             verb = f"interrupted at step {job.step}; the membrane trained so far is" if result.interrupted else "saved"
-            job.message = f"{verb} in {out}" + (f" (before/after check: {Path(job.preview_file).name})"
-                                                 if job.preview_file else "")
+            message = f"{verb} in {out}" + (f" (before/after check: {Path(job.preview_file).name})"
+                                            if job.preview_file else "")
+            verdict = erasure_text(job.erasure)
+            if verdict:
+                message += f"; {verdict}"
+            final = {"status": status, "message": message}
+            self._say(job, f"{status} after {job.step}/{job.total} steps in {format_seconds(time.monotonic() - t0)}"
+                      f": {message}")
         except Exception as e:  # any failure becomes the job's error message, never a crash of the worker
-            job.status = "failed"
-            job.error = str(e) or type(e).__name__
-            job.message = f"failed: {job.error}"
+            error = str(e) or type(e).__name__
+            final = {"status": "failed", "error": error, "message": f"failed: {error}"}
+            self._say(job, f"failed ({PHASES.get(job.phase, job.phase)}): {error}")
             if not isinstance(e, (RequestError, NoModelError, ValueError)):
                 log.error("SPM: training %s failed:\n%s", req.name, traceback.format_exc())
         finally:
-            job.finished = time.time()
+            job.outcome = final.get("status", "failed")
+            job.message = final.get("message", job.message)
+            if "error" in final:
+                job.error = final["error"]
             backend = None
             self.current = None
             free_memory()
-            self.reporter.end(job)
+            try:
+                self.reporter.end(job)
+            except Exception as e:  # the job's result stands; the reporter's failure is only logged
+                log.warning("SPM: ending the progress report failed: %s", e)
+        return final
 
     def _train(self, job: TrainJob, backend, cfg: TrainConfig, out: Path):
-        from ..train import Trainer
+        from .loop import Trainer
 
-        job.message = "training"
+        every = max(1, math.ceil(cfg.iterations / CONSOLE_LINES))
 
         def callback(p) -> None:
             job.step, job.total, job.loss = p.step, p.total, float(p.loss)
@@ -503,13 +631,22 @@ class TrainService:
             job.losses.append(float(p.loss))
             if p.preview_path is not None:
                 job.sample_file = str(p.preview_path)
+            eta = job.eta_s if math.isfinite(job.eta_s) else None
+            self._phase(job, "training", p.step, p.total, eta, message="training")
             self.reporter.update(job, p)
+            if p.step % every == 0 or p.step == p.total:
+                self._say(job, job.progress_text())
+
+        def on_phase(ph) -> None:
+            message = {"pool": "filling the latent pool", "training": "training",
+                       "saving": f"saving {out.name}"}.get(ph.name)
+            self._phase(job, ph.name, ph.done, ph.total, message=message)
 
         def should_stop() -> bool:
             return job.stop.is_set() or bool(self.reporter.should_stop())
 
         trainer = Trainer(backend, cfg, out, callback=callback, should_stop=should_stop, progress_bar=False,
-                          name=job.request.name)
+                          name=job.request.name, on_phase=on_phase, keep_state=job.request.keep_state)
         return trainer.train()
 
     # --- the folder ----------------------------------------------------------------------------------
@@ -522,6 +659,18 @@ class TrainService:
         return [e.as_dict() for e in entries]
 
 
+def check_steps(result: Any, prompts: int, seeds: int = 1) -> int:
+    """DDIM steps of the before/after check when the request leaves them open: about as many UNet rows as the
+    training itself used (``result.cost["ufe"]``), within :data:`CHECK_STEPS`.  One step of the check costs
+    two rows (without | with the membrane) per prompt and seed, plus their unconditional rows."""
+    lo, hi = CHECK_STEPS
+    ufe = (getattr(result, "cost", None) or {}).get("ufe")
+    if not isinstance(ufe, (int, float)) or ufe <= 0:
+        return hi
+    per_step = 4 * prompts * seeds
+    return int(min(hi, max(lo, math.ceil(ufe / per_step))))
+
+
 def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -531,14 +680,15 @@ def free_memory() -> None:
 # --- the before/after check --------------------------------------------------------------------------
 @torch.no_grad()
 def before_after(backend, membrane, prompts: list[str], *, seeds: tuple[int, ...] = (0,), steps: int = 20,
-                 guidance: float = 7.5, resolution: int | None = None):
+                 guidance: float = 7.5, resolution: int | None = None,
+                 progress: Callable[[int, int], None] | None = None):
     """A PIL grid: one row per prompt; columns = each seed without the membrane, then each seed with it.
 
     Same seeds with and without, so the only difference is the membrane.  Uses the trainer's DDIM sampler
     over the Backend protocol (works on every host).  The membrane is attached for the call only.
     """
     from ..attach import MembraneStack
-    from ..train.sampling import sample_images
+    from .sampling import sample_images
 
     if not prompts:
         raise ValueError("before_after needs at least one prompt")
@@ -553,7 +703,8 @@ def before_after(backend, membrane, prompts: list[str], *, seeds: tuple[int, ...
         rows = enc.rows([i for i in range(len(prompts)) for _ in range(2 * n)])
         strengths = [s for _ in prompts for s in [0.0] * n + [1.0] * n]
         seed_list = [s for _ in prompts for _ in range(2) for s in seeds]
-        images = sample_images(backend, stack, rows, uncond, strengths, seed_list, steps, guidance, resolution)
+        images = sample_images(backend, stack, rows, uncond, strengths, seed_list, steps, guidance, resolution,
+                               progress=progress)
     finally:
         stack.detach()
         membrane.train(was)
@@ -633,6 +784,6 @@ def loss_plot(losses: list[float], width: int = 480, height: int = 200):
     return img
 
 
-__all__ = ["DEFAULT_CONTROLS", "NoModelError", "Reporter", "RequestError", "STATUSES", "TrainJob", "TrainRequest",
-           "TrainService", "before_after", "check_train_name", "labelled_grid", "loss_plot", "output_path",
+__all__ = ["CHECK_STEPS", "DEFAULT_CONTROLS", "PHASES", "NoModelError", "Reporter", "RequestError", "STATUSES", "TrainJob", "TrainRequest",
+           "TrainService", "before_after", "check_steps", "check_train_name", "console", "erasure_text", "labelled_grid", "loss_plot", "output_path",
            "parse_request", "preset_values", "preview_path", "split_concepts"]
