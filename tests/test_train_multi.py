@@ -208,6 +208,11 @@ def test_data_parallel_under_accelerate(toy_dir, tmp_path):
     m = load_membrane(tmp_path / "out" / "circle.safetensors")
     assert m.info.training["steps_done"] == 2
     assert not list((tmp_path / "out").glob(".*dp-rank*"))  # the other rank's copies are removed when done
+    # a re-run: rank 0 decides for all (rank 1 has no copy left), so every rank skips together
+    proc = _accelerate(["--model", str(toy_dir), "--jobs", str(path), "--device", "cpu", "--threads", "1",
+                        "--data-parallel"], ROOT, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "jobs.json").read_text())["jobs"]["circle"]["status"] == "skipped"
 
 
 def test_sigterm_stops_the_running_job_and_keeps_the_finished_one(toy_dir, tmp_path):

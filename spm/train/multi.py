@@ -388,6 +388,25 @@ def _dp_trainer_class():
     return DataParallelTrainer
 
 
+def _dp_agree(plan: str, job: Job, output: Path, rank: int) -> str:
+    """Rank 0's plan for ``job``, on every rank.  A rank that must resume without its own copy (deleted, or
+    never written) starts from rank 0's membrane and state (its x_t stream then repeats rank 0's)."""
+    import shutil
+
+    import torch.distributed as dist
+
+    from .state import state_path
+
+    box = [plan]
+    dist.broadcast_object_list(box, src=0)
+    plan = box[0]
+    if plan == "resume" and rank != 0 and not (output.exists() and state_path(output).exists()):
+        log.warning("SPM: rank %d has no copy of %s to resume; starting from rank 0's", rank, job.output.name)
+        shutil.copyfile(job.output, output)
+        shutil.copyfile(state_path(job.output), state_path(output))
+    return plan
+
+
 def _dp_output(job: Job, rank: int) -> Path:
     """Rank 0 writes the job's output; the other ranks keep their resumable copies beside it."""
     if rank == 0:
@@ -464,6 +483,8 @@ def run_jobs(jobs: Sequence[Job], backend_factory: Callable[[], Any], summary: S
                     output = _dp_output(job, rank)
                 entry = summary.entry(job.name)
                 plan = plan_job(job, cfg, output, entry, overwrite)
+                if averager is not None:  # every rank must train, skip or resume together: rank 0 decides
+                    plan = _dp_agree(plan, job, output, rank)
                 base = {"output": str(job.output), "targets": cfg.targets, "preset": job.preset,
                         "config_hash": job.config_hash, "iterations": job.config.iterations, "index": job.index,
                         "rank": None if data_parallel else rank, "device": device_name}
