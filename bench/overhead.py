@@ -220,26 +220,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cfg_rows(per_branch: int = 2) -> list[str]:
+    """``per_branch`` distinct prompts then as many negatives: one CFG batch of ``2 × per_branch`` rows."""
+    pos = [PROMPTS[i % len(PROMPTS)] + (f", variant {i // len(PROMPTS)}" if i >= len(PROMPTS) else "")
+           for i in range(per_branch)]
+    neg = [NEGATIVES[i % len(NEGATIVES)] + (f" {i // len(NEGATIVES)}" if i >= len(NEGATIVES) else "")
+           for i in range(per_branch)]
+    return pos + neg
+
+
 def time_steps(unet: torch.nn.Module, encode: Callable, membranes: list[Membrane], latent: int, rounds: int,
                steps: int, counts: tuple[int, ...] = COUNTS, log: Callable[[str], None] = print,
-               budget_s: float | None = None) -> dict:
+               budget_s: float | None = None, per_branch: int = 2,
+               unet_kwargs: Callable[[int, torch.device, torch.dtype], dict] | None = None,
+               row_scaling: str = "auto") -> dict:
     """Interleaved step timing (see module docstring). Returns per-count medians and per-round ratios.
 
     With ``budget_s``, the number of rounds is chosen from the warm-up step's time so that the timed
     part takes about that long (at least 2 rounds, at most ``rounds``).  Runs on the UNet's device/dtype.
+    ``per_branch``: cond rows (and as many uncond rows) per step; ``unet_kwargs(batch, device, dtype)``: extra
+    UNet arguments (SDXL's ``added_cond_kwargs``); ``row_scaling``: :attr:`MembraneStack.row_scaling`.
     """
     p = next(unet.parameters())
     device, dtype = p.device, p.dtype
-    ctx, toks = encode(PROMPTS + NEGATIVES)  # rows: 2 cond + 2 uncond
+    ctx, toks = encode(cfg_rows(per_branch))  # rows: cond, then uncond
     b = ctx.shape[0]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(b, unet.config.in_channels, latent, latent, generator=g).to(device, dtype)
     x_prime = torch.randn(b, unet.config.in_channels, 8, 8, generator=g).to(device, dtype)
     t = torch.full((b,), 500, device=device)
     ctx = ctx.to(device, dtype)
+    extra = unet_kwargs(b, device, dtype) if unet_kwargs is not None else {}
     transport = Transport(encode, encoder_key="bench", metric=STEP_METRIC)
     transport.registry.record(ctx, toks)
     stack = MembraneStack(unet)
+    stack.row_scaling = row_scaling
     stack.set_transport(transport)
     wall: dict[int, list[float]] = {k: [] for k in counts}
     cpu: dict[int, list[float]] = {k: [] for k in counts}
@@ -248,7 +263,7 @@ def time_steps(unet: torch.nn.Module, encode: Callable, membranes: list[Membrane
         for _ in range(2 if device.type == "cuda" else 1):  # warm-up: allocator, kernels
             _sync(device)
             w0 = time.perf_counter()
-            unet(x, t, encoder_hidden_states=ctx)
+            unet(x, t, encoder_hidden_states=ctx, **extra)
             _sync(device)
             warm = time.perf_counter() - w0
         if budget_s is not None:
@@ -258,11 +273,11 @@ def time_steps(unet: torch.nn.Module, encode: Callable, membranes: list[Membrane
             order = counts[r % len(counts):] + counts[: r % len(counts)]
             for k in order:
                 stack.set_membranes([(m, 1.0) for m in membranes[:k]])
-                unet(x_prime, t, encoder_hidden_states=ctx)  # priming call: transport + fused caches
+                unet(x_prime, t, encoder_hidden_states=ctx, **extra)  # priming call: transport + fused caches
                 for _ in range(steps):
                     _sync(device)
                     c0, w0 = time.process_time(), time.perf_counter()
-                    unet(x, t, encoder_hidden_states=ctx)
+                    unet(x, t, encoder_hidden_states=ctx, **extra)
                     _sync(device)
                     w1, c1 = time.perf_counter(), time.process_time()
                     wall[k].append(w1 - w0)
@@ -270,6 +285,7 @@ def time_steps(unet: torch.nn.Module, encode: Callable, membranes: list[Membrane
                 if k and k not in strengths:
                     strengths[k] = stack.current_strengths.tolist()
             log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k}:{_median(wall[k][-steps:]):.4f}s" for k in counts))
+    mode = stack._scaling_mode(device)
     stack.detach()
 
     def per_round(series: dict[int, list[float]], k: int) -> list[float]:
@@ -285,6 +301,7 @@ def time_steps(unet: torch.nn.Module, encode: Callable, membranes: list[Membrane
         "context": list(ctx.shape),
         "rounds": rounds,
         "steps_per_round": steps,
+        "row_scaling": mode,
         "step_s_median": {str(k): round(_median(wall[k]), 6) for k in counts},
         "step_cpu_s_median": {str(k): round(_median(cpu[k]), 6) for k in counts},
         "strengths": {str(k): [[round(v, 4) for v in row] for row in s] for k, s in strengths.items()},
@@ -426,6 +443,16 @@ def time_cached_prehook(unet: torch.nn.Module, encode: Callable, membranes: list
 
 
 # --- memory ----------------------------------------------------------------------------------
+def cached_tensors(stack: MembraneStack) -> list[torch.Tensor]:
+    """Every tensor a stack keeps between UNet calls: fused downs/ups, padded rank-1 downs, strength columns,
+    per-row scaled ups (``row_scaling="cached"``) and the device copies of the strengths."""
+    cached = [tt for f in stack._fused.values() for pair in f.cache.values() for tt in pair]
+    cached += [pair[0] for f in stack._fused.values() for pair in f.padded.values()]  # rank-1 downs, padded
+    cached += [v for v in stack._col_cache.values() if isinstance(v, torch.Tensor)]
+    cached += [v for d, v in stack._dev_strengths.items() if d.type != "cpu"]
+    return cached
+
+
 def memory(unet: torch.nn.Module, encode: Callable, membranes: list[Membrane], latent: int) -> dict:
     """Membrane bytes, fused-cache bytes and the no-copy-of-base-weights check (see module docstring)."""
     tensors = list(unet.parameters()) + list(unet.buffers())
@@ -450,9 +477,7 @@ def memory(unet: torch.nn.Module, encode: Callable, membranes: list[Membrane], l
         unet(x, t, encoder_hidden_states=ctx)
     gc.collect()
     rss1 = rss_bytes()
-    cached = [tt for f in stack._fused.values() for pair in f.cache.values() for tt in pair]
-    cached += [pair[0] for f in stack._fused.values() for pair in f.padded.values()]  # rank-1 downs, padded
-    cached += [v for v in stack._col_cache.values() if isinstance(v, torch.Tensor)]
+    cached = cached_tensors(stack)
     fused_bytes = sum(tt.numel() * tt.element_size() for tt in cached)
     shares = any(tt.untyped_storage().data_ptr() in ptrs for tt in cached)
     largest_cached = max((tt.numel() * tt.element_size() for tt in cached), default=0)

@@ -14,11 +14,25 @@ with a :class:`spm.transport`-based scorer, from a forward pre-hook on the UNet 
 conditioning (``encoder_hidden_states`` / ``context``).  Nothing assumes how the host lays out its batch.
 
 Removing the hooks (:meth:`MembraneStack.detach`) restores the model exactly: weights are never touched.
+
+**No host sync per step.** A UNet call whose conditioning is the very tensor of the previous call (same
+object, not modified in place since; diffusers pipelines pass one tensor to every step) costs the pre-hook
+nothing: no fingerprint, no device work.  Another tensor is fingerprinted on its device and only the 16
+sampled values per row come to the host (one small copy: a sync on CUDA); the transport scores rows only
+when that fingerprint is new.  Strengths go to the device once per change (pinned, non-blocking), and
+every per-module strength column is sliced from that copy on the device, so the hooks never sync.
+
+**Row scaling** (:attr:`MembraneStack.row_scaling`): ``"cached"`` folds each row's strengths into a per-row
+copy of ``U`` (``[B, R, out]`` per module, built once per strength change; one batched GEMM per module,
+fastest on CPU, but its memory grows with batch × rank × width); ``"lowrank"`` scales the low-rank
+activations ``D x`` (``[B, tokens, R]``) instead and adds ``U`` with one GEMM, caching nothing per row.
+``"auto"`` (default): ``cached`` on CPU, ``lowrank`` on other devices (see the README, Overhead).
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -66,6 +80,9 @@ def default_context(args: tuple, kwargs: dict) -> torch.Tensor | None:
 # a lone rank-1 down projection on an input at least this large runs as a 2-row GEMM (see MembraneStack._make_hook)
 PAD_RANK1_MIN_NUMEL = 1 << 20
 
+ROW_SCALING = ("auto", "cached", "lowrank")
+FINGERPRINT_POINTS = 16  # strided values per conditioning row that decide whether strengths must be recomputed
+
 # built-in metrics that Transport.scores evaluates batched: name -> (function, uses clipcos, uses tokenuni)
 _BUILTIN = {
     "clipcos": (_m_clipcos, True, False),
@@ -90,6 +107,7 @@ class _Fused:
     padded: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # rank-1 downs, see the hook
     # modules with the same membranes (and ranks) share one strength-column tensor per call
     cols_key: tuple = ()
+    cols_on: dict = field(default_factory=dict)  # device -> ``cols`` there (index of the device strengths)
 
 
 class Transport:
@@ -264,7 +282,12 @@ class MembraneStack:
         self._version = 0
         self._col_cache: dict[tuple, torch.Tensor] = {}
         self._last_sig: tuple | None = None
+        self._last_ctx: tuple | None = None  # (weakref to the last conditioning tensor, its version, config)
+        self._fp_index: dict[tuple, torch.Tensor] = {}  # (numel, device) -> fingerprint positions there
+        self._dev_strengths: dict[torch.device, torch.Tensor] = {}  # the strengths, copied once per device
         self._warned: set[str] = set()
+        #: how per-row strengths are applied in the in-place path: see the module docstring
+        self.row_scaling = "auto"
 
     # --- membranes -------------------------------------------------------------------------
     @property
@@ -336,7 +359,7 @@ class MembraneStack:
             self._pre_hook.remove()
             self._pre_hook = None
         self._version += 1
-        self._col_cache.clear()
+        self._new_strengths()
         self._last_sig = None
 
     def detach(self) -> None:
@@ -377,7 +400,12 @@ class MembraneStack:
             strengths = s
         self._strengths = strengths
         self._manual = True
+        self._new_strengths()
+
+    def _new_strengths(self) -> None:
+        """Forget everything derived from the strengths (columns, device copies, scaled ups, row runs)."""
         self._col_cache.clear()
+        self._dev_strengths.clear()
 
     def release_strengths(self) -> None:
         self._manual = False
@@ -401,6 +429,44 @@ class MembraneStack:
         sc = self.transport.scores(context, self.membranes, row_tokens)
         return sc * w[None] * self.transport.factor
 
+    def _config_sig(self) -> tuple:
+        """What the strengths depend on besides the conditioning."""
+        return (self._version, id(self.transport), tuple(self.weights), getattr(self.transport, "factor", None),
+                getattr(self.transport, "metric", None))
+
+    @staticmethod
+    def _tensor_version(t: torch.Tensor) -> int | None:
+        """``t``'s in-place version counter; None for inference tensors, which do not track one."""
+        try:
+            return None if t.is_inference() else int(t._version)
+        except RuntimeError:
+            return None
+
+    def _same_tensor(self, ctx: torch.Tensor, conf: tuple) -> bool:
+        """Whether ``ctx`` is the last call's conditioning tensor itself, unchanged since (no device work)."""
+        last = self._last_ctx
+        if last is None or self._last_sig is None or last[0]() is not ctx or last[2] != conf:
+            return False
+        return last[1] is not None and self._tensor_version(ctx) == last[1]
+
+    def _remember(self, ctx: torch.Tensor, conf: tuple) -> None:
+        try:
+            self._last_ctx = (weakref.ref(ctx), self._tensor_version(ctx), conf)
+        except TypeError:
+            self._last_ctx = None
+
+    def _fingerprint(self, ctx: torch.Tensor) -> bytes:
+        """:data:`FINGERPRINT_POINTS` strided values per row, gathered on the device; only they come to the host."""
+        flat = ctx.detach().reshape(ctx.shape[0], -1)
+        key = (flat.shape[1], flat.device)
+        idx = self._fp_index.get(key)
+        if idx is None:
+            idx = torch.linspace(0, flat.shape[1] - 1, FINGERPRINT_POINTS).long().to(flat.device)
+            if len(self._fp_index) > 16:
+                self._fp_index.clear()
+            self._fp_index[key] = idx
+        return flat.index_select(1, idx).float().cpu().numpy().tobytes()
+
     def _unet_pre_hook(self, module, args, kwargs):
         if self._manual or not self._slots:
             return None
@@ -411,15 +477,20 @@ class MembraneStack:
             batch = x.shape[0] if isinstance(x, torch.Tensor) else 1
         sig = None
         if ctx is not None:
-            flat = ctx.detach().reshape(ctx.shape[0], -1)
-            idx = torch.linspace(0, flat.shape[1] - 1, 16, device=flat.device).long()
-            sig = (self._version, tuple(ctx.shape), flat[:, idx].float().cpu().numpy().tobytes(), id(self.transport),
-                   tuple(self.weights), getattr(self.transport, "factor", None), getattr(self.transport, "metric", None))
-            if sig == self._last_sig:
+            conf = self._config_sig()
+            if self._same_tensor(ctx, conf):  # the steady state of a sampling loop: nothing to do
                 return None
+            sig = (conf, tuple(ctx.shape), self._fingerprint(ctx))
+            if sig != self._last_sig:
+                self._strengths = self.strengths_for(ctx)
+                self._new_strengths()
+                self._last_sig = sig
+            self._remember(ctx, conf)
+            return None
         self._strengths = self.strengths_for(ctx, batch=batch)
-        self._col_cache.clear()
-        self._last_sig = sig
+        self._new_strengths()
+        self._last_sig = None
+        self._last_ctx = None
         return None
 
     # --- the hook --------------------------------------------------------------------------
@@ -458,6 +529,21 @@ class MembraneStack:
             f.padded[key] = hit
         return hit[0]
 
+    def _strengths_on(self, device: torch.device) -> torch.Tensor:
+        """The ``[B, M]`` strengths on ``device``: one copy per strength change (pinned and non-blocking to
+        CUDA, so the host does not wait for the GPU)."""
+        hit = self._dev_strengths.get(device)
+        if hit is None:
+            s = self._strengths
+            if device.type == "cpu":
+                hit = s
+            elif device.type == "cuda":
+                hit = s.pin_memory().to(device, non_blocking=True)
+            else:
+                hit = s.to(device)
+            self._dev_strengths[device] = hit
+        return hit
+
     def _row_scales(self, f: _Fused, device, dtype) -> torch.Tensor | None:
         s = self._strengths
         if s is None:
@@ -466,13 +552,23 @@ class MembraneStack:
         hit = self._col_cache.get(key)
         if hit is None:
             with torch.inference_mode(False):  # usable by calls with and without autograd (see _fused_tensors)
-                cols = s[:, f.cols]
-                if not torch.any(cols != 0):
+                if not torch.any(s[:, f.cols] != 0):  # decided on the host copy: no device sync
                     hit = torch.empty(0)
                 else:
-                    hit = cols.to(device=device, dtype=dtype)
+                    cols = f.cols_on.get(device)
+                    if cols is None:
+                        cols = f.cols_on[device] = f.cols.to(device)
+                    hit = self._strengths_on(device).index_select(1, cols).to(dtype)
             self._col_cache[key] = hit
         return None if hit.numel() == 0 else hit
+
+    def _scaling_mode(self, device: torch.device) -> str:
+        mode = self.row_scaling
+        if mode not in ROW_SCALING:
+            raise ValueError(f"row_scaling={mode!r}; expected one of {ROW_SCALING}")
+        if mode == "auto":
+            return "cached" if device.type == "cpu" else "lowrank"
+        return mode
 
     def _active_runs(self, f: _Fused, b: int) -> list[tuple[int, int]]:
         """Maximal runs ``[start, end)`` of rows with a non-zero strength on ``f``'s membranes.  Rows whose
@@ -533,16 +629,21 @@ class MembraneStack:
                 # ups (built once per strength change), so no separate scaling pass; rows without any
                 # strength are skipped (batch slices of contiguous tensors are contiguous views)
                 runs = self._active_runs(f, b) if self._strengths.shape[0] == b else [(0, b)]  # sc is set: so are strengths
+                lowrank = self._scaling_mode(output.device) == "lowrank"
                 if f.kind == "conv":
                     if x.is_contiguous() and x.ndim == 4:
-                        ub = self._scaled_up(name, u, sc, conv=True)  # [B, out, R]
+                        ub = None if lowrank else self._scaled_up(name, u, sc, conv=True)  # [B, out, R]
                         for a, e in runs:
                             xs = x if (a, e) == (0, b) else x[a:e]
                             h = torch.matmul(d, xs.reshape(e - a, x.shape[1], -1))  # [b', R, HW]
-                            output[a:e].view(e - a, output.shape[1], -1).baddbmm_(ub[a:e], h)
+                            o = output[a:e].view(e - a, output.shape[1], -1)
+                            if lowrank:  # scale the R low-rank channels per row, then one shared U
+                                o.baddbmm_(u.expand(e - a, -1, -1), h.mul_(sc[a:e, :, None]))
+                            else:
+                                o.baddbmm_(ub[a:e], h)
                         return output
                 elif x.is_contiguous() or runs == [(0, b)]:
-                    ub = self._scaled_up(name, u, sc, conv=False)  # [B, R, out]
+                    ub = None if lowrank else self._scaled_up(name, u, sc, conv=False)  # [B, R, out]
                     # rank 1 in all: a one-row down projection is a GEMV, which runs on one thread; with a zero
                     # second row it is a (threaded) GEMM, about twice as fast on large inputs
                     dd = self._padded_down(f, d) if d.shape[0] == 1 and x.numel() >= PAD_RANK1_MIN_NUMEL else d
@@ -551,7 +652,13 @@ class MembraneStack:
                         h = F.linear(xs, dd)
                         if dd is not d:
                             h = h[..., :1]
-                        output[a:e].view(e - a, -1, output.shape[-1]).baddbmm_(h.reshape(e - a, -1, h.shape[-1]), ub[a:e])
+                        h = h.reshape(e - a, -1, h.shape[-1])  # [b', tokens, R]
+                        o = output[a:e].view(e - a, -1, output.shape[-1])
+                        if lowrank:  # h · diag(s_row), then all rows' tokens through U in one GEMM
+                            h = h * sc[a:e, None, :]
+                            o.view(-1, o.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), u.t())
+                        else:
+                            o.baddbmm_(h, ub[a:e])
                     return output
             if f.kind == "conv":
                 h = F.conv2d(x, d[:, :, None, None]) * sc[:, :, None, None]

@@ -257,6 +257,13 @@ def config_from_args(args):
 
 
 def _cmd_train(args) -> int:
+    if args.jobs:  # many membranes: spm/train/multi.py
+        from .train.multi import main as train_jobs
+
+        return train_jobs(args)
+    if not args.target or not args.output:
+        print("error: train needs --target and -o/--output (or --jobs FILE)", file=sys.stderr)
+        return 2
     _threads(args.threads)
     try:
         cfg = config_from_args(args)
@@ -593,9 +600,15 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a membrane that erases --target (diffusers host)", epilog=toy_help,
                        formatter_class=raw)
     _add_model_args(t)
-    t.add_argument("--target", action="append", required=True,
-                   help="concept to erase (repeat or comma-separate; for a toy model one of the concepts below)")
-    t.add_argument("-o", "--output", required=True, help="membrane file to write (.safetensors)")
+    t.add_argument("--target", action="append",
+                   help="concept to erase (repeat or comma-separate; for a toy model one of the concepts below); "
+                        "required without --jobs")
+    t.add_argument("-o", "--output", help="membrane file to write (.safetensors); required without --jobs")
+    t.add_argument("--jobs", help="train many membranes from a YAML/JSON jobs file (see the README); under accelerate "
+                                  "launch / torchrun the jobs are spread over the processes")
+    t.add_argument("--summary", help="with --jobs: the status file to write (default: jobs.json beside the jobs file)")
+    t.add_argument("--data-parallel", action="store_true",
+                   help="with --jobs under several processes: train each membrane on all of them (gradients averaged)")
     t.add_argument("--preset", default="object", help="object, style or nudity (default: object)")
     for flag, (field, typ, hlp) in _TRAIN_FLAGS.items():
         t.add_argument(flag, type=typ, default=None, help=f"{hlp} {_default_text(field)}")
