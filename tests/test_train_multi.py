@@ -24,7 +24,7 @@ TINY = {"iterations": 3, "pool_size": 2, "max_denoising_steps": 4, "anchors": 1}
 
 @pytest.fixture(scope="module")
 def toy_pipe():
-    from bench.toyworld.model import load_toy_pipeline
+    from spm.toy.model import load_toy_pipeline
 
     return load_toy_pipeline("base")
 

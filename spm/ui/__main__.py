@@ -13,8 +13,6 @@ import argparse
 import threading
 from pathlib import Path
 
-from ..train.jobs import NoModelError
-
 TOY_CONTROLS = ["a blue square", "a green triangle"]  # prompts the toy model knows (spm/toy/captions.py)
 
 
@@ -27,6 +25,7 @@ def make_provider(model: str | None, config: str | None = None, device: str | No
         with lock:
             if "backend" not in cache:
                 from ..hosts.diffusers import DiffusersBackend, load_pipeline
+                from ..train.jobs import NoModelError
 
                 try:
                     from spm import toy
