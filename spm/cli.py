@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import attack_cli
 from .checkpoint import MembraneFileError, info_dict
 
 
@@ -419,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, help="torch CPU threads")
     e.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     e.set_defaults(func=_cmd_eval)
+    attack_cli.add_parser(sub)
     return p
 
 
