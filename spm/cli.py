@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from . import attack_cli
+
 DEFAULT_METRIC = "ngram_tokenuni"  # spm.transport.DEFAULT_METRIC (kept equal by tests/test_cli_help.py)
 GENERATE_STEPS = 25
 GENERATE_CFG = 7.5
@@ -700,6 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     b.set_defaults(func=_cmd_bake)
+    attack_cli.add_parser(sub)
     return p
 
 

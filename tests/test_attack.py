@@ -1,0 +1,114 @@
+"""The attack harness (spm.attack, python -m spm attack): prompts, the loss, the gate seeing candidates, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from spm import attack
+from spm.cli import main
+from spm.toy.model import asset_dir
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+needs_assets = pytest.mark.skipif(not (asset_dir("base") / "unet").is_dir(), reason="toy-world assets not built")
+
+
+def test_cheap_prompts_cover_every_kind_and_are_deterministic():
+    cp = attack.cheap_prompts("circle", ["round disc", "disc"])
+    kinds = {k for k, _ in cp}
+    assert kinds == {"synonym", "misspelling", "split", "language", "case", "long"}
+    assert cp == attack.cheap_prompts("circle", ["round disc", "disc"])
+    texts = [p for _, p in cp]
+    assert "circle" not in [t for k, t in cp if k in ("misspelling", "split", "language", "synonym")]
+    assert any("circle" in t for k, t in cp if k == "long")
+    assert all(m != "circle" and len(m) >= 4 for m in attack.misspellings("circle"))
+    assert len(set(texts)) == len(texts)
+    # a concept without translations gets none, short words no misspellings
+    assert not [p for k, p in attack.cheap_prompts("zorblax") if k == "language"]
+    assert attack.misspellings("ox") == []
+
+
+@pytest.fixture(scope="module")
+def toy():
+    from spm.toy.model import load_toy_pipeline
+
+    torch.manual_seed(0)
+    return load_toy_pipeline("base")
+
+
+def _membrane(unet, concepts, std):
+    from spm.membrane import Membrane, MembraneInfo
+    from spm.naming import context_dim, describe_architecture, find_targets
+
+    ctx = context_dim(unet)
+    info = MembraneInfo(concepts=list(concepts), architecture=describe_architecture(ctx), context_dim=ctx)
+    torch.manual_seed(0)
+    m = Membrane.for_targets(find_targets(unet), info=info)
+    with torch.no_grad():
+        for layer in m.layers.values():
+            layer.lora_up.weight.normal_(0.0, std) if std else layer.lora_up.weight.zero_()
+    return m
+
+
+@pytest.fixture(scope="module")
+def zero_membrane_file(toy, tmp_path_factory):
+    from spm.checkpoint import save_membrane
+
+    f = tmp_path_factory.mktemp("attack") / "zero.safetensors"
+    save_membrane(_membrane(toy.unet, ["circle"], 0.0), f)
+    return f
+
+
+@needs_assets
+def test_attack_loss_prefers_the_target_prompt(toy):
+    """On latents of circles, the unprotected model denoises best when told 'circle': the loss is meaningful."""
+    b = attack.Budget.quick()
+    b.references, b.noise_draws = 2, 4
+    ref = attack.make_reference(toy, ["a red circle on a white background"], [0, 1], None, b)
+    loss = attack.AttackLoss(toy, ref)
+    ts = attack.TextSide(toy)
+    ids = torch.tensor([ts.layout([], "a red circle on a white background")[0], ts.layout([], "a blue square")[0]])
+    with torch.no_grad():
+        lo = loss(ts.encode(ids))
+    assert lo.shape == (2,) and torch.isfinite(lo).all()
+    assert lo[0] < lo[1]
+
+
+@needs_assets
+def test_discrete_attack_scores_candidates_through_the_gate(toy):
+    """Every candidate is recorded with its token ids, so the transport gate scores it like a user's prompt."""
+    from spm.hosts.diffusers import PipelineMembranes
+
+    m = _membrane(toy.unet, ["circle"], 0.05)
+    b = attack.Budget.quick()
+    ref = attack.make_reference(toy, ["a circle"], [0], None, b)
+    loss = attack.AttackLoss(toy, ref)
+    with PipelineMembranes(toy, [(m, 1.0)]) as pm:
+        before = len(pm.transport.registry.tokens())
+        res = attack.discrete_attack(toy, pm, loss, b, suffix="", seed=3)
+        assert len(pm.transport.registry.tokens()) > before
+    assert len(res["loss_history"]) == b.steps
+    assert all(a >= c - 1e-9 for a, c in zip(res["loss_history"], res["loss_history"][1:]))  # best-so-far never rises
+    assert isinstance(res["prompt"], str) and res["prompt"]
+
+
+@needs_assets
+def test_spm_attack_cli_runs_and_refuses_bad_input(tmp_path, capsys, zero_membrane_file):
+    out = tmp_path / "out"
+    rc = main(["attack", "--membrane", str(zero_membrane_file), "--model", "toy", "--quick", "--families", "cheap",
+               "--target", "circle", "--out", str(out), "--threads", "1"])
+    assert rc == 0
+    rep = json.loads((out / "attack.json").read_text())
+    assert rep["judge"] == "toy" and rep["target"] == "circle"
+    # a zero membrane protects nothing: the protected rate equals the unprotected one, image for image
+    assert rep["protected"]["cheap"]["asr"] == rep["unprotected"]["cheap"]["asr"]
+    assert any(p.name.startswith("protected_cheap_") for p in out.iterdir())
+    capsys.readouterr()
+    assert main(["attack", "--membrane", str(tmp_path / "missing.safetensors"), "--model", "toy"]) == 2
+    assert main(["attack", "--membrane", str(zero_membrane_file), "--model", "toy", "--families", "nope"]) == 2
+    assert main(["attack", "--membrane", str(zero_membrane_file), "--model", "toy", "--target", "dragon",
+                 "--judge", "toy"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 3
