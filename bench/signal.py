@@ -5,15 +5,16 @@ For each target, trains one membrane on a toy model with the default settings bu
 membrane every ``--every`` iterations, and for each copy records
 
 * ``signal``: the trainer's erasure signal at that step (:mod:`spm.train.signal`: the share of the target's gap
-  to the surrogate closed on held-out probes; erased from 0.5), with its per-noise-level values;
+  to the surrogate closed on held-out probes; erased from ``THRESHOLD`` = 1), with its per-noise-level values;
 * ``erasure`` / ``paraphrase_erasure``: the toy scorer's literal and paraphrase erasure of that membrane merged at
   full strength with Facilitated Transport off (``spm.toy.evaluate.evaluate`` with ``transport=False``: the same as
   ``python -m spm eval --membrane F --no-transport --n-literal 16 --n-paraphrase 8 --n-per-other 0 --n-pairs 0
   --n-mixed 0``).
 
 Then it reports the Pearson and Spearman correlation of signal and erasure over all points, how often the
-decision "signal ≥ 0.5" agrees with "the scorer finds the target in at most half as many images as before"
-(erasure ≥ 0.5) and with erasure ≥ 0.9, the step at which each first holds, and the adaptive anchor weight of
+decision "signal ≥ THRESHOLD" agrees with "the scorer finds the target in at most half as many images as before"
+(erasure ≥ 0.5) and with erasure ≥ 0.9 (also for the weaker bisector rule, signal ≥ 0.5, and for the minimum over
+noise levels), the step at which each first holds, and the adaptive anchor weight of
 each run (median and maximum).  Writes ``bench/results/signal_vs_scorer.json`` and ``signal_vs_scorer.png``.
 
 ``--model``: a shipped toy model by name (``spm.toy.MODELS``, e.g. ``toy``) or a toy asset folder; the scorer is
@@ -80,6 +81,7 @@ def run_target(pipe, scorer, target: str, args, work: Path, say) -> dict:
     from spm.hosts.diffusers import DiffusersBackend
     from spm.toy import evaluate as ev
     from spm.train import TrainConfig, Trainer
+    from spm.train.signal import THRESHOLD
 
     base = TrainConfig()
     iters = args.iterations or base.iterations
@@ -122,7 +124,7 @@ def run_target(pipe, scorer, target: str, args, work: Path, say) -> dict:
 
     return {
         "iterations": iters, "every": every, "train_seconds": round(train_s, 1), "points": points,
-        "first_signal_erased": first(lambda p: p["signal"] >= 0.5),
+        "first_signal_erased": first(lambda p: p["signal"] >= THRESHOLD),
         "first_scorer_erasure_0.5": first(lambda p: (p["erasure"] or 0) >= 0.5),
         "first_scorer_erasure_0.9": first(lambda p: (p["erasure"] or 0) >= 0.9),
         "la_weight_median": la[len(la) // 2], "la_weight_max": la[-1],
@@ -132,23 +134,31 @@ def run_target(pipe, scorer, target: str, args, work: Path, say) -> dict:
     }
 
 
-def summarise(per: dict) -> dict:
+def summarise(per: dict, thr: float | None = None) -> dict:
+    from spm.train.signal import THRESHOLD
+
+    thr = THRESHOLD if thr is None else thr
     pts = [p for r in per.values() for p in r["points"] if p["erasure"] is not None]
     xs, ys = [p["signal"] for p in pts], [p["erasure"] for p in pts]
     yp = [p["paraphrase_erasure"] for p in pts if p["paraphrase_erasure"] is not None]
     xp = [p["signal"] for p in pts if p["paraphrase_erasure"] is not None]
 
-    def agree(level: float) -> dict:
-        tp = sum(1 for x, y in zip(xs, ys) if x >= 0.5 and y >= level)
-        tn = sum(1 for x, y in zip(xs, ys) if x < 0.5 and y < level)
-        fp = sum(1 for x, y in zip(xs, ys) if x >= 0.5 and y < level)
-        fn = sum(1 for x, y in zip(xs, ys) if x < 0.5 and y >= level)
-        return {"agree": (tp + tn) / len(xs) if xs else None, "signal_erased_scorer_not": fp,
+    xm = [min(p["per_level"]) for p in pts]  # the alternative rule: the same at every noise level
+
+    def agree(level: float, sig: list[float], thr: float = thr) -> dict:
+        tp = sum(1 for x, y in zip(sig, ys) if x >= thr and y >= level)
+        tn = sum(1 for x, y in zip(sig, ys) if x < thr and y < level)
+        fp = sum(1 for x, y in zip(sig, ys) if x >= thr and y < level)
+        fn = sum(1 for x, y in zip(sig, ys) if x < thr and y >= level)
+        return {"agree": (tp + tn) / len(sig) if sig else None, "signal_erased_scorer_not": fp,
                 "scorer_erased_signal_not": fn, "both_erased": tp, "neither": tn}
 
-    return {"points": len(pts), "pearson": pearson(xs, ys), "spearman": spearman(xs, ys),
+    return {"threshold": thr, "points": len(pts), "pearson": pearson(xs, ys), "spearman": spearman(xs, ys),
             "pearson_paraphrase": pearson(xp, yp), "spearman_paraphrase": spearman(xp, yp),
-            "decision_vs_erasure_0.5": agree(0.5), "decision_vs_erasure_0.9": agree(0.9)}
+            "decision_vs_erasure_0.5": agree(0.5, xs), "decision_vs_erasure_0.9": agree(0.9, xs),
+            "min_level": {"pearson": pearson(xm, ys), "spearman": spearman(xm, ys),
+                          "decision_vs_erasure_0.5": agree(0.5, xm), "decision_vs_erasure_0.9": agree(0.9, xm)},
+            "bisector_0.5": {"decision_vs_erasure_0.5": agree(0.5, xs, 0.5), "decision_vs_erasure_0.9": agree(0.9, xs, 0.5)}}
 
 
 def plot(per: dict, summary: dict, path: Path, title: str) -> None:
@@ -158,18 +168,21 @@ def plot(per: dict, summary: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, r in per.items():
+    from spm.train.signal import THRESHOLD
+
+    for i, (name, r) in enumerate(per.items()):
+        col = f"C{i}"
         pts = [p for p in r["points"] if p["erasure"] is not None]
-        a.plot([p["signal"] for p in pts], [p["erasure"] for p in pts], "o-", label=name, alpha=0.8)
-        b.plot([p["step"] for p in r["points"]], [p["signal"] for p in r["points"]], "-", label=f"{name} signal")
-        b.plot([p["step"] for p in pts], [p["erasure"] for p in pts], "--", alpha=0.7, label=f"{name} scorer")
-    a.axvline(0.5, color="k", lw=0.8, ls=":")
+        a.plot([p["signal"] for p in pts], [p["erasure"] for p in pts], "o-", color=col, label=name, alpha=0.8)
+        b.plot([p["step"] for p in r["points"]], [p["signal"] for p in r["points"]], "-", color=col, label=f"{name} signal")
+        b.plot([p["step"] for p in pts], [p["erasure"] for p in pts], "--", color=col, alpha=0.7, label=f"{name} scorer")
+    a.axvline(THRESHOLD, color="k", lw=0.8, ls=":")
     a.set_xlabel("erasure signal (share of the gap to the surrogate closed)")
     a.set_ylabel("scorer: literal erasure (transport off)")
     pe, sp = summary.get("pearson"), summary.get("spearman")
     a.set_title(f"Pearson {pe:.2f}, Spearman {sp:.2f}" if pe is not None and sp is not None else "signal vs scorer")
     a.legend(fontsize=8)
-    b.axhline(0.5, color="k", lw=0.8, ls=":")
+    b.axhline(THRESHOLD, color="k", lw=0.8, ls=":")
     b.set_xlabel("iteration")
     b.set_ylabel("signal (solid) / scorer erasure (dashed)")
     b.set_title(title)
@@ -226,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         per[t] = run_target(pipe, scorer, t, args, work, say)
         report = {"model": args.model, "settings": {k: getattr(args, k) for k in
                                                     ("iterations", "every", "lr", "seed", "n_literal", "n_paraphrase")},
-                  "threshold": 0.5, "targets": per, "summary": summarise(per), "seconds": round(time.time() - t0, 1)}
+                  "targets": per, "summary": summarise(per), "seconds": round(time.time() - t0, 1)}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")  # every finished target is on disk
     plot(per, report["summary"], out.with_suffix(".png"), f"model {args.model}")

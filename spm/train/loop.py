@@ -12,6 +12,10 @@ Usage::
   Either way the membrane trained so far is saved atomically, with its resumable state beside it.
 * ``save_every`` writes checkpoints (membrane + ``.trainstate``); ``resume=True`` continues from them.
 * ``sample_every`` writes preview grids (target and control prompts; membrane OFF | ON) as PNG.
+* Every ``ceil(iterations / signal_checks)`` steps the erasure signal of :mod:`spm.train.signal` is measured on
+  held-out probes; with ``stop_when_erased`` training stops once ``signal_patience`` consecutive checks say erased.
+  The result at the end is :attr:`TrainResult.erasure` (``erased``, ``signal``, ``threshold``, ``message``), also
+  saved as ``spm_training.erasure`` and the ``spm_erasure`` metadata key; the checks are resumable state.
 """
 
 from __future__ import annotations

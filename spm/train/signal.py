@@ -17,12 +17,19 @@ vector each and let ``u = o − s`` be the concept's own effect.  The signal is 
 (the erase goal ``s − g·(ε_pos − s)`` lies at ``1 + g`` when the positive prompt is the target).  Components of
 ``m`` orthogonal to ``u`` do not count: they move the prediction somewhere else, not towards the surrogate.
 
-The decision rule follows from the geometry, not from a fitted constant.  Write ``m = s + a·u + w`` with ``w ⊥ u``;
-then ``‖m − s‖² − ‖m − o‖² = (2a − 1)·‖u‖²``, so::
+The decision rule follows from what generation does with the prediction, not from a fitted constant.  Write
+``m = s + a·u + w`` with ``w ⊥ u`` (``closed = 1 − a``).  Classifier-free guidance at scale ``w_cfg`` turns the
+prediction into ``ε_unc + w_cfg·(m − ε_unc)``; with the surrogate ``""`` (``s = ε_unc``) its component towards the
+target is ``w_cfg·a·u``.  While ``a > 0`` a large enough guidance scale brings the target back (users generate at
+5–12); at ``a ≤ 0`` no scale does.  So::
 
-    closed ≥ 1/2   ⇔   ‖m − s‖ ≤ ‖m − o‖   (the membrane's prediction is closer to the surrogate than to the original)
+    erased   ⇔   closed ≥ 1   (the target's own direction is cancelled: no guidance scale pushes towards it)
 
-exactly, whatever ``w`` is: the threshold is the perpendicular bisector between the original and the surrogate.
+Equivalently, since ``‖m − (2s − o)‖² − ‖m − o‖² = 4a·‖u‖²`` whatever ``w`` is: ``closed ≥ 1`` ⇔ ``m`` is at least
+as close to the mirror image of the original through the surrogate, ``2s − o`` (the reference's erase goal at
+``g = 1``), as to the original itself: the perpendicular bisector of that pair.  The weaker
+bisector between original and surrogate (``closed ≥ ½``: closer to the surrogate than to the original) was the
+first choice; on the toy world it said erased long before the scorer saw any erasure (``bench/signal.py``).
 The sums run over all probes at once (a ratio of sums), so probes where the concept changes the prediction more
 weigh more; the same ratio per noise level is reported beside it (``per_level``).
 
@@ -44,7 +51,7 @@ from ..backend import Backend, Conditioning
 from .objective import CostMeter, run_unet
 from .sampling import _noise, cfg_out, ddim_step, ddim_timesteps
 
-THRESHOLD = 0.5  # the perpendicular bisector between original and surrogate (see the module docstring)
+THRESHOLD = 1.0  # the target's direction cancelled: no guidance scale brings it back (see the module docstring)
 SEED_OFFSET = 0x5EED5  # probe noise comes from its own generator, never from the training draws
 
 
@@ -205,7 +212,7 @@ def summary(check: Check | None, cfg, steps: int, stopped_early: bool, interrupt
     if erased:
         how = f"stopped at step {steps} of {cfg.iterations}" if stopped_early else f"after {steps} steps"
         msg = (f"erased: with the membrane the target's prediction closes {pct} of its gap to the surrogate "
-               f"(erased from {THRESHOLD:.0%}: closer to the surrogate than to the original); {how}")
+               f"(erased from {THRESHOLD:.0%}: no guidance scale pushes towards the target any more); {how}")
     else:
         why = "interrupted" if interrupted else f"the budget of {cfg.iterations} iterations ran out"
         msg = (f"not erased: with the membrane the target's prediction closes only {pct} of its gap to the surrogate "
