@@ -13,8 +13,8 @@ membrane every ``--every`` iterations, and for each copy records
 
 Then it reports the Pearson and Spearman correlation of signal and erasure over all points, how often the
 decision "signal ≥ THRESHOLD" agrees with "the scorer finds the target in at most half as many images as before"
-(erasure ≥ 0.5) and with erasure ≥ 0.9 (also for the weaker bisector rule, signal ≥ 0.5, and for the minimum over
-noise levels), the step at which each first holds, and the adaptive anchor weight of
+(erasure ≥ 0.5) and with erasure ≥ 0.9 (also for the ratio over all probes together, ``aggregate``, and
+for its weaker bisector rule, aggregate ≥ 0.5), the step at which each first holds, and the adaptive anchor weight of
 each run (median and maximum).  Writes ``bench/results/signal_vs_scorer.json`` and ``signal_vs_scorer.png``.
 
 ``--model``: a shipped toy model by name (``spm.toy.MODELS``, e.g. ``toy``) or a toy asset folder; the scorer is
@@ -85,9 +85,16 @@ def run_target(pipe, scorer, target: str, args, work: Path, say) -> dict:
 
     base = TrainConfig()
     iters = args.iterations or base.iterations
-    every = args.every or max(1, iters // 12)
-    cfg = TrainConfig(targets=[target], iterations=iters, stop_when_erased=False, signal_checks=max(1, iters // every),
-                      save_every=every, seed=args.seed, **({"lr": args.lr} if args.lr else {}))
+    if args.early_stop:  # the trainer's defaults, early stopping included; keep a copy at every other check
+        from spm.train.signal import check_interval
+
+        every = args.every or 2 * check_interval(iters, base.signal_checks)
+        cfg = TrainConfig(targets=[target], iterations=iters, save_every=every, seed=args.seed,
+                          **({"lr": args.lr} if args.lr else {}))
+    else:
+        every = args.every or max(1, iters // 12)
+        cfg = TrainConfig(targets=[target], iterations=iters, stop_when_erased=False, signal_checks=max(1, iters // every),
+                          save_every=every, seed=args.seed, **({"lr": args.lr} if args.lr else {}))
     out = work / f"{target}.safetensors"
     kept: dict[int, Path] = {}
 
@@ -112,8 +119,9 @@ def run_target(pipe, scorer, target: str, args, work: Path, say) -> dict:
             continue
         rep = ev.evaluate(pipe, scorer, [(load_membrane(kept[step]), 1.0)], [[target]], transport=False, suite=suite,
                           generations=args.gen)
-        points.append({"step": step, "signal": c["signal"], "per_level": c["per_level"], "remaining": c["remaining"],
-                       "erasure": rep.get("erasure"), "paraphrase_erasure": rep.get("paraphrase_erasure")})
+        points.append({"step": step, "signal": c["signal"], "aggregate": c.get("aggregate"), "per_level": c["per_level"],
+                       "remaining": c["remaining"], "erasure": rep.get("erasure"),
+                       "paraphrase_erasure": rep.get("paraphrase_erasure")})
         say(f"{target} step {step}: signal {c['signal']:.3f}  erasure {rep.get('erasure')}  "
             f"paraphrase {rep.get('paraphrase_erasure')}")
     la = sorted(h["la_weight"] for h in res.history)
@@ -123,7 +131,8 @@ def run_target(pipe, scorer, target: str, args, work: Path, say) -> dict:
         return next((p["step"] for p in points if pred(p)), None)
 
     return {
-        "iterations": iters, "every": every, "train_seconds": round(train_s, 1), "points": points,
+        "iterations": iters, "every": every, "early_stop": bool(args.early_stop), "steps": res.steps,
+        "trainer_erasure": {k: res.erasure.get(k) for k in ("erased", "signal", "threshold", "message")}, "train_seconds": round(train_s, 1), "points": points,
         "first_signal_erased": first(lambda p: p["signal"] >= THRESHOLD),
         "first_scorer_erasure_0.5": first(lambda p: (p["erasure"] or 0) >= 0.5),
         "first_scorer_erasure_0.9": first(lambda p: (p["erasure"] or 0) >= 0.9),
@@ -132,6 +141,16 @@ def run_target(pipe, scorer, target: str, args, work: Path, say) -> dict:
         "signal_overhead_ufe": res.cost["signal_ufe"], "training_ufe": res.cost["ufe"],
         "signal_overhead": res.cost["signal_overhead"],
     }
+
+
+def upgrade(per: dict) -> dict:
+    """Points recorded before the signal became the minimum over noise levels (their ``signal`` was the ratio over
+    all probes): recompute ``signal`` from their ``per_level`` and keep the old value as ``aggregate``."""
+    for r in per.values():
+        for p in r["points"]:
+            if "aggregate" not in p:
+                p["aggregate"], p["signal"] = p["signal"], min(p["per_level"])
+    return per
 
 
 def summarise(per: dict, thr: float | None = None) -> dict:
@@ -143,7 +162,7 @@ def summarise(per: dict, thr: float | None = None) -> dict:
     yp = [p["paraphrase_erasure"] for p in pts if p["paraphrase_erasure"] is not None]
     xp = [p["signal"] for p in pts if p["paraphrase_erasure"] is not None]
 
-    xm = [min(p["per_level"]) for p in pts]  # the alternative rule: the same at every noise level
+    xm = [p["aggregate"] for p in pts]  # the alternative rule: all probes together
 
     def agree(level: float, sig: list[float], thr: float = thr) -> dict:
         tp = sum(1 for x, y in zip(sig, ys) if x >= thr and y >= level)
@@ -156,9 +175,10 @@ def summarise(per: dict, thr: float | None = None) -> dict:
     return {"threshold": thr, "points": len(pts), "pearson": pearson(xs, ys), "spearman": spearman(xs, ys),
             "pearson_paraphrase": pearson(xp, yp), "spearman_paraphrase": spearman(xp, yp),
             "decision_vs_erasure_0.5": agree(0.5, xs), "decision_vs_erasure_0.9": agree(0.9, xs),
-            "min_level": {"pearson": pearson(xm, ys), "spearman": spearman(xm, ys),
+            "aggregate": {"pearson": pearson(xm, ys), "spearman": spearman(xm, ys),
                           "decision_vs_erasure_0.5": agree(0.5, xm), "decision_vs_erasure_0.9": agree(0.9, xm)},
-            "bisector_0.5": {"decision_vs_erasure_0.5": agree(0.5, xs, 0.5), "decision_vs_erasure_0.9": agree(0.9, xs, 0.5)}}
+            "aggregate_bisector_0.5": {"decision_vs_erasure_0.5": agree(0.5, xm, 0.5),
+                                       "decision_vs_erasure_0.9": agree(0.9, xm, 0.5)}}
 
 
 def plot(per: dict, summary: dict, path: Path, title: str) -> None:
@@ -177,7 +197,7 @@ def plot(per: dict, summary: dict, path: Path, title: str) -> None:
         b.plot([p["step"] for p in r["points"]], [p["signal"] for p in r["points"]], "-", color=col, label=f"{name} signal")
         b.plot([p["step"] for p in pts], [p["erasure"] for p in pts], "--", color=col, alpha=0.7, label=f"{name} scorer")
     a.axvline(THRESHOLD, color="k", lw=0.8, ls=":")
-    a.set_xlabel("erasure signal (share of the gap to the surrogate closed)")
+    a.set_xlabel("erasure signal (share of the gap to the surrogate closed, least erased noise level)")
     a.set_ylabel("scorer: literal erasure (transport off)")
     pe, sp = summary.get("pearson"), summary.get("spearman")
     a.set_title(f"Pearson {pe:.2f}, Spearman {sp:.2f}" if pe is not None and sp is not None else "signal vs scorer")
@@ -201,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--every", type=int, help="keep a membrane every N iterations (default: iterations / 12)")
     ap.add_argument("--lr", type=float, help="learning rate (default: the TrainConfig default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--early-stop", action="store_true",
+                    help="train with the default early stopping (default: the whole budget, checks every --every)")
     ap.add_argument("--n-literal", type=int, default=16)
     ap.add_argument("--n-paraphrase", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
@@ -213,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
-        per = {t: r for part in parts for t, r in part["targets"].items()}
+        per = upgrade({t: r for part in parts for t, r in part["targets"].items()})
         report = {**parts[0], "targets": per, "summary": summarise(per),
                   "seconds": round(sum(p.get("seconds", 0) for p in parts), 1), "merged_from": [str(f) for f in args.merge]}
         out = Path(args.out)
@@ -238,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     for t in [s.strip() for s in args.targets.split(",") if s.strip()]:
         per[t] = run_target(pipe, scorer, t, args, work, say)
         report = {"model": args.model, "settings": {k: getattr(args, k) for k in
-                                                    ("iterations", "every", "lr", "seed", "n_literal", "n_paraphrase")},
+                                                    ("iterations", "every", "lr", "seed", "n_literal", "n_paraphrase",
+                                                     "early_stop")},
                   "targets": per, "summary": summarise(per), "seconds": round(time.time() - t0, 1)}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")  # every finished target is on disk

@@ -361,7 +361,7 @@ class Trainer:
                 "seconds_per_iteration": loop_s / done}
         cost.update({"signal_ufe": self.signal_meter.ufe, "signal_checks": len(self.rule.checks),
                      "signal_overhead": self.signal_meter.ufe / max(1, self.meter.ufe)})
-        erasure = summary(last_check, cfg, step, erased_stop, interrupted, self.probe, self.rule)
+        erasure = summary(last_check, cfg, step, erased_stop and step < cfg.iterations, interrupted, self.probe, self.rule)
         if not interrupted:
             (log.info if erasure["erased"] else log.warning)("SPM: %s", erasure["message"])
         extra = {"interrupted": interrupted, "cost": cost, "erasure": erasure, "signal_history": self.rule.checks}

@@ -30,8 +30,13 @@ as close to the mirror image of the original through the surrogate, ``2s − o``
 ``g = 1``), as to the original itself: the perpendicular bisector of that pair.  The weaker
 bisector between original and surrogate (``closed ≥ ½``: closer to the surrogate than to the original) was the
 first choice; on the toy world it said erased long before the scorer saw any erasure (``bench/signal.py``).
-The sums run over all probes at once (a ratio of sums), so probes where the concept changes the prediction more
-weigh more; the same ratio per noise level is reported beside it (``per_level``).
+
+The argument holds at every sampling step, so it is applied per noise level: ``closed`` is computed for each
+level over its probes (a ratio of sums, so probes where the concept changes the prediction more weigh more), and
+**the signal is the minimum over the levels**.  A level where the target's direction survives is a step at which
+guidance still draws it, and the high-noise steps decide what is drawn: well-erased low-noise levels cannot make up
+for them.  The ratio over all probes together is reported as ``aggregate`` (on the toy world it called two runs
+erased at which the scorer still found the target in about 40 % of the images).
 
 Cost: building the probes runs ``trajectories`` CFG trajectories of the original model up to the lowest noise
 level (``2 · trajectories · (k_max + 1)`` UNet rows, once; plus one surrogate row per probe when the surrogate is
@@ -84,13 +89,15 @@ class Check:
     signal: float
     per_level: list[float]
     remaining: float  # ‖m − s‖ / ‖o − s‖ (1 for the original model, 0 at the surrogate)
+    aggregate: float | None = None  # closed over all probes together (the signal is the minimum over levels)
 
     @property
     def passed(self) -> bool:
         return self.signal >= THRESHOLD
 
     def to_dict(self) -> dict:
-        return {"step": self.step, "signal": self.signal, "per_level": self.per_level, "remaining": self.remaining}
+        return {"step": self.step, "signal": self.signal, "per_level": self.per_level, "remaining": self.remaining,
+                "aggregate": self.aggregate}
 
 
 class ErasureProbe:
@@ -157,7 +164,7 @@ class ErasureProbe:
         m = run_unet(self.backend, self.stack, self.x_t, self.t, self.cond, [float(strength)] * self.rows, self.meter,
                      False, self.autocast)
         closed, per, remaining = self.statistic(m)
-        return Check(step, closed, per, remaining)
+        return Check(step, min(per), per, remaining, closed)
 
 
 @dataclass
@@ -211,14 +218,17 @@ def summary(check: Check | None, cfg, steps: int, stopped_early: bool, interrupt
     pct = f"{check.signal:.0%}"
     if erased:
         how = f"stopped at step {steps} of {cfg.iterations}" if stopped_early else f"after {steps} steps"
-        msg = (f"erased: with the membrane the target's prediction closes {pct} of its gap to the surrogate "
-               f"(erased from {THRESHOLD:.0%}: no guidance scale pushes towards the target any more); {how}")
+        msg = (f"erased: with the membrane the target's prediction closes {pct} of its gap to the surrogate at "
+               f"every noise level (erased from {THRESHOLD:.0%}: no guidance scale pushes towards the target any "
+               f"more); {how}")
     else:
         why = "interrupted" if interrupted else f"the budget of {cfg.iterations} iterations ran out"
         msg = (f"not erased: with the membrane the target's prediction closes only {pct} of its gap to the surrogate "
-               f"(erased from {THRESHOLD:.0%}) after {steps} steps ({why}); {advice(cfg, steps)}")
+               f"at its least erased noise level (erased from {THRESHOLD:.0%}) after {steps} steps ({why}); "
+               f"{advice(cfg, steps)}")
     out = {"erased": bool(erased), "signal": float(check.signal), "threshold": THRESHOLD, "message": msg,
-           "step": check.step, "per_level": check.per_level, "remaining_gap": check.remaining,
+           "step": check.step, "per_level": check.per_level, "aggregate": check.aggregate,
+           "remaining_gap": check.remaining,
            "stopped_early": bool(stopped_early)}
     if probe is not None:
         out["levels_t"] = probe.level_t
