@@ -235,7 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
-        per = upgrade({t: r for part in parts for t, r in part["targets"].items()})
+        per: dict = {}
+        for part in parts:
+            for t, r in part["targets"].items():
+                label = t if t not in per else f"{t}, {r['iterations']} it{', early stop' if r.get('early_stop') else ''}"
+                per[label] = {"target": t, **r}
+        upgrade(per)
         report = {**parts[0], "targets": per, "summary": summarise(per),
                   "seconds": round(sum(p.get("seconds", 0) for p in parts), 1), "merged_from": [str(f) for f in args.merge]}
         out = Path(args.out)
