@@ -223,7 +223,7 @@ def load_membrane(path: str | os.PathLike, name: str | None = None) -> Membrane:
 def metadata_for(membrane: Membrane) -> dict[str, str]:
     info = membrane.info
     alphas = {float(layer.alpha) for layer in membrane.layers.values()}
-    return {
+    meta = {
         "prompts": ",".join(info.concepts),
         "rank": str(membrane.rank),
         "alpha": str(alphas.pop() if len(alphas) == 1 else max(alphas)),
@@ -234,6 +234,10 @@ def metadata_for(membrane: Membrane) -> dict[str, str]:
         "spm_training": json.dumps(info.training, ensure_ascii=False, default=str),
         "spm_format_version": str(FORMAT_VERSION),
     }
+    erasure = (info.training or {}).get("erasure")
+    if isinstance(erasure, dict):  # the trainer's erasure signal at the end (spm/train/signal.py)
+        meta["spm_erasure"] = json.dumps(erasure, ensure_ascii=False, default=str)
+    return meta
 
 
 def current_umask() -> int:
@@ -345,6 +349,7 @@ def info_dict(path: str | os.PathLike) -> dict[str, Any]:
         "format": m.info.source,
         "format_version": m.info.format_version,
         "training": m.info.training,
+        "erasure": (m.info.training or {}).get("erasure"),
     }
 
 

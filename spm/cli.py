@@ -251,6 +251,8 @@ def config_from_args(args):
         over["dynamic_resolution"] = True
     if args.reference_schedule:
         over["schedule"] = "reference"
+    if getattr(args, "no_early_stop", False):
+        over["stop_when_erased"] = False
     if args.preset not in PRESETS:
         raise ValueError(f"unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
     cfg = preset(args.preset, **over) if args.preset else TrainConfig(**over)
@@ -293,8 +295,10 @@ def _cmd_train(args) -> int:
     c = res.cost
     print(json.dumps({"output": str(out), "steps": res.steps, "interrupted": res.interrupted,
                       "seconds": round(res.seconds, 1), "final_loss": res.history[-1]["loss"] if res.history else None,
-                      "cost": {k: c[k] for k in ("schedule", "ufe_per_iteration_steady", "seconds_per_iteration")}},
+                      "cost": {k: c[k] for k in ("schedule", "ufe_per_iteration_steady", "seconds_per_iteration")},
+                      "erasure": {k: res.erasure.get(k) for k in ("erased", "signal", "threshold", "message")}},
                      indent=2))
+    print(res.erasure.get("message", ""), file=sys.stderr)  # "erased: …" or "not erased: … try …"
     if res.interrupted:
         print(f"interrupted: the membrane trained so far is saved in {out}; continue with --resume", file=sys.stderr)
         return 130
@@ -622,6 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--keep-state", action="store_true",
                    help="keep OUTPUT.trainstate after a finished run, to extend it later with --resume "
                         "(an interrupted run always keeps it)")
+    t.add_argument("--no-early-stop", action="store_true",
+                   help="run all --iterations (default: stop once the erasure signal says erased; --iterations is the budget)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     t.set_defaults(func=_cmd_train)
 

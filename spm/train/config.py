@@ -16,6 +16,9 @@ Where we differ, it is selectable:
   copies of it (its ordering bug); we keep one on purpose: where a transport metric gives the CFG
   unconditional row a high strength (``clipcos`` does on small text encoders), an un-anchored membrane
   shifts ε(x_t, "") too and CFG cancels part of the erasure.
+* ``stop_when_erased=True`` (default): ``iterations`` is a budget; training stops once the classifier-free
+  erasure signal of :mod:`spm.train.signal` passes on ``signal_patience`` consecutive checks (the reference
+  always runs its 3000 iterations; ``stop_when_erased=False`` does too).
 * ``schedule="pool"`` (default) draws x_t from a pool of partially denoised latents that advances one DDIM
   step per iteration for free; ``schedule="reference"`` re-denoises from noise every iteration.
 """
@@ -65,6 +68,12 @@ class TrainConfig:
     xt_guidance: float = 3.0
     schedule: str = "pool"
     pool_size: int = 16
+    # when to stop (spm/train/signal.py): train until the erasure signal says erased, within ``iterations``
+    stop_when_erased: bool = True  # False: always run the full ``iterations`` (the reference's behaviour)
+    signal_checks: int = 20  # checks of the erasure signal over the budget (one every ceil(iterations / this) steps)
+    signal_patience: int = 2  # consecutive passing checks before stopping
+    signal_trajectories: int = 2  # held-out trajectories of the original model (probe rows = this × levels)
+    signal_levels: int = 4  # noise levels per trajectory
     # membrane
     rank: int = 1
     alpha: float = 1.0
@@ -103,7 +112,8 @@ class TrainConfig:
             bad("la_mode", self.la_mode, LA_MODES)
         if self.schedule not in SCHEDULES:
             bad("schedule", self.schedule, SCHEDULES)
-        for name in ("iterations", "rank", "max_denoising_steps", "pool_size", "preview_seeds", "preview_steps"):
+        for name in ("iterations", "rank", "max_denoising_steps", "pool_size", "preview_seeds", "preview_steps",
+                     "signal_checks", "signal_patience", "signal_trajectories", "signal_levels"):
             if int(getattr(self, name)) < 1:
                 bad(name, getattr(self, name), "an integer >= 1")
         if self.max_denoising_steps < 2:

@@ -18,6 +18,10 @@ Usage::
 * The latent pool holds at most as many trajectories as the run has iterations left: a trajectory is only
   worth its fill cost if an iteration draws it.
 * ``sample_every`` writes preview grids (target and control prompts; membrane OFF | ON) as PNG.
+* Every ``ceil(iterations / signal_checks)`` steps the erasure signal of :mod:`spm.train.signal` is measured on
+  held-out probes; with ``stop_when_erased`` training stops once ``signal_patience`` consecutive checks say erased.
+  The result at the end is :attr:`TrainResult.erasure` (``erased``, ``signal``, ``threshold``, ``message``), also
+  saved as ``spm_training.erasure`` and the ``spm_erasure`` metadata key; the checks are resumable state.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from .anchors import sample_anchors
 from .config import TrainConfig
 from .objective import AnchorWeight, CostMeter, objective_step
 from .sampling import LatentPool, ReferenceSchedule, image_grid, sample_images
+from .signal import ErasureProbe, StopRule, check_interval, min_steps, summary
 from .state import load_state, save_state, state_path
 
 log = logging.getLogger("spm")
@@ -85,6 +90,8 @@ class TrainResult:
     seconds: float
     history: list[dict] = field(default_factory=list)
     cost: dict = field(default_factory=dict)
+    # the erasure signal at the end (spm/train/signal.py): erased (bool), signal, threshold, message (+ details)
+    erasure: dict = field(default_factory=dict)
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -140,6 +147,13 @@ class Trainer:
         self.name = name or (self.output.stem if self.output else "membrane")
         self.on_phase, self.keep_state = on_phase, keep_state
         self.meter = CostMeter()
+        # the erasure signal: its probes are built at the first check, its UNet rows counted apart from training's
+        self.signal_meter = CostMeter()
+        self.probe: ErasureProbe | None = None
+        interval = check_interval(config.iterations, config.signal_checks)
+        self.rule = StopRule(interval, min_steps(config.iterations, config.lr_warmup_steps, interval,
+                                                 config.signal_patience), config.signal_patience,
+                             config.stop_when_erased and config.iterations >= config.signal_checks)
 
     # --- pieces -------------------------------------------------------------------------------------
     def _new_membrane(self) -> Membrane:
@@ -163,7 +177,7 @@ class Trainer:
             state_path(self.output).unlink(missing_ok=True)
             return
         save_state(state_path(self.output), optimizer, g, {"step": step, "anchor_weight": aw.state_dict(),
-                                                            "config": self.cfg.to_dict()})
+                                                            "config": self.cfg.to_dict(), "signal": self.rule.state_dict()})
 
     def _preview(self, stack, membrane: Membrane, cond: dict[str, Conditioning], step: int, ac) -> tuple[Any, Path | None]:
         cfg = self.cfg
@@ -216,6 +230,17 @@ class Trainer:
         finally:
             handle.remove()
 
+    def _check(self, stack, cond: dict[str, Conditioning], step: int, ac):
+        """Measure the erasure signal now (building the held-out probes on the first call)."""
+        if self.probe is None:
+            cfg = self.cfg
+            self.probe = ErasureProbe(self.backend, stack, cond["targets"], cond["neutral"], cond["uncond"],
+                                      steps=cfg.max_denoising_steps, guidance=cfg.xt_guidance,
+                                      resolution=cfg.resolution or self.backend.latent.resolution,
+                                      trajectories=cfg.signal_trajectories, levels=cfg.signal_levels, seed=cfg.seed,
+                                      meter=self.signal_meter, autocast=ac, surrogate_is_uncond=cfg.surrogate == "")
+        return self.probe.measure(step)
+
     # --- the loop -----------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         cfg, be = self.cfg, self.backend
@@ -247,12 +272,14 @@ class Trainer:
                             "membrane's %d steps", self.output.name, done, state_path(self.output).name, start, done)
                 start = done
             aw.load_state_dict(meta.get("anchor_weight", {}))
+            self.rule.load_state_dict(meta.get("signal", {}))
             if start >= cfg.iterations:
                 log.info("SPM: %s already has %d of %d steps", self.output.name, start, cfg.iterations)
         ac = AUTOCAST[cfg.precision]
         stack = MembraneStack(unet, trainable=True)
         history: list[dict] = []
         interrupted = False
+        last_check, erased_stop = None, False
         step = start
         fill_ufe, t_aside, t_loop = 0, 0.0, time.perf_counter()
         t_start = time.perf_counter()
@@ -318,10 +345,17 @@ class Trainer:
                 rec = {"step": step, "loss": float(out.loss.detach()), "erase": out.erase, "anchor": out.anchor,
                        "signal": out.signal, "la_weight": la_used, "k": xs.k}
                 history.append(rec)
+                if self.rule.due(step, cfg.iterations):
+                    tp = time.perf_counter()
+                    last_check = self._check(stack, cond, step, ac)
+                    erased_stop = self.rule.record(last_check)
+                    rec["erasure_signal"] = last_check.signal
+                    t_aside += time.perf_counter() - tp
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{rec['loss']:.4g}", erase=f"{out.erase:.3g}", anchor=f"{out.anchor:.2g}",
-                                    la=f"{la_used:.3g}", refresh=False)
+                                    la=f"{la_used:.3g}", refresh=False,
+                                    **({"erased": f"{last_check.signal:.0%}"} if last_check is not None else {}))
                 preview = preview_path = None
                 if cfg.sample_every and step % cfg.sample_every == 0:
                     tp = time.perf_counter()
@@ -339,6 +373,10 @@ class Trainer:
                                            optimizer.param_groups[0]["lr"], ips,
                                            (cfg.iterations - step) / ips if ips > 0 else float("nan"),
                                            preview, preview_path))
+                if erased_stop:
+                    break
+            if not interrupted and (last_check is None or last_check.step != step):
+                last_check = self._check(stack, cond, step, ac)  # the end of the run (or a resumed, finished one)
         except KeyboardInterrupt:
             interrupted = True
             log.warning("SPM: training interrupted at step %d; saving the membrane trained so far", step)
@@ -357,14 +395,19 @@ class Trainer:
                 "ufe_per_iteration": self.meter.ufe / done, "setup_ufe": fill_ufe,
                 "ufe_per_iteration_steady": (self.meter.ufe - fill_ufe) / done,
                 "seconds_per_iteration": loop_s / done}
-        extra = {"interrupted": interrupted, "cost": cost}
+        cost.update({"signal_ufe": self.signal_meter.ufe, "signal_checks": len(self.rule.checks),
+                     "signal_overhead": self.signal_meter.ufe / max(1, self.meter.ufe)})
+        erasure = summary(last_check, cfg, step, erased_stop and step < cfg.iterations, interrupted, self.probe, self.rule)
+        if not interrupted:
+            (log.info if erasure["erased"] else log.warning)("SPM: %s", erasure["message"])
+        extra = {"interrupted": interrupted, "cost": cost, "erasure": erasure, "signal_history": self.rule.checks}
         membrane.eval()
         self._phase("saving", 0, 1)
         self._save(membrane, optimizer, g, step, aw, extra,
                    state=interrupted or step < cfg.iterations or self.keep_state)
         self._phase("saving", 1, 1)
         membrane.info.training = {**self.cfg.to_dict(), "steps_done": step, "anchor_weight": aw.value, **extra}
-        return TrainResult(membrane, self.output, step, interrupted, seconds, history, cost)
+        return TrainResult(membrane, self.output, step, interrupted, seconds, history, cost, erasure)
 
 
 def train_membrane(backend: Backend, config: TrainConfig, output: str | Path | None = None, **kw) -> TrainResult:

@@ -1,0 +1,244 @@
+"""An erasure signal measured while training: no classifier, any model.
+
+What "erased" means here
+------------------------
+Take a fixed, held-out set of probes ``(x_t, t)``: points on the *original* model's own CFG trajectories for the
+target (membrane OFF), at several noise levels, from noise seeds that the training never draws.  On each probe
+the frozen model gives two predictions, computed once:
+
+* ``o = ε(x_t, target)``: what the model does with the target (the original);
+* ``s = ε(x_t, surrogate)``: what the target should become (``""``: the unconditional prediction).
+
+and the membrane gives ``m = ε'(x_t, target)`` (membrane ON), measured every few steps.  Stack the probes into one
+vector each and let ``u = o − s`` be the concept's own effect.  The signal is the **share of the gap closed**::
+
+    closed = ⟨o − m, u⟩ / ‖u‖²          0: the original model,  1: exactly the surrogate,  1 + g: the erase goal
+
+(the erase goal ``s − g·(ε_pos − s)`` lies at ``1 + g`` when the positive prompt is the target).  Components of
+``m`` orthogonal to ``u`` do not count: they move the prediction somewhere else, not towards the surrogate.
+
+The decision rule follows from what generation does with the prediction, not from a fitted constant.  Write
+``m = s + a·u + w`` with ``w ⊥ u`` (``closed = 1 − a``).  Classifier-free guidance at scale ``w_cfg`` turns the
+prediction into ``ε_unc + w_cfg·(m − ε_unc)``; with the surrogate ``""`` (``s = ε_unc``) its component towards the
+target is ``w_cfg·a·u``.  While ``a > 0`` a large enough guidance scale brings the target back (users generate at
+5–12); at ``a ≤ 0`` no scale does.  So::
+
+    erased   ⇔   closed ≥ 1   (the target's own direction is cancelled: no guidance scale pushes towards it)
+
+Equivalently, since ``‖m − (2s − o)‖² − ‖m − o‖² = 4a·‖u‖²`` whatever ``w`` is: ``closed ≥ 1`` ⇔ ``m`` is at least
+as close to the mirror image of the original through the surrogate, ``2s − o`` (the reference's erase goal at
+``g = 1``), as to the original itself: the perpendicular bisector of that pair.  The weaker
+bisector between original and surrogate (``closed ≥ ½``: closer to the surrogate than to the original) was the
+first choice; on the toy world it said erased long before the scorer saw any erasure (``bench/signal.py``).
+
+The argument holds at every sampling step, so it is applied per noise level: ``closed`` is computed for each
+level over its probes (a ratio of sums, so probes where the concept changes the prediction more weigh more), and
+**the signal is the minimum over the levels**.  A level where the target's direction survives is a step at which
+guidance still draws it, and the high-noise steps decide what is drawn: well-erased low-noise levels cannot make up
+for them.  The ratio over all probes together is reported as ``aggregate`` (on the toy world it called
+four points erased where the scorer still found the target in up to 44 % of the images; ``bench/signal.py``).
+
+Cost: building the probes runs ``trajectories`` CFG trajectories of the original model up to the lowest noise
+level (``2 · trajectories · (k_max + 1)`` UNet rows, once; plus one surrogate row per probe when the surrogate is
+not ``""``); every check is one no-grad UNet call on the ``trajectories × levels`` probe rows.  All of it is
+counted in its own :class:`~spm.train.objective.CostMeter`, reported beside the training cost.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..backend import Backend, Conditioning
+from .objective import CostMeter, run_unet
+from .sampling import _noise, cfg_out, ddim_step, ddim_timesteps
+
+THRESHOLD = 1.0  # the target's direction cancelled: no guidance scale brings it back (see the module docstring)
+SEED_OFFSET = 0x5EED5  # probe noise comes from its own generator, never from the training draws
+
+
+def probe_levels(steps: int, levels: int) -> list[int]:
+    """DDIM step indices ``k`` of the probe noise levels: the centres of ``levels`` equal bins of ``1 … steps − 1``
+    (the range the trainer samples), without duplicates."""
+    span = steps - 2
+    ks = [1 + int(math.floor((2 * j + 1) * span / (2 * levels) + 0.5)) for j in range(levels)]
+    return sorted(set(min(steps - 1, max(1, k)) for k in ks))
+
+
+def check_interval(iterations: int, checks: int) -> int:
+    """Steps between checks: the budget split into ``checks`` parts.  A budget shorter than ``checks`` steps has
+    no whole-step interval: it is checked once, at its end (returns ``iterations``), and never stops early —
+    checking every step would cost a probe call per iteration (about half an iteration's UNet rows)."""
+    if iterations < checks:
+        return iterations
+    return max(1, math.ceil(iterations / max(1, checks)))
+
+
+def min_steps(iterations: int, warmup: int, interval: int, patience: int) -> int:
+    """The earliest step at which training may stop: after the learning-rate warm-up (the schedule's own ramp,
+    capped at a sixth of the run as :func:`spm.train.loop.lr_factor` does) and after ``patience`` checks."""
+    return max(min(warmup, iterations // 6), interval * patience)
+
+
+@dataclass
+class Check:
+    step: int
+    signal: float
+    per_level: list[float]
+    remaining: float  # ‖m − s‖ / ‖o − s‖ (1 for the original model, 0 at the surrogate)
+    aggregate: float | None = None  # closed over all probes together (the signal is the minimum over levels)
+
+    @property
+    def passed(self) -> bool:
+        return self.signal >= THRESHOLD
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "signal": self.signal, "per_level": self.per_level, "remaining": self.remaining,
+                "aggregate": self.aggregate}
+
+
+class ErasureProbe:
+    """Held-out probes of the original model for ``targets`` and the share-of-gap-closed signal on them."""
+
+    def __init__(self, backend: Backend, stack, targets: Conditioning, surrogate: Conditioning, uncond: Conditioning,
+                 *, steps: int, guidance: float, resolution: int, trajectories: int = 2, levels: int = 4, seed: int = 0,
+                 meter: CostMeter | None = None, autocast: torch.dtype | None = None, surrogate_is_uncond: bool = False):
+        self.backend, self.stack, self.autocast = backend, stack, autocast
+        self.meter = meter if meter is not None else CostMeter()
+        self.levels = probe_levels(steps, levels)
+        ts = ddim_timesteps(backend.alphas_cumprod.shape[0], steps)
+        g = torch.Generator().manual_seed(int(seed) + SEED_OFFSET)
+        n = int(trajectories)
+        tis = [j % len(targets) for j in range(n)]
+        x = torch.cat([_noise(backend.latent.shape(1, resolution, resolution), g, backend.device) for _ in range(n)])
+        rows = Conditioning.cat([uncond.repeat(n), targets.rows(tis)])
+        xs, tt, os_, us, conds = [], [], [], [], []
+        for i in range(max(self.levels) + 1):
+            t = ts[i:i + 1].to(x.device).expand(n)
+            out = run_unet(backend, stack, torch.cat([x, x]), torch.cat([t, t]), rows, [0.0] * (2 * n), self.meter, False,
+                           autocast)
+            if i in self.levels:
+                xs.append(x.clone())
+                tt.append(t.clone())
+                os_.append(out[n:])
+                us.append(out[:n])
+                conds.extend(tis)
+            if i == max(self.levels):
+                break
+            guided = cfg_out(out[:n], out[n:], guidance)
+            x = ddim_step(backend, guided, x.float(), t, ts[i + 1:i + 2].to(x.device).expand(n))
+        self.x_t, self.t = torch.cat(xs), torch.cat(tt)
+        self.cond = targets.rows(conds)
+        self.o = torch.cat(os_)
+        if surrogate_is_uncond:
+            self.s = torch.cat(us)
+        else:
+            self.s = run_unet(backend, stack, self.x_t, self.t, surrogate.repeat(len(self.cond)), [0.0] * len(self.cond),
+                              self.meter, False, autocast)
+        self.level_of = [lv for lv in self.levels for _ in range(n)]
+        self.level_t = [int(ts[k]) for k in self.levels]
+
+    @property
+    def rows(self) -> int:
+        return len(self.cond)
+
+    def statistic(self, m: torch.Tensor) -> tuple[float, list[float], float]:
+        """``(closed, closed per level, remaining gap ratio)`` for membrane-ON predictions ``m`` of the probes."""
+        o, s, m = self.o.double(), self.s.double(), m.double()
+        u = (o - s).flatten(1)
+        d = (o - m).flatten(1)
+        num, den = (d * u).sum(1), (u * u).sum(1)
+        per = []
+        for lv in self.levels:
+            idx = [i for i, v in enumerate(self.level_of) if v == lv]
+            per.append(float(num[idx].sum() / den[idx].sum().clamp_min(1e-30)))
+        closed = float(num.sum() / den.sum().clamp_min(1e-30))
+        remaining = float((m - s).flatten().norm() / (o - s).flatten().norm().clamp_min(1e-30))
+        return closed, per, remaining
+
+    def measure(self, step: int, strength: float = 1.0) -> Check:
+        """One check: the probes with the membrane ON (one no-grad UNet call of :attr:`rows` rows)."""
+        m = run_unet(self.backend, self.stack, self.x_t, self.t, self.cond, [float(strength)] * self.rows, self.meter,
+                     False, self.autocast)
+        closed, per, remaining = self.statistic(m)
+        return Check(step, min(per), per, remaining, closed)
+
+
+@dataclass
+class StopRule:
+    """Early stopping on the signal: stop once ``patience`` consecutive checks pass, not before ``earliest``."""
+
+    interval: int
+    earliest: int
+    patience: int = 2
+    enabled: bool = True
+    streak: int = 0
+    checks: list[dict] = field(default_factory=list)
+
+    def due(self, step: int, budget: int) -> bool:
+        return step % self.interval == 0 or step == budget
+
+    def record(self, check: Check) -> bool:
+        """Add a check; True when training should stop now."""
+        self.streak = self.streak + 1 if check.passed else 0
+        self.checks.append(check.to_dict())
+        return self.enabled and self.streak >= self.patience and check.step >= self.earliest
+
+    def state_dict(self) -> dict:
+        return {"streak": self.streak, "checks": list(self.checks)}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.streak = int(d.get("streak", 0))
+        self.checks = list(d.get("checks", []))
+
+
+def advice(cfg, steps: int) -> str:
+    """What to try when a run ends not erased (settings named as the CLI flags)."""
+    tips = [f"more iterations (--iterations {max(2 * steps, cfg.iterations)})",
+            f"a higher learning rate (--lr {cfg.lr * 2:g})",
+            f"a stronger erase guidance (--guidance-scale {cfg.guidance_scale + 1:g})"]
+    if not cfg.surrogate:
+        tips.append("a concrete surrogate (--surrogate \"…\", what the target should become)")
+    if cfg.la_mode != "off":
+        tips.append(f"looser anchoring (--la-budget {cfg.la_budget * 2:g})" if cfg.la_mode == "adaptive"
+                    else f"a lower anchor weight (--la-strength {cfg.la_strength / 2:g})")
+    return "try " + ", ".join(tips[:-1]) + " or " + tips[-1]
+
+
+def summary(check: Check | None, cfg, steps: int, stopped_early: bool, interrupted: bool, probe: ErasureProbe | None,
+            rule: StopRule | None) -> dict:
+    """The ``TrainResult.erasure`` / ``spm_erasure`` dict: ``erased``, ``signal``, ``threshold``, ``message`` + details."""
+    if check is None:
+        return {"erased": False, "signal": float("nan"), "threshold": THRESHOLD,
+                "message": "not measured: training stopped before the erasure signal could be measured"}
+    erased = check.passed
+    pct = f"{check.signal:.0%}"
+    if erased:
+        how = f"stopped at step {steps} of {cfg.iterations}" if stopped_early else f"after {steps} steps"
+        msg = (f"erased: with the membrane the target's prediction closes {pct} of its gap to the surrogate at "
+               f"every noise level (erased from {THRESHOLD:.0%}: no guidance scale pushes towards the target any "
+               f"more); {how}")
+    else:
+        why = "interrupted" if interrupted else f"the budget of {cfg.iterations} iterations ran out"
+        msg = (f"not erased: with the membrane the target's prediction closes only {pct} of its gap to the surrogate "
+               f"at its least erased noise level (erased from {THRESHOLD:.0%}) after {steps} steps ({why}); "
+               f"{advice(cfg, steps)}")
+    out = {"erased": bool(erased), "signal": float(check.signal), "threshold": THRESHOLD, "message": msg,
+           "step": check.step, "per_level": check.per_level, "aggregate": check.aggregate,
+           "remaining_gap": check.remaining,
+           "stopped_early": bool(stopped_early)}
+    if probe is not None:
+        out["levels_t"] = probe.level_t
+        out["probe_rows"] = probe.rows
+    if rule is not None:
+        out["check_every"] = rule.interval
+        out["patience"] = rule.patience
+        out["earliest_stop"] = rule.earliest
+    return out
+
+
+__all__ = ["THRESHOLD", "Check", "ErasureProbe", "StopRule", "advice", "check_interval", "min_steps", "probe_levels",
+           "summary"]

@@ -1,0 +1,186 @@
+"""The trainer's erasure signal (spm/train/signal.py): its statistic, early stopping, the reported result, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from spm.attach import MembraneStack
+from spm.checkpoint import info_dict, load_membrane, read_file
+from spm.hosts.diffusers import DiffusersBackend
+from spm.membrane import Membrane
+from spm.naming import find_targets
+from spm.train import TrainConfig, Trainer
+from spm.train import signal as sg
+from spm.train.loop import Trainer as LoopTrainer
+from spm.train.state import state_path
+from tests.test_train_models import tiny_sd_pipe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAST = dict(anchors=1, pool_size=2, max_denoising_steps=4, lr=3e-3, lr_scheduler="constant", lr_warmup_steps=0)
+KEYS = ("erased", "signal", "threshold", "message")
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return DiffusersBackend(tiny_sd_pipe())
+
+
+def _probe(backend, membrane, **kw):
+    stack = MembraneStack(backend.unet, trainable=True)
+    stack.add(membrane, 1.0)
+    cond = backend.encode(["circle", ""])
+    probe = sg.ErasureProbe(backend, stack, cond.rows([0]), cond.rows([1]), cond.rows([1]), steps=4, guidance=3.0,
+                            resolution=backend.latent.resolution, surrogate_is_uncond=True, **kw)
+    return stack, probe
+
+
+def test_statistic_is_the_share_of_the_gap_closed_and_the_rule_is_the_bisector():
+    torch.manual_seed(0)
+
+    class P:  # the statistic only needs o, s and the level of each probe row
+        levels = [1, 2]
+        level_of = [1, 1, 2, 2]
+        o = torch.randn(4, 4, 3, 3)
+        s = torch.randn(4, 4, 3, 3)
+
+    p = P()
+    stat = sg.ErasureProbe.statistic.__get__(p)
+    u = p.o - p.s
+    assert stat(p.o)[0] == pytest.approx(0.0, abs=1e-12) and stat(p.o)[2] == pytest.approx(1.0)
+    assert stat(p.s)[0] == pytest.approx(1.0) and stat(p.s)[2] == pytest.approx(0.0, abs=1e-12)
+    assert stat(p.s - 1.0 * u)[0] == pytest.approx(2.0)  # the erase goal with g = 1 lies at 1 + g
+    # an orthogonal component does not count; the threshold is exactly "at least as close to the mirror image of the
+    # original through the surrogate (2s - o) as to the original", i.e. the target's direction is cancelled
+    w = torch.randn_like(u)
+    w -= (w.flatten() @ u.flatten()) / (u.flatten() @ u.flatten()) * u
+    for a in (0.5, 0.01, -0.01, -0.3):
+        m = p.s + a * u + 5 * w
+        closed = stat(m)[0]
+        assert closed == pytest.approx(1 - a)
+        closer_to_mirror = float((m - (2 * p.s - p.o)).norm()) < float((m - p.o).norm())
+        assert (closed >= sg.THRESHOLD) == closer_to_mirror
+        # the target-ward part of a CFG-guided prediction, w_cfg * (m - s) projected on u, vanishes from here on
+        assert (float(((m - p.s).flatten() @ u.flatten())) <= 0) == (closed >= sg.THRESHOLD)
+    assert len(stat(p.s)[1]) == 2
+
+
+def test_levels_interval_and_earliest_stop_follow_the_run():
+    assert sg.probe_levels(30, 4) == [5, 12, 19, 26] and sg.probe_levels(4, 4) == [1, 2, 3]
+    assert all(1 <= k <= 29 for k in sg.probe_levels(30, 7))
+    assert sg.check_interval(600, 20) == 30 and sg.check_interval(1000, 20) == 50 and sg.check_interval(19, 20) == 19
+    assert sg.min_steps(600, 500, 30, 2) == 100  # the capped warm-up
+    assert sg.min_steps(600, 0, 30, 2) == 60  # two checks
+
+
+def test_zero_membrane_is_not_erased_and_a_surrogate_membrane_is(backend):
+    zero = Membrane.for_targets(find_targets(backend.unet))
+    stack, probe = _probe(backend, zero)
+    try:
+        c = probe.measure(0)
+        assert c.signal == pytest.approx(0.0, abs=1e-4) and c.remaining == pytest.approx(1.0, abs=1e-4) and not c.passed
+        assert probe.rows == 2 * 3
+        # strength 0 reproduces the original exactly; the probes are held out of (and independent of) the membrane
+        assert probe.measure(0, strength=0.0).signal == pytest.approx(0.0, abs=1e-4)
+    finally:
+        stack.detach()
+    # a few steps of training on the target move the signal towards erased
+    cfg = TrainConfig(targets=["circle"], iterations=8, la_mode="off", stop_when_erased=False, **FAST)
+    res = Trainer(backend, cfg, progress_bar=False).train()
+    stack, probe = _probe(backend, res.membrane)
+    try:
+        after = probe.measure(8)
+    finally:
+        stack.detach()
+    assert after.signal > 0.5, after
+    assert res.erasure["signal"] == pytest.approx(after.signal, rel=1e-4)  # the trainer measured the same probes
+    assert set(KEYS) <= set(res.erasure) and res.erasure["erased"] is after.passed
+    assert res.erasure["threshold"] == sg.THRESHOLD == 1.0
+    assert res.erasure["message"].startswith("erased" if after.passed else "not erased")
+
+
+def _scripted(monkeypatch, values: dict[int, float], calls: list[int]):
+    def fake(self, stack, cond, step, ac):
+        calls.append(step)
+        v = values.get(step, 0.0)
+        return sg.Check(step, v, [v], 1 - v)
+
+    monkeypatch.setattr(LoopTrainer, "_check", fake)
+
+
+def test_early_stop_waits_for_consecutive_passing_checks(backend, tmp_path, monkeypatch):
+    calls: list[int] = []
+    # 40 iterations, 20 checks: every 2 steps, never before 2 checks (step 4)
+    _scripted(monkeypatch, {2: 1.2, 4: 0.8, 6: 1.2, 8: 1.4, 10: 1.8}, calls)
+    cfg = TrainConfig(targets=["circle"], iterations=40, **FAST)
+    out = tmp_path / "e.safetensors"
+    res = Trainer(backend, cfg, out, progress_bar=False).train()
+    assert calls == [2, 4, 6, 8] and res.steps == 8 and not res.interrupted  # 1.2 then 0.8 resets; 6 and 8 pass
+    assert res.erasure["erased"] and res.erasure["stopped_early"] and res.erasure["signal"] == 1.4
+    assert "stopped at step 8 of 40" in res.erasure["message"]
+    assert [h.get("erasure_signal") for h in res.history if "erasure_signal" in h] == [1.2, 0.8, 1.2, 1.4]
+    # the result is in the file: spm_training.erasure and the spm_erasure key
+    _, meta = read_file(out)
+    e = json.loads(meta["spm_erasure"])
+    assert {k: e[k] for k in KEYS} == {k: res.erasure[k] for k in KEYS}
+    assert load_membrane(out).info.training["erasure"]["erased"] is True and info_dict(out)["erasure"]["erased"]
+    assert [c["step"] for c in load_membrane(out).info.training["signal_history"]] == [2, 4, 6, 8]
+
+    # disabled: the whole budget runs, and the end is still measured and reported
+    calls.clear()
+    res = Trainer(backend, cfg.with_(stop_when_erased=False), progress_bar=False).train()
+    assert res.steps == 40 and calls == list(range(2, 41, 2)) and res.erasure["erased"] is False
+    assert res.erasure["message"].startswith("not erased") and "--iterations" in res.erasure["message"]
+
+
+def test_no_early_stop_before_the_earliest_step(backend, monkeypatch):
+    calls: list[int] = []
+    _scripted(monkeypatch, {s: 1.5 for s in range(0, 61)}, calls)
+    # warm-up 60 steps (capped at a sixth of the run: 10): the passing checks at 3, 6 and 9 are too early
+    cfg = TrainConfig(targets=["circle"], iterations=60, **{**FAST, "lr_warmup_steps": 60})
+    res = Trainer(backend, cfg, progress_bar=False).train()
+    assert res.steps == 12 and calls == [3, 6, 9, 12]
+
+
+def test_a_run_that_ends_not_erased_says_what_to_try(backend, monkeypatch):
+    _scripted(monkeypatch, {}, [])
+    cfg = TrainConfig(targets=["circle"], iterations=20, **FAST)
+    res = Trainer(backend, cfg, progress_bar=False).train()
+    assert res.steps == 20 and res.erasure["erased"] is False and res.erasure["signal"] == 0.0
+    msg = res.erasure["message"]
+    for hint in ("--iterations 40", "--lr 0.006", "--guidance-scale 2", "--surrogate"):
+        assert hint in msg, msg
+
+
+def test_resume_keeps_the_signal_state(backend, tmp_path, monkeypatch):
+    calls: list[int] = []
+    _scripted(monkeypatch, {2: 0.1, 4: 1.1, 6: 1.2}, calls)
+    cfg = TrainConfig(targets=["circle"], iterations=40, save_every=4, **FAST)
+    out = tmp_path / "r.safetensors"
+    res = Trainer(backend, cfg, out, progress_bar=False, should_stop=lambda: bool(calls) and calls[-1] >= 4).train()
+    assert res.interrupted and res.steps == 4 and calls == [2, 4]
+    assert res.erasure["erased"] is True and res.erasure["signal"] == 1.1  # the last check, reported on interrupt
+    # resumed: one passing check already counts, so the next passing check (step 6) stops the run
+    res2 = Trainer(backend, cfg, out, resume=True, progress_bar=False).train()
+    assert res2.steps == 6 and calls == [2, 4, 6] and res2.erasure["stopped_early"]
+    assert [c["step"] for c in load_membrane(out).info.training["signal_history"]] == [2, 4, 6]
+    assert state_path(out).exists()
+
+
+def test_cli_prints_the_result(tmp_path, capsys):
+    from spm import cli
+
+    d = tmp_path / "pipe"
+    tiny_sd_pipe().save_pretrained(str(d))
+    out = tmp_path / "c.safetensors"
+    args = ["train", "--model", str(d), "--target", "circle", "-o", str(out), "--iterations", "3", "--pool-size", "2",
+            "--max-denoising-steps", "4", "--anchors", "1", "--device", "cpu", "--no-early-stop"]
+    assert cli.main(args) == 0
+    cap = capsys.readouterr()
+    got = json.loads(cap.out)["erasure"]
+    assert set(got) == set(KEYS) and got["message"].split(":")[0] in ("erased", "not erased")
+    assert got["message"] in cap.err
+    assert load_membrane(out).info.training["stop_when_erased"] is False
