@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import explain
 from .checkpoint import MembraneFileError, info_dict
 
 
@@ -348,6 +349,7 @@ def _cmd_eval(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m spm", description="SPM concept-erasing membranes")
     sub = p.add_subparsers(dest="cmd", required=True)
+    explain.add_parser(sub)
     i = sub.add_parser("info", help="print a membrane file's concepts, architecture, rank and modules as JSON")
     i.add_argument("files", nargs="+")
     i.set_defaults(func=_cmd_info)
