@@ -17,12 +17,15 @@ Ours, selectable (the benchmark compares them on the toy world):
 
 * ``tokenwin``: best window of per-token cosines between the prompt's *content* token states and the
   concept's (BOS and padding ignored); ``tokenwin_tokenuni``: its maximum with ``tokenuni``.
-* ``ngram`` : each window of the prompt's tokens as long as the concept, *encoded alone*, against the
-  concept encoded alone; states centred on the mean state of a seeded bank of random vocabulary tokens;
-  the cosine is mapped through ``clamp((s − 0.85) / (0.92 − 0.85), 0, 1)``.  ``ngram_tokenuni`` (the
-  default): its maximum with ``tokenuni``, so a literal mention always gets full strength.  On the toy
-  world the reference's ``clipcos`` scored unrelated prompts as high as prompts with the concept, while
-  the centred window states separate paraphrases (≥ 0.93) from unrelated prompts (≤ 0.81); see the README.
+* ``ngram`` (calibrated): each window of 1 … m + 2 of the prompt's tokens (m = the concept's length),
+  *encoded alone*, against the concept encoded alone; states centred on the mean state of a seeded bank of
+  random vocabulary tokens; the best window's similarity is mapped through the concept's
+  :class:`Calibration` on this encoder — thresholds placed between the upper tail of a fixed, seeded null
+  (random tokens and random words) and the concept itself, stored in the membrane file at training time
+  (``spm_transport``) and recomputed when the host's encoder differs.  ``ngram_tokenuni`` (the default): its
+  maximum with ``tokenuni``, so a literal mention always gets full strength.
+* ``ngram_fixed`` / ``ngram_fixed_tokenuni`` (the previous default): windows as long as the concept only, the
+  cosine mapped through ``clamp((s − 0.85) / (0.92 − 0.85), 0, 1)`` — thresholds chosen on the toy encoder.
 
 This module knows nothing of any host: a host supplies an ``encode(texts)`` function returning
 conditioning exactly as its UNet receives it, plus token ids.
@@ -790,7 +793,10 @@ class RowRegistry:
 
 
 __all__ = [
-    "DEFAULT_METRIC", "METRICS", "ConceptCache", "ConceptEmbedding", "Encoder", "PhraseCache", "PhraseEncoder",
-    "RowRegistry", "causal_phrase_encoder", "checked_phrase_encoder", "clipcos", "concept_scores", "content_ids",
-    "content_tokens", "needs_phrases", "ngram", "register_metric", "tokenuni", "windows",
+    "DEFAULT_METRIC", "METRICS", "Calibration", "ConceptCache", "ConceptEmbedding", "Encoder", "PhraseCache",
+    "PhraseEncoder", "RowRegistry", "all_windows", "best_window", "calibrate", "calibration_metadata",
+    "causal_phrase_encoder", "checked_phrase_encoder", "clipcos", "compute_calibration", "concept_scores",
+    "content_ids", "content_tokens", "encoder_fingerprint", "fingerprint_distance", "is_calibrated", "needs_phrases",
+    "ngram", "ngram_calibrated", "null_windows", "phrase_lengths", "phrase_similarity", "register_metric",
+    "tokenuni", "training_calibration", "window_lengths", "windows",
 ]
