@@ -108,7 +108,8 @@ def explain(transport: Transport, membranes: Sequence[Membrane], prompt: str) ->
 
 def format_explanation(ex: dict[str, Any]) -> str:
     """The text form of :func:`explain`'s dict."""
-    lines = [f"prompt: {ex['prompt']!r}  ({ex['tokens']} tokens)   metric: {ex['metric']} x{ex['factor']:g}"]
+    n = ex["tokens"]
+    lines = [f"prompt: {ex['prompt']!r}  ({n} token{'' if n == 1 else 's'})   metric: {ex['metric']} x{ex['factor']:g}"]
     for m in ex["membranes"]:
         lines.append(f"membrane {m['name']}: strength {m['strength']:.3f}")
         for c in m["concepts"]:

@@ -519,7 +519,7 @@ def _stored_calibration(stored: dict | None, concept: ConceptEmbedding, ids: tup
     if not isinstance(entry, dict):
         return None, f"the file's calibration has no entry for {concept.text!r}"
     try:
-        cal = Calibration.from_dict(concept.text, entry, f"from the file (encoder fingerprint distance {dist:.2g})")
+        cal = Calibration.from_dict(concept.text, entry, f"this encoder matches the one it was made on (fingerprint distance {dist:.2g} <= {FINGERPRINT_RTOL:g})")
     except (KeyError, TypeError, ValueError):
         return None, "the file's calibration is unreadable"
     if cal.ids != ids:
