@@ -46,6 +46,7 @@ from .naming import KeyMap, Target, context_dim, describe_architecture
 from .transport import (
     DEFAULT_METRIC,
     METRICS,
+    Calibration,
     ConceptCache,
     Encoder,
     PhraseCache,
@@ -54,12 +55,15 @@ from .transport import (
     _m_clipcos,
     _m_clipcos_tokenuni,
     _m_tokenuni,
+    calibrate,
     checked_phrase_encoder,
     concept_scores,
     content_ids,
     content_positions,
     content_tokens,
+    is_calibrated,
     needs_phrases,
+    phrase_lengths,
     windows,
 )
 
@@ -157,10 +161,20 @@ class Transport:
         """A decoded window as the host's ``encode`` must see it (hosts with prompt syntax escape it)."""
         return text
 
-    @staticmethod
-    def _lengths(concepts) -> set[int]:
-        """The content lengths (window sizes) of ``concepts``."""
-        return {content_positions(ce.tokens, ce.embedding.shape[0]) for ce in concepts} - {0}
+    def _lengths(self, concepts) -> set[int]:
+        """The window lengths the metric reads for ``concepts``."""
+        return {n for ce in concepts for n in phrase_lengths(self.metric, content_positions(ce.tokens, ce.embedding.shape[0]))}
+
+    def prepare_calibrations(self, membranes: Sequence[Membrane]) -> list[Calibration]:
+        """Calibrate the membranes' concepts on this encoder (calibrated metrics only; from each file's
+        ``spm_transport`` where its encoder fingerprint matches), while the text encoder is available."""
+        if not is_calibrated(self.metric):
+            return []
+        out = []
+        for m in membranes:
+            for ce in self.concepts.get(m.concepts, self.encode, self.encoder_key):
+                out.append(calibrate(ce, self.phrases, self.encode_ids, getattr(m.info, "transport", None)))
+        return out
 
     def prepare_phrases(self, row_tokens: Sequence[Sequence[int] | None] | None = None,
                         lengths: Sequence[int] | None = None) -> int:
@@ -192,6 +206,7 @@ class Transport:
         for m in membranes:
             concepts = self.concepts.get(m.concepts, self.encode, self.encoder_key) if self.metric != "off" else []
             if phrases and self.lazy_phrases and concepts:
+                self.prepare_calibrations([m])
                 self.prepare_phrases(row_tokens, self._lengths(concepts))
             cols.append(concept_scores(context, row_tokens, concepts, self.metric, phrases=self.phrases))
         return torch.stack(cols, 1) if cols else torch.zeros(context.shape[0], 0)

@@ -201,6 +201,7 @@ def membrane_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str]
         source = "reference"
         concepts = [c.strip() for c in meta.get("prompts", "").split(",") if c.strip()]
     training = _json(meta, "spm_training", {}) or {}
+    transport = _json(meta, "spm_transport", {}) or {}
     info = MembraneInfo(
         concepts=[str(c) for c in concepts],
         surrogate=meta.get("spm_surrogate", ""),
@@ -209,6 +210,7 @@ def membrane_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str]
         training=training if isinstance(training, dict) else {},
         format_version=_format_version(meta, name),
         source=source,
+        transport=transport if isinstance(transport, dict) else {},
     )
     return Membrane(layers, info, name=name)
 
@@ -233,6 +235,8 @@ def metadata_for(membrane: Membrane) -> dict[str, str]:
         "spm_context_dim": str(info.context_dim or ""),
         "spm_training": json.dumps(info.training, ensure_ascii=False, default=str),
         "spm_format_version": str(FORMAT_VERSION),
+        # Facilitated Transport calibration on the training encoder (written only when there is one)
+        **({"spm_transport": json.dumps(info.transport, ensure_ascii=False)} if info.transport else {}),
     }
     erasure = (info.training or {}).get("erasure")
     if isinstance(erasure, dict):  # the trainer's erasure signal at the end (spm/train/signal.py)

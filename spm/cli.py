@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import attack_cli
+from . import attack_cli, explain_cli
 
 DEFAULT_METRIC = "ngram_tokenuni"  # spm.transport.DEFAULT_METRIC (kept equal by tests/test_cli_help.py)
 GENERATE_STEPS = 25
@@ -599,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
     p = _Parser(prog="python -m spm", description="SPM concept-erasing membranes", epilog=toy_help, formatter_class=raw)
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    explain_cli.add_parser(sub)
     i = sub.add_parser("info", help="print a membrane file's concepts, architecture, rank and modules as JSON")
     i.add_argument("files", nargs="+")
     i.set_defaults(func=_info_cmd)

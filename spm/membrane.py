@@ -67,6 +67,7 @@ class MembraneInfo:
     training: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     source: str = "spm"  # "spm" (ours) or "reference" (metadata had only prompts/rank/alpha)
+    transport: dict[str, Any] = field(default_factory=dict)  # spm_transport: calibration (spm.transport.calibration_metadata)
 
 
 class Membrane(nn.Module):

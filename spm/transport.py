@@ -17,12 +17,15 @@ Ours, selectable (the benchmark compares them on the toy world):
 
 * ``tokenwin``: best window of per-token cosines between the prompt's *content* token states and the
   concept's (BOS and padding ignored); ``tokenwin_tokenuni``: its maximum with ``tokenuni``.
-* ``ngram`` : each window of the prompt's tokens as long as the concept, *encoded alone*, against the
-  concept encoded alone; states centred on the mean state of a seeded bank of random vocabulary tokens;
-  the cosine is mapped through ``clamp((s − 0.85) / (0.92 − 0.85), 0, 1)``.  ``ngram_tokenuni`` (the
-  default): its maximum with ``tokenuni``, so a literal mention always gets full strength.  On the toy
-  world the reference's ``clipcos`` scored unrelated prompts as high as prompts with the concept, while
-  the centred window states separate paraphrases (≥ 0.93) from unrelated prompts (≤ 0.81); see the README.
+* ``ngram`` (calibrated): each window of 1 … m + 2 of the prompt's tokens (m = the concept's length),
+  *encoded alone*, against the concept encoded alone; states centred on the mean state of a seeded bank of
+  random vocabulary tokens; the best window's similarity is mapped through the concept's
+  :class:`Calibration` on this encoder — thresholds placed between the upper tail of a fixed, seeded null
+  (random tokens and random words) and the concept itself, stored in the membrane file at training time
+  (``spm_transport``) and recomputed when the host's encoder differs.  ``ngram_tokenuni`` (the default): its
+  maximum with ``tokenuni``, so a literal mention always gets full strength.
+* ``ngram_fixed`` / ``ngram_fixed_tokenuni`` (the previous default): windows as long as the concept only, the
+  cosine mapped through ``clamp((s − 0.85) / (0.92 − 0.85), 0, 1)`` — thresholds chosen on the toy encoder.
 
 This module knows nothing of any host: a host supplies an ``encode(texts)`` function returning
 conditioning exactly as its UNet receives it, plus token ids.
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -259,6 +263,8 @@ class PhraseCache:
         self.center: torch.Tensor | None = None  # [d] mean state of the random-token bank
         self.best: dict[tuple, float] = {}  # (row ids, concept text, m) -> best window cosine, once all were known
         self.prepared: set[tuple] = set()  # (row ids, m) whose windows are all encoded
+        self.calibrations: dict[tuple, "Calibration"] = {}  # (concept text, concept ids) -> its calibration
+        self.fingerprint: dict | None = None  # this encoder's fingerprint (see encoder_fingerprint)
 
     def _encode(self, seqs: list[tuple[int, ...]], encode_ids: PhraseEncoder) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []
@@ -301,6 +307,8 @@ class PhraseCache:
         self._states.clear()
         self.best.clear()
         self.prepared.clear()
+        self.calibrations.clear()
+        self.fingerprint = None
         self.center = None
 
 
@@ -339,23 +347,328 @@ def ngram(row_tokens: Sequence[Sequence[int] | None], concept: ConceptEmbedding,
     return ((s - lo) / (hi - lo)).clamp(0.0, 1.0)
 
 
-def _m_ngram(ctx, toks, ce, phrases=None):
+# ------------------------------------------------------------------------ the calibrated ngram (default)
+# Window lengths 1 … concept length + NGRAM_EXTRA: a paraphrase shorter than the concept, or longer by a
+# modifier or two, is compared whole; a longer one through its best sub-window.  A cost bound, not a fit:
+# the windows per prompt grow linearly with it (see the README's first-sight cost).
+NGRAM_EXTRA = 2
+# null windows per length: half random regular vocabulary tokens, half random whole words of the vocabulary
+NULL_PER_LENGTH = 128
+# the null's upper tail q is its second-largest score: the most extreme value the sample estimates (a prompt
+# offers dozens of windows, so the threshold must sit beyond the per-window tail), which one outlier — an
+# inflection or synonym of the concept among the random words — cannot move, as it would move the maximum
+NULL_RANK = 2
+NULL_SEED = 1
+# the concept inside neutral context (CLIP ids of "a", "the", "a photo of a"): its own band
+NEUTRAL_PREFIXES: tuple[tuple[int, ...], ...] = ((320,), (518,), (320, 1125, 539, 320))
+# a stored calibration is reused when the host's probe states are within this relative distance of the
+# ones it was computed on: 10× the rounding of fp16 states, far below what retraining a text encoder moves
+FINGERPRINT_RTOL = 1e-2
+CALIBRATION_VERSION = 1
+
+
+def calibration_params() -> dict:
+    """What a stored calibration depends on besides the encoder (a file with other values is recomputed)."""
+    return {"version": CALIBRATION_VERSION, "extra": NGRAM_EXTRA, "per_length": NULL_PER_LENGTH,
+            "rank": NULL_RANK, "seed": NULL_SEED, "bank": NGRAM_BANK}
+
+
+def window_lengths(m: int) -> range:
+    """Window lengths the calibrated ``ngram`` compares with a concept of ``m`` content tokens."""
+    return range(1, max(1, m) + NGRAM_EXTRA + 1)
+
+
+def all_windows(ids: Sequence[int] | None, max_length: int) -> list[tuple[int, ...]]:
+    """Distinct windows of 1 … ``max_length`` consecutive content tokens."""
+    return list(dict.fromkeys(w for n in range(1, max_length + 1) for w in windows(ids, n)))
+
+
+def phrase_similarity(window: torch.Tensor, concept: torch.Tensor) -> float:
+    """Similarity of centred unit states ``[l, d]`` and ``[m, d]``: the mean aligned per-token cosine when
+    ``l == m`` (the fixed ``ngram``'s score), else the cosine of the last states.  CLIP's encoder is causal,
+    so a window's last state is the only one that has read the whole window."""
+    if window.shape[0] == concept.shape[0]:
+        return float((window * concept).sum() / concept.shape[0])
+    return float(window[-1] @ concept[-1])
+
+
+@lru_cache(maxsize=1)
+def _whole_words() -> tuple[int, ...]:
+    """Ids of the CLIP vocabulary's whole-word tokens of three or more ASCII letters (``dog</w>``)."""
+    try:
+        from .tokenizer import clip_tokenizer
+
+        vocab = clip_tokenizer().get_vocab()
+    except Exception as e:  # no vocabulary file: the null keeps its random-token half only
+        log.info("SPM: no CLIP vocabulary for the transport null (%s); using random tokens only", e)
+        return ()
+    return tuple(sorted(i for t, i in vocab.items()
+                        if t.endswith("</w>") and len(t) >= 7 and t[:-4].isascii() and t[:-4].isalpha()))
+
+
+def null_windows(length: int, n: int = NULL_PER_LENGTH, seed: int = NULL_SEED) -> list[tuple[int, ...]]:
+    """The fixed, seeded null sample of one window length (the same for every model and concept)."""
+    g = torch.Generator().manual_seed(seed * 1000 + length)
+    words = _whole_words()
+    n_words = n // 2 if words else 0
+    rand = torch.randint(256, BOS, (n - n_words, length), generator=g).tolist()
+    picks = torch.randint(0, max(1, len(words)), (n_words, length), generator=g).tolist()
+    return [tuple(r) for r in rand] + [tuple(words[i] for i in r) for r in picks]
+
+
+def encoder_fingerprint(encode_ids: PhraseEncoder, probe: tuple[int, ...] = PROBE, dims: int = 16) -> dict:
+    """What identifies an encoder for a stored calibration: its states of ``probe`` (each window encoded as
+    the phrase cache encodes it) on ``dims`` seeded random directions, plus its width."""
+    with torch.no_grad():
+        st = encode_ids([probe])[0].detach().float().cpu()
+    g = torch.Generator().manual_seed(0)
+    proj = st @ torch.randn(st.shape[-1], dims, generator=g) / st.shape[-1] ** 0.5
+    return {"dim": int(st.shape[-1]), "probe": list(probe), "proj": [float(f"{v:.6g}") for v in proj.reshape(-1).tolist()]}
+
+
+def fingerprint_distance(a: dict | None, b: dict | None) -> float:
+    """Relative distance of two fingerprints (``inf`` when they are not comparable)."""
+    try:
+        if a is None or b is None or a["dim"] != b["dim"] or list(a["probe"]) != list(b["probe"]):
+            return float("inf")
+        x, y = torch.tensor(a["proj"], dtype=torch.float64), torch.tensor(b["proj"], dtype=torch.float64)
+        if x.shape != y.shape:
+            return float("inf")
+        return float((x - y).norm() / y.norm().clamp_min(1e-12))
+    except (KeyError, TypeError, ValueError):
+        return float("inf")
+
+
+@dataclass
+class Calibration:
+    """How the calibrated ``ngram`` maps one concept's best window similarity ``s`` to a score.
+
+    ``q`` is the null's second-largest score (:data:`NULL_RANK`; windows of random tokens and random words,
+    lengths 1 … L, none sharing a token with the concept).  ``lo = q + (1 − q) / 2`` — the midpoint between the null's upper tail
+    and the concept itself (``s = 1``): a window counts only when it is closer to the concept than to the
+    edge of what random text reaches.  ``hi = min(q + 3(1 − q) / 4, band)``: full strength a quarter of the
+    headroom further on, or sooner where the concept inside neutral context (``band``, its lowest score) sits
+    lower, so that "a {concept}" always gets full strength.  ``score = clamp((s − lo) / (hi − lo), 0, 1)``;
+    every quantity is in the encoder's own units, nothing is a cosine chosen on one model.
+    """
+
+    concept: str
+    ids: tuple[int, ...]
+    lo: float
+    hi: float
+    q: float
+    quantiles: dict[str, float]
+    band: float
+    max_length: int
+    samples: int
+    usable: bool = True
+    source: str = "computed"  # "file" (the membrane's stored calibration) or "computed" (here, from this encoder)
+    reason: str = ""
+
+    @classmethod
+    def from_scores(cls, concept: str, ids: Sequence[int], null: torch.Tensor, band: float, max_length: int,
+                    reason: str = "") -> "Calibration":
+        null = null.double()
+        qs = {str(p): float(torch.quantile(null, p)) for p in (0.5, 0.9, 0.99)} if len(null) else {}
+        top = null.sort(descending=True).values
+        qs["second"] = float(top[min(NULL_RANK, len(top)) - 1]) if len(top) else 1.0
+        qs["max"] = float(top[0]) if len(top) else float("nan")
+        q = qs["second"]
+        head = 1.0 - q
+        # an encoder whose random windows already look like the concept cannot separate anything by states
+        usable = bool(len(null)) and head > 1e-3
+        lo = q + head / 2
+        hi = min(q + 3 * head / 4, band)
+        hi = max(hi, lo + head / 64)  # band below lo: the concept's own context moves it past the null margin
+        return cls(concept, tuple(int(i) for i in ids), lo, hi, q, qs, float(band), int(max_length), int(len(null)),
+                   usable, "computed", reason)
+
+    def map(self, s: torch.Tensor) -> torch.Tensor:
+        if not self.usable:
+            return torch.zeros_like(s)
+        return ((s - self.lo) / (self.hi - self.lo)).clamp(0.0, 1.0)
+
+    @property
+    def weak(self) -> bool:
+        """The concept inside neutral context scores below ``lo``: the states barely separate it from noise."""
+        return self.band < self.lo
+
+    def to_dict(self) -> dict:
+        return {"ids": list(self.ids), "lo": self.lo, "hi": self.hi, "q": self.q, "quantiles": self.quantiles,
+                "band": self.band, "max_length": self.max_length, "samples": self.samples, "usable": self.usable}
+
+    @classmethod
+    def from_dict(cls, concept: str, d: dict, reason: str = "") -> "Calibration":
+        return cls(concept, tuple(int(i) for i in d["ids"]), float(d["lo"]), float(d["hi"]), float(d["q"]),
+                   {str(k): float(v) for k, v in d["quantiles"].items()}, float(d["band"]), int(d["max_length"]),
+                   int(d["samples"]), bool(d.get("usable", True)), "file", reason)
+
+
+def _stored_calibration(stored: dict | None, concept: ConceptEmbedding, ids: tuple[int, ...],
+                        fingerprint: dict) -> tuple[Calibration | None, str]:
+    """The membrane file's calibration of ``concept`` if it applies to this encoder, else why not."""
+    if not stored:
+        return None, "the membrane file has no transport calibration"
+    if stored.get("params") != calibration_params():
+        return None, "the file's calibration was made with other calibration settings"
+    dist = fingerprint_distance(stored.get("fingerprint"), fingerprint)
+    if dist > FINGERPRINT_RTOL:
+        what = "another width" if dist == float("inf") else f"relative distance {dist:.3g} > {FINGERPRINT_RTOL:g}"
+        return None, f"this text encoder differs from the one the file was calibrated on ({what})"
+    entry = (stored.get("concepts") or {}).get(concept.text)
+    if not isinstance(entry, dict):
+        return None, f"the file's calibration has no entry for {concept.text!r}"
+    try:
+        cal = Calibration.from_dict(concept.text, entry, f"this encoder matches the one it was made on (fingerprint distance {dist:.2g} <= {FINGERPRINT_RTOL:g})")
+    except (KeyError, TypeError, ValueError):
+        return None, "the file's calibration is unreadable"
+    if cal.ids != ids:
+        return None, "the file's calibration was made for other token ids of the concept"
+    return cal, cal.reason
+
+
+def calibrate(concept: ConceptEmbedding, phrases: "PhraseCache", encode_ids: PhraseEncoder,
+              stored: dict | None = None) -> Calibration:
+    """The calibration of ``concept`` on the encoder behind ``encode_ids`` (cached in ``phrases``).
+
+    ``stored`` is a membrane's ``spm_transport`` metadata: used when its encoder fingerprint matches this
+    encoder's, else the calibration is computed here (once per encoder and concept) and says why.
+    """
+    ids = tuple(content_ids(concept.tokens))
+    key = (concept.text, ids)
+    cal = phrases.calibrations.get(key)
+    if cal is not None:
+        return cal
+    if phrases.fingerprint is None:
+        phrases.fingerprint = encoder_fingerprint(encode_ids)
+    cal, why = _stored_calibration(stored, concept, ids, phrases.fingerprint)
+    if cal is None:
+        cal = compute_calibration(concept, phrases, encode_ids, reason=why)
+    phrases.calibrations[key] = cal
+    return cal
+
+
+def compute_calibration(concept: ConceptEmbedding, phrases: "PhraseCache", encode_ids: PhraseEncoder,
+                        reason: str = "") -> Calibration:
+    """Encode the null and the neutral-context windows and place ``lo``/``hi`` (see :class:`Calibration`)."""
+    ids = tuple(content_ids(concept.tokens))
+    m = content_positions(concept.tokens, concept.embedding.shape[0])
+    top = max(window_lengths(m))
+    null = [w for n in window_lengths(m) for w in null_windows(n)]
+    null = [w for w in null if not set(w) & set(ids)]
+    contexts = [p + ids for p in NEUTRAL_PREFIXES] if ids else []
+    phrases.prepare(null + contexts, encode_ids)
+    if m == 0:
+        return Calibration.from_scores(concept.text, ids, torch.zeros(0), 1.0, top, reason)
+    c = phrases.unit(concept.embedding[1:1 + m])
+    scores = [phrase_similarity(st, c) for st in (phrases.get(w) for w in null) if st is not None]
+    band = min((phrase_similarity(st, c) for st in (phrases.get(w) for w in contexts) if st is not None), default=1.0)
+    return Calibration.from_scores(concept.text, ids, torch.tensor(scores), band, top, reason)
+
+
+def calibration_metadata(concepts: Sequence[ConceptEmbedding], phrases: "PhraseCache",
+                         encode_ids: PhraseEncoder) -> dict:
+    """The ``spm_transport`` metadata of a membrane: its concepts' calibrations on this encoder, with the
+    encoder's fingerprint (computed at training time, so that generation on the same encoder reuses it)."""
+    cals = {ce.text: calibrate(ce, phrases, encode_ids) for ce in concepts}
+    return {"params": calibration_params(), "fingerprint": phrases.fingerprint,
+            "concepts": {t: c.to_dict() for t, c in cals.items()}}
+
+
+def training_calibration(backend: object, concepts: Sequence[str]) -> dict:
+    """The ``spm_transport`` metadata a trainer stores: ``backend.transport_calibration(concepts)`` where the
+    backend has one (best effort: without it the calibration is computed on first use)."""
+    fn = getattr(backend, "transport_calibration", None)
+    if fn is None or not concepts:
+        return {}
+    try:
+        return fn(list(concepts))
+    except Exception as e:  # never fail a training run for it
+        log.warning("SPM: transport calibration at training time failed (%s); it will be computed on first use", e)
+        return {}
+
+
+def best_window(ids: Sequence[int] | None, concept: ConceptEmbedding, phrases: "PhraseCache",
+                max_length: int) -> tuple[float, tuple[int, ...] | None, bool]:
+    """(best similarity, its window, whether every window was prepared) of one row against ``concept``."""
+    m = content_positions(concept.tokens, concept.embedding.shape[0])
+    c = phrases.unit(concept.embedding[1:1 + m])
+    best, where, complete = 0.0, None, True
+    for w in all_windows(ids, max_length):
+        st = phrases.get(w)
+        if st is None:
+            complete = False
+            continue
+        s = phrase_similarity(st, c)
+        if s > best:
+            best, where = s, w
+    return best, where, complete
+
+
+def ngram_calibrated(row_tokens: Sequence[Sequence[int] | None], concept: ConceptEmbedding,
+                     phrases: PhraseCache) -> torch.Tensor:
+    """The default ``ngram``: the best window of 1 … m + :data:`NGRAM_EXTRA` tokens of the row (each encoded
+    alone, states centred as in :class:`PhraseCache`) against the concept, mapped through the concept's
+    :class:`Calibration` on this encoder. → ``[B]``.  Rows with unknown tokens, unprepared windows or a
+    concept not calibrated yet (:func:`calibrate`) score 0."""
+    cal = phrases.calibrations.get((concept.text, tuple(content_ids(concept.tokens))))
+    m = content_positions(concept.tokens, concept.embedding.shape[0])
+    if cal is None or not cal.usable or m == 0 or not len(phrases):
+        return torch.zeros(len(row_tokens))
+    out = []
+    for ids in row_tokens:
+        key = (tuple(ids), concept.text, "cal", cal.max_length) if ids is not None else None
+        best = phrases.best.get(key) if key is not None else None
+        if best is None:
+            best, _, complete = best_window(ids, concept, phrases, cal.max_length) if ids is not None else (0.0, None, False)
+            if key is not None and complete:
+                phrases.best[key] = best
+        out.append(best)
+    return cal.map(torch.tensor(out, dtype=torch.float32))
+
+
+def _need_phrases(phrases):
     if phrases is None:
         raise ValueError("the ngram metric needs the host's phrase states (use spm.attach.Transport)")
-    return ngram(toks, ce, phrases)
+    return phrases
+
+
+def _m_ngram(ctx, toks, ce, phrases=None):
+    return ngram_calibrated(toks, ce, _need_phrases(phrases))
 
 
 def _m_ngram_tokenuni(ctx, toks, ce, phrases=None):
     return torch.maximum(_m_ngram(ctx, toks, ce, phrases), tokenuni(toks, ce.tokens))
 
 
-_m_ngram.needs_phrases = True  # type: ignore[attr-defined]
-_m_ngram_tokenuni.needs_phrases = True  # type: ignore[attr-defined]
+def _m_ngram_fixed(ctx, toks, ce, phrases=None):
+    return ngram(toks, ce, _need_phrases(phrases))
+
+
+def _m_ngram_fixed_tokenuni(ctx, toks, ce, phrases=None):
+    return torch.maximum(_m_ngram_fixed(ctx, toks, ce, phrases), tokenuni(toks, ce.tokens))
+
+
+for _fn in (_m_ngram, _m_ngram_tokenuni, _m_ngram_fixed, _m_ngram_fixed_tokenuni):
+    _fn.needs_phrases = True  # type: ignore[attr-defined]
+_m_ngram.calibrated = _m_ngram_tokenuni.calibrated = True  # type: ignore[attr-defined]
 
 
 def needs_phrases(metric: str) -> bool:
     """Whether ``metric`` reads context-free phrase states (hosts must prepare them, see :class:`PhraseCache`)."""
     return bool(getattr(METRICS.get(metric), "needs_phrases", False))
+
+
+def is_calibrated(metric: str) -> bool:
+    """Whether ``metric`` maps through a per-concept :class:`Calibration` (hosts prepare it, see :func:`calibrate`)."""
+    return bool(getattr(METRICS.get(metric), "calibrated", False))
+
+
+def phrase_lengths(metric: str, m: int) -> set[int]:
+    """The window lengths ``metric`` reads for a concept of ``m`` content tokens."""
+    if m <= 0 or not needs_phrases(metric):
+        return set()
+    return set(window_lengths(m)) if is_calibrated(metric) else {m}
 
 
 METRICS: dict[str, MetricFn] = {
@@ -366,6 +679,8 @@ METRICS: dict[str, MetricFn] = {
     "tokenwin_tokenuni": _m_tokenwin_tokenuni,
     "ngram": _m_ngram,
     "ngram_tokenuni": _m_ngram_tokenuni,
+    "ngram_fixed": _m_ngram_fixed,
+    "ngram_fixed_tokenuni": _m_ngram_fixed_tokenuni,
     "off": _m_off,
 }
 DEFAULT_METRIC = "ngram_tokenuni"
@@ -478,7 +793,10 @@ class RowRegistry:
 
 
 __all__ = [
-    "DEFAULT_METRIC", "METRICS", "ConceptCache", "ConceptEmbedding", "Encoder", "PhraseCache", "PhraseEncoder",
-    "RowRegistry", "causal_phrase_encoder", "checked_phrase_encoder", "clipcos", "concept_scores", "content_ids",
-    "content_tokens", "needs_phrases", "ngram", "register_metric", "tokenuni", "windows",
+    "DEFAULT_METRIC", "METRICS", "Calibration", "ConceptCache", "ConceptEmbedding", "Encoder", "PhraseCache",
+    "PhraseEncoder", "RowRegistry", "all_windows", "best_window", "calibrate", "calibration_metadata",
+    "causal_phrase_encoder", "checked_phrase_encoder", "clipcos", "compute_calibration", "concept_scores",
+    "content_ids", "content_tokens", "encoder_fingerprint", "fingerprint_distance", "is_calibrated", "needs_phrases",
+    "ngram", "ngram_calibrated", "null_windows", "phrase_lengths", "phrase_similarity", "register_metric",
+    "tokenuni", "training_calibration", "window_lengths", "windows",
 ]

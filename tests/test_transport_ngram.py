@@ -1,4 +1,5 @@
-"""The ``ngram`` transport metrics: context-free phrase states of the prompt's windows against the concept."""
+"""The ``ngram`` transport metrics: context-free phrase states of the prompt's windows against the concept
+(the fixed-threshold ``ngram_fixed``; the calibrated default is tested in test_transport_calibration.py)."""
 
 import pytest
 import torch
@@ -71,23 +72,24 @@ def test_ngram_maps_the_best_window_cosine_through_the_calibration(cos):
 def test_ngram_unprepared_windows_and_unknown_rows_score_zero():
     ce = _concept("c", torch.tensor([1.0, 0.0]), 10)
     assert ngram([[BOS, 11, EOS], None], ce, PhraseCache()).tolist() == [0.0, 0.0]
-    with pytest.raises(ValueError, match="phrase states"):
-        concept_scores(torch.zeros(1, 77, 2), [[BOS, 11, EOS]], [ce], "ngram")  # no phrases given
+    for metric in ("ngram", "ngram_fixed"):
+        with pytest.raises(ValueError, match="phrase states"):
+            concept_scores(torch.zeros(1, 77, 2), [[BOS, 11, EOS]], [ce], metric)  # no phrases given
 
 
 def test_needs_phrases():
-    assert needs_phrases("ngram") and needs_phrases("ngram_tokenuni")
+    assert needs_phrases("ngram") and needs_phrases("ngram_tokenuni") and needs_phrases("ngram_fixed")
     assert not needs_phrases("clipcos") and not needs_phrases("tokenuni") and not needs_phrases("nonexistent")
 
 
 def test_transport_ngram_on_a_real_encoder(encode, tokenizer):
-    """A literal mention scores 1 (the word encoded alone is the concept's own state); window states are the
+    """The fixed-threshold ``ngram_fixed`` (the previous default): a literal mention scores 1 (the word encoded alone is the concept's own state); window states are the
     host's encoding of the decoded window, centred on the mean state of the random-token bank."""
-    tr = Transport(encode, metric="ngram")
+    tr = Transport(encode, metric="ngram_fixed")
     prompts = ["a photo of a cat on a sofa", "a red car"]
     ctx, toks = encode(prompts)
     concept = tr.concepts.get(["cat"], encode, None)[0]
-    s = concept_scores(ctx, toks, [concept], "ngram", phrases=tr.phrases)
+    s = concept_scores(ctx, toks, [concept], "ngram_fixed", phrases=tr.phrases)
     assert s.tolist() == [0.0, 0.0]  # nothing prepared yet: never encodes by itself
     tr.prepare_phrases(toks, [1])
     # the centre: the mean position-1 state of NGRAM_BANK seeded random regular tokens, each encoded alone
@@ -95,7 +97,7 @@ def test_transport_ngram_on_a_real_encoder(encode, tokenizer):
     bank = torch.randint(256, BOS, (NGRAM_BANK,), generator=g).tolist()
     texts = [tokenizer.decode([i], clean_up_tokenization_spaces=False).strip() for i in bank]
     assert torch.allclose(tr.phrases.center, encode(texts)[0][:, 1].mean(0), atol=1e-5)
-    s = concept_scores(ctx, toks, [concept], "ngram", phrases=tr.phrases)
+    s = concept_scores(ctx, toks, [concept], "ngram_fixed", phrases=tr.phrases)
     assert s[0].item() == pytest.approx(1.0, abs=1e-5)
     c = tr.phrases.unit(concept.embedding[1:2])[0]
     cos = []
@@ -122,7 +124,8 @@ def test_transport_lazy_vs_prepared_and_tokenuni_fallback(encode):
     s = eager.scores(ctx, [m])
     assert s[0, 0].item() == 1.0 and s[1, 0].item() == 0.0  # tokenuni still sees the literal word
     assert len(eager.phrases) == 0  # nothing encoded inside scores()
-    assert eager.prepare_phrases() > 0  # every recorded row, for the concept lengths known
+    assert eager.prepare_calibrations([m])[0].source == "computed"  # hosts calibrate before sampling
+    assert eager.prepare_phrases() > 0  # every recorded row, for the window lengths of the concepts known
     assert eager.scores(ctx, [m]).tolist() == lazy.scores(ctx, [m]).tolist()
     stack = MembraneStack(unet)
     stack.add(m)

@@ -118,6 +118,21 @@ def _record_wrapper(pipe, registry):
     return encode_prompt
 
 
+def pipeline_transport(pipe, metric: str = DEFAULT_METRIC, factor: float = 1.0) -> Transport:
+    """The :class:`~spm.attach.Transport` of ``pipe``: concepts through ``encode_prompt``, phrase windows
+    through the text encoder unpadded (once checked against the full path)."""
+    return Transport(pipeline_encoder(pipe), encoder_key=id(pipe.text_encoder), metric=metric, factor=factor,
+                     fast_encode_ids=phrase_encoder(pipe))
+
+
+def transport_calibration(pipe, concepts: Sequence[str]) -> dict:
+    """``spm_transport`` metadata for a membrane erasing ``concepts``, calibrated on ``pipe``'s text encoder."""
+    from ..transport import calibration_metadata
+
+    tr = pipeline_transport(pipe)
+    return calibration_metadata(tr.concepts.get(list(concepts), tr.encode, tr.encoder_key), tr.phrases, tr.encode_ids)
+
+
 class PipelineMembranes:
     """Membranes on a diffusers pipeline; :meth:`close` (or ``with``) restores the pipeline exactly."""
 
@@ -125,9 +140,7 @@ class PipelineMembranes:
                  factor: float = 1.0, transport: bool = True):
         self.pipe = pipe
         self.stack = MembraneStack(pipe.unet)
-        # phrase windows (ngram metrics) go through the text encoder unpadded, once checked against the full path
-        self.transport = Transport(pipeline_encoder(pipe), encoder_key=id(pipe.text_encoder), metric=metric, factor=factor,
-                                   fast_encode_ids=phrase_encoder(pipe))
+        self.transport = pipeline_transport(pipe, metric, factor)
         self.stack.set_membranes(list(membranes))
         if transport:
             self.stack.set_transport(self.transport)
@@ -199,6 +212,10 @@ class DiffusersBackend:
         ctx = context_dim(pipe.unet)
         self.architecture = "SDXL" if self.is_xl else describe_architecture(ctx)
         self.time_ids_base: tuple[int, int] | None = None  # (H, W) override for SDXL time ids
+
+    def transport_calibration(self, concepts: Sequence[str]) -> dict:
+        """The ``spm_transport`` metadata the trainer stores (see :func:`transport_calibration`)."""
+        return transport_calibration(self.pipe, concepts)
 
     # Backend protocol ------------------------------------------------------------------------------
     def encode(self, texts: Sequence[str]):
@@ -515,4 +532,5 @@ def load_pipeline(model: str, *, config: str | None = None, device: str | None =
 
 
 __all__ = ["DiffusersBackend", "ModelLoadError", "PipelineMembranes", "attach_to_pipeline", "load_folder_pipeline",
-           "load_model_strict", "load_pipeline", "phrase_encoder", "pipeline_encoder"]
+           "load_model_strict", "load_pipeline", "phrase_encoder", "pipeline_encoder", "pipeline_transport",
+           "transport_calibration"]

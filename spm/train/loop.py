@@ -40,6 +40,7 @@ from ..backend import Backend, Conditioning, check_backend
 from ..checkpoint import MembraneFileError, load_membrane, save_membrane
 from ..membrane import Membrane, MembraneInfo
 from ..naming import context_dim, find_targets
+from ..transport import training_calibration
 from .anchors import sample_anchors
 from .config import TrainConfig
 from .objective import AnchorWeight, CostMeter, objective_step
@@ -163,6 +164,7 @@ class Trainer:
 
         info = MembraneInfo(concepts=list(self.cfg.targets), surrogate=self.cfg.surrogate,
                             architecture=describe_architecture(ctx), context_dim=ctx, training=self.cfg.to_dict())
+        info.transport = training_calibration(self.backend, info.concepts)  # spm_transport, if the backend can
         torch.manual_seed(self.cfg.seed)
         return Membrane.for_targets(find_targets(unet), self.cfg.rank, self.cfg.alpha, info, self.name)
 

@@ -324,6 +324,8 @@ class Attachment:
         texts = [c for m in membranes for c in m.concepts]
         if texts:
             self.transport.concepts.get(texts, self.transport.encode, self.transport.encoder_key)
+            # the calibrated ngram: from each file's spm_transport where this encoder matches it, else computed once
+            self.transport.prepare_calibrations(membranes)
             self.transport.prepare_phrases()  # windows of every recorded prompt, for the ngram metrics
 
     def clear(self) -> None:

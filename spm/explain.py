@@ -1,0 +1,135 @@
+"""Why a prompt gets its Facilitated Transport strength: ``python -m spm explain`` and :func:`explain_text`.
+
+For each membrane and each of its concepts: the metric's score, the best-matching window of the prompt (its
+text and similarity), ``tokenuni``, and for the calibrated ``ngram`` metrics the concept's calibration on
+this encoder — the null's quantiles, ``lo``/``hi``, the neutral-context band, and whether it came from the
+membrane file or was computed here, and why.  Hosts call :func:`explain` (a dict) or :func:`explain_text`
+with their own :class:`~spm.attach.Transport`, so the explanation is computed exactly as generation scores.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .attach import Transport
+from .membrane import Membrane
+from .transport import (
+    METRICS,
+    best_window,
+    calibrate,
+    content_ids,
+    content_positions,
+    is_calibrated,
+    needs_phrases,
+    tokenuni,
+    windows,
+)
+
+
+def _decode(transport: Transport, ids: Sequence[int] | None) -> str | None:
+    if ids is None:
+        return None
+    if transport._tokenizer is None:
+        from .tokenizer import clip_tokenizer
+
+        transport._tokenizer = clip_tokenizer()
+    return transport._tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+
+
+def _fixed_window(transport: Transport, row: list[int], ce) -> tuple[float, tuple[int, ...] | None]:
+    """The best window of the fixed ``ngram`` (windows as long as the concept, aligned per-token cosine)."""
+    m = content_positions(ce.tokens, ce.embedding.shape[0])
+    c = transport.phrases.unit(ce.embedding[1:1 + m])
+    best, where = 0.0, None
+    for w in windows(row, m):
+        st = transport.phrases.get(w)
+        if st is None:
+            continue
+        k = min(st.shape[0], m)
+        s = float((st[:k] * c[:k]).sum() / m)
+        if s > best:
+            best, where = s, w
+    return best, where
+
+
+def explain(transport: Transport, membranes: Sequence[Membrane], prompt: str) -> dict[str, Any]:
+    """The transport strengths of ``prompt`` for ``membranes``, concept by concept (see the module docstring).
+
+    Encodes what it needs (the prompt, its phrase windows, the calibrations) with ``transport``'s encoder, so
+    call it while the text encoder is available.  ``strength`` is ``factor × clamp(max over concepts)``,
+    before the user's weight.
+    """
+    metric = transport.metric
+    if metric not in METRICS:
+        raise ValueError(f"unknown transport metric {metric!r}; choose one of {sorted(METRICS)}")
+    ctx, toks = transport.encode([prompt])
+    row = list(toks[0])
+    out: dict[str, Any] = {"prompt": prompt, "metric": metric, "factor": transport.factor,
+                           "tokens": len(content_ids(row)), "membranes": []}
+    calibrated, phrases = is_calibrated(metric), needs_phrases(metric)
+    if calibrated:
+        transport.prepare_calibrations(membranes)
+        out["encoder_fingerprint_dim"] = (transport.phrases.fingerprint or {}).get("dim")
+    for m in membranes:
+        ces = transport.concepts.get(m.concepts, transport.encode, transport.encoder_key) if metric != "off" else []
+        if phrases and ces:
+            transport.prepare_phrases([row], transport._lengths(ces))
+        concepts = []
+        for ce in ces:
+            kw = {"phrases": transport.phrases} if phrases else {}
+            score = float(METRICS[metric](ctx.detach().float().cpu(), [row], ce, **kw).clamp(0, 1)[0])
+            entry: dict[str, Any] = {"concept": ce.text, "score": round(score, 6),
+                                     "tokenuni": round(float(tokenuni([row], ce.tokens)[0]), 6)}
+            if calibrated:
+                cal = calibrate(ce, transport.phrases, transport.encode_ids, getattr(m.info, "transport", None))
+                sim, where, _ = best_window(row, ce, transport.phrases, cal.max_length)
+                entry.update({"similarity": round(sim, 6), "window": _decode(transport, where),
+                              "window_ids": list(where) if where else None,
+                              "ngram": round(float(cal.map(torch.tensor([sim]))[0]), 6),
+                              "calibration": {**{k: (round(v, 6) if isinstance(v, float) else v)
+                                                 for k, v in cal.to_dict().items() if k != "quantiles"},
+                                              "null_quantiles": {k: round(v, 6) for k, v in cal.quantiles.items()},
+                                              "source": cal.source, "reason": cal.reason, "weak": cal.weak}})
+            elif phrases:
+                sim, where = _fixed_window(transport, row, ce)
+                entry.update({"similarity": round(sim, 6), "window": _decode(transport, where),
+                              "window_ids": list(where) if where else None})
+            concepts.append(entry)
+        raw = max((c["score"] for c in concepts), default=1.0)
+        out["membranes"].append({"name": m.name, "concepts": concepts,
+                                 "strength": round(transport.factor * min(max(raw, 0.0), 1.0), 6)})
+    return out
+
+
+def format_explanation(ex: dict[str, Any]) -> str:
+    """The text form of :func:`explain`'s dict."""
+    n = ex["tokens"]
+    lines = [f"prompt: {ex['prompt']!r}  ({n} token{'' if n == 1 else 's'})   metric: {ex['metric']} x{ex['factor']:g}"]
+    for m in ex["membranes"]:
+        lines.append(f"membrane {m['name']}: strength {m['strength']:.3f}")
+        for c in m["concepts"]:
+            head = f"  concept {c['concept']!r}: score {c['score']:.3f} (tokenuni {c['tokenuni']:.2f}"
+            if "similarity" in c:
+                head += f", best window {c['window']!r} similarity {c['similarity']:.3f}" if c["window"] else ", no window"
+            lines.append(head + ")")
+            cal = c.get("calibration")
+            if cal:
+                q = cal["null_quantiles"]
+                lines.append(f"    calibration ({cal['source']}: {cal['reason']}): ngram {c['ngram']:.3f} = "
+                             f"clamp((s - {cal['lo']:.3f}) / ({cal['hi']:.3f} - {cal['lo']:.3f}))")
+                lines.append(f"    null of {cal['samples']} windows (1..{cal['max_length']} tokens): median {q.get('0.5', 0):.3f}, "
+                             f"q90 {q.get('0.9', 0):.3f}, q99 {q.get('0.99', 0):.3f}, second-largest {q.get('second', 0):.3f}, "
+                             f"max {q.get('max', 0):.3f}; concept in neutral context {cal['band']:.3f}"
+                             + ("  [weak: the concept's own context moves it past the null margin]" if cal["weak"] else "")
+                             + ("" if cal["usable"] else "  [unusable: random windows look like the concept]"))
+    return "\n".join(lines)
+
+
+def explain_text(transport: Transport, membranes: Sequence[Membrane], prompt: str) -> str:
+    """What the WebUI panel shows: :func:`explain` as text (one line per membrane, concept and calibration)."""
+    return format_explanation(explain(transport, membranes, prompt))
+
+
+__all__ = ["explain", "explain_text", "format_explanation"]

@@ -1,0 +1,71 @@
+"""``python -m spm explain``: why a prompt gets its Facilitated Transport strength (see :mod:`spm.explain`).
+
+Kept apart from :mod:`spm.explain` so that ``python -m spm --help`` imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Print each membrane's concepts, scores, windows and calibrations for every ``--prompt``."""
+    from .checkpoint import MembraneFileError, load_membrane
+    from .cli import load_model
+    from .transport import METRICS
+
+    def fail(msg: str) -> int:
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+    if args.metric not in METRICS:
+        return fail(f"--metric {args.metric}: unknown; choose one of {', '.join(sorted(METRICS))}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        membranes = [load_membrane(f) for f in args.membrane]
+    except (MembraneFileError, FileNotFoundError) as e:
+        return fail(str(e))
+    model = {"base": "toy", "finetune": "toy-finetune"}.get(args.model, args.model)
+    try:
+        pipe = load_model(model, args.config, "cpu")
+    except (OSError, ValueError) as e:
+        return fail(f"cannot load the model {args.model!r}: {e}")
+    from .explain import explain, format_explanation
+    from .hosts.diffusers import pipeline_transport
+    from .naming import context_dim
+
+    ctx = context_dim(pipe.unet)
+    for m in membranes:
+        if m.info.context_dim and ctx and m.info.context_dim != ctx:
+            return fail(f"{m.name}.safetensors is for context width {m.info.context_dim}; the model {args.model!r} has {ctx} "
+                        "(pass the model the membrane was made for with --model)")
+    transport = pipeline_transport(pipe, metric=args.metric, factor=args.factor)
+    results = [explain(transport, membranes, p) for p in args.prompt]
+    if args.json:
+        print(json.dumps(results if len(results) > 1 else results[0], indent=2, ensure_ascii=False))
+    else:
+        print("\n\n".join(format_explanation(r) for r in results))
+    return 0
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register ``explain`` on the CLI's subparsers."""
+    from .cli import DEFAULT_METRIC
+
+    p = sub.add_parser("explain", help="why a prompt gets its Facilitated Transport strength from each membrane")
+    p.add_argument("--membrane", action="append", required=True, help="membrane file (repeatable)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
+    p.add_argument("--model", default="toy", help="a shipped toy model's name (toy, toy-finetune; base/finetune also work), "
+                                                  "a diffusers folder or a .safetensors checkpoint (default: toy)")
+    p.add_argument("--config", default=None, help="for single-file checkpoints: a diffusers folder with the configs")
+    p.add_argument("--metric", default=DEFAULT_METRIC, help=f"transport metric (default {DEFAULT_METRIC})")
+    p.add_argument("--factor", type=float, default=1.0, help="facilitate factor (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_explain)
+    return p
