@@ -258,10 +258,13 @@ def _cmd_demo(args) -> int:
 # --- eval -------------------------------------------------------------------------------------------
 def _eval_pipeline(spec: str, config: str | None):
     """``base``/``finetune`` (the shipped toy models), a toy asset folder (``unet/`` …) or a diffusers model."""
+    from .toy import MODELS, load
     from .toy.model import load_toy_pipeline
 
     if spec in ("base", "finetune"):
         return load_toy_pipeline(spec)
+    if spec in MODELS:
+        return load(spec)
     p = Path(spec)
     if p.is_dir() and not (p / "model_index.json").exists() and (p / "unet").is_dir():
         from .toy.evaluate import load_asset_folder
@@ -314,11 +317,12 @@ def _cmd_eval(args) -> int:
     say = None if args.quiet else (lambda msg: print(f"[eval] {msg}", file=sys.stderr))
     try:
         base = _eval_pipeline(args.model, args.config)
-        ev.check_toy_pipeline(base, f"--model {args.model}")
-        finetune = _eval_pipeline("finetune", None) if args.transfer else None
+        world = ev.check_toy_pipeline(base, f"--model {args.model}")
+        from .toy.model import load_toy_pipeline
         from .toy.scorer import load_scorer
 
-        scorer = load_scorer()
+        finetune = load_toy_pipeline("finetune", world=world) if args.transfer else None
+        scorer = load_scorer(world=world)
     except FileNotFoundError as e:
         return fail(f"the toy world's assets are missing ({e}); rebuild them with `python -m bench.toyworld build`")
     except (ValueError, OSError) as e:
