@@ -203,6 +203,19 @@ def test_tiny_build_of_world_2_loads_and_generates(tmp_path, monkeypatch):
 
     build(tmp_path, _tiny())
     monkeypatch.setenv(W.env, str(tmp_path))
+
+    # fine-tuning the decoder keeps the encoder (the latent space the UNet was trained on) bit-identical
+    from diffusers import AutoencoderKL
+
+    from bench.toyworld.vae_decoder import finetune_decoder
+
+    v0 = AutoencoderKL.from_pretrained(str(tmp_path / "base" / "vae"))
+    rep = finetune_decoder(tmp_path, "icons", steps=2, batch=4, n=16, threads=1)
+    v1 = AutoencoderKL.from_pretrained(str(tmp_path / "base" / "vae"))
+    enc0, enc1 = v0.encoder.state_dict(), v1.encoder.state_dict()
+    assert all(torch.equal(enc0[k], enc1[k]) for k in enc0)
+    assert not all(torch.equal(a, b) for a, b in zip(v0.decoder.parameters(), v1.decoder.parameters()))
+    assert v1.config.scaling_factor == v0.config.scaling_factor and rep["decoder_steps"] == 2
     pipe = load_toy_pipeline("base", world="icons")
     assert pipe.scheduler.config.prediction_type == "v_prediction" and world_of(pipe) is W
     assert pipe.unet.config.use_linear_projection and pipe.text_encoder.config.num_hidden_layers == 3

@@ -36,6 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     bs.add_argument("--width", type=int, default=32)
     bs.add_argument("--threads", type=int, default=2)
     bs.add_argument("--out", type=Path, default=None, help="scorer folder (default: the shipped assets' scorer/)")
+    fd = sub.add_parser("finetune-decoder", help="fine-tune only the VAE decoder of DIR/base/vae (the latent space stays)")
+    fd.add_argument("assets", type=Path, help="an asset folder with base/vae")
+    fd.add_argument("--world", choices=worlds, default="shapes")
+    fd.add_argument("--steps", type=int, default=600)
+    fd.add_argument("--batch", type=int, default=32)
+    fd.add_argument("--lr", type=float, default=2e-3)
+    fd.add_argument("--n", type=int, default=12000, help="renders to train on (4/5 base, 1/5 shifted)")
+    fd.add_argument("--threads", type=int, default=2)
     gr = sub.add_parser("grid", help="write a grid PNG of base generations")
     gr.add_argument("--world", choices=worlds, default="shapes")
     gr.add_argument("--out", type=Path, default=None)
@@ -72,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = BuildConfig(n_scorer=args.n, scorer_steps=args.steps, scorer_batch=args.batch, device=args.device,
                           scorer_pair_prob=args.pair_prob, scorer_width=args.width, threads=args.threads, world=args.world)
         print(json.dumps(build_scorer_only(None, cfg, args.out)["scorer"]))
+        return 0
+    if args.cmd == "finetune-decoder":
+        from .vae_decoder import finetune_decoder
+
+        print(json.dumps(finetune_decoder(args.assets, args.world, args.steps, args.batch, args.lr, args.n,
+                                          threads=args.threads)))
         return 0
     if args.cmd == "grid":
         from .check import make_grid
