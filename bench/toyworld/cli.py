@@ -60,7 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "build":
         from .train import BuildConfig, build
 
-        cfg = BuildConfig.quick() if args.quick else (BuildConfig.cpu() if args.cpu_schedule else BuildConfig())
+        if args.quick:
+            cfg = BuildConfig.quick()
+            cfg.decoder_steps = 0 if args.world == "shapes" else 2
+        elif args.world == "icons":  # world 2 has one schedule: the one its assets were made with
+            cfg = BuildConfig.icons()
+        else:
+            cfg = BuildConfig.cpu() if args.cpu_schedule else BuildConfig()
         cfg.seed = args.seed
         cfg.world = args.world
         cfg.device = args.device

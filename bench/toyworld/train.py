@@ -64,6 +64,14 @@ class BuildConfig:
     init_from: str = ""          # an asset folder (with base/) to continue from: its VAE is kept, TE + UNet go on training
     world: str = "shapes"        # the toy world to build (spm.toy.worlds)
     ckpt_every: int = 0          # > 0: write the (averaged) text encoder + UNet to out/base every so many UNet steps
+    decoder_steps: int = 0       # > 0: then fine-tune only the VAE decoder this many steps (vae_decoder.py; latents stay)
+
+    @classmethod
+    def icons(cls) -> "BuildConfig":
+        """World 2's schedule, the one its shipped assets were made with on 2 shared CPU cores (see PROVENANCE.md)."""
+        return cls(world="icons", n_base=16000, n_shift=4000, vae_steps=300, vae_batch=32, vae_lr=3e-3, unet_steps=2000,
+                   unet_batch=32, unet_lr=1e-3, warmup=100, ft_steps=200, ft_batch=32, ft_lr=1e-4, n_scorer=8000,
+                   scorer_steps=1500, scorer_batch=64, ckpt_every=200, decoder_steps=600)
 
     @classmethod
     def cpu(cls) -> "BuildConfig":
@@ -308,6 +316,15 @@ def build(out: Path | None = None, cfg: BuildConfig | None = None) -> dict:
     save_fp16(unet, base_dir / "unet")
     (base_dir / "checkpoint.json").unlink(missing_ok=True)
     (out / "build_report.json").write_text(json.dumps(report, indent=1))  # the base's numbers, if a later stage stops
+    if cfg.decoder_steps > 0:  # the encoder, so the latents the UNet learnt, stay; the saved decoder improves
+        from diffusers import AutoencoderKL
+
+        from .vae_decoder import finetune_decoder
+
+        report["decoder"] = finetune_decoder(out, cfg.world, cfg.decoder_steps, cfg.vae_batch, n=min(12000, cfg.n_base),
+                                             seed=cfg.seed, threads=cfg.threads)
+        vae = AutoencoderKL.from_pretrained(str(base_dir / "vae"), torch_dtype=torch.float32).to(cfg.device)
+        vae.eval().requires_grad_(False)
 
     # community fine-tune: UNet only, on the shifted data; it shares text encoder and VAE with the base
     t0 = time.time()
