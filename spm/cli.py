@@ -541,11 +541,16 @@ def _cmd_eval(args) -> int:
     say = None if args.quiet else (lambda msg: print(f"[eval] {msg}", file=sys.stderr))
     try:
         base = _eval_pipeline(args.model, args.config)
-        ev.check_toy_pipeline(base, f"--model {args.model}")
+        world = ev.check_toy_pipeline(base, f"--model {args.model}")
+        if args.transfer and _toy_name(args.model) is None:  # a path: the fine-tune of the world it belongs to
+            from . import toy
+
+            finetune_name = next((n for n, m in toy.MODELS.items() if m.world == world and m.which == "finetune"),
+                                 finetune_name)
         finetune = _eval_pipeline(finetune_name, None) if finetune_name else None
         from .toy.scorer import load_scorer
 
-        scorer = load_scorer()
+        scorer = load_scorer(world=world)
     except FileNotFoundError as e:
         return _fail(f"the toy world's assets are missing ({e}); rebuild them with `python -m bench.toyworld build`")
     except (ValueError, OSError) as e:

@@ -1,4 +1,4 @@
-"""``python -m bench.toyworld [--json] | build [--quick] | grid | export-ldm OUT.safetensors``"""
+"""``python -m bench.toyworld [--json] [--world NAME] | build [--world NAME] [--quick] | build-scorer | grid | export-ldm OUT``"""
 
 import os
 

@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from spm.toy.scorer import HEADS, Scorer, accuracy, predict
+from spm.toy.scorer import MULTI, Scorer, accuracy, predict, world_heads
 
-from . import data
 from .common import log, lr_lambda, roundtrip, to_tensor
 
 
@@ -38,17 +37,25 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
+_WEIGHT = {"objects": 4.0, "colours": 2.0}  # loss weight per head (1 for the others)
+
+
 def _loss(out: dict, y: dict) -> torch.Tensor:
-    return (F.binary_cross_entropy_with_logits(out["objects"], y["objects"]) * 4
-            + F.binary_cross_entropy_with_logits(out["colours"], y["colours"]) * 2
-            + F.cross_entropy(out["background"], y["background"]) + F.cross_entropy(out["style"], y["style"]))
+    loss = 0.0
+    for k in out:
+        term = F.binary_cross_entropy_with_logits(out[k], y[k]) if k in MULTI else F.cross_entropy(out[k], y[k])
+        loss = loss + (term * _WEIGHT[k] if k in _WEIGHT else term)
+    return loss
 
 
-def _labels_t(labels: list) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(v) for k, v in data.label_arrays(labels).items()}
+def _data(cfg):
+    from .train import world_data
+
+    return world_data(cfg)
 
 
 def train_scorer(vae, out_dir: Path, cfg, g: torch.Generator) -> dict:
+    data = _data(cfg)
     n = cfg.n_scorer
     w = getattr(cfg, "render_workers", 1)
     # two-object images are the hard case (smaller objects), so the scorer sees more of them than the model did
@@ -57,11 +64,12 @@ def train_scorer(vae, out_dir: Path, cfg, g: torch.Generator) -> dict:
     b, lb = data.dataset_arrays(n // 4, cfg.seed * 10 + 6, shifted=True, workers=w, two_prob=pairs)
     x = torch.cat([to_tensor(a), to_tensor(b)])
     labels = la + lb
-    y = _labels_t(labels)
+    y = {k: torch.from_numpy(v) for k, v in data.label_arrays(labels).items()}
     xr = roundtrip(vae, x, g)
     log(f"scorer data: {x.shape[0]} renders + round-trips")
     dev = torch.device(getattr(cfg, "device", "cpu"))
-    scorer = Scorer(getattr(cfg, "scorer_width", 32)).to(dev)
+    heads = world_heads(getattr(cfg, "world", "shapes"))
+    scorer = Scorer(getattr(cfg, "scorer_width", 32), heads).to(dev)
     opt = torch.optim.AdamW(scorer.parameters(), lr=cfg.scorer_lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(min(50, cfg.scorer_steps // 5 + 1), cfg.scorer_steps))
     scorer.train()
@@ -81,14 +89,18 @@ def train_scorer(vae, out_dir: Path, cfg, g: torch.Generator) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.half().contiguous() for k, v in scorer.state_dict().items()}, str(out_dir / "scorer.safetensors"))
-    (out_dir / "config.json").write_text(json.dumps({"width": scorer.width, "heads": HEADS}))
-    rep = evaluate_scorer(scorer, vae, seed=cfg.seed * 10 + 9, n=min(2000, n // 2), workers=w)
+    (out_dir / "config.json").write_text(json.dumps({"width": scorer.width, "heads": heads, "world": getattr(cfg, "world", "shapes")}))
+    rep = evaluate_scorer(scorer, vae, seed=cfg.seed * 10 + 9, n=min(2000, n // 2), workers=w,
+                          world=getattr(cfg, "world", "shapes"))
     log(f"scorer held-out: {rep}")
     return rep
 
 
-def evaluate_scorer(scorer: Scorer, vae, seed: int = 9, n: int = 2000, workers: int = 1) -> dict:
-    """Held-out accuracy on fresh renders (base + shifted) and on their VAE round-trips."""
+def evaluate_scorer(scorer: Scorer, vae, seed: int = 9, n: int = 2000, workers: int = 1, world: str = "shapes") -> dict:
+    """Held-out accuracy on fresh renders (base + shifted) of ``world`` and on their VAE round-trips."""
+    from types import SimpleNamespace
+
+    data = _data(SimpleNamespace(world=world))
     t0 = time.time()
     a, la = data.dataset_arrays(n, seed, workers=workers)
     b, lb = data.dataset_arrays(n // 4, seed + 1, shifted=True, workers=workers)

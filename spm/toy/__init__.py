@@ -4,8 +4,9 @@
 (never the other way round). Building the toy worlds from scratch, rendering their data and training their scorers
 stays in ``bench/toyworld``.
 
-* :mod:`spm.toy.model`     configs and the pipeline loader (diffusers folders under ``assets/<world>/``)
-* :mod:`spm.toy.captions`  the label space and captions: the concepts the toy models know
+* :mod:`spm.toy.worlds`    the toy worlds (``shapes``, world 1; ``icons``, world 2) and their model configs
+* :mod:`spm.toy.model`     builders and the pipeline loader (diffusers folders under ``assets/<world>/``)
+* :mod:`spm.toy.captions`  world 1's label space and captions (world 2's: :mod:`spm.toy.captions_icons`)
 * :mod:`spm.toy.scorer`    the classifier that reads generated toy images
 * :mod:`spm.toy.harness`   generation, prompt suites, scoring helpers; :mod:`spm.toy.evaluate`: ``spm eval``
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["MODELS", "ToyModel", "concepts", "load", "toy_model"]
+__all__ = ["MODELS", "ToyModel", "concepts", "load", "toy_model", "worlds"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ MODELS: dict[str, ToyModel] = {
     "toy": ToyModel("toy", "shapes", "base", "the shapes world's base model (32x32 pictograms, CLIP-L-style text encoder 64x2)"),
     "toy-finetune": ToyModel("toy-finetune", "shapes", "finetune",
                              "the shapes world's community fine-tune (UNet fine-tuned on another palette and textures)"),
+    "toy2": ToyModel("toy2", "icons", "base", "the icons world's base model (32x32 pictograms, CLIP text encoder 48x3, "
+                     "linear projections, v-prediction)"),
+    "toy2-finetune": ToyModel("toy2-finetune", "icons", "finetune",
+                              "the icons world's community fine-tune (UNet fine-tuned on another palette and outlines)"),
 }
 
 
@@ -41,11 +46,12 @@ def toy_model(spec: str | None) -> ToyModel | None:
 
 def concepts(world: str) -> tuple[str, ...]:
     """The object concepts a toy world's models know (what its membranes can erase), without importing torch."""
-    if world == "shapes":
-        from .captions import OBJECTS
+    from .worlds import WORLDS
 
-        return OBJECTS
-    raise ValueError(f"unknown toy world {world!r}; the shipped ones: {sorted({m.world for m in MODELS.values()})}")
+    w = WORLDS.get(world)
+    if w is None:
+        raise ValueError(f"unknown toy world {world!r}; the shipped ones: {sorted({m.world for m in MODELS.values()})}")
+    return tuple(w.captions_module().OBJECTS)
 
 
 def load(spec: str, dtype=None):
@@ -55,4 +61,6 @@ def load(spec: str, dtype=None):
         raise ValueError(f"{spec!r} is not a shipped toy model; choose one of {', '.join(MODELS)}")
     from .model import load_toy_pipeline
 
-    return load_toy_pipeline(m.which) if dtype is None else load_toy_pipeline(m.which, dtype)
+    if m.world == "shapes":
+        return load_toy_pipeline(m.which) if dtype is None else load_toy_pipeline(m.which, dtype)
+    return load_toy_pipeline(m.which, world=m.world) if dtype is None else load_toy_pipeline(m.which, dtype, world=m.world)

@@ -7,6 +7,11 @@ picture and the WebUI-style captions made from them.
 * ``OBJECTS``     the 8 object concepts (the erasure targets)
 * ``PARAPHRASES`` 2 paraphrases per object that never contain the literal object word
 * ``COLOURS``     6 object colours, ``BACKGROUNDS`` 3 background colours, ``STYLES`` 3 background textures
+* ``HEADS``       the scorer's heads: name -> (size, "multi" (sigmoid, a set) | "single" (softmax, one class))
+
+Every world's captions module has the same interface (``OBJECTS``, ``PARAPHRASES``, ``COLOURS``, ``BACKGROUNDS``,
+``HEADS``, ``sample_labels``, ``caption``, ``label_arrays``, ``single_prompt``, ``pair_prompt``, ``grid_prompt``);
+world 2's is :mod:`spm.toy.captions_icons`.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ PARAPHRASES: dict[str, tuple[str, ...]] = {
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
 BACKGROUNDS: tuple[str, ...] = ("white", "black", "gray")
 STYLES: tuple[str, ...] = ("plain", "striped", "dotted")
+HEADS: dict[str, tuple[int, str]] = {"objects": (len(OBJECTS), "multi"), "colours": (len(COLOURS), "multi"),
+                                     "background": (len(BACKGROUNDS), "single"), "style": (len(STYLES), "single")}
 
 
 @dataclass
@@ -173,3 +180,26 @@ def label_arrays(labels: list[Labels]) -> dict[str, np.ndarray]:
         "background": np.array([lab.background for lab in labels], np.int64),
         "style": np.array([lab.style for lab in labels], np.int64),
     }
+
+
+# ----------------------------------------------------------------------------------------------- prompt suites
+def single_prompt(obj: str, rng: np.random.Generator, seed: int, paraphrase: bool) -> tuple[str, list[str]]:
+    """A one-object prompt for the harness's suites: (text, the colours it names); ``paraphrase``: the object is
+    named only through one of its paraphrases."""
+    col = COLOURS[int(rng.integers(len(COLOURS)))]
+    lab = make_labels([(obj, col)], BACKGROUNDS[int(rng.integers(3))], STYLES[int(rng.integers(3))], seed=seed)
+    text = caption(lab, rng, paraphrase_prob=1.0 if paraphrase else 0.0)
+    return text, [col] if col in text else []
+
+
+def pair_prompt(a: str, b: str, rng: np.random.Generator) -> tuple[str, list[str]]:
+    """A two-object prompt (both coloured, with a background): (text, the two colours)."""
+    ca, cb = rng.choice(len(COLOURS), 2, replace=False)
+    bg = BACKGROUNDS[int(rng.integers(3))]
+    pa = object_phrase(OBJECTS.index(a), int(ca), rng, 0.0, True)
+    pb = object_phrase(OBJECTS.index(b), int(cb), rng, 0.0, True)
+    return f"{pa} and {pb} on a {bg} background", [COLOURS[int(ca)], COLOURS[int(cb)]]
+
+
+def grid_prompt(obj: str, colour: str, background: str) -> str:
+    return f"a {colour} {obj} on a {background} background"

@@ -29,8 +29,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import captions, harness
+from . import harness
 from .model import IMAGE_SIZE
+from .worlds import WORLDS, World, get_world
 
 THRESHOLD = 0.5
 PSNR_CAP_DB = 100.0
@@ -42,54 +43,81 @@ class NotToyModel(ValueError):
     """The pipeline is not the toy world's model (the toy scorer only reads the toy world's 32×32 pictograms)."""
 
 
-def check_toy_pipeline(pipe, label: str = "the model") -> None:
-    """Raise :class:`NotToyModel` unless ``pipe`` makes toy-world images (SD1-shaped, 32×32 px, context width 64)."""
-    from .model import TEXT_WIDTH
-
+def world_of(pipe) -> World | None:
+    """The toy world whose model ``pipe`` is shaped like (context width, image size, prediction type), or None."""
     unet = pipe.unet
     ctx = getattr(unet.config, "cross_attention_dim", None)
     scale = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     size = int(unet.config.sample_size) * int(scale)
-    xl = getattr(pipe, "text_encoder_2", None) is not None
-    if xl or ctx != TEXT_WIDTH or size != IMAGE_SIZE:
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return None
+    pred = getattr(getattr(pipe, "scheduler", None), "config", {}).get("prediction_type", "epsilon")
+    for w in WORLDS.values():
+        if ctx == w.text_width and size == w.image_size and pred == w.prediction_type:
+            return w
+    return None
+
+
+def check_toy_pipeline(pipe, label: str = "the model") -> World:
+    """Raise :class:`NotToyModel` unless ``pipe`` makes toy-world images (SD-shaped, 32×32 px, a toy world's context
+    width and prediction type); returns the world."""
+    w = world_of(pipe)
+    if w is None:
+        unet = pipe.unet
+        ctx = getattr(unet.config, "cross_attention_dim", None)
+        scale = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        size = int(unet.config.sample_size) * int(scale)
+        xl = getattr(pipe, "text_encoder_2", None) is not None
         raise NotToyModel(
             f"{label} is not the toy-world model (it makes {size}x{size} images with context width {ctx}"
             f"{', SDXL' if xl else ''}); the toy scorer only reads the toy world's {IMAGE_SIZE}x{IMAGE_SIZE} pictograms, "
             "so `eval` measures toy models only (use `python -m spm generate` to look at other models)")
+    return w
 
 
-def load_asset_folder(folder) -> object:
+def load_asset_folder(folder, world: str | World | None = None) -> object:
     """A toy pipeline from an asset-style folder (``unet/`` and optionally ``text_encoder/``, ``vae/``; missing
-    parts come from the shipped base, as for the shipped fine-tune), e.g. the output of ``bench.toyworld build``."""
+    parts come from the world's shipped base, as for the shipped fine-tune), e.g. the output of ``bench.toyworld build``.
+
+    The world (default: the one whose context width the folder's UNet has; else world 1) gives the scheduler."""
+    import json
     from pathlib import Path
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from .model import asset_dir, make_pipeline
+    from .model import asset_dir, load_scheduler, make_pipeline
 
     folder = Path(folder)
+    if world is None:
+        f = folder / "unet" / "config.json"
+        ctx = json.loads(f.read_text()).get("cross_attention_dim") if f.is_file() else None
+        world = next((w for w in WORLDS.values() if w.text_width == ctx), get_world("shapes"))
 
     def pick(sub: str) -> str:
-        for d in (folder, asset_dir("base")):
+        for d in (folder, asset_dir("base", world)):
             if (d / sub).is_dir():
                 return str(d / sub)
         raise FileNotFoundError(f"{folder} has no {sub}/ and the shipped base model is missing")
 
     parts = {"text_encoder": CLIPTextModel, "vae": AutoencoderKL, "unet": UNet2DConditionModel}
     comps = {k: cls.from_pretrained(pick(k)).eval().requires_grad_(False) for k, cls in parts.items()}
-    return make_pipeline(comps["text_encoder"], comps["vae"], comps["unet"])
+    return make_pipeline(comps["text_encoder"], comps["vae"], comps["unet"], load_scheduler(world))
 
 
-def normalise_targets(targets: Sequence[str], source: str = "") -> list[str]:
-    """Lower-case, strip, de-duplicate and check that every target is a toy-world object."""
+def normalise_targets(targets: Sequence[str], source: str = "", world: str | World | None = None) -> list[str]:
+    """Lower-case, strip, de-duplicate and check that every target is an object of ``world`` (None: of any toy
+    world; the objects are then checked again once the model, and so its world, is known)."""
+    known = harness.labels_of(world).OBJECTS if world is not None else \
+        tuple(o for w in WORLDS.values() for o in w.captions_module().OBJECTS)
     out: list[str] = []
     for t in targets:
         name = str(t).strip().lower()
-        if name not in captions.OBJECTS:
+        if name not in known:
             where = f" (from {source})" if source else ""
-            raise ValueError(f"target {t!r}{where} is not a toy-world object; the scorer knows only "
-                             f"{', '.join(captions.OBJECTS)}")
+            which = "" if world is None else f" of the {get_world(world).name} world"
+            raise ValueError(f"target {t!r}{where} is not a toy-world object{which}; the scorer knows only "
+                             f"{', '.join(known)}")
         if name not in out:
             out.append(name)
     if not out:
@@ -142,14 +170,14 @@ def _erasure(fb: float, fa: float) -> float | None:
     return (1.0 - fa / fb) if fb > 0 else None
 
 
-def _per_target(cases, sb, sa, targets) -> list[dict]:
+def _per_target(cases, sb, sa, targets, world=None) -> list[dict]:
     rows = []
     for t in targets:
         idx = [i for i, c in enumerate(cases) if t in c.objects]
         if not idx:
             continue
-        fb = harness.target_found_rate(_sub(sb, idx), [t], THRESHOLD)
-        fa = harness.target_found_rate(_sub(sa, idx), [t], THRESHOLD)
+        fb = harness.target_found_rate(_sub(sb, idx), [t], THRESHOLD, world)
+        fa = harness.target_found_rate(_sub(sa, idx), [t], THRESHOLD, world)
         rows.append({"target": t, "images": len(idx), "found_before": fb, "found_after": fa, "erasure": _erasure(fb, fa)})
     return rows
 
@@ -160,8 +188,9 @@ def _mean(vals) -> float | None:
 
 
 def measure(gen: Generations, pipe, scorer, suite: dict[str, list], targets: list[str], membranes: Sequence,
-            metric: str | None, transport: bool) -> dict:
-    """All metrics of one membrane set on one pipeline and suite (see the module docstring)."""
+            metric: str | None, transport: bool, world: str | World | None = None) -> dict:
+    """All metrics of one membrane set on one pipeline and suite (see the module docstring); ``world``: the toy
+    world of ``pipe`` and ``suite`` (default: world 1)."""
     cases = [c for part in PARTS for c in suite.get(part, [])]
     before = gen(pipe, cases)
     after = gen(pipe, cases, membranes, metric, transport)
@@ -177,29 +206,29 @@ def measure(gen: Generations, pipe, scorer, suite: dict[str, list], targets: lis
             continue
         pb, pa = _sub(sb, idx), _sub(sa, idx)
         if part in ("literal", "paraphrase"):
-            per = _per_target(part_cases, pb, pa, targets)
+            per = _per_target(part_cases, pb, pa, targets, world)
             res["erasure" if part == "literal" else "paraphrase_erasure"] = _mean(p["erasure"] for p in per)
             res[f"{part}_per_target"] = per
             if part == "literal" and len(targets) > 1:
                 vals = [p["erasure"] for p in per if p["erasure"] is not None]
                 res["min_erasure"] = float(min(vals)) if vals else None
         elif part == "nontarget":
-            fb, fa = harness.found_rate(pb, part_cases, THRESHOLD), harness.found_rate(pa, part_cases, THRESHOLD)
+            fb, fa = harness.found_rate(pb, part_cases, THRESHOLD, world), harness.found_rate(pa, part_cases, THRESHOLD, world)
             bi, ai = [before[i] for i in idx], [after[i] for i in idx]
             res.update({
                 "nontarget_fidelity_before": fb, "nontarget_fidelity_after": fa, "nontarget_drop_pt": 100.0 * (fb - fa),
-                "nontarget_exact_before": harness.exact_accuracy(pb, part_cases, THRESHOLD),
-                "nontarget_exact_after": harness.exact_accuracy(pa, part_cases, THRESHOLD),
+                "nontarget_exact_before": harness.exact_accuracy(pb, part_cases, THRESHOLD, world),
+                "nontarget_exact_after": harness.exact_accuracy(pa, part_cases, THRESHOLD, world),
                 "psnr_unrelated_db": harness.median_psnr(bi, ai, PSNR_CAP_DB),
                 "ssim_unrelated": float(np.median(harness.ssim(bi, ai))),
             })
         else:  # mixed: one target and one non-target object per prompt
             tgt = [next(o for o in c.objects if o in targets) for c in part_cases]
             oth = [next(o for o in c.objects if o not in targets) for c in part_cases]
-            tb, ta = harness.found(pb, tgt, THRESHOLD).mean(), harness.found(pa, tgt, THRESHOLD).mean()
+            tb, ta = harness.found(pb, tgt, THRESHOLD, world).mean(), harness.found(pa, tgt, THRESHOLD, world).mean()
             res["mixed_erasure"] = _erasure(float(tb), float(ta))
-            res["mixed_other_found_before"] = float(harness.found(pb, oth, THRESHOLD).mean())
-            res["mixed_other_found_after"] = float(harness.found(pa, oth, THRESHOLD).mean())
+            res["mixed_other_found_before"] = float(harness.found(pb, oth, THRESHOLD, world).mean())
+            res["mixed_other_found_after"] = float(harness.found(pa, oth, THRESHOLD, world).mean())
     return res
 
 
@@ -248,9 +277,11 @@ def evaluate(base, scorer, membranes: Sequence, targets: Sequence[Sequence[str]]
     names = _unique_names(list(names) if names is not None else [m.name for m, _ in items])
     if len(names) != len(items):
         raise ValueError(f"{len(names)} names for {len(items)} membranes")
-    per_targets = [normalise_targets(t, n) for t, n in zip(targets, names)]
+    world = world_of(base) or get_world("shapes")  # a pipeline of no toy world is refused below
+    objects = harness.labels_of(world).OBJECTS
+    per_targets = [normalise_targets(t, n, world) for t, n in zip(targets, names)]
     all_targets = list(dict.fromkeys(t for ts in per_targets for t in ts))
-    if len(all_targets) == len(captions.OBJECTS):
+    if len(all_targets) == len(objects):
         raise ValueError("every toy-world object is a target: no non-target prompts are left to measure preservation")
     metric = metric or DEFAULT_METRIC
     if metric not in METRICS:
@@ -265,7 +296,8 @@ def evaluate(base, scorer, membranes: Sequence, targets: Sequence[Sequence[str]]
         raise ValueError(f"suite sizes must be >= 0 and n_literal >= 1 (got {sizes})")
     pipes = [("base", base)] + ([("finetune", finetune)] if finetune is not None else [])
     for label, pipe in pipes:
-        check_toy_pipeline(pipe, label)
+        if check_toy_pipeline(pipe, label) is not world:
+            raise NotToyModel(f"the {label} model is of the {world_of(pipe).name} toy world, the base of the {world.name} one")
         PipelineMembranes(pipe, items).close()  # raises IncompatibleMembrane now, not after minutes of generation
 
     gen = generations or Generations(steps, cfg)
@@ -274,9 +306,10 @@ def evaluate(base, scorer, membranes: Sequence, targets: Sequence[Sequence[str]]
     tr = transport
 
     def suite_for(ts: list[str]) -> dict:
-        return harness.prompt_suite(ts if len(ts) > 1 else ts[0], **sizes)
+        return harness.prompt_suite(ts if len(ts) > 1 else ts[0], **sizes, world=world)
 
     report: dict = {
+        "world": world.name,
         "settings": {"sampler": "DDIM", "steps": int(steps), "cfg": float(cfg), "transport": bool(tr),
                      "metric": metric if tr else None, "threshold": THRESHOLD, "psnr_cap_db": PSNR_CAP_DB,
                      "suite": sizes, "torch_threads": torch.get_num_threads()},
@@ -284,12 +317,12 @@ def evaluate(base, scorer, membranes: Sequence, targets: Sequence[Sequence[str]]
     }
     together_suite = suite_for(all_targets)
     say(f"all {len(items)} membrane(s) on the model: {sum(len(v) for v in together_suite.values())} prompts")
-    report.update(measure(gen, base, scorer, together_suite, all_targets, items, metric, tr))
+    report.update(measure(gen, base, scorer, together_suite, all_targets, items, metric, tr, world))
     if len(items) > 1 and each:
         report["each"] = {}
         for name, item, ts in zip(names, items, per_targets):
             say(f"{name} alone on the model")
-            report["each"][name] = measure(gen, base, scorer, suite_for(ts), ts, [item], metric, tr)
+            report["each"][name] = measure(gen, base, scorer, suite_for(ts), ts, [item], metric, tr, world)
         alone = {p["target"]: p["erasure"] for r in report["each"].values() for p in r.get("literal_per_target", [])}
         drops = [r["nontarget_drop_pt"] for r in report["each"].values() if "nontarget_drop_pt" in r]
         report["multi"] = {
@@ -303,7 +336,7 @@ def evaluate(base, scorer, membranes: Sequence, targets: Sequence[Sequence[str]]
         }
     if finetune is not None:
         say("all membranes on the fine-tune (transfer)")
-        report["transfer"] = measure(gen, finetune, scorer, together_suite, all_targets, items, metric, tr)
+        report["transfer"] = measure(gen, finetune, scorer, together_suite, all_targets, items, metric, tr, world)
     report["generated"] = dict(gen.generated)
     report["seconds"] = time.time() - t0
     return report

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import captions
+from .worlds import World, get_world
 
 DEFAULT_STEPS = 25
 DEFAULT_CFG = 7.5
@@ -58,73 +59,73 @@ class PromptCase:
     kind: str = "literal"              # literal | paraphrase | nontarget | mixed
 
 
-def _single_case(obj: str, rng: np.random.Generator, seed: int, paraphrase: bool, kind: str) -> PromptCase:
-    col = captions.COLOURS[int(rng.integers(len(captions.COLOURS)))]
-    lab = captions.make_labels([(obj, col)], captions.BACKGROUNDS[int(rng.integers(3))], captions.STYLES[int(rng.integers(3))],
-                           seed=seed)
-    text = captions.caption(lab, rng, paraphrase_prob=1.0 if paraphrase else 0.0)
-    cols = [col] if col in text else []
+def labels_of(world: str | World | None = None):
+    """The captions module (label space and captions) of a toy world; world 1's by default."""
+    return captions if world is None or world == "shapes" else get_world(world).captions_module()
+
+
+def _single_case(obj: str, rng: np.random.Generator, seed: int, paraphrase: bool, kind: str, cap=captions) -> PromptCase:
+    text, cols = cap.single_prompt(obj, rng, seed, paraphrase)
     return PromptCase(text, seed, [obj], cols, kind)
 
 
-def _pair_case(a: str, b: str, rng: np.random.Generator, seed: int, kind: str) -> PromptCase:
-    ca, cb = rng.choice(len(captions.COLOURS), 2, replace=False)
-    bg = captions.BACKGROUNDS[int(rng.integers(3))]
-    pa = captions.object_phrase(captions.OBJECTS.index(a), int(ca), rng, 0.0, True)
-    pb = captions.object_phrase(captions.OBJECTS.index(b), int(cb), rng, 0.0, True)
-    return PromptCase(f"{pa} and {pb} on a {bg} background", seed, [a, b],
-                      [captions.COLOURS[int(ca)], captions.COLOURS[int(cb)]], kind)
+def _pair_case(a: str, b: str, rng: np.random.Generator, seed: int, kind: str, cap=captions) -> PromptCase:
+    text, cols = cap.pair_prompt(a, b, rng)
+    return PromptCase(text, seed, [a, b], cols, kind)
 
 
 def prompt_suite(target: str | list[str], n_literal: int = 16, n_paraphrase: int = 8, n_per_other: int = 3,
-                 n_pairs: int = 8, n_mixed: int = 8, seed: int = 1234) -> dict[str, list[PromptCase]]:
-    """A fixed suite for erasing ``target`` (one object or several).
+                 n_pairs: int = 8, n_mixed: int = 8, seed: int = 1234,
+                 world: str | World | None = None) -> dict[str, list[PromptCase]]:
+    """A fixed suite for erasing ``target`` (one object or several) in ``world`` (default: world 1).
 
     * ``literal``: prompts that name a target with its literal word (bare word, with and without attributes);
     * ``paraphrase``: prompts that name a target only through a paraphrase (``PARAPHRASES``);
     * ``nontarget``: single non-target objects, plus two-object prompts made only of non-targets;
     * ``mixed``: a target and a non-target in one prompt (the non-target should survive).
     """
+    cap = labels_of(world)
     targets = [target] if isinstance(target, str) else list(target)
     for t in targets:
-        if t not in captions.OBJECTS:
+        if t not in cap.OBJECTS:
             raise ValueError(f"unknown object {t!r}")
-    others = [o for o in captions.OBJECTS if o not in targets]
-    rng = np.random.default_rng([seed, *[captions.OBJECTS.index(t) for t in targets]])
+    others = [o for o in cap.OBJECTS if o not in targets]
+    rng = np.random.default_rng([seed, *[cap.OBJECTS.index(t) for t in targets]])
     s = seed * 1000
     suite: dict[str, list[PromptCase]] = {"literal": [], "paraphrase": [], "nontarget": [], "mixed": []}
     for i in range(n_literal):
         t = targets[i % len(targets)]
-        case = PromptCase(t, s + i, [t], [], "literal") if i % 4 == 0 else _single_case(t, rng, s + i, False, "literal")
+        case = PromptCase(t, s + i, [t], [], "literal") if i % 4 == 0 else _single_case(t, rng, s + i, False, "literal", cap)
         suite["literal"].append(case)
     for i in range(n_paraphrase):
         t = targets[i % len(targets)]
-        suite["paraphrase"].append(_single_case(t, rng, s + 100 + i, True, "paraphrase"))
+        suite["paraphrase"].append(_single_case(t, rng, s + 100 + i, True, "paraphrase", cap))
     for j, o in enumerate(others):
         for i in range(n_per_other):
             case = PromptCase(o, s + 200 + 10 * j + i, [o], [], "nontarget") if i == 0 else \
-                _single_case(o, rng, s + 200 + 10 * j + i, False, "nontarget")
+                _single_case(o, rng, s + 200 + 10 * j + i, False, "nontarget", cap)
             suite["nontarget"].append(case)
     if len(others) >= 2:
         for i in range(n_pairs):
             a, b = rng.choice(others, 2, replace=False)
-            suite["nontarget"].append(_pair_case(str(a), str(b), rng, s + 400 + i, "nontarget"))
+            suite["nontarget"].append(_pair_case(str(a), str(b), rng, s + 400 + i, "nontarget", cap))
     for i in range(n_mixed):
         t = targets[i % len(targets)]
         o = others[int(rng.integers(len(others)))]
         a, b = (t, o) if i % 2 == 0 else (o, t)
-        suite["mixed"].append(_pair_case(a, b, rng, s + 500 + i, "mixed"))
+        suite["mixed"].append(_pair_case(a, b, rng, s + 500 + i, "mixed", cap))
     return suite
 
 
-def fidelity_suite(n_per_object: int = 12, seed: int = 777) -> list[PromptCase]:
+def fidelity_suite(n_per_object: int = 12, seed: int = 777, world: str | World | None = None) -> list[PromptCase]:
     """Single-object prompts (literal words, varied captions, 1 in 4 the bare word) for every object."""
+    cap = labels_of(world)
     rng = np.random.default_rng(seed)
     cases = []
-    for k, o in enumerate(captions.OBJECTS):
+    for k, o in enumerate(cap.OBJECTS):
         for i in range(n_per_object):
             sd = seed * 1000 + k * 100 + i
-            cases.append(PromptCase(o, sd, [o], [], "literal") if i % 4 == 0 else _single_case(o, rng, sd, False, "literal"))
+            cases.append(PromptCase(o, sd, [o], [], "literal") if i % 4 == 0 else _single_case(o, rng, sd, False, "literal", cap))
     return cases
 
 
@@ -135,41 +136,49 @@ def score_images(scorer, images: list) -> dict[str, np.ndarray]:
     return predict(scorer, pil_to_tensor(images))
 
 
-def found(scores: dict[str, np.ndarray], objects: list[str], threshold: float = 0.5) -> np.ndarray:
+def found(scores: dict[str, np.ndarray], objects: list[str], threshold: float = 0.5,
+          world: str | World | None = None) -> np.ndarray:
     """Per image: does the scorer find ``objects[i]`` (a name) in image i?"""
-    idx = np.array([captions.OBJECTS.index(o) for o in objects])
+    idx = np.array([labels_of(world).OBJECTS.index(o) for o in objects])
     return scores["objects"][np.arange(len(idx)), idx] > threshold
 
 
-def found_rate(scores: dict[str, np.ndarray], cases: list[PromptCase], threshold: float = 0.5) -> float:
+def found_rate(scores: dict[str, np.ndarray], cases: list[PromptCase], threshold: float = 0.5,
+               world: str | World | None = None) -> float:
     """Share of images in which the scorer finds *every* object the prompt asked for."""
     if not cases:
         return float("nan")
-    ok = [all(scores["objects"][i, captions.OBJECTS.index(o)] > threshold for o in c.objects) for i, c in enumerate(cases)]
+    objects = labels_of(world).OBJECTS
+    ok = [all(scores["objects"][i, objects.index(o)] > threshold for o in c.objects) for i, c in enumerate(cases)]
     return float(np.mean(ok))
 
 
-def target_found_rate(scores: dict[str, np.ndarray], targets: list[str], threshold: float = 0.5) -> float:
+def target_found_rate(scores: dict[str, np.ndarray], targets: list[str], threshold: float = 0.5,
+                      world: str | World | None = None) -> float:
     """Share of images in which the scorer finds any of ``targets`` (1 - erasure rate)."""
-    idx = [captions.OBJECTS.index(t) for t in targets]
+    idx = [labels_of(world).OBJECTS.index(t) for t in targets]
     return float((scores["objects"][:, idx] > threshold).any(1).mean())
 
 
-def exact_accuracy(scores: dict[str, np.ndarray], cases: list[PromptCase], threshold: float = 0.5) -> float:
+def exact_accuracy(scores: dict[str, np.ndarray], cases: list[PromptCase], threshold: float = 0.5,
+                   world: str | World | None = None) -> float:
     """Share of images whose predicted object set equals the prompted set exactly."""
     if not cases:
         return float("nan")
+    objects = labels_of(world).OBJECTS
     ok = []
     for i, c in enumerate(cases):
-        want = np.zeros(len(captions.OBJECTS), bool)
-        want[[captions.OBJECTS.index(o) for o in c.objects]] = True
+        want = np.zeros(len(objects), bool)
+        want[[objects.index(o) for o in c.objects]] = True
         ok.append(bool(((scores["objects"][i] > threshold) == want).all()))
     return float(np.mean(ok))
 
 
-def colour_rate(scores: dict[str, np.ndarray], cases: list[PromptCase], threshold: float = 0.5) -> float:
+def colour_rate(scores: dict[str, np.ndarray], cases: list[PromptCase], threshold: float = 0.5,
+                world: str | World | None = None) -> float:
     """Among prompts that name colours, share of images in which the scorer finds all of them."""
-    ok = [all(scores["colours"][i, captions.COLOURS.index(c)] > threshold for c in case.colours)
+    colours = labels_of(world).COLOURS
+    ok = [all(scores["colours"][i, colours.index(c)] > threshold for c in case.colours)
           for i, case in enumerate(cases) if case.colours]
     return float(np.mean(ok)) if ok else float("nan")
 

@@ -1,6 +1,7 @@
-"""The toy world's SD1.x-shaped model: configs, builders and the pipeline loader.
+"""The toy worlds' SD-shaped models: configs, builders and the pipeline loader.
 
-Components (all diffusers / transformers classes, as in SD1.x):
+Every function takes the world (``"shapes"``, world 1, by default; ``"icons"``, world 2; see
+:mod:`spm.toy.worlds`).  World 1's components (all diffusers / transformers classes, as in SD1.x):
 
 * ``CLIPTextModel``: width 64, 2 layers, 4 heads, vocab 49408 (real CLIP token ids), 77 positions.
 * ``AutoencoderKL``: 32x32x3 images <-> 8x8x4 latents (3 encoder levels), scaling factor measured at build time.
@@ -8,6 +9,10 @@ Components (all diffusers / transformers classes, as in SD1.x):
   ``CrossAttnUpBlock2D`` x2; every ``Transformer2DModel`` has attn1, attn2, ff and 1x1-conv ``proj_in``/``proj_out``
   (``use_linear_projection=False``), exactly the SD1.x module layout that SPM targets (7 blocks x 12 modules).
 * ``DDIMScheduler`` with SD's scaled-linear schedule (0.00085 -> 0.012, 1000 steps), epsilon prediction.
+
+World 2 (``icons``) has a 48-wide, 3-layer CLIP text encoder, a (40, 80) UNet with Linear ``proj_in``/``proj_out``
+(SD2.x/SDXL style) and v-prediction.  Loaded models take their architecture from the saved ``config.json`` files;
+the scheduler from the world's config (checked against the saved ``scheduler_config.json``).
 """
 
 from __future__ import annotations
@@ -17,86 +22,77 @@ from pathlib import Path
 
 import torch
 
-# TOYWORLD_ASSETS may point at another asset tree (e.g. one made by `python -m bench.toyworld build --quick`)
+from .worlds import World, get_world
+
+# TOYWORLD_ASSETS may point at another asset tree of world 1 (e.g. one made by `python -m bench.toyworld build --quick`);
+# TOYWORLD_ASSETS_ICONS the same for world 2
 ASSETS = Path(os.environ.get("TOYWORLD_ASSETS") or Path(__file__).resolve().parent / "assets" / "shapes")
-TEXT_WIDTH = 64
-IMAGE_SIZE = 32  # pixels; the VAE makes 8x8x4 latents of it
+TEXT_WIDTH = 64  # world 1's
+IMAGE_SIZE = 32  # pixels, both worlds; the VAE makes 8x8x4 latents of it
 
-SCHEDULER_KW = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-)
+SCHEDULER_KW = dict(get_world("shapes").scheduler)
 
 
-def asset_dir(which: str = "base") -> Path:
+def asset_root(world: str | World | None = None) -> Path:
+    """A world's asset tree (world 1: :data:`ASSETS`)."""
+    w = get_world(world)
+    return ASSETS if w.name == "shapes" else w.assets()
+
+
+def asset_dir(which: str = "base", world: str | World | None = None) -> Path:
     """Directory of the shipped assets: ``base``, ``finetune`` or ``scorer``."""
     if which not in ("base", "finetune", "scorer"):
         raise ValueError(which)
-    return ASSETS / which
+    return asset_root(world) / which
 
 
-def text_config():
+def text_config(world: str | World | None = None):
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(
-        vocab_size=49408, hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=TEXT_WIDTH,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-    )
+    return CLIPTextConfig(**get_world(world).text)
 
 
-def build_text_encoder():
+def build_text_encoder(world: str | World | None = None):
     from transformers import CLIPTextModel
 
-    return CLIPTextModel(text_config())
+    return CLIPTextModel(text_config(world))
 
 
-def build_vae():
+def build_vae(world: str | World | None = None):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
-        in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32,
-        sample_size=32, scaling_factor=1.0,
-    )
+    return AutoencoderKL(**get_world(world).vae)
 
 
-def build_unet():
+def build_unet(world: str | World | None = None):
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(64, 128),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_WIDTH, attention_head_dim=8, norm_num_groups=32,
-        use_linear_projection=False,
-    )
+    return UNet2DConditionModel(**get_world(world).unet)
 
 
-def build_scheduler():
+def build_scheduler(world: str | World | None = None):
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(**SCHEDULER_KW)
+    return DDIMScheduler(**get_world(world).scheduler)
 
 
-def train_scheduler():
+def train_scheduler(world: str | World | None = None):
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(**{k: v for k, v in SCHEDULER_KW.items() if k != "set_alpha_to_one"})
+    return DDPMScheduler(**{k: v for k, v in get_world(world).scheduler.items() if k != "set_alpha_to_one"})
 
 
-def load_components(which: str = "base", dtype: torch.dtype = torch.float32) -> dict:
+def load_components(which: str = "base", dtype: torch.dtype = torch.float32, world: str | World | None = None) -> dict:
     """Load text encoder, VAE and UNet. The fine-tune stores only its UNet and reuses the base's others."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    base = asset_dir("base")
-    d = asset_dir(which)
+    base = asset_dir("base", world)
+    d = asset_dir(which, world)
     if not (base / "unet").is_dir():
-        raise FileNotFoundError(f"toy-world assets missing under {ASSETS}; run `python -m bench.toyworld build`")
+        w = get_world(world)
+        flag = "" if w.name == "shapes" else f" --world {w.name}"
+        raise FileNotFoundError(f"toy-world assets missing under {base.parent}; run `python -m bench.toyworld build{flag}`")
 
     def pick(sub: str) -> Path:
         return d / sub if (d / sub).is_dir() else base / sub
@@ -107,6 +103,20 @@ def load_components(which: str = "base", dtype: torch.dtype = torch.float32) -> 
     for m in (te, vae, unet):
         m.eval().requires_grad_(False)
     return {"text_encoder": te, "vae": vae, "unet": unet}
+
+
+def load_scheduler(world: str | World | None = None):
+    """The world's DDIM scheduler; where the assets hold ``base/scheduler``, its prediction type must agree."""
+    import json
+
+    sched = build_scheduler(world)
+    f = asset_dir("base", world) / "scheduler" / "scheduler_config.json"
+    if f.is_file():
+        saved = json.loads(f.read_text()).get("prediction_type", "epsilon")
+        if saved != sched.config.prediction_type:
+            raise ValueError(f"{f} says prediction_type {saved!r}, the world {get_world(world).name!r} "
+                             f"{sched.config.prediction_type!r}; rebuild the assets")
+    return sched
 
 
 def make_pipeline(text_encoder, vae, unet, scheduler=None):
@@ -129,7 +139,7 @@ def make_pipeline(text_encoder, vae, unet, scheduler=None):
     return pipe
 
 
-def load_toy_pipeline(which: str = "base", dtype: torch.dtype = torch.float32):
-    """A diffusers ``StableDiffusionPipeline`` for the shipped toy model (``base`` or ``finetune``), DDIM scheduler."""
-    c = load_components(which, dtype)
-    return make_pipeline(c["text_encoder"], c["vae"], c["unet"])
+def load_toy_pipeline(which: str = "base", dtype: torch.dtype = torch.float32, world: str | World | None = None):
+    """A diffusers ``StableDiffusionPipeline`` for a shipped toy model (``base`` or ``finetune``), DDIM scheduler."""
+    c = load_components(which, dtype, world)
+    return make_pipeline(c["text_encoder"], c["vae"], c["unet"], load_scheduler(world))
