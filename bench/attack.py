@@ -33,23 +33,23 @@ def _say(quiet: bool):
     return (lambda m: None) if quiet else (lambda m: print(f"[attack] {m}", file=sys.stderr, flush=True))
 
 
-def _judge(scorer, target: str):
+def _judge(scorer, target: str, world: str):
     from spm.toy import harness
 
     def judge(images: list) -> list:
         if not images:
             return []
-        return [bool(f) for f in harness.found(harness.score_images(scorer, images), [target] * len(images))]
+        return [bool(f) for f in harness.found(harness.score_images(scorer, images), [target] * len(images), world=world)]
 
     return judge
 
 
-def _train(pipe, target: str, row: str, out: Path, reuse: bool, iterations: int | None, say) -> tuple:
+def _train(pipe, target: str, row: str, out: Path, reuse: bool, iterations: int | None, say, tag: str = "") -> tuple:
     from spm.checkpoint import load_membrane
     from spm.hosts.diffusers import DiffusersBackend
     from spm.train import TrainConfig, Trainer
 
-    path = out / f"{row}_{target}.safetensors"
+    path = out / f"{tag}{row}_{target}.safetensors"
     if reuse and path.exists():
         return load_membrane(path), 0.0
     kw = {"iterations": iterations} if iterations else {}
@@ -62,10 +62,10 @@ def _train(pipe, target: str, row: str, out: Path, reuse: bool, iterations: int 
     return res.membrane.cpu(), time.time() - t0
 
 
-def _synonyms(target: str) -> list[str]:
-    from spm.toy import captions
+def _synonyms(target: str, world: str) -> list[str]:
+    from spm.toy.harness import labels_of
 
-    return list(getattr(captions, "PARAPHRASES", {}).get(target, ()))
+    return list(getattr(labels_of(world), "PARAPHRASES", {}).get(target, ()))
 
 
 def run(worlds: list[str], targets: dict[str, list[str]], budget, *, quick: bool, reuse: bool, iterations: int | None,
@@ -82,21 +82,24 @@ def run(worlds: list[str], targets: dict[str, list[str]], budget, *, quick: bool
              {"n_literal": 8, "n_paraphrase": 4, "n_per_other": 1, "n_pairs": 4, "n_mixed": 0})
     report: dict = {"budget": budget.as_dict(), "suite": suite, "quick": quick, "worlds": {}}
     train_seconds = 0.0
+    from spm import toy
+
     for world in worlds:
         pipe = load(world)
-        scorer = load_scorer()
+        tw = toy.toy_model(world).world
+        scorer = load_scorer(world=tw)
         wrep: dict = {}
         for row in ROWS:
             per: dict = {}
             for target in targets[world]:
                 say(f"{world} / {row} / {target}")
-                judge = _judge(scorer, target)
+                judge = _judge(scorer, target, tw)
                 literal = [f"a {target}", f"a red {target} on a white background"]
                 if row == "unprotected":
                     factory = None
                     quality: dict = {}
                 else:
-                    membrane, secs = _train(pipe, target, row, out, reuse, iterations, say)
+                    membrane, secs = _train(pipe, target, row, out, reuse, iterations, say, tag=f"{world}_")
                     train_seconds += secs
                     metric = "clipcos_tokenuni" if row == "reference" else DEFAULT_METRIC
 
@@ -106,7 +109,7 @@ def run(worlds: list[str], targets: dict[str, list[str]], budget, *, quick: bool
                     q = ev.evaluate(pipe, scorer, [(membrane, 1.0)], [[target]], metric=metric, suite=suite)
                     quality = {k: q.get(k) for k in ("erasure", "paraphrase_erasure", "nontarget_drop_pt", "psnr_unrelated_db")}
                 res = attack.run_attacks(pipe, target, literal, protect_factory=factory, judge=judge, budget=budget,
-                                         synonyms=_synonyms(target), progress=say)
+                                         synonyms=_synonyms(target, tw), progress=say)
                 res["quality"] = quality
                 per[target] = res
 

@@ -98,10 +98,10 @@ def _cmd_attack(args) -> int:
             from .toy import harness
             from .toy.scorer import load_scorer
 
-            scorer = load_scorer()
+            scorer = load_scorer(world=tm.world)
 
             def judge(images: list) -> list:
-                return [bool(f) for f in harness.found(harness.score_images(scorer, images), [target] * len(images))]
+                return [bool(f) for f in harness.found(harness.score_images(scorer, images), [target] * len(images), world=tm.world)]
         elif judge_name == "nudenet":
             judge = _nudenet_judge()
     except ValueError as e:
