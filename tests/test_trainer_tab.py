@@ -559,6 +559,7 @@ def test_the_live_preview_box_holds_the_loss_plot(backend, tmp_path):
     inside = [getattr(c, "elem_id", None) for c in _children(live[0])]
     assert inside == [f"{tt.PREFIX}_loss"]  # the WebUI's live preview (the loss plot) lands in "Loss"
     assert f"{tt.PREFIX}_status" in tt.START_JS and "display = 'none'" in tt.START_JS  # the old message goes
+    assert f"{tt.PREFIX}_progress" in tt.START_JS and "box.value = 'starting" in tt.START_JS  # and the old progress
 
 
 def test_a_new_start_clears_the_old_run_and_a_failure_says_failed(backend, tmp_path):

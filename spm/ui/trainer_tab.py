@@ -41,6 +41,9 @@ START_JS = """(...args) => {
             e.style.display = 'none';
         });
     }
+    var prog = gradioApp().getElementById('%(p)s_progress');  // nor does the old run's "failed (…)" stay
+    var box = prog && prog.querySelector('textarea, input');
+    if (box) { box.value = 'starting…'; }
     var id = randomId();
     requestProgress(id, status, gradioApp().getElementById('%(p)s_live'),
                     function() {});
