@@ -49,7 +49,7 @@ STATUSES = ("queued", "running", "done", "failed", "interrupted")
 SUFFIX = ".safetensors"
 # phase → what the progress line calls it
 PHASES = {"queued": "queued", "loading": "loading the model", "pool": "filling the latent pool",
-          "training": "training step", "check": "before/after check", "saving": "saving"}
+          "training": "training step", "signal": "measuring the erasure", "check": "before/after check", "saving": "saving"}
 UNITS = {"pool": "denoising steps", "training": "steps", "check": "sampling steps"}  # what a phase counts
 CONSOLE_LINES = 10  # about this many progress lines per job in the console
 # the before/after check, when preview_steps is left to the service: as many DDIM steps as the training's own
@@ -638,7 +638,7 @@ class TrainService:
                 self._say(job, job.progress_text())
 
         def on_phase(ph) -> None:
-            message = {"pool": "filling the latent pool", "training": "training",
+            message = {"pool": "filling the latent pool", "training": "training", "signal": "measuring the erasure",
                        "saving": f"saving {out.name}"}.get(ph.name)
             self._phase(job, ph.name, ph.done, ph.total, message=message)
 

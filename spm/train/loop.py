@@ -11,7 +11,8 @@ Usage::
   every step and before each UNet call of the latent-pool warm-up; Ctrl-C (``KeyboardInterrupt``) stops too.
   Either way the membrane trained so far is saved atomically, with its resumable state beside it.
 * ``on_phase(Phase)`` reports the phases around the steps: filling the latent pool (k/N denoising steps), the
-  start of the steps ("training", when their clock starts) and saving.
+  start of the steps ("training", when their clock starts), the erasure check after the last step ("signal":
+  its first run also draws the held-out probes) and saving.
 * ``save_every`` writes checkpoints (membrane + ``.trainstate``); ``resume=True`` continues from them.  The
   ``.trainstate`` is deleted when a run finishes all its iterations, unless ``keep_state=True`` (to extend
   the run later); an interrupted run keeps it, so it can be resumed.
@@ -347,7 +348,7 @@ class Trainer:
                 rec = {"step": step, "loss": float(out.loss.detach()), "erase": out.erase, "anchor": out.anchor,
                        "signal": out.signal, "la_weight": la_used, "k": xs.k}
                 history.append(rec)
-                if self.rule.due(step, cfg.iterations):
+                if self.rule.due(step, cfg.iterations) and step < cfg.iterations:  # the last step's: after the loop
                     tp = time.perf_counter()
                     last_check = self._check(stack, cond, step, ac)
                     erased_stop = self.rule.record(last_check)
@@ -378,7 +379,14 @@ class Trainer:
                 if erased_stop:
                     break
             if not interrupted and (last_check is None or last_check.step != step):
-                last_check = self._check(stack, cond, step, ac)  # the end of the run (or a resumed, finished one)
+                # the end of the run (or a resumed, finished one): a phase of its own, since no step follows and
+                # its first run also draws the held-out probes (denoising trajectories)
+                self._phase("signal", 0, 1)
+                last_check = self._check(stack, cond, step, ac)
+                if history and history[-1]["step"] == step:
+                    self.rule.record(last_check)
+                    history[-1]["erasure_signal"] = last_check.signal
+                self._phase("signal", 1, 1)
         except KeyboardInterrupt:
             interrupted = True
             log.warning("SPM: training interrupted at step %d; saving the membrane trained so far", step)
