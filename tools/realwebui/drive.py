@@ -31,6 +31,9 @@ CHROMIUM = "/usr/bin/chromium"
 GEN = dict(prompt="a photo of a cat", negative_prompt="", seed=1234, steps=4, width=64, height=64, cfg_scale=7,
            sampler_name="Euler", batch_size=1, n_iter=1)
 TRAIN = dict(target="cat", iterations=4, resolution=64)
+# the before/after check: one control prompt and 2 sampling steps (the defaults, 2 controls x 20 steps, cost
+# 120 sampling steps on a shared 2-core machine); the tab gets the same values
+CHECK = dict(control_prompts="a photo of a dog", preview_steps=2)
 PHASES = {  # phase → words a user would read for it in the progress text
     "loading": re.compile(r"load", re.I),
     "latent pool": re.compile(r"(latent|pool|anchor)[^0-9]*\d+\s*/\s*\d+", re.I),
@@ -164,7 +167,7 @@ class Page:
     def __init__(self, pw, url: str, shots: Path, webui: str):
         self.browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
                                           args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-        self.ctx = self.browser.new_context(viewport={"width": 1600, "height": 1400})
+        self.ctx = self.browser.new_context(viewport={"width": 1600, "height": 1400}, reduced_motion="reduce")
         self.page = self.ctx.new_page()
         self.page.set_default_timeout(60_000)
         self.url, self.shots, self.webui = url, shots, webui
@@ -195,7 +198,7 @@ class Page:
     def tab(self, label: str) -> None:
         """Click a top-level tab of the WebUI by its label."""
         self.page.locator("#tabs > .tab-nav button, #tabs > div > .tab-nav button, #tabs button[role=tab]",
-                          has_text=re.compile(rf"^\s*{re.escape(label)}\s*$")).first.click()
+                          has_text=re.compile(rf"^\s*{re.escape(label)}\s*$", re.I)).first.click()
         time.sleep(0.5)
 
     def text(self, selector: str) -> str:
@@ -314,6 +317,9 @@ class Driver:
             p.page.get_by_text("More settings", exact=False).first.click()
             time.sleep(0.5)
         p.set_field("spm_train_resolution", resolution)
+        for elem_id, key in (("spm_train_controls", "control_prompts"), ("spm_train_preview_steps", "preview_steps")):
+            if p.page.locator(f"#{elem_id}").count():
+                p.set_field(elem_id, CHECK[key])
         time.sleep(0.3)
 
     def tab_snapshot(self) -> dict:
@@ -355,14 +361,25 @@ class Driver:
                                                      or "saved" in st or "done" in st):
                 ended = snap["t"]
                 break
-            time.sleep(0.5)
+            time.sleep(1.0)
+        over = None
+        if ended is None:  # past the limit: press Interrupt, as a user would, and wait for the end
+            over = {"limit_s": limit_s, "interrupt_pressed_at_s": round(time.monotonic() - t0, 1)}
+            self.p.page.locator("#spm_train_interrupt").first.click()
+            t1 = time.monotonic()
+            while time.monotonic() - t1 < self.a.interrupt_wait:
+                snap = self.tab_snapshot()
+                if not snap["bar"]:
+                    break
+                time.sleep(2.0)
+            over["ended_after_interrupt_s"] = None if snap["bar"] else round(time.monotonic() - t1, 1)
         time.sleep(1.5)
         final = self.tab_snapshot()
         final["t"] = round(time.monotonic() - t0, 1)
         timeline.append(final)
         shots.append(self.p.shot(f"{self.a.webui}_{label}_end"))
         poller.stop_event.set()
-        return {"timeline": timeline, "ended_s": ended, "first_named_s": first_named, "shots": shots,
+        return {"timeline": timeline, "ended_s": ended, "first_named_s": first_named, "shots": shots, "over_limit": over,
                 "webui_progress": poller.samples, "console": self.log.since()}
 
     def phase_times(self, timeline: list[dict], key=lambda s: s["bar"] + [s.get("progress") or ""]) -> dict:
@@ -418,8 +435,9 @@ class Driver:
         w = self.watch_tab_job("tab_train", self.a.job_limit)
         final = w["timeline"][-1]
         ok = final.get("file") and "fail" not in (final.get("status") or "").lower()
-        self.r.add("tab: a 4-iteration 64 px job finishes and saves", bool(ok),
-                   {"final": final, "ended_after_s": w["ended_s"]}, screenshot=w["shots"][-1])
+        self.r.add("tab: a 4-iteration 64 px job finishes and saves", bool(ok) and not w["over_limit"],
+                   {"final": final, "ended_after_s": w["ended_s"], "over_limit": w["over_limit"]},
+                   screenshot=w["shots"][-1])
         self.judge_job("tab", w, "tab")
         self.tab_job = w
 
@@ -459,7 +477,7 @@ class Driver:
         poller = ProgressPoller(self.api)
         poller.start()
         t0 = time.monotonic()
-        code, res = self.api.call("POST", "/spm/v1/train", {"name": name, **TRAIN})
+        code, res = self.api.call("POST", "/spm/v1/train", {"name": name, **TRAIN, **CHECK})
         if code != 200:
             poller.stop_event.set()
             self.r.add("api: POST /spm/v1/train queues a job", False, {"code": code, "body": res})
@@ -477,13 +495,25 @@ class Driver:
                 tl.append(s)
             if j.get("status") in ("done", "failed", "interrupted"):
                 break
-            time.sleep(0.5)
+            time.sleep(1.0)
+        over = None
+        if j.get("status") not in ("done", "failed", "interrupted"):
+            over = {"limit_s": self.a.job_limit, "interrupt": self.api.call("POST", f"/spm/v1/train/{jid}/interrupt")}
+            t1 = time.monotonic()
+            while time.monotonic() - t1 < self.a.interrupt_wait:
+                _, j = self.api.call("GET", f"/spm/v1/train/{jid}", timeout=30)
+                if j.get("status") in ("done", "failed", "interrupted"):
+                    break
+                time.sleep(2.0)
+            over["status_after"] = j.get("status")
+            over["seconds_after_interrupt"] = round(time.monotonic() - t1, 1)
+            tl.append({"t": round(time.monotonic() - t0, 1), "status": j.get("status"), "message": j.get("message")})
         poller.stop_event.set()
         self.api_job = j
         ok = j.get("status") == "done" and j.get("output")
-        self.r.add("api: a 4-iteration 64 px job finishes and saves", bool(ok),
+        self.r.add("api: a 4-iteration 64 px job finishes and saves", bool(ok) and over is None,
                    {"final": {k: j.get(k) for k in ("status", "step", "total", "output", "error", "message")},
-                    "seconds": tl[-1]["t"]})
+                    "seconds": tl[-1]["t"], "over_limit": over})
         texts = [f"{s.get('phase') or ''} {s.get('message') or ''}" for s in tl]
         found = phases_in(texts)
         self.r.add("api: every phase named in the job's message", all(p in found for p in PHASES),
@@ -533,18 +563,20 @@ class Driver:
         self.names["int"] = name
         t0 = time.monotonic()
         code, res = self.api.call("POST", "/spm/v1/train", {"name": name, "target": "dog", "iterations": 40,
-                                                             "resolution": 64})
+                                                             "resolution": 64, **CHECK})
         if code != 200:
             self.r.add("interrupt: the card shows the steps actually done", False, {"post": [code, res]})
             return
         jid, j, sent = res["id"], {}, None
-        while time.monotonic() - t0 < self.a.job_limit:
+        while time.monotonic() - t0 < self.a.job_limit + self.a.interrupt_wait:
             _, j = self.api.call("GET", f"/spm/v1/train/{jid}", timeout=30)
             if sent is None and j.get("status") == "running" and (j.get("step") or 0) >= 1:
                 sent = self.api.call("POST", f"/spm/v1/train/{jid}/interrupt")
             if j.get("status") in ("done", "failed", "interrupted"):
                 break
-            time.sleep(0.5)
+            if sent is None and time.monotonic() - t0 > self.a.job_limit / 2:
+                sent = self.api.call("POST", f"/spm/v1/train/{jid}/interrupt")  # never reached step 1: stop anyway
+            time.sleep(1.0)
         done_steps = j.get("step")
         meta = next((m for m in self.membranes() if m.get("name") == name), None)
         self.int_job = {"name": name, "status": j.get("status"), "steps_done": done_steps, "total": j.get("total"),
@@ -794,6 +826,7 @@ def parse_args():
     ap.add_argument("--shots", default="/tmp/realwebui_shots")
     ap.add_argument("--budget", type=float, default=3600, help="seconds for the whole run; later checks are skipped")
     ap.add_argument("--job-limit", type=float, default=1200, help="seconds a training job may take")
+    ap.add_argument("--interrupt-wait", type=float, default=600, help="seconds to wait for a job to end after Interrupt")
     ap.add_argument("--gen-limit", type=float, default=300, help="seconds a generation may take")
     return ap.parse_args()
 
