@@ -13,7 +13,10 @@ report=${REPORT:-/tmp/realwebui_$short.md}
 jsons=()
 for w in $webuis; do
   case $w in a1111) port=7860 ;; forge) port=7861 ;; esac
-  for o in a1111 forge; do [ "$o" != "$w" ] && bash "$here/webui.sh" stop "$o" >/dev/null; done
+  # one WebUI at a time, unless REALWEBUI_PARALLEL=1 (two run.sh, one per WebUI, when time is short)
+  if [ "${REALWEBUI_PARALLEL:-0}" != 1 ]; then
+    for o in a1111 forge; do [ "$o" != "$w" ] && bash "$here/webui.sh" stop "$o" >/dev/null; done
+  fi
   bash "$here/webui.sh" stop "$w"
   bash "$here/webui.sh" reset "$w"
   bash "$here/webui.sh" install "$w" "$commit" "$src"
@@ -25,7 +28,8 @@ for w in $webuis; do
   fi
   nice -n 5 python3 "$here/drive.py" --webui "$w" --url "http://127.0.0.1:$port" --root "$ROOT/$w" \
     --reference "$ROOT/ref_$w.png" --out "$out" --shots "/tmp/realwebui_shots/${short}_$w" \
-    --budget "${REALWEBUI_BUDGET:-2400}" --job-limit "${REALWEBUI_JOB_LIMIT:-900}"
+    --budget "${REALWEBUI_BUDGET:-2400}" --job-limit "${REALWEBUI_JOB_LIMIT:-900}" \
+    --interrupt-wait "${REALWEBUI_INTERRUPT_WAIT:-600}"
   cp "$ROOT/$w/webui.log" "/tmp/realwebui_${w}_$short.webui.log"
   bash "$here/webui.sh" stop "$w"
   python3 "$here/report.py" "${jsons[@]}" > "$report"
