@@ -323,9 +323,11 @@ class Driver:
             p.page.get_by_text("More settings", exact=False).first.click()
             time.sleep(0.5)
         p.set_field("spm_train_resolution", resolution)
+        values = {"control_prompts": CHECK["control_prompts"],
+                  "preview_steps": CHECK["preview_steps"] if self.a.tab_preview_steps is None else self.a.tab_preview_steps}
         for elem_id, key in (("spm_train_controls", "control_prompts"), ("spm_train_preview_steps", "preview_steps")):
-            if p.page.locator(f"#{elem_id}").count():
-                p.set_field(elem_id, CHECK[key])
+            if p.page.locator(f"#{elem_id}").count() and values[key] != "default":
+                p.set_field(elem_id, values[key])
         time.sleep(0.3)
 
     def tab_snapshot(self) -> dict:
@@ -908,6 +910,8 @@ def parse_args():
     ap.add_argument("--root", help="the WebUI's folder (for webui.log and the membrane folder)")
     ap.add_argument("--reference", help="PNG made by --make-reference while the extension was disabled")
     ap.add_argument("--make-reference", help="only generate the reference image (API, no SPM) into this file")
+    ap.add_argument("--tab-preview-steps", default=None,
+                    help="sampling steps of the tab job's before/after check ('default': leave the tab's value)")
     ap.add_argument("--use-membranes", help="NAME1,NAME2 already in the folder: skip the training checks")
     ap.add_argument("--out", default="/tmp/realwebui_results.json")
     ap.add_argument("--shots", default="/tmp/realwebui_shots")

@@ -29,7 +29,7 @@ for w in $webuis; do
   nice -n 5 python3 "$here/drive.py" --webui "$w" --url "http://127.0.0.1:$port" --root "$ROOT/$w" \
     --reference "$ROOT/ref_$w.png" --out "$out" --shots "/tmp/realwebui_shots/${short}_$w" \
     --budget "${REALWEBUI_BUDGET:-2400}" --job-limit "${REALWEBUI_JOB_LIMIT:-900}" \
-    --interrupt-wait "${REALWEBUI_INTERRUPT_WAIT:-600}"
+    --interrupt-wait "${REALWEBUI_INTERRUPT_WAIT:-600}" ${REALWEBUI_TAB_PREVIEW_STEPS:+--tab-preview-steps "$REALWEBUI_TAB_PREVIEW_STEPS"}
   cp "$ROOT/$w/webui.log" "/tmp/realwebui_${w}_$short.webui.log"
   bash "$here/webui.sh" stop "$w"
   python3 "$here/report.py" "${jsons[@]}" > "$report"
