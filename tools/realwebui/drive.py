@@ -406,10 +406,10 @@ class Driver:
                 "initial": initial,
                 "webui_progress": poller.samples, "console": self.log.since()}
 
-    def phase_times(self, timeline: list[dict], key=lambda s: s["bar"] + [s.get("progress") or ""]) -> dict:
+    def phase_times(self, timeline: list[dict], old_progress=None) -> dict:
         out = {}
         for s in timeline:
-            for txt in key(s):
+            for txt in s["bar"] + ([s.get("progress") or ""] if s.get("progress") != old_progress else []):
                 for phase, rx in PHASES.items():
                     if txt and rx.search(txt):
                         out.setdefault(phase, [s["t"], s["t"]])
@@ -424,7 +424,7 @@ class Driver:
         missing = [p for p in PHASES if p not in found]
         running = [s for s in tl if s["bar"] and s["t"] > 0 and not re.match(r"^\s*Waiting", " ".join(s["bar"]))]
         self.r.add(f"{via}: every phase named in the progress text", not missing,
-                   {"named": found, "missing": missing, "phase_seconds": self.phase_times(tl)})
+                   {"named": found, "missing": missing, "phase_seconds": self.phase_times(tl, old)})
         silent, start = 0.0, None
         for s in running:
             named = bool(phases_in(s["bar"]))
@@ -449,8 +449,11 @@ class Driver:
                        (any("Loss" in x for x in lv.get("labels", [])) and not any("Before" in x for x in lv.get("labels", [])))
                        for lv in s.get("live_where") or [])
 
-        loss_live = [s["t"] for s in running if (s.get("loss_img") and s.get("loss_img") != w["initial"].get("loss_img"))
-                     or live_in_loss(s)]
+        # ...and before the job's final outputs arrive (the saved file, a new status), which also draw the plot
+        t_out = next((s["t"] for s in tl if s.get("file") or (s.get("status") and s.get("status") != w["initial"].get("status"))),
+                     float("inf"))
+        loss_live = [s["t"] for s in running if s["t"] < t_out and (
+            (s.get("loss_img") and s.get("loss_img") != w["initial"].get("loss_img")) or live_in_loss(s))]
         loss_end = bool(tl[-1].get("loss_img"))
         loss_spinner = [s["t"] for s in running if s.get("loss_spinner")]
         preview_live = [s["t"] for s in running if s.get("live_img")]
@@ -471,7 +474,7 @@ class Driver:
         self.r.add(f"{via}: the console logs start / progress / end", all(has.values()),
                    {"found": has, "spm_console_lines": lines[:25]})
         self.r.add(f"{via}: duration (seconds, per phase)", None,
-                   {"total_s": dur, "phase_first_last_seen_s": self.phase_times(tl)})
+                   {"total_s": dur, "phase_first_last_seen_s": self.phase_times(tl, old)})
 
     def check_tab_training(self) -> None:
         name = f"rw_tab_{self.tag}"
@@ -690,7 +693,7 @@ class Driver:
         needed_refresh = False
         if not card.count():  # the stale-list bug is judged above; press the refresh button to judge the click itself
             needed_refresh = True
-            p.page.locator("#txt2img_extra_refresh").first.click()
+            p.page.locator("#txt2img_spm_extra_refresh, #txt2img_extra_refresh").first.click()
             card.wait_for(state="attached", timeout=120_000)
             time.sleep(1.0)
         card.click()
