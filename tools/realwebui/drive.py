@@ -484,9 +484,11 @@ class Driver:
         w = self.watch_tab_job("tab_train", self.a.job_limit)
         final = w["timeline"][-1]
         ok = final.get("file") and "fail" not in (final.get("status") or "").lower()
+        compact = [{k: (v[:160] if isinstance(v, str) else v) for k, v in x.items() if k in ("t", "bar", "progress", "status")}
+                   for x in w["timeline"]]
         self.r.add("tab: a 4-iteration 64 px job finishes and saves", bool(ok) and not w["over_limit"],
                    {"final": final, "ended_after_s": w["ended_s"], "over_limit": w["over_limit"]},
-                   screenshot=w["shots"][-1])
+                   screenshot=w["shots"][-1], timeline=compact[:80])
         self.judge_job("tab", w, "tab")
         self.tab_job = w
 
@@ -537,7 +539,7 @@ class Driver:
             c, j = self.api.call("GET", f"/spm/v1/train/{jid}", timeout=30)
             s = {"t": round(time.monotonic() - t0, 1), "status": j.get("status"), "message": j.get("message"),
                  "step": j.get("step"), "total": j.get("total"), "error": j.get("error")}
-            for k in ("phase", "phase_step", "phase_total", "eta_s"):
+            for k in ("phase", "phase_done", "phase_total", "phase_eta_s", "progress", "eta_s"):
                 if k in j:
                     s[k] = j[k]
             if not tl or {k: v for k, v in s.items() if k != "t"} != {k: v for k, v in tl[-1].items() if k != "t"}:
@@ -563,7 +565,7 @@ class Driver:
         self.r.add("api: a 4-iteration 64 px job finishes and saves", bool(ok) and over is None,
                    {"final": {k: j.get(k) for k in ("status", "step", "total", "output", "error", "message")},
                     "seconds": tl[-1]["t"], "over_limit": over})
-        texts = [f"{s.get('phase') or ''} {s.get('message') or ''}" for s in tl]
+        texts = [f"{s.get('phase') or ''} {s.get('message') or ''} {s.get('progress') or ''}" for s in tl]
         found = phases_in(texts)
         # the second job on the same checkpoint may reuse the latent pool (#15 allows it): not required here
         required = [p for p in PHASES if p != "latent pool"]
@@ -572,14 +574,16 @@ class Driver:
                     "note": "latent pool not required for this second job (may be reused)", "timeline": tl[:40]})
         silent, start = 0.0, None
         for s in tl:
-            named = bool(phases_in([f"{s.get('phase') or ''} {s.get('message') or ''}"])) or s.get("status") != "running"
+            named = bool(phases_in([f"{s.get('phase') or ''} {s.get('message') or ''} {s.get('progress') or ''}"])) \
+                or s.get("status") != "running"
             if not named and start is None:
                 start = s["t"]
             if named and start is not None:
                 silent, start = max(silent, s["t"] - start), None
         self.r.add("api: no stretch longer than 10 s in which the job's message names no phase", silent <= 10,
                    {"longest_silent_s": round(silent, 1)})
-        first = next((s["t"] for s in tl if phases_in([f"{s.get('phase') or ''} {s.get('message') or ''}"])), None)
+        first = next((s["t"] for s in tl if phases_in([f"{s.get('phase') or ''} {s.get('message') or ''} {s.get('progress') or ''}"])),
+                     None)
         self.r.add("api: a phase is named from the first second", first is not None and first <= 2.0,
                    {"first_named_after_s": first, "first_polls": tl[:4]})
         eta_vals = [s.get("eta") for s in poller.samples if s.get("eta") is not None]
@@ -837,7 +841,7 @@ class Driver:
             time.sleep(0.5)
         shot = self.p.shot(f"{self.a.webui}_no_model")
         msg = snap.get("status") or ""
-        ok = bool(re.search(r"generate (one|an|a single)? ?image first|no model (is )?loaded", msg, re.I)) \
+        ok = bool(re.search(r"generate (one|an|a single)? ?image|no (stable diffusion )?model (is )?loaded", msg, re.I)) \
             and "FakeInitialModel" not in msg
         self.r.add("forge: training before the first generation names the missing model (tab)", ok,
                    {"status_text": msg, "progress": snap.get("progress"), "screenshot": shot})
@@ -850,7 +854,7 @@ class Driver:
                     break
                 time.sleep(0.5)
         text = json.dumps(j)
-        ok = bool(re.search(r"generate (one|an|a single)? ?image first|no model (is )?loaded", text, re.I)) \
+        ok = bool(re.search(r"generate (one|an|a single)? ?image|no (stable diffusion )?model (is )?loaded", text, re.I)) \
             and "FakeInitialModel" not in text
         self.r.add("forge: training before the first generation names the missing model (API)", ok,
                    {"post": code, "job": {k: j.get(k) for k in ("status", "error", "message")} if isinstance(j, dict) else j})
