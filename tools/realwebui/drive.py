@@ -344,10 +344,11 @@ class Driver:
                                                      .map(x => x.innerText.trim()).filter(Boolean).slice(0, 3) : []}; });
             const prog = q('#spm_train_progress textarea, #spm_train_progress input');
             // the HTML's own content, without Gradio's loading overlay ("queue: 1/1 | 1.7s", "processing | 3s")
-            const clean = e => { if (!e) return null; const c = e.cloneNode(true);
-                c.querySelectorAll('.wrap, .eta-bar, .progress-text, .progressDiv, .meta-text, .meta-text-center, .progress-level')
-                 .forEach(x => x.remove());
-                return c; };
+            // (live innerText, so that what the page hides with display:none is not read as shown)
+            const clean = e => { if (!e) return null; let t = e.innerText || '';
+                e.querySelectorAll('.wrap, .eta-bar, .progress-text, .progressDiv, .meta-text, .meta-text-center, .progress-level')
+                 .forEach(x => { const o = (x.innerText || '').trim(); if (o) t = t.split(o).join(''); });
+                return {innerText: t}; };
             const status = clean(q('#spm_train_status'));
             return {bar, progress: prog ? prog.value : null, status: status ? status.innerText.trim() : null,
                     loss_img: img('#spm_train_loss'), preview_img: img('#spm_train_preview'),
