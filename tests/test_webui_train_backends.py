@@ -101,6 +101,8 @@ def test_a1111_training_leaves_the_checkpoint_bit_identical(env, tokenizer, text
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in unet.modules())
     m = load_membrane(tmp_path / "c.safetensors")
     assert m.info.concepts == ["a red circle"] and m.info.context_dim == 32
+    # calibrated at training time with the runtime's own transport: the first generation computes none
+    assert set(m.info.transport["concepts"]) == {"a red circle"} and m.info.transport["fingerprint"]
 
 
 def test_a1111_v_parameterization_and_refusals(env, tokenizer, text_encoder):
@@ -209,6 +211,7 @@ def test_forge_training_in_a_session_restores_the_inference_weights(forge_env, t
         img = be.decode(torch.randn(1, 4, 8, 8))
     assert res.steps == 3 and all(h["loss"] == h["loss"] for h in res.history)
     assert any(layer.lora_down.weight.abs().sum() > 0 for layer in res.membrane.layers.values())
+    assert set(res.membrane.info.transport["concepts"]) == {"a red circle"}  # calibrated at training time
     assert img.shape == (1, 3, 16, 16)
     assert_untouched(unet, before)
     assert all(p.is_inference() for p in unet.parameters())

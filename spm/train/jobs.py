@@ -48,7 +48,8 @@ DEFAULT_CONTROLS = ("a photo of a dog in a park", "a landscape painting of mount
 STATUSES = ("queued", "running", "done", "failed", "interrupted")
 SUFFIX = ".safetensors"
 # phase → what the progress line calls it
-PHASES = {"queued": "queued", "loading": "loading the model", "pool": "filling the latent pool",
+PHASES = {"queued": "queued", "loading": "loading the model", "calibration": "calibrating Facilitated Transport",
+          "pool": "filling the latent pool",
           "training": "training step", "signal": "measuring the erasure", "check": "before/after check", "saving": "saving"}
 UNITS = {"pool": "denoising steps", "training": "steps", "check": "sampling steps"}  # what a phase counts
 CONSOLE_LINES = 10  # about this many progress lines per job in the console
@@ -638,7 +639,8 @@ class TrainService:
                 self._say(job, job.progress_text())
 
         def on_phase(ph) -> None:
-            message = {"pool": "filling the latent pool", "training": "training", "signal": "measuring the erasure",
+            message = {"calibration": "calibrating Facilitated Transport", "pool": "filling the latent pool",
+                       "training": "training", "signal": "measuring the erasure",
                        "saving": f"saving {out.name}"}.get(ph.name)
             self._phase(job, ph.name, ph.done, ph.total, message=message)
 

@@ -165,6 +165,8 @@ class Trainer:
 
         info = MembraneInfo(concepts=list(self.cfg.targets), surrogate=self.cfg.surrogate,
                             architecture=describe_architecture(ctx), context_dim=ctx, training=self.cfg.to_dict())
+        if getattr(self.backend, "transport_calibration", None) is not None and info.concepts:
+            self._phase("calibration", 0, 1)  # minutes on a CPU WebUI (padded windows); seconds on a GPU
         info.transport = training_calibration(self.backend, info.concepts)  # spm_transport, if the backend can
         torch.manual_seed(self.cfg.seed)
         return Membrane.for_targets(find_targets(unet), self.cfg.rank, self.cfg.alpha, info, self.name)

@@ -108,6 +108,12 @@ class A1111Backend:
         self.latent = LatentSpec(4, ds, default_resolution(self.is_xl, param, ctx))
 
     # Backend protocol ------------------------------------------------------------------------------
+    def transport_calibration(self, concepts: Sequence[str]) -> dict:
+        """The ``spm_transport`` metadata the trainer stores (see :func:`spm.webui.runtime.training_transport_calibration`)."""
+        from .runtime import training_transport_calibration
+
+        return training_transport_calibration(self.sd_model, concepts)
+
     def encode(self, texts: Sequence[str]) -> Conditioning:
         texts = list(texts)
         with torch.no_grad(), _autocast():

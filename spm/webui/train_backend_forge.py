@@ -168,6 +168,12 @@ class ForgeBackend:
                 h.remove()
 
     # Backend protocol ------------------------------------------------------------------------------
+    def transport_calibration(self, concepts: Sequence[str]) -> dict:
+        """The ``spm_transport`` metadata the trainer stores (see :func:`spm.webui.runtime.training_transport_calibration`)."""
+        from .runtime import training_transport_calibration
+
+        return training_transport_calibration(self.sd_model, concepts)
+
     def encode(self, texts: Sequence[str]) -> Conditioning:
         c = self.sd_model.get_learned_conditioning(list(texts))
         with torch.inference_mode(False):
