@@ -447,14 +447,3 @@ __all__ = [
     "Attachment", "RowWeightTransport", "Runtime", "TextRegistry", "crossattn", "derived_groups", "derived_texts", "find_tokenizer",
     "find_unet", "is_forge",
 ]
-
-
-def training_transport_calibration(sd_model: Any, concepts: Sequence[str]) -> dict:
-    """``spm_transport`` metadata for a membrane trained in the WebUI, calibrated with the transport that will
-    score it at generation time (the runtime's, on ``sd_model``): the file then carries its calibration, and
-    the first generation with it does not compute one (minutes on a CPU WebUI, where windows are encoded padded)."""
-    from ..transport import calibration_metadata
-    from . import state
-
-    tr = state.runtime().attach(sd_model).transport
-    return calibration_metadata(tr.concepts.get(list(concepts), tr.encode, tr.encoder_key), tr.phrases, tr.encode_ids)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Sequence
 
 from ..library import Library
 from .plan import Planner
@@ -80,3 +81,13 @@ def reset() -> None:
     if _runtime is not None:
         _runtime.detach()
     _library = _planner = _runtime = None
+
+
+def training_transport_calibration(sd_model: Any, concepts: Sequence[str]) -> dict:
+    """``spm_transport`` metadata for a membrane trained in the WebUI, calibrated with the transport that will
+    score it at generation time (the runtime's, on ``sd_model``): the file then carries its calibration, and
+    the first generation with it does not compute one (minutes on a CPU WebUI, where windows are encoded padded)."""
+    from ..transport import calibration_metadata
+
+    tr = runtime().attach(sd_model).transport
+    return calibration_metadata(tr.concepts.get(list(concepts), tr.encode, tr.encoder_key), tr.phrases, tr.encode_ids)

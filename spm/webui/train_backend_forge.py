@@ -169,8 +169,8 @@ class ForgeBackend:
 
     # Backend protocol ------------------------------------------------------------------------------
     def transport_calibration(self, concepts: Sequence[str]) -> dict:
-        """The ``spm_transport`` metadata the trainer stores (see :func:`spm.webui.runtime.training_transport_calibration`)."""
-        from .runtime import training_transport_calibration
+        """The ``spm_transport`` metadata the trainer stores (see :func:`spm.webui.state.training_transport_calibration`)."""
+        from .state import training_transport_calibration
 
         return training_transport_calibration(self.sd_model, concepts)
 
