@@ -39,24 +39,22 @@ def _fail(msg: object) -> int:
 
 
 # --- argument types (argparse calls them; their errors become one line) ---------------------------
-def positive_int(text: str) -> int:
+def _whole(text: str, least: int, what: str) -> int:
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} is not positive (give 1 or more)")
+    if v < least:
+        raise argparse.ArgumentTypeError(f"{v} is {what} (give {least} or more)")
     return v
+
+
+def positive_int(text: str) -> int:
+    return _whole(text, 1, "not positive")
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} is negative (give 0 or more)")
-    return v
+    return _whole(text, 0, "negative")
 
 
 def finite_float(text: str) -> float:
