@@ -83,10 +83,12 @@ def _reexec_with_caching_malloc(argv: list[str]) -> None:
     if sys.platform != "linux" or "--system-malloc" in argv or _caching_malloc_active() or not sys.executable:
         return
     env = dict(os.environ, **CACHING_MALLOC)
+    # as a module, not as the script: run as bench/overhead.py, bench/ would come first on sys.path
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv], env)
+        os.execve(sys.executable, [sys.executable, "-m", "bench.overhead", *argv], env)
     except OSError as e:  # measure with the system allocator rather than not at all (machine() records which)
         print(f"bench.overhead: could not re-run with a caching malloc ({e}); using the system allocator",
               file=sys.stderr)

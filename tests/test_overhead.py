@@ -234,3 +234,18 @@ def test_benchmark_helpers_on_tiny_model(encode):
     tr = overhead.time_transport(encode, ms, repeats=2)
     assert tr["ms_per_prompt_1"] > 0 and tr["concepts_1"] == len(ms[0].concepts)
     assert not any(m._forward_hooks for m in unet.modules())
+
+
+def test_benchmark_reexec_runs_as_a_module():
+    """The re-exec with a caching malloc must not run bench/overhead.py as a script (bench/ first on sys.path)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-m", "bench.overhead", "--help"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "usage:" in out.stdout

@@ -29,14 +29,14 @@ Equivalently, since ``‖m − (2s − o)‖² − ‖m − o‖² = 4a·‖u‖
 as close to the mirror image of the original through the surrogate, ``2s − o`` (the reference's erase goal at
 ``g = 1``), as to the original itself: the perpendicular bisector of that pair.  The weaker
 bisector between original and surrogate (``closed ≥ ½``: closer to the surrogate than to the original) was the
-first choice; on the toy world it said erased long before the scorer saw any erasure (``bench/signal.py``).
+first choice; on the toy world it said erased long before the scorer saw any erasure (``bench/signal_vs_scorer.py``).
 
 The argument holds at every sampling step, so it is applied per noise level: ``closed`` is computed for each
 level over its probes (a ratio of sums, so probes where the concept changes the prediction more weigh more), and
 **the signal is the minimum over the levels**.  A level where the target's direction survives is a step at which
 guidance still draws it, and the high-noise steps decide what is drawn: well-erased low-noise levels cannot make up
 for them.  The ratio over all probes together is reported as ``aggregate`` (on the toy world it called
-four points erased where the scorer still found the target in up to 44 % of the images; ``bench/signal.py``).
+four points erased where the scorer still found the target in up to 44 % of the images; ``bench/signal_vs_scorer.py``).
 
 Cost: building the probes runs ``trajectories`` CFG trajectories of the original model up to the lowest noise
 level (``2 · trajectories · (k_max + 1)`` UNet rows, once; plus one surrogate row per probe when the surrogate is

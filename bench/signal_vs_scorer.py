@@ -1,4 +1,4 @@
-"""``python -m bench.signal --json``: does the trainer's classifier-free erasure signal track the scorer's erasure?
+"""``python -m bench.signal_vs_scorer --json``: does the trainer's classifier-free erasure signal track the scorer's erasure?
 
 For each target, trains one membrane on a toy model with the default settings but without early stopping
 (``stop_when_erased=False``, so the run goes past the point where the signal says erased), keeps a copy of the
@@ -214,7 +214,7 @@ def plot(per: dict, summary: dict, path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.signal", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.signal_vs_scorer", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="toy", help="a shipped toy model name or a toy asset folder (default: toy)")
     ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated toy objects")
     ap.add_argument("--iterations", type=int, help="iterations per run (default: the TrainConfig default)")
