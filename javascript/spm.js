@@ -26,7 +26,9 @@
             "<spm:name:weight> tag in a prompt overrides its membrane's weight here.",
         spm_metric: "Facilitated Transport: each membrane acts on a prompt only as far as the prompt resembles the " +
             "membrane's concepts. 'off' applies the weight alone, to every prompt.",
-        spm_factor: "Multiplies every membrane's strength (weight × factor × transport score)."
+        spm_factor: "Multiplies every membrane's strength (weight × factor × transport score).",
+        spm_explain: "Show, per membrane and concept, the transport score this prompt gets, the window of the " +
+            "prompt that matched and the calibration behind it (computed with the loaded model's text encoder)."
     };
     var known = {names: null, descriptions: {}, signature: null, defaultWeight: null};
     var pending = null, queued = null;

@@ -6,6 +6,7 @@ Route (:func:`add_routes`, host-agnostic):
 * ``GET /spm/v1/names`` — ``{"names": [...], "signature": "…", "descriptions": {name: "…"}, "default_weight": 1.0,
   "problem": null}``: the folder rescanned (headers of new or changed files only), for the prompt's ``<spm:``
   completion and to tell the panel and the cards that they are stale (``signature`` changes with the listing).
+* ``POST /spm/v1/explain`` — why a prompt gets its transport strengths (:mod:`spm.webui.explain`).
 
 Imported only by the extension's ``scripts/``; :func:`register` is called once at script load.
 """
@@ -107,7 +108,10 @@ def add_routes(app, prefix: str = "/spm/v1") -> None:
 
 
 def on_app_started(demo, app) -> None:
+    from . import explain
+
     add_routes(app)
+    explain.add_routes(app)
 
 
 def on_model_loaded(sd_model) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..tags import parse_weight_list
 from . import state
+from .explain import panel_explain
 from .panel import METRIC_CHOICES, parse_transport_infotext, sync_weights
 
 
@@ -45,6 +46,20 @@ def refresh_on_page_load(membranes) -> bool:
         return False
     root.load(fn=refresh_choices, inputs=[membranes], outputs=[membranes], show_progress="hidden", api_name=False)
     return True
+
+
+def fill_prompt_js(tab: str) -> str:
+    """Client-side: an empty "Prompt to explain" takes the tab's main prompt (``#txt2img_prompt``) at the click."""
+    return ("(...a) => { const root = (typeof gradioApp === 'function') ? gradioApp() : document; "
+            f"const t = root.querySelector('#{tab}_prompt textarea'); "
+            "if ((a[0] === undefined || a[0] === null || String(a[0]).trim() === '') && t) a[0] = t.value; return a; }")
+
+
+def _js_kw(js: str) -> dict:
+    """``_js=`` for Gradio 3 (A1111 1.10), ``js=`` for Gradio 4 (Forge)."""
+    import gradio as gr
+
+    return {"js": js} if int(str(gr.__version__).split(".")[0]) >= 4 else {"_js": js}
 
 
 def _paste_names(d: dict) -> list[str]:
@@ -83,7 +98,16 @@ def build_panel(script: Any) -> tuple[list, list]:
                                  elem_id=script.elem_id("spm_metric"))
             factor = gr.Slider(label="Facilitate factor", minimum=0.0, maximum=3.0, step=0.05, value=1.0,
                                elem_id=script.elem_id("spm_factor"))
+        with gr.Accordion("Why these strengths?", open=False, elem_id=script.elem_id("spm_explain_accordion")):
+            explain_prompt = gr.Textbox(label="Prompt to explain (empty: the prompt above)", value="", lines=2,
+                                        elem_id=script.elem_id("spm_explain_prompt"))
+            explain_button = gr.Button(value="Explain", elem_id=script.elem_id("spm_explain"))
+            explain_out = gr.Textbox(label="Facilitated Transport per membrane and concept", value="", lines=8,
+                                     interactive=False, elem_id=script.elem_id("spm_explain_out"))
     refresh.click(fn=refresh_choices, inputs=[membranes], outputs=[membranes])
+    tab = "img2img" if getattr(script, "is_img2img", False) else "txt2img"
+    explain_button.click(fn=panel_explain, inputs=[explain_prompt, enabled, membranes, weights, metric, factor],
+                         outputs=[explain_out], **_js_kw(fill_prompt_js(tab)))
     refresh_on_page_load(membranes)
     membranes.change(fn=sync_weights, inputs=[membranes, weights], outputs=[weights])
     infotext_fields = [

@@ -220,6 +220,20 @@ def test_panel_cards_and_completion_in_the_browser(served):
                                    timeout=30_000)
             assert prompt_value(page) == "a photo <spm:alpha:1.0>"
 
+            # "Why these strengths?": an empty box explains the main prompt (the JS passes it at the click); the
+            # stub has no model loaded, so the server answers with the message that names what to do
+            if not page.locator(PANEL + "explain").is_visible():
+                page.locator(PANEL + "accordion").locator(".label-wrap").first.click()
+                page.locator(PANEL + "explain_accordion").locator(".label-wrap").first.click()
+            page.locator("#txt2img_prompt textarea").fill("a photo <spm:alpha:1.0>")
+            page.locator(PANEL + "explain").click()
+            page.wait_for_function("(sel) => (document.querySelector(sel + ' textarea') || {}).value?.includes('No model')",
+                                   arg=PANEL + "explain_out", timeout=30_000)
+            page.locator(PANEL + "explain_prompt textarea").fill("")
+            page.locator("#txt2img_prompt textarea").fill("a photo")
+            page.locator(PANEL + "explain").click()
+            page.wait_for_function("(sel) => (document.querySelector(sel + ' textarea') || {}).value?.includes('No membrane')",
+                                   arg=PANEL + "explain_out", timeout=30_000)
             # a membrane trained while the server runs: a new page lists it in the panel and on the cards
             save_membrane(tiny(concepts=("gamma",)), folder / "gamma.safetensors")
             page.reload(wait_until="domcontentloaded")
