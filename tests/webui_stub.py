@@ -652,9 +652,16 @@ class HijackedCLIP(nn.Module):
         super().__init__()
         self.tokenizer = tokenizer
         self.transformer = transformer
+        self.padded_rows = 0  # 77-token rows encoded by forward (the WebUI's get_learned_conditioning)
+        self.fast_rows = 0  # rows encoded through encode_with_transformers by someone else
 
     def tokenize(self, texts):
         return self.tokenizer(list(texts), truncation=False, add_special_tokens=False)["input_ids"]
+
+    def encode_with_transformers(self, tokens):
+        """A1111: ``self.wrapped.transformer(input_ids=tokens, …)`` (clip skip 1: the last hidden state)."""
+        self.fast_rows += int(tokens.shape[0])
+        return self.transformer(input_ids=tokens).last_hidden_state
 
     def forward(self, texts):
         ids = self.tokenize(texts)
@@ -667,6 +674,7 @@ class HijackedCLIP(nn.Module):
                 row = [49406] + piece + [49407] * (76 - len(piece))
                 parts.append(row)
             x = torch.tensor(parts)
+            self.padded_rows += int(x.shape[0])
             with torch.no_grad():
                 h = self.transformer(x).last_hidden_state  # [chunks, 77, d]
             out.append(h.reshape(-1, h.shape[-1]))
@@ -780,6 +788,9 @@ class ClassicTextProcessingEngine:
 
     def tokenize(self, texts):
         return self.clip.tokenize(texts)
+
+    def encode_with_transformers(self, tokens):
+        return self.clip.encode_with_transformers(tokens)
 
     def __call__(self, texts):
         return self.clip(texts)

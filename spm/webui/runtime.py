@@ -109,6 +109,70 @@ def find_tokenizer(sd_model: Any) -> Tokenize | None:
     return None
 
 
+def find_text_encoders(sd_model: Any) -> list[Any]:
+    """The WebUI's text encoders whose outputs make the cross-attention rows, in the order they are
+    concatenated, each with ``encode_with_transformers(ids [n, L]) -> states [n, L, d]`` (A1111's hijacked
+    ``cond_stage_model`` or SDXL ``conditioner.embedders``; Forge's ``text_processing_engine`` or its ``_l`` and
+    ``_g``), or [] when the model has another layout (the exact padded path is then used)."""
+    def usable(objs):
+        return [o for o in objs if callable(getattr(o, "encode_with_transformers", None))]
+
+    conditioner = getattr(sd_model, "conditioner", None)
+    if conditioner is not None:  # A1111 SDXL (sgm): CLIP-L then OpenCLIP-G; the vector embedders have no such method
+        return usable(getattr(conditioner, "embedders", None) or [])
+    for attrs in (("text_processing_engine_l", "text_processing_engine_g"), ("text_processing_engine",),
+                  ("cond_stage_model",)):
+        objs = [getattr(sd_model, a, None) for a in attrs]
+        if all(o is not None for o in objs):
+            found = usable(objs)
+            return found if len(found) == len(objs) else []
+    return []
+
+
+def phrase_encoder(sd_model: Any):
+    """A fast, unpadded phrase-window encoder on the WebUI's own text encoders
+    (:func:`spm.transport.causal_phrase_encoder`), or None.
+
+    The WebUI pads every text to 77-token chunks; calibrating Facilitated Transport and scoring phrase
+    windows through ``get_learned_conditioning`` therefore costs minutes on a CPU WebUI.  Each window is
+    encoded here as ``[BOS, *ids, EOS]`` by the same ``encode_with_transformers`` the WebUI uses (its clip
+    skip, its layer choice; Forge loads the text encoder first, as its ``get_learned_conditioning`` does).
+    :class:`~spm.attach.Transport` uses it only after it matched the exact path on a probe phrase.
+    """
+    encoders = find_text_encoders(sd_model)
+    if not encoders:
+        return None
+    from ..transport import causal_phrase_encoder
+
+    def device() -> Any:
+        try:
+            from modules import devices
+
+            return devices.device
+        except (ImportError, AttributeError):
+            return None
+
+    def load() -> None:
+        clip = getattr(getattr(sd_model, "forge_objects", None), "clip", None)
+        patcher = getattr(clip, "patcher", None)
+        if patcher is None:
+            return
+        try:
+            from backend import memory_management
+        except ImportError:  # not Forge
+            return
+        memory_management.load_model_gpu(patcher)
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        load()
+        dev = device()
+        ids = ids.to(dev) if dev is not None else ids
+        states = [enc.encode_with_transformers(ids) for enc in encoders]
+        return states[0] if len(states) == 1 else torch.cat(states, dim=-1)
+
+    return causal_phrase_encoder(run)
+
+
 # --- recording conditioning rows ----------------------------------------------------------------
 CHUNK = 77  # tokens per CLIP chunk in the WebUI (75 + BOS + EOS)
 
@@ -180,10 +244,11 @@ class RowWeightTransport(Transport):
     """
 
     def __init__(self, encode, tokenize: Tokenize | None, encoder_key: object = None,
-                 metric: str = DEFAULT_METRIC, factor: float = 1.0):
+                 metric: str = DEFAULT_METRIC, factor: float = 1.0, fast_encode_ids=None):
         # the text encoder may be offloaded while the UNet samples (lowvram, Forge): phrase states are
         # prepared before sampling (Attachment.prepare_concepts), never inside the UNet hook
-        super().__init__(encode, encoder_key=encoder_key, metric=metric, factor=factor, lazy_phrases=False)
+        super().__init__(encode, encoder_key=encoder_key, metric=metric, factor=factor, lazy_phrases=False,
+                         fast_encode_ids=fast_encode_ids)
         self.tokenize = tokenize
         self.texts = TextRegistry()
         self.panel: dict[str, float] = {}
@@ -267,7 +332,8 @@ class Attachment:
             toks = self.transport.tokenize(list(texts)) if self.transport.tokenize else [[] for _ in texts]
             return rows, toks
 
-        self.transport = RowWeightTransport(encode, find_tokenizer(sd_model), encoder_key=id(sd_model))
+        self.transport = RowWeightTransport(encode, find_tokenizer(sd_model), encoder_key=id(sd_model),
+                                            fast_encode_ids=phrase_encoder(sd_model))
         self._installed = False
         self._seen: set[tuple[tuple[str, ...], bool]] = set()
         self.install_recorder()
@@ -444,6 +510,6 @@ def derived_texts(prompt: str, steps: Sequence[int], hires_steps: Sequence[int |
 
 
 __all__ = [
-    "Attachment", "RowWeightTransport", "Runtime", "TextRegistry", "crossattn", "derived_groups", "derived_texts", "find_tokenizer",
-    "find_unet", "is_forge",
+    "Attachment", "RowWeightTransport", "Runtime", "TextRegistry", "crossattn", "derived_groups", "derived_texts",
+    "find_text_encoders", "find_tokenizer", "find_unet", "is_forge", "phrase_encoder",
 ]
