@@ -88,12 +88,18 @@ def bit_identity(pipe, membrane, metric: str, cases: list, random_prompts: list[
 
 
 def gate_summary(pipe, membrane) -> dict:
+    from spm.gate import compute_gate
     from spm.hosts.diffusers import pipeline_transport
     from spm.transport import ROBUST_METRIC
 
     tr = pipeline_transport(pipe, ROBUST_METRIC)
+    t0 = time.perf_counter()
     g = tr.prepare_gates([membrane])[0]
-    return {"usable": g.usable, "modules": len(g.stems), "null_top": round(g.q, 4), "concept_low": round(g.top, 4),
+    secs = time.perf_counter() - t0
+    fresh = pipeline_transport(pipe, ROBUST_METRIC)
+    t0 = time.perf_counter()
+    compute_gate(membrane, fresh._encode_context)  # what a file without the gate pays once per session
+    return {"prepare_seconds": round(secs, 3), "compute_seconds": round(time.perf_counter() - t0, 3), "usable": g.usable, "modules": len(g.stems), "null_top": round(g.q, 4), "concept_low": round(g.top, 4),
             "lo": round(g.lo, 4), "hi": round(g.hi, 4), "null_quantiles": {k: round(v, 4) for k, v in g.quantiles.items()},
             "samples": g.samples, "source": g.source}
 
@@ -255,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-unprotected", action="store_true", help="skip the attacks on the unprotected model")
     p.add_argument("--membranes", type=Path, default=RESULTS / "gate_membranes")
     p.add_argument("--out", type=Path, help="write the JSON here (default: bench/results/gate.json; quick: not written)")
+    p.add_argument("--budget", action="append", default=[], metavar="KEY=N",
+                   help="override a field of spm.attack.Budget, e.g. --budget restarts=1 (repeatable; stated in the JSON)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -271,6 +279,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         targets[w] = ts
     budget = Budget.quick() if args.quick else Budget()
+    for item in args.budget:
+        key, _, val = item.partition("=")
+        if not hasattr(budget, key) or not val:
+            print(f"error: --budget {item}: expected KEY=NUMBER with KEY a field of spm.attack.Budget", file=sys.stderr)
+            return 2
+        try:
+            setattr(budget, key, type(getattr(budget, key))(val))
+        except ValueError:
+            print(f"error: --budget {item}: {val!r} is not a number", file=sys.stderr)
+            return 2
     iterations = args.iterations or (60 if args.quick else None)
     args.membranes.mkdir(parents=True, exist_ok=True)
     rep = run(worlds, targets, budget, quick=args.quick, reuse=args.reuse, iterations=iterations, out=args.membranes,

@@ -270,3 +270,12 @@ def test_the_webui_offers_the_robust_metric_by_name():
     assert ROBUST_METRIC in METRIC_CHOICES and "membrane" in METRIC_CHOICES
     assert all(c in METRICS for c in METRIC_CHOICES)
     assert parse_transport_infotext(f"{ROBUST_METRIC} x1.2") == (ROBUST_METRIC, 1.2)
+
+
+def test_bench_gate_refuses_a_bad_budget_and_times_an_sd1_sized_gate():
+    from bench import gate as bench_gate
+
+    assert bench_gate.main(["--world", "toy", "--budget", "nope=1"]) == 2
+    assert bench_gate.main(["--world", "toy", "--budget", "steps=many"]) == 2
+    c = bench_gate.cost_sd1(reps=2)
+    assert c["modules"] == 32 and c["sd1_gate_ms"] > 0 and c["sd1_gate_ms_231_tokens"] > 0
