@@ -48,9 +48,12 @@ NULL_LENGTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 75)
 NULL_PER_LENGTH = 32  # half random regular tokens, half random whole words
 NULL_SEED = 3
 CONCEPT_FORMS = ("{}", "a {}", "the {}", "a photo of a {}")
-# the ramp, as fractions of the headroom between the null's top (0) and the concept's literal prompts (1)
-LO_FRAC = 0.25
-HI_FRAC = 0.5
+# the ramp, as fractions of the headroom between the null's top (0) and the concept's literal prompts (1): the
+# calibrated ngram's rule — a row counts only once it is closer to the concept than to the edge of what random
+# text reaches (lo, the midpoint), full strength a quarter of the headroom further on (hi).  A first run with
+# 1/4 and 1/2 opened the square membrane's gate for one sibling-object prompt (bench/results/gate_lofrac025.json)
+LO_FRAC = 0.5
+HI_FRAC = 0.75
 # characters that the WebUIs read as prompt syntax (attention, alternation, LoRA tags): kept out of the null
 SYNTAX = frozenset("\\()[]{}:|<>")
 FINGERPRINT_TEXT = "a red circle background"
