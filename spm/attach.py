@@ -64,6 +64,7 @@ from .transport import (
     is_calibrated,
     needs_phrases,
     phrase_lengths,
+    uses_gate,
     windows,
 )
 
@@ -141,6 +142,9 @@ class Transport:
         self.lazy_phrases = lazy_phrases
         self._matrices: dict[tuple, tuple] = {}  # concept set -> (embeddings kept alive, unit matrix, token sets, shape)
         self._tokenizer = None
+        from .gate import GateCache
+
+        self.gates = GateCache()  # the membrane gates (metrics with uses_gate), calibrated once per membrane
 
     def _decode_and_encode(self, seqs: list[tuple[int, ...]]) -> list[torch.Tensor]:
         """Default phrase encoder: token ids → text (the CLIP vocabulary) → ``encode`` → content states."""
@@ -168,6 +172,8 @@ class Transport:
     def prepare_calibrations(self, membranes: Sequence[Membrane]) -> list[Calibration]:
         """Calibrate the membranes' concepts on this encoder (calibrated metrics only; from each file's
         ``spm_transport`` where its encoder fingerprint matches), while the text encoder is available."""
+        if uses_gate(self.metric):
+            self.prepare_gates(membranes)
         if not is_calibrated(self.metric):
             return []
         out = []
@@ -175,6 +181,25 @@ class Transport:
             for ce in self.concepts.get(m.concepts, self.encode, self.encoder_key):
                 out.append(calibrate(ce, self.phrases, self.encode_ids, getattr(m.info, "transport", None)))
         return out
+
+    def _encode_context(self, texts: list[str]) -> torch.Tensor:
+        return self.encode([self.phrase_text(t) for t in texts])[0]
+
+    def prepare_gates(self, membranes: Sequence[Membrane]) -> list:
+        """Calibrate the membranes' gates on this encoder (from each file's ``spm_transport["gate"]`` where its
+        encoder and weights match), while the text encoder is available. Returns the gates."""
+        return [self.gates.get(m, self._encode_context) for m in membranes]
+
+    def gate_scores(self, context: torch.Tensor, membranes: Sequence[Membrane]) -> torch.Tensor:
+        """``[B, M]`` gate scores of each row for each membrane (0 for a membrane whose gate is not prepared,
+        where phrases are not encoded lazily)."""
+        cols = []
+        for m in membranes:
+            gate = self.gates.peek(m)
+            if gate is None and self.lazy_phrases:
+                gate = self.gates.get(m, self._encode_context)
+            cols.append(gate.score(context) if gate is not None else torch.zeros(context.shape[0]))
+        return torch.stack(cols, 1) if cols else torch.zeros(context.shape[0], 0)
 
     def prepare_phrases(self, row_tokens: Sequence[Sequence[int] | None] | None = None,
                         lengths: Sequence[int] | None = None) -> int:
@@ -203,13 +228,20 @@ class Transport:
                 return out
         cols = []
         phrases = needs_phrases(self.metric)
+        gated = uses_gate(self.metric)
         for m in membranes:
             concepts = self.concepts.get(m.concepts, self.encode, self.encoder_key) if self.metric != "off" else []
             if phrases and self.lazy_phrases and concepts:
                 self.prepare_calibrations([m])
                 self.prepare_phrases(row_tokens, self._lengths(concepts))
+            if gated and concepts and not phrases:  # the gate alone: its words part is 0
+                cols.append(torch.zeros(context.shape[0]))
+                continue
             cols.append(concept_scores(context, row_tokens, concepts, self.metric, phrases=self.phrases))
-        return torch.stack(cols, 1) if cols else torch.zeros(context.shape[0], 0)
+        out = torch.stack(cols, 1) if cols else torch.zeros(context.shape[0], 0)
+        if gated and membranes:
+            out = torch.maximum(out, self.gate_scores(context, membranes))
+        return out
 
     def _scores_batched(self, context: torch.Tensor, membranes: Sequence[Membrane],
                         row_tokens: Sequence[Sequence[int] | None], use_cos: bool, use_tok: bool) -> torch.Tensor | None:

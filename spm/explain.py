@@ -3,8 +3,10 @@
 For each membrane and each of its concepts: the metric's score, the best-matching window of the prompt (its
 text and similarity), ``tokenuni``, and for the calibrated ``ngram`` metrics the concept's calibration on
 this encoder — the null's quantiles, ``lo``/``hi``, the neutral-context band, and whether it came from the
-membrane file or was computed here, and why.  Hosts call :func:`explain` (a dict) or :func:`explain_text`
-with their own :class:`~spm.attach.Transport`, so the explanation is computed exactly as generation scores.
+membrane file or was computed here, and why.  With a gate metric (``robust``, ``membrane``: :mod:`spm.gate`),
+also each membrane's gate score, the token position where it peaks, and the gate's calibration.  Hosts call
+:func:`explain` (a dict) or :func:`explain_text` with their own :class:`~spm.attach.Transport`, so the
+explanation is computed exactly as generation scores.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .transport import (
     is_calibrated,
     needs_phrases,
     tokenuni,
+    uses_gate,
     windows,
 )
 
@@ -98,9 +101,27 @@ def explain(transport: Transport, membranes: Sequence[Membrane], prompt: str) ->
                               "window_ids": list(where) if where else None})
             concepts.append(entry)
         raw = max((c["score"] for c in concepts), default=1.0)
-        out["membranes"].append({"name": m.name, "concepts": concepts,
-                                 "strength": round(transport.factor * min(max(raw, 0.0), 1.0), 6)})
+        entry = {"name": m.name, "concepts": concepts}
+        if uses_gate(metric) and ces:
+            entry["gate"] = _gate_entry(transport, m, ctx, row)
+            raw = max(raw, entry["gate"]["score"])
+        entry["strength"] = round(transport.factor * min(max(raw, 0.0), 1.0), 6)
+        out["membranes"].append(entry)
     return out
+
+
+def _gate_entry(transport: Transport, membrane: Membrane, ctx: torch.Tensor, row: list[int]) -> dict[str, Any]:
+    """The membrane gate's score of the prompt, where it peaks, and its calibration (see :mod:`spm.gate`)."""
+    gate = transport.prepare_gates([membrane])[0]
+    ts = gate.token_scores(ctx.detach().float().cpu())[0]
+    j = int(ts.argmax()) if ts.numel() else 0
+    raw = float(ts[j]) if ts.numel() else 0.0
+    n = len(row)
+    where = "BOS" if j == 0 else (_decode(transport, [row[j]]) if 0 < j < n - 1 else "EOS/padding (the whole prompt)")
+    return {"score": round(float(gate.map(torch.tensor([raw]))[0]), 6), "raw": round(raw, 6), "position": j, "token": where,
+            "calibration": {"q": round(gate.q, 6), "top": round(gate.top, 6), "lo": round(gate.lo, 6), "hi": round(gate.hi, 6),
+                            "null_quantiles": {k: round(v, 6) for k, v in gate.quantiles.items()}, "samples": gate.samples,
+                            "modules": len(gate.stems), "usable": gate.usable, "source": gate.source, "reason": gate.reason}}
 
 
 def format_explanation(ex: dict[str, Any]) -> str:
@@ -124,6 +145,16 @@ def format_explanation(ex: dict[str, Any]) -> str:
                              f"max {q.get('max', 0):.3f}; concept in neutral context {cal['band']:.3f}"
                              + ("  [weak: the concept's own context moves it past the null margin]" if cal["weak"] else "")
                              + ("" if cal["usable"] else "  [unusable: random windows look like the concept]"))
+        g = m.get("gate")
+        if g:
+            c = g["calibration"]
+            q = c["null_quantiles"]
+            lines.append(f"  gate: score {g['score']:.3f} (raw {g['raw']:.3f} at position {g['position']}, {g['token']!r}) = "
+                         f"clamp((raw - {c['lo']:.3f}) / ({c['hi']:.3f} - {c['lo']:.3f}))")
+            lines.append(f"    gate calibration ({c['source']}: {c['reason'] or 'computed on this encoder'}): {c['modules']} key/value "
+                         f"modules; null of {c['samples']} prompts: median {q.get('0.5', 0):.3f}, q99 {q.get('0.99', 0):.3f}, "
+                         f"top {c['q']:.3f}; concept's literal prompts from {c['top']:.3f}"
+                         + ("" if c["usable"] else "  [unusable: the concept does not drive the membrane beyond random text]"))
     return "\n".join(lines)
 
 

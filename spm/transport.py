@@ -26,6 +26,11 @@ Ours, selectable (the benchmark compares them on the toy world):
   maximum with ``tokenuni``, so a literal mention always gets full strength.
 * ``ngram_fixed`` / ``ngram_fixed_tokenuni`` (the previous default): windows as long as the concept only, the
   cosine mapped through ``clamp((s − 0.85) / (0.92 − 0.85), 0, 1)`` — thresholds chosen on the toy encoder.
+* ``membrane`` (the membrane gate, :mod:`spm.gate`): how strongly the row's token states drive the membrane's
+  cross-attention key/value down projections, calibrated per membrane and encoder so that rows at or below a
+  seeded null of random text get exactly 0; it opens for prompts that avoid the concept's words too.
+  ``robust`` (:data:`ROBUST_METRIC`): its maximum with ``ngram_tokenuni``.  The gate is per membrane, not per
+  concept: :func:`concept_scores` gives their words part only, :class:`spm.attach.Transport` adds the gate.
 
 This module knows nothing of any host: a host supplies an ``encode(texts)`` function returning
 conditioning exactly as its UNet receives it, plus token ids.
@@ -649,9 +654,21 @@ def _m_ngram_fixed_tokenuni(ctx, toks, ce, phrases=None):
     return torch.maximum(_m_ngram_fixed(ctx, toks, ce, phrases), tokenuni(toks, ce.tokens))
 
 
-for _fn in (_m_ngram, _m_ngram_tokenuni, _m_ngram_fixed, _m_ngram_fixed_tokenuni):
+def _m_membrane(ctx, toks, ce):
+    """The membrane gate alone: it reads the membrane, not the concept, so its per-concept part is 0 and
+    :class:`spm.attach.Transport` adds the gate per membrane (see :mod:`spm.gate`)."""
+    return torch.zeros(ctx.shape[0])
+
+
+def _m_robust(ctx, toks, ce, phrases=None):
+    """``robust``: the default words metric (``ngram_tokenuni``) here; Transport takes its maximum with the gate."""
+    return _m_ngram_tokenuni(ctx, toks, ce, phrases)
+
+
+for _fn in (_m_ngram, _m_ngram_tokenuni, _m_ngram_fixed, _m_ngram_fixed_tokenuni, _m_robust):
     _fn.needs_phrases = True  # type: ignore[attr-defined]
-_m_ngram.calibrated = _m_ngram_tokenuni.calibrated = True  # type: ignore[attr-defined]
+_m_ngram.calibrated = _m_ngram_tokenuni.calibrated = _m_robust.calibrated = True  # type: ignore[attr-defined]
+_m_membrane.gate = _m_robust.gate = True  # type: ignore[attr-defined]
 
 
 def needs_phrases(metric: str) -> bool:
@@ -662,6 +679,12 @@ def needs_phrases(metric: str) -> bool:
 def is_calibrated(metric: str) -> bool:
     """Whether ``metric`` maps through a per-concept :class:`Calibration` (hosts prepare it, see :func:`calibrate`)."""
     return bool(getattr(METRICS.get(metric), "calibrated", False))
+
+
+def uses_gate(metric: str) -> bool:
+    """Whether ``metric`` adds the membrane gate (:mod:`spm.gate`): each membrane's strength is then at least its
+    gate's score of the row, whatever words the row has."""
+    return bool(getattr(METRICS.get(metric), "gate", False))
 
 
 def phrase_lengths(metric: str, m: int) -> set[int]:
@@ -681,9 +704,13 @@ METRICS: dict[str, MetricFn] = {
     "ngram_tokenuni": _m_ngram_tokenuni,
     "ngram_fixed": _m_ngram_fixed,
     "ngram_fixed_tokenuni": _m_ngram_fixed_tokenuni,
+    "membrane": _m_membrane,
+    "robust": _m_robust,
     "off": _m_off,
 }
 DEFAULT_METRIC = "ngram_tokenuni"
+# the metric that also opens for prompts without the concept's words: max(ngram_tokenuni, the membrane gate)
+ROBUST_METRIC = "robust"
 
 
 def register_metric(name: str, fn: MetricFn) -> None:
@@ -793,10 +820,10 @@ class RowRegistry:
 
 
 __all__ = [
-    "DEFAULT_METRIC", "METRICS", "Calibration", "ConceptCache", "ConceptEmbedding", "Encoder", "PhraseCache",
+    "DEFAULT_METRIC", "METRICS", "ROBUST_METRIC", "Calibration", "ConceptCache", "ConceptEmbedding", "Encoder", "PhraseCache",
     "PhraseEncoder", "RowRegistry", "all_windows", "best_window", "calibrate", "calibration_metadata",
     "causal_phrase_encoder", "checked_phrase_encoder", "clipcos", "compute_calibration", "concept_scores",
     "content_ids", "content_tokens", "encoder_fingerprint", "fingerprint_distance", "is_calibrated", "needs_phrases",
     "ngram", "ngram_calibrated", "null_windows", "phrase_lengths", "phrase_similarity", "register_metric",
-    "tokenuni", "training_calibration", "window_lengths", "windows",
+    "tokenuni", "training_calibration", "uses_gate", "window_lengths", "windows",
 ]

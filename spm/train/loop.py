@@ -39,6 +39,7 @@ import torch
 from ..attach import MembraneStack
 from ..backend import Backend, Conditioning, check_backend
 from ..checkpoint import MembraneFileError, load_membrane, save_membrane
+from ..gate import training_gate
 from ..membrane import Membrane, MembraneInfo
 from ..naming import context_dim, find_targets
 from ..transport import training_calibration
@@ -415,6 +416,9 @@ class Trainer:
         extra = {"interrupted": interrupted, "cost": cost, "erasure": erasure, "signal_history": self.rule.checks}
         membrane.eval()
         self._phase("saving", 0, 1)
+        gate = training_gate(self.backend, membrane)  # spm_transport["gate"]: the membrane gate's calibration
+        if gate:
+            membrane.info.transport = {**membrane.info.transport, "gate": gate}
         self._save(membrane, optimizer, g, step, aw, extra,
                    state=interrupted or step < cfg.iterations or self.keep_state)
         self._phase("saving", 1, 1)
