@@ -113,3 +113,19 @@ def test_markdown_table_puts_the_worlds_side_by_side(tmp_path, capsys):
     assert "not erased" in lines[3] and lines[4].rstrip(" |").endswith("erased (1.20, 330/600)")
     assert "2 of 3 erased" in lines[5] and "2 together: x, y" in lines[6]
     assert be.main(["--table", str(tmp_path / "missing.json")]) == 2
+
+
+def test_transport_strengths_of_the_suite():
+    """Every literal prompt names the target, so the default metric gives it full strength (tokenuni); the counts
+    cover the whole suite and the examples are the misses."""
+    from spm import toy
+    from tests.test_eval_cli import _membrane
+
+    pipe = toy.load("toy")
+    m = _membrane(pipe.unet, ["circle"], 0.0)
+    r = be.transport_strengths(pipe, m, "shapes")
+    assert r["literal_below_1"] == 0 and r["literal_examples"] == []
+    assert r["literal_prompts"] == 16 and r["paraphrase_prompts"] == 8 and r["nontarget_prompts"] == 29
+    for part, key in (("paraphrase", "paraphrase_below_1"), ("nontarget", "nontarget_above_0")):
+        assert 0 <= r[key] <= r[f"{part}_prompts"] and len(r[f"{part}_examples"]) == min(4, r[key])
+    assert r["metric"] and {"lo", "hi", "weak"} <= set(r["calibration"])
