@@ -24,6 +24,11 @@ The JSON is ``{"settings": ..., "worlds": {"toy": {...}, "toy2": {...}}}``, prin
 (``<out>/<world>/<obj>.safetensors`` and its ``.train.json``); ``--parallel`` runs the worlds in parallel processes
 (``--threads`` torch threads each).
 
+``--transport-only`` trains and generates nothing: for the membranes of an earlier sweep in ``--out`` it reports what
+Facilitated Transport gives each object's suite prompts (literal or paraphrase prompts below strength 1, non-target
+prompts above 0, the calibration; ``bench/results/erasure_transport.json``), which explains the bit-identity and
+paraphrase numbers without the scorer.
+
 ``--ablations`` also runs world 1's slower ablations (no Facilitated Transport, no Latent Anchoring, transfer to the
 fine-tune, each transport metric, training cost against the reference schedule, the erasure-vs-iterations curve)
 and writes them to ``bench/results/erasure_ablations.json`` (definitions below).
@@ -205,9 +210,6 @@ def summarise(objects: dict, multi: dict | None) -> dict:
          "trainer_erased": sum(1 for o in objects.values() if o["training"]["erased"]),
          "steps": _stats([o["training"]["steps"] for o in objects.values()]),
          "train_seconds": _stats([o["training"]["seconds"] for o in objects.values()])}
-    if all("transport" in o for o in objects.values()):
-        s["transport"] = {k: {n: o["transport"][k] for n, o in objects.items() if o["transport"][k]}
-                          for k in ("literal_below_1", "paraphrase_below_1", "nontarget_above_0")}
 
     def ok(vals: list, goal: float) -> bool:
         return bool(vals) and all(v is not None and v >= goal for v in vals)
@@ -268,7 +270,6 @@ def sweep_world(name: str, objects: list[str] | None, multi: list[str] | None, o
         mems[obj] = m
         r = ev.evaluate(pipe, scorer, [(m, 1.0)], [[obj]], generations=gen)
         rep["objects"][obj] = object_row(r, rec)
-        rep["objects"][obj]["transport"] = transport_strengths(pipe, m, model.world)
         row = rep["objects"][obj]
         say(f"{obj}: erasure {row['erasure']}, paraphrase {row['paraphrase_erasure']}, "
             f"non-target identical {row['nontarget_identical']}")
@@ -287,6 +288,30 @@ def sweep_world(name: str, objects: list[str] | None, multi: list[str] | None, o
     rep["seconds"] = round(time.time() - t0, 1)
     (folder / "partial.json").write_text(json.dumps(rep, indent=2))
     return rep
+
+
+def transport_report(args) -> dict:
+    """``--transport-only``: for the membranes of an earlier sweep in ``--out`` (nothing trained or generated), what
+    Facilitated Transport gives each object's suite prompts (:func:`transport_strengths`)."""
+    from spm import toy
+    from spm.checkpoint import load_membrane
+
+    torch.set_num_threads(args.threads)
+    report: dict = {"what": "transport strengths of the sweep's suites (bench.erasure --transport-only)", "worlds": {}}
+    for name in args.world or base_worlds():
+        model = toy.MODELS[name]
+        objs = [o.strip() for o in args.objects.split(",") if o.strip()] if args.objects else list(toy.concepts(model.world))
+        pipe = toy.load(name)
+        rows = {}
+        for obj in objs:
+            path = Path(args.out) / name / f"{obj}.safetensors"
+            if not path.exists():
+                raise FileNotFoundError(f"{path} (run the sweep first, or pass its --out)")
+            rows[obj] = transport_strengths(pipe, load_membrane(path), model.world)
+        report["worlds"][name] = {"world": model.world, "objects": rows,
+                                  **{k: {n: r[k] for n, r in rows.items() if r[k]}
+                                     for k in ("literal_below_1", "paraphrase_below_1", "nontarget_above_0")}}
+    return report
 
 
 def settings(args, overrides: dict) -> dict:
@@ -616,6 +641,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--result", default=None, help="the JSON file (default: bench/results/erasure.json; "
                    "erasure_ablations.json with --ablations-only)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--transport-only", action="store_true",
+                   help="only report what transport gives each object's suite prompts, for the membranes of an earlier "
+                        "sweep in --out (bench/results/erasure_transport.json)")
     a = p.add_argument_group("world-1 ablations (--ablations: bench/results/erasure_ablations.json)")
     a.add_argument("--ablations", action="store_true", help="also run the world-1 ablations")
     a.add_argument("--ablations-only", action="store_true", help="run only the world-1 ablations")
@@ -640,6 +668,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_worlds(args.world)
         parse_set(args.set)
+        if args.transport_only:
+            report = transport_report(args)
+            out = Path(args.result) if args.result else RESULTS / "erasure_transport.json"
+            out.write_text(json.dumps(report, indent=2) + "\n")
+            print(json.dumps(report, indent=None if args.json else 2))
+            return 0
         report = None
         if not args.ablations_only:
             report = run(args)

@@ -115,7 +115,7 @@ def test_markdown_table_puts_the_worlds_side_by_side(tmp_path, capsys):
     assert be.main(["--table", str(tmp_path / "missing.json")]) == 2
 
 
-def test_transport_strengths_of_the_suite():
+def test_transport_strengths_of_the_suite(tmp_path, capsys):
     """Every literal prompt names the target, so the default metric gives it full strength (tokenuni); the counts
     cover the whole suite and the examples are the misses."""
     from spm import toy
@@ -129,3 +129,15 @@ def test_transport_strengths_of_the_suite():
     for part, key in (("paraphrase", "paraphrase_below_1"), ("nontarget", "nontarget_above_0")):
         assert 0 <= r[key] <= r[f"{part}_prompts"] and len(r[f"{part}_examples"]) == min(4, r[key])
     assert r["metric"] and {"lo", "hi", "weak"} <= set(r["calibration"])
+
+    from spm.checkpoint import save_membrane
+
+    out = tmp_path / "m"
+    (out / "toy").mkdir(parents=True)
+    save_membrane(m, out / "toy" / "circle.safetensors")
+    res = tmp_path / "t.json"
+    assert be.main(["--transport-only", "--world", "toy", "--objects", "circle", "--out", str(out), "--result", str(res),
+                    "--threads", "1", "--json"]) == 0
+    rep = json.loads(res.read_text())
+    assert rep["worlds"]["toy"]["objects"]["circle"] == r and rep["worlds"]["toy"]["literal_below_1"] == {}
+    assert be.main(["--transport-only", "--world", "toy", "--objects", "star", "--out", str(out), "--result", str(res)]) == 2
