@@ -266,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
                 label = t if t not in per else f"{t}, {r['iterations']} it{', early stop' if r.get('early_stop') else ''}"
                 per[label] = {"target": t, **r}
         upgrade(per)
+        planned = list(dict.fromkeys(t for part in parts for t in part.get("targets_run", [])))
+        done = {r["target"] for r in per.values()}
         report = {**parts[0], "targets": per, "summary": summarise(per),
+                  "targets_not_run": [t for t in planned if t not in done],
                   "seconds": round(sum(p.get("seconds", 0) for p in parts), 1), "merged_from": [str(f) for f in args.merge]}
         out = Path(args.out) if args.out else default_out(report.get("world", "shapes"))
         out.write_text(json.dumps(report, indent=2) + "\n")

@@ -141,3 +141,22 @@ def test_transport_strengths_of_the_suite(tmp_path, capsys):
     rep = json.loads(res.read_text())
     assert rep["worlds"]["toy"]["objects"]["circle"] == r and rep["worlds"]["toy"]["literal_below_1"] == {}
     assert be.main(["--transport-only", "--world", "toy", "--objects", "star", "--out", str(out), "--result", str(res)]) == 2
+
+
+def test_signal_vs_scorer_merge_names_the_targets_not_run(tmp_path):
+    def target(sig, er):
+        pts = [{"step": 10 * (i + 1), "signal": s, "aggregate": s, "per_level": [s], "remaining": 0.5, "erasure": e,
+                "paraphrase_erasure": e} for i, (s, e) in enumerate(zip(sig, er))]
+        return {"iterations": 30, "points": pts}
+
+    part = {"model": "toy2", "world": "icons", "targets_run": ["sun", "house", "moon"],
+            "targets": {"sun": target([0.2, 1.1, 1.2], [0.0, 1.0, 1.0]), "house": target([0.5, 0.9, 1.1], [0.0, 0.2, 0.5])}}
+    f = tmp_path / "part.json"
+    f.write_text(json.dumps(part))
+    out = tmp_path / "merged.json"
+    assert svs.main(["--merge", str(f), "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["targets_not_run"] == ["moon"] and set(rep["targets"]) == {"sun", "house"}
+    d = rep["summary"]["decision_vs_erasure_0.9"]
+    assert rep["summary"]["points"] == 6 and d["both_erased"] == 2 and d["signal_erased_scorer_not"] == 1
+    assert out.with_suffix(".png").stat().st_size > 0
