@@ -1,11 +1,39 @@
-"""``python -m bench.erasure --json``: erasure, preservation, ablations, multi-concept, transfer and cost in the toy world.
+"""``python -m bench.erasure --json``: erasure and preservation at the CLI defaults, for every object of every toy world.
 
-Trains membranes on the shipped toy model with the default :class:`spm.train.TrainConfig` (override with
-``--iterations``/``--lr``), generates the toy harness's fixed prompt suites with the same seeds with and without
-membranes (diffusers host, Facilitated Transport), scores them with the toy scorer and prints one JSON object
-(also written under ``bench/results/``).
+For each toy world (``--world toy`` and ``--world toy2``, default: every shipped base model, ``spm.toy.MODELS``) and
+each of its object concepts (``spm.toy.concepts(world)``; ``--objects a,b`` restricts), it trains one membrane with
+exactly the CLI defaults, ``TrainConfig(targets=[obj])`` (what ``python -m spm train --model toy --target obj``
+trains: nothing else set; ``--set key=value`` departs from them for experiments and says so in the JSON), then
+measures it with ``spm.toy.evaluate.evaluate`` (what ``python -m spm eval --model toy --membrane F`` prints:
+default transport, the harness's fixed suite and seeds, the world's scorer) and records, per object:
 
-Definitions (fractions in 0..1, drops in percentage points):
+* ``erasure`` / ``paraphrase_erasure`` = 1 − (target found after) / (target found before) on the literal and the
+  paraphrase prompts (``null`` where the base model never drew the target);
+* ``nontarget_identical``: the share of non-target images bit-identical with and without the membrane (1.0: all),
+  with ``psnr_unrelated_db`` (median, identical = 100 dB) and ``nontarget_drop_pt`` (prompt-fidelity drop, points);
+* ``training``: the trainer's own verdict (``erased`` and the measured ``signal``, :mod:`spm.train.signal`), the steps
+  it used of its budget, seconds, and the adaptive anchor weight (median / max over the steps);
+
+then ``summary`` (min / mean over the objects, and whether the issue's numbers hold: literal ≥ 0.95, paraphrase
+≥ 0.90, non-target images bit-identical) and ``multi``: three of the sweep's membranes (each trained alone; by default
+the world's first three objects, ``--multi a,b,c``) applied together, each target's erasure (goal ≥ 0.90).
+
+The JSON is ``{"settings": ..., "worlds": {"toy": {...}, "toy2": {...}}}``, printed and written to
+``bench/results/erasure.json``; each world's finished objects are also on disk as they complete
+(``<out>/<world>/partial.json``).  ``--reuse`` reuses membranes trained by an earlier run with the same settings
+(``<out>/<world>/<obj>.safetensors`` and its ``.train.json``); ``--parallel`` runs the worlds in parallel processes
+(``--threads`` torch threads each).
+
+``--transport-only`` trains and generates nothing: for the membranes of an earlier sweep in ``--out`` it reports what
+Facilitated Transport gives each object's suite prompts (literal or paraphrase prompts below strength 1, non-target
+prompts above 0, the calibration; ``bench/results/erasure_transport.json``), which explains the bit-identity and
+paraphrase numbers without the scorer.
+
+``--ablations`` also runs world 1's slower ablations (no Facilitated Transport, no Latent Anchoring, transfer to the
+fine-tune, each transport metric, training cost against the reference schedule, the erasure-vs-iterations curve)
+and writes them to ``bench/results/erasure_ablations.json`` (definitions below).
+
+Ablation definitions (fractions in 0..1, drops in percentage points):
 
 * ``erasure`` = 1 − (target found after) / (target found before), on the literal target prompts;
   ``paraphrase_erasure`` the same on prompts that name the target only through a paraphrase;
@@ -42,9 +70,294 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SINGLE = "circle"
-MULTI = ("circle", "heart", "arrow")  # objects the base model draws reliably (star and cross: about half the time)
+MULTI = ("circle", "heart", "arrow")  # the ablations' multi row (world 1: objects the base model draws reliably)
+GOALS = {"erasure": 0.95, "paraphrase_erasure": 0.90, "nontarget_identical": 1.0, "multi_each": 0.90}  # issue #12
 
 
+def base_worlds() -> list[str]:
+    """The shipped toy models that are a world's base model (``toy``, ``toy2`` …), in registry order."""
+    from spm import toy
+
+    return [n for n, m in toy.MODELS.items() if m.which == "base"]
+
+
+def parse_set(items: list[str] | None) -> dict:
+    """``--set key=value`` → TrainConfig overrides (values parsed as JSON where they can be, else strings)."""
+    from dataclasses import fields
+
+    from spm.train import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)} - {"targets"}
+    out: dict = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in names:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of the training settings "
+                             f"({', '.join(sorted(names))})")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    if out:
+        TrainConfig(targets=["x"], **out).validate()
+    return out
+
+
+def training_config(obj: str, overrides: dict | None = None):
+    """The config the sweep trains ``obj`` with: the CLI defaults (``TrainConfig(targets=[obj])``) unless overridden."""
+    from spm.train import TrainConfig
+
+    return TrainConfig(targets=[obj], **(overrides or {}))
+
+
+def _train_record(res, seconds: float) -> dict:
+    la = sorted(h["la_weight"] for h in res.history) or [float("nan")]
+    e = res.erasure
+    return {"erased": bool(e.get("erased")), "signal": e.get("signal"), "per_level": e.get("per_level"),
+            "message": e.get("message"), "stopped_early": bool(e.get("stopped_early")), "steps": int(res.steps),
+            "budget": int(res.membrane.info.training.get("iterations", res.steps)), "seconds": round(seconds, 1),
+            "la_weight_median": la[len(la) // 2], "la_weight_max": la[-1],
+            "signal_checks": [(c["step"], round(c["signal"], 4)) for c in res.membrane.info.training.get("signal_history", [])]}
+
+
+def train_object(pipe, obj: str, folder: Path, overrides: dict, reuse: bool, say) -> tuple[object, dict]:
+    """Train (or, with ``reuse``, load) the sweep's membrane for ``obj``; returns it and its training record."""
+    from spm.checkpoint import load_membrane
+    from spm.hosts.diffusers import DiffusersBackend
+    from spm.train import Trainer
+
+    path = folder / f"{obj}.safetensors"
+    side = folder / f"{obj}.train.json"
+    cfg = training_config(obj, overrides)
+    if reuse and path.exists() and side.exists():
+        rec = {k: v for k, v in json.loads(side.read_text()).items() if not k.startswith("history")}
+        m = load_membrane(path)
+        saved = {k: v for k, v in (m.info.training or {}).items() if k in cfg.to_dict()}
+        if saved == cfg.to_dict():
+            say(f"{obj}: reusing {path}")
+            return m, {**rec, "reused": True}
+        say(f"{obj}: {path.name} was trained with other settings; training again")
+    say(f"{obj}: training ({cfg.iterations}-step budget)")
+    t0 = time.time()
+    res = Trainer(DiffusersBackend(pipe), cfg, path, progress_bar=False).train()
+    rec = _train_record(res, time.time() - t0)
+    steps = [[h["step"], h["erase"], h["anchor"], h["signal"], h["la_weight"]] for h in res.history]
+    side.write_text(json.dumps({**rec, "history_columns": ["step", "erase", "anchor", "concept_mse", "la_weight"],
+                                "history": steps}))
+    say(f"{obj}: {rec['steps']} steps, {rec['seconds']:.0f} s: {'erased' if rec['erased'] else 'NOT erased'} "
+        f"(signal {rec['signal']:.3f})")
+    return res.membrane.cpu(), rec
+
+
+def transport_strengths(pipe, membrane, world: str) -> dict:
+    """What Facilitated Transport gives the membrane's suite prompts (``spm.explain``, the default metric, the file's
+    calibration): a literal or paraphrase prompt below strength 1 is not fully erased by construction, a non-target
+    prompt above 0 cannot stay bit-identical.  Explains the erasure numbers without a scorer."""
+    from spm.explain import explain
+    from spm.hosts.diffusers import pipeline_transport
+    from spm.toy import harness
+
+    tr = pipeline_transport(pipe)
+    suite = harness.prompt_suite(membrane.concepts[0], world=world)
+    out: dict = {"metric": tr.metric}
+    cal = None
+    for part, want in (("literal", 1.0), ("paraphrase", 1.0), ("nontarget", 0.0)):
+        misses = []
+        for c in suite[part]:
+            ex = explain(tr, [membrane], c.prompt)
+            m = ex["membranes"][0]
+            cc = (m["concepts"] or [{}])[0]
+            cal = cc.get("calibration") or cal
+            if m["strength"] != want:
+                misses.append({"prompt": c.prompt, "strength": m["strength"], "window": cc.get("window"),
+                               "similarity": cc.get("similarity")})
+        key = {"literal": "literal_below_1", "paraphrase": "paraphrase_below_1", "nontarget": "nontarget_above_0"}[part]
+        out[key] = len(misses)
+        out[f"{part}_prompts"] = len(suite[part])
+        out[f"{part}_examples"] = misses[:4]
+    if cal:
+        out["calibration"] = {k: cal.get(k) for k in ("lo", "hi", "weak", "max_length", "source")}
+    return out
+
+
+def object_row(r: dict, train: dict) -> dict:
+    """One object's row of the sweep from an ``evaluate`` report of its membrane alone."""
+    lit = (r.get("literal_per_target") or [{}])[0]
+    par = (r.get("paraphrase_per_target") or [{}])[0]
+    return {"erasure": r.get("erasure"), "paraphrase_erasure": r.get("paraphrase_erasure"),
+            "literal_found": [lit.get("found_before"), lit.get("found_after")],
+            "paraphrase_found": [par.get("found_before"), par.get("found_after")],
+            "images": r.get("images"),
+            "nontarget_identical": r.get("nontarget_identical"), "psnr_unrelated_db": r.get("psnr_unrelated_db"),
+            "nontarget_drop_pt": r.get("nontarget_drop_pt"), "mixed_erasure": r.get("mixed_erasure"),
+            "mixed_other_found": [r.get("mixed_other_found_before"), r.get("mixed_other_found_after")],
+            "training": train}
+
+
+def _stats(vals: list) -> dict:
+    v = [x for x in vals if x is not None]
+    return {"min": min(v) if v else None, "mean": float(np.mean(v)) if v else None, "undefined": len(vals) - len(v)}
+
+
+def summarise(objects: dict, multi: dict | None) -> dict:
+    """min / mean over the objects and whether the issue's numbers hold (``GOALS``); undefined values fail."""
+    lit = [o["erasure"] for o in objects.values()]
+    par = [o["paraphrase_erasure"] for o in objects.values()]
+    ident = [o["nontarget_identical"] for o in objects.values()]
+    s = {"objects": len(objects), "erasure": _stats(lit), "paraphrase_erasure": _stats(par),
+         "nontarget_identical": _stats(ident),
+         "trainer_erased": sum(1 for o in objects.values() if o["training"]["erased"]),
+         "steps": _stats([o["training"]["steps"] for o in objects.values()]),
+         "train_seconds": _stats([o["training"]["seconds"] for o in objects.values()])}
+
+    def ok(vals: list, goal: float) -> bool:
+        return bool(vals) and all(v is not None and v >= goal for v in vals)
+
+    s["failing"] = {k: [n for n, o in objects.items() if o[k] is None or o[k] < GOALS[k]]
+                    for k in ("erasure", "paraphrase_erasure", "nontarget_identical")}
+    s["goals"] = {"erasure_ge_0.95": ok(lit, GOALS["erasure"]), "paraphrase_ge_0.90": ok(par, GOALS["paraphrase_erasure"]),
+                  "nontarget_bit_identical": ok(ident, GOALS["nontarget_identical"])}
+    if multi is not None:
+        s["goals"]["multi_each_ge_0.90"] = multi.get("each_ge_0.90")
+    s["goals"]["all"] = all(bool(v) for v in s["goals"].values())
+    return s
+
+
+def multi_row(pipe, scorer, gen, objs: list[str], mems: dict) -> dict:
+    from spm.toy import evaluate as ev
+
+    r = ev.evaluate(pipe, scorer, [(mems[o], 1.0) for o in objs], [[o] for o in objs], each=False, generations=gen)
+    lit = {p["target"]: p["erasure"] for p in r.get("literal_per_target", [])}
+    par = {p["target"]: p["erasure"] for p in r.get("paraphrase_per_target", [])}
+    vals = [lit.get(o) for o in objs]
+    return {"targets": objs, "erasure": lit, "paraphrase_erasure": par,
+            "min_erasure": min((v for v in vals if v is not None), default=None),
+            "each_ge_0.90": all(v is not None and v >= GOALS["multi_each"] for v in vals),
+            "nontarget_identical": r.get("nontarget_identical"), "psnr_unrelated_db": r.get("psnr_unrelated_db"),
+            "nontarget_drop_pt": r.get("nontarget_drop_pt")}
+
+
+def sweep_world(name: str, objects: list[str] | None, multi: list[str] | None, out: str, overrides: dict, reuse: bool,
+                threads: int, quiet: bool) -> dict:
+    """The per-object sweep of one toy world (its base model ``name``) and its multi row."""
+    from spm import toy
+    from spm.toy import evaluate as ev
+    from spm.toy.scorer import load_scorer
+
+    t0 = time.time()
+    model = toy.MODELS[name]
+    known = toy.concepts(model.world)
+    objs = list(objects or known)
+    bad = [o for o in objs + list(multi or []) if o not in known]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: not objects of {name} (the {model.world} world: {', '.join(known)})")
+
+    torch.set_num_threads(threads)
+
+    def say(msg: str) -> None:
+        if not quiet:
+            print(f"[erasure {name}] {time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+
+    pipe, scorer = toy.load(name), load_scorer(world=model.world)
+    gen = ev.Generations()
+    folder = Path(out) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    rep: dict = {"model": name, "world": model.world, "objects": {}}
+    mems: dict = {}
+    for obj in objs:
+        m, rec = train_object(pipe, obj, folder, overrides, reuse, say)
+        mems[obj] = m
+        r = ev.evaluate(pipe, scorer, [(m, 1.0)], [[obj]], generations=gen)
+        rep["objects"][obj] = object_row(r, rec)
+        row = rep["objects"][obj]
+        say(f"{obj}: erasure {row['erasure']}, paraphrase {row['paraphrase_erasure']}, "
+            f"non-target identical {row['nontarget_identical']}")
+        rep["seconds"] = round(time.time() - t0, 1)
+        (folder / "partial.json").write_text(json.dumps(rep, indent=2))
+    trio = list(multi or objs[:3])
+    rep["multi"] = None
+    if len(trio) >= 2:
+        for o in trio:
+            if o not in mems:
+                mems[o] = train_object(pipe, o, folder, overrides, True, say)[0]
+        say(f"multi: {', '.join(trio)} together")
+        rep["multi"] = multi_row(pipe, scorer, gen, trio, mems)
+    rep["summary"] = summarise(rep["objects"], rep["multi"])
+    rep["generated"] = dict(gen.generated)
+    rep["seconds"] = round(time.time() - t0, 1)
+    (folder / "partial.json").write_text(json.dumps(rep, indent=2))
+    return rep
+
+
+def transport_report(args) -> dict:
+    """``--transport-only``: for the membranes of an earlier sweep in ``--out`` (nothing trained or generated), what
+    Facilitated Transport gives each object's suite prompts (:func:`transport_strengths`)."""
+    from spm import toy
+    from spm.checkpoint import load_membrane
+
+    torch.set_num_threads(args.threads)
+    report: dict = {"what": "transport strengths of the sweep's suites (bench.erasure --transport-only)", "worlds": {}}
+    for name in args.world or base_worlds():
+        model = toy.MODELS[name]
+        objs = [o.strip() for o in args.objects.split(",") if o.strip()] if args.objects else list(toy.concepts(model.world))
+        pipe = toy.load(name)
+        rows = {}
+        for obj in objs:
+            path = Path(args.out) / name / f"{obj}.safetensors"
+            if not path.exists():
+                raise FileNotFoundError(f"{path} (run the sweep first, or pass its --out)")
+            rows[obj] = transport_strengths(pipe, load_membrane(path), model.world)
+        report["worlds"][name] = {"world": model.world, "objects": rows,
+                                  **{k: {n: r[k] for n, r in rows.items() if r[k]}
+                                     for k in ("literal_below_1", "paraphrase_below_1", "nontarget_above_0")}}
+    return report
+
+
+def settings(args, overrides: dict) -> dict:
+    from spm.toy import evaluate as ev
+    from spm.toy import harness
+    from spm.train import TrainConfig
+    from spm.transport import DEFAULT_METRIC
+
+    cfg = TrainConfig(targets=["<object>"], **overrides).to_dict()
+    cfg.pop("targets")
+    return {"training": cfg, "cli_defaults": not overrides, "overrides": overrides,
+            "cli_equivalent": "python -m spm train --model WORLD --target OBJECT -o OBJECT.safetensors"
+                              + "".join(f" --{k.replace('_', '-')} {v}" for k, v in overrides.items())
+                              + "; python -m spm eval --model WORLD --membrane OBJECT.safetensors",
+            "metric": DEFAULT_METRIC, "steps": harness.DEFAULT_STEPS, "cfg": harness.DEFAULT_CFG,
+            "suite": dict(ev.SUITE_DEFAULTS), "goals": GOALS, "threads": args.threads, "parallel": bool(args.parallel)}
+
+
+def run(args) -> dict:
+    t0 = time.time()
+    overrides = parse_set(args.set)
+    worlds = args.world or base_worlds()
+    objects = [o.strip() for o in args.objects.split(",") if o.strip()] if args.objects else None
+    multi = [o.strip() for o in args.multi.split(",") if o.strip()] if args.multi else None
+    report: dict = {"settings": settings(args, overrides), "worlds": {}}
+    jobs = [(w, objects, multi, args.out, overrides, args.reuse, args.threads, args.quiet) for w in worlds]
+    if args.parallel and len(worlds) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        from bench.erasure import sweep_world as fn  # by its module's name: spawned workers import it
+
+        with ProcessPoolExecutor(len(worlds), mp_context=mp.get_context("spawn")) as pool:
+            futs = {w: pool.submit(fn, *job) for w, job in zip(worlds, jobs)}
+            for w, f in futs.items():
+                report["worlds"][w] = f.result()
+    else:
+        for w, job in zip(worlds, jobs):
+            report["worlds"][w] = sweep_world(*job)
+    report["goals_met_everywhere"] = all(r["summary"]["goals"]["all"] for r in report["worlds"].values())
+    report["ablations"] = "bench/results/erasure_ablations.json (python -m bench.erasure --ablations)"
+    report["seconds"] = round(time.time() - t0, 1)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------- world-1 ablations
 def _median_psnr(a, b) -> float:
     from spm.toy import harness
 
@@ -203,12 +516,14 @@ class Bench:
         return out
 
 
-def run(args) -> dict:
+
+def run_ablations(args) -> dict:
+    """The world-1 ablations of the committed run (``--ablations``; bench/results/erasure_ablations.json)."""
     from spm.transport import DEFAULT_METRIC, METRICS
 
     t0 = time.time()
     torch.set_num_threads(args.threads)
-    b = Bench(args.iterations, args.lr, Path(args.out), args.reuse, args.quiet)
+    b = Bench(args.iterations, args.lr, Path(args.out) / "ablations", args.reuse, args.quiet)
     cfg = b.config([SINGLE])
     report: dict = {"settings": {"iterations": cfg.iterations, "lr": cfg.lr, "la_mode": cfg.la_mode,
                                  "la_budget": cfg.la_budget, "default_metric": DEFAULT_METRIC, "threads": args.threads}}
@@ -216,7 +531,7 @@ def run(args) -> dict:
     def partial() -> None:  # every finished part is on disk, even if the run is cut short
         report["seconds"] = time.time() - t0
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "erasure.partial.json").write_text(json.dumps(report, indent=2))
+        (b.out / "partial.json").write_text(json.dumps(report, indent=2))
 
     single = b.train("single_circle", [SINGLE], keep_every=args.curve_every)
     report["single"] = b.evaluate([SINGLE], [single])
@@ -260,29 +575,123 @@ def run(args) -> dict:
     return report
 
 
+def _f(v, digits: int = 2) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def markdown_table(report: dict) -> str:
+    """The README's side-by-side table of a sweep report: one row per object index, one column group per world."""
+    worlds = list(report["worlds"].items())
+    head = " | ".join(f"{w} object | literal | paraphrase | non-target identical | trainer (signal, steps)" for w, _ in worlds)
+    lines = [f"| {head} |", "|" + " --- |" * (5 * len(worlds))]
+    rows = max(len(r["objects"]) for _, r in worlds)
+    for i in range(rows):
+        cells = []
+        for _, r in worlds:
+            items = list(r["objects"].items())
+            if i >= len(items):
+                cells += [""] * 5
+                continue
+            name, o = items[i]
+            t = o["training"]
+            verdict = f"{'erased' if t['erased'] else 'not erased'} ({_f(t['signal'])}, {t['steps']}/{t['budget']})"
+            cells += [name, _f(o["erasure"]), _f(o["paraphrase_erasure"]), _f(o["nontarget_identical"]), verdict]
+        lines.append("| " + " | ".join(cells) + " |")
+    cells = []
+    for _, r in worlds:
+        s = r["summary"]
+        cells += ["**min** (mean)", f"**{_f(s['erasure']['min'])}** ({_f(s['erasure']['mean'])})",
+                  f"**{_f(s['paraphrase_erasure']['min'])}** ({_f(s['paraphrase_erasure']['mean'])})",
+                  f"**{_f(s['nontarget_identical']['min'])}**", f"{s['trainer_erased']} of {s['objects']} erased"]
+    lines.append("| " + " | ".join(cells) + " |")
+    cells = []
+    for _, r in worlds:
+        m = r.get("multi")
+        if not m:
+            cells += [""] * 5
+            continue
+        each = ", ".join(_f(m["erasure"].get(t)) for t in m["targets"])
+        par = ", ".join(_f(m["paraphrase_erasure"].get(t)) for t in m["targets"])
+        cells += [f"{len(m['targets'])} together: {', '.join(m['targets'])}", f"each {each}", f"each {par}",
+                  _f(m["nontarget_identical"]), ""]
+    lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def check_worlds(names: list[str] | None) -> None:
+    known = base_worlds()
+    bad = [n for n in names or [] if n not in known]
+    if bad:
+        raise ValueError(f"--world {', '.join(bad)}: not a shipped base toy model; choose from {', '.join(known)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.erasure", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print only the JSON object")
-    p.add_argument("--iterations", type=int, default=None, help="override the default training length")
-    p.add_argument("--lr", type=float, default=None, help="override the default learning rate")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--cost-iterations", type=int, default=20)
-    p.add_argument("--curve-every", type=int, default=100, help="keep the single membrane every N iterations")
-    p.add_argument("--ref-iterations", type=int, default=200,
-                   help="train a reference-schedule membrane this long and compare its erasure with the default "
-                        "schedule's at the same iteration count (0: skip)")
-    p.add_argument("--skip-multi", action="store_true")
-    p.add_argument("--reuse", action="store_true", help="reuse membranes already trained in --out")
-    p.add_argument("--out", default=str(RESULTS / "erasure_membranes"))
+    p.add_argument("--world", action="append", help="a toy world by its base model's name (repeatable; default: all: "
+                   "toy, toy2)")
+    p.add_argument("--objects", help="comma-separated objects to sweep (default: every concept of each world)")
+    p.add_argument("--multi", help="comma-separated objects for the multi row (default: the first three swept)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="depart from the CLI defaults (a TrainConfig field; repeatable; recorded in the JSON)")
+    p.add_argument("--parallel", action="store_true", help="one process per world")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (per process with --parallel)")
+    p.add_argument("--reuse", action="store_true", help="reuse membranes already trained in --out with the same settings")
+    p.add_argument("--out", default=str(RESULTS / "erasure_membranes"), help="where the trained membranes go")
+    p.add_argument("--result", default=None, help="the JSON file (default: bench/results/erasure.json; "
+                   "erasure_ablations.json with --ablations-only)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--transport-only", action="store_true",
+                   help="only report what transport gives each object's suite prompts, for the membranes of an earlier "
+                        "sweep in --out (bench/results/erasure_transport.json)")
+    a = p.add_argument_group("world-1 ablations (--ablations: bench/results/erasure_ablations.json)")
+    a.add_argument("--ablations", action="store_true", help="also run the world-1 ablations")
+    a.add_argument("--ablations-only", action="store_true", help="run only the world-1 ablations")
+    a.add_argument("--iterations", type=int, default=None, help="ablations: override the default training length")
+    a.add_argument("--lr", type=float, default=None, help="ablations: override the default learning rate")
+    a.add_argument("--cost-iterations", type=int, default=20)
+    a.add_argument("--curve-every", type=int, default=100, help="ablations: keep the single membrane every N iterations")
+    a.add_argument("--ref-iterations", type=int, default=200,
+                   help="ablations: train a reference-schedule membrane this long and compare its erasure with the "
+                        "default schedule's at the same iteration count (0: skip)")
+    a.add_argument("--skip-multi", action="store_true", help="ablations: skip their multi row")
+    p.add_argument("--table", nargs="?", const=str(RESULTS / "erasure.json"), metavar="JSON",
+                   help="only print the README's markdown table of an earlier run (default: bench/results/erasure.json)")
     args = p.parse_args(argv)
+    if args.table:
+        try:
+            print(markdown_table(json.loads(Path(args.table).read_text())))
+        except (OSError, ValueError, KeyError) as e:
+            print(f"error: --table {args.table}: not a sweep report ({e})", file=sys.stderr)
+            return 2
+        return 0
     try:
-        report = run(args)
+        check_worlds(args.world)
+        parse_set(args.set)
+        if args.transport_only:
+            report = transport_report(args)
+            out = Path(args.result) if args.result else RESULTS / "erasure_transport.json"
+            out.write_text(json.dumps(report, indent=2) + "\n")
+            print(json.dumps(report, indent=None if args.json else 2))
+            return 0
+        report = None
+        if not args.ablations_only:
+            report = run(args)
+            out = Path(args.result) if args.result else RESULTS / "erasure.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2) + "\n")
+        if args.ablations or args.ablations_only:
+            torch.set_num_threads(args.threads)
+            abl = run_ablations(args)
+            out = Path(args.result) if (args.result and args.ablations_only) else RESULTS / "erasure_ablations.json"
+            out.write_text(json.dumps(abl, indent=2) + "\n")
+            report = abl if report is None else report
     except FileNotFoundError as e:
         print(f"error: the toy world's assets are missing: {e}", file=sys.stderr)
         return 2
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "erasure.json").write_text(json.dumps(report, indent=2))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(report, indent=None if args.json else 2))
     return 0
 

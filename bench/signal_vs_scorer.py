@@ -17,8 +17,10 @@ decision "signal ≥ THRESHOLD" agrees with "the scorer finds the target in at m
 for its weaker bisector rule, aggregate ≥ 0.5), the step at which each first holds, and the adaptive anchor weight of
 each run (median and maximum).  Writes ``bench/results/signal_vs_scorer.json`` and ``signal_vs_scorer.png``.
 
-``--model``: a shipped toy model by name (``spm.toy.MODELS``, e.g. ``toy``) or a toy asset folder; the scorer is
-the toy world's (``spm.toy.scorer.load_scorer``).  Rerun it on another toy world with ``--model``.
+``--model``: a shipped toy model by name (``spm.toy.MODELS``, e.g. ``toy`` or ``toy2``) or a toy asset folder; the
+scorer, the prompt suites and the default targets are that model's toy world's (``spm.toy.evaluate.world_of``):
+world 1 (``shapes``) defaults to ``TARGETS``, another world to all its objects; the results go to
+``bench/results/signal_vs_scorer.json`` for world 1 and ``signal_vs_scorer_<world>.json`` for the others.
 """
 
 from __future__ import annotations
@@ -36,16 +38,37 @@ TARGETS = ("circle", "star", "heart", "arrow")
 
 
 def _load(model: str):
+    """``(pipeline, toy world)`` for ``--model``."""
     from spm import toy
+    from spm.toy.evaluate import NotToyModel, check_toy_pipeline, load_asset_folder
 
     if toy.toy_model(model) is not None:
-        return toy.load(model)
-    p = Path(model)
-    if p.is_dir():
-        from spm.toy.evaluate import load_asset_folder
+        pipe = toy.load(model)
+    elif Path(model).is_dir():
+        pipe = load_asset_folder(Path(model))
+    else:
+        raise SystemExit(f"--model {model}: neither a shipped toy model ({', '.join(toy.MODELS)}) nor a toy asset folder")
+    try:
+        return pipe, check_toy_pipeline(pipe, f"--model {model}")
+    except NotToyModel as e:
+        raise SystemExit(str(e)) from None
 
-        return load_asset_folder(p)
-    raise SystemExit(f"--model {model}: neither a shipped toy model ({', '.join(toy.MODELS)}) nor a toy asset folder")
+
+def default_targets(world: str) -> list[str]:
+    """World 1's historic four, else every object of the world."""
+    from spm.toy import concepts
+
+    return list(TARGETS) if world == "shapes" else list(concepts(world))
+
+
+def harness_objects(world) -> tuple[str, ...]:
+    from spm.toy import harness
+
+    return harness.labels_of(world).OBJECTS
+
+
+def default_out(world: str) -> Path:
+    return RESULTS / ("signal_vs_scorer.json" if world == "shapes" else f"signal_vs_scorer_{world}.json")
 
 
 def _rank(xs: list[float]) -> list[float]:
@@ -216,7 +239,8 @@ def plot(per: dict, summary: dict, path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.signal_vs_scorer", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="toy", help="a shipped toy model name or a toy asset folder (default: toy)")
-    ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated toy objects")
+    ap.add_argument("--targets", help="comma-separated toy objects (default: world 1's circle, star, heart, arrow; "
+                    "another world's: all its objects)")
     ap.add_argument("--iterations", type=int, help="iterations per run (default: the TrainConfig default)")
     ap.add_argument("--every", type=int, help="keep a membrane every N iterations (default: iterations / 12)")
     ap.add_argument("--lr", type=float, help="learning rate (default: the TrainConfig default)")
@@ -226,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-literal", type=int, default=16)
     ap.add_argument("--n-paraphrase", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(RESULTS / "signal_vs_scorer.json"))
-    ap.add_argument("--work", default=str(RESULTS / "signal_membranes"), help="where the kept membranes go")
+    ap.add_argument("--out", help="the JSON (default: bench/results/signal_vs_scorer.json for world 1, "
+                    "signal_vs_scorer_<world>.json for another; the plot beside it)")
+    ap.add_argument("--work", help="where the kept membranes go (default: bench/results/signal_membranes/<world>)")
     ap.add_argument("--json", action="store_true", help="print the JSON result")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
@@ -241,9 +266,12 @@ def main(argv: list[str] | None = None) -> int:
                 label = t if t not in per else f"{t}, {r['iterations']} it{', early stop' if r.get('early_stop') else ''}"
                 per[label] = {"target": t, **r}
         upgrade(per)
+        planned = list(dict.fromkeys(t for part in parts for t in part.get("targets_run", [])))
+        done = {r["target"] for r in per.values()}
         report = {**parts[0], "targets": per, "summary": summarise(per),
+                  "targets_not_run": [t for t in planned if t not in done],
                   "seconds": round(sum(p.get("seconds", 0) for p in parts), 1), "merged_from": [str(f) for f in args.merge]}
-        out = Path(args.out)
+        out = Path(args.out) if args.out else default_out(report.get("world", "shapes"))
         out.write_text(json.dumps(report, indent=2) + "\n")
         plot(per, report["summary"], out.with_suffix(".png"), f"model {report['model']}")
         print(json.dumps(report, indent=2) if args.json else out)
@@ -255,16 +283,26 @@ def main(argv: list[str] | None = None) -> int:
     from spm.toy.scorer import load_scorer
 
     say = (lambda m: None) if args.quiet else (lambda m: print(f"[signal] {m}", file=sys.stderr, flush=True))
-    pipe, scorer = _load(args.model), load_scorer()
+    from spm.toy.evaluate import normalise_targets
+
+    pipe, world = _load(args.model)
+    targets = [s.strip() for s in args.targets.split(",") if s.strip()] if args.targets else default_targets(world.name)
+    try:
+        targets = normalise_targets(targets, "--targets", world)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    scorer = load_scorer(world=world)
     args.gen = Generations()
-    work = Path(args.work)
+    work = Path(args.work) if args.work else RESULTS / "signal_membranes" / world.name
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     per: dict = {}
-    out = Path(args.out)
-    for t in [s.strip() for s in args.targets.split(",") if s.strip()]:
+    out = Path(args.out) if args.out else default_out(world.name)
+    for t in targets:
         per[t] = run_target(pipe, scorer, t, args, work, say)
-        report = {"model": args.model, "settings": {k: getattr(args, k) for k in
+        report = {"model": args.model, "world": world.name, "targets_run": targets,
+                  "world_objects": list(harness_objects(world)),
+                  "settings": {k: getattr(args, k) for k in
                                                     ("iterations", "every", "lr", "seed", "n_literal", "n_paraphrase",
                                                      "early_stop")},
                   "targets": per, "summary": summarise(per), "seconds": round(time.time() - t0, 1)}

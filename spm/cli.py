@@ -543,7 +543,7 @@ def _cmd_eval(args) -> int:
         if args.transfer and _toy_name(args.model) is None:  # a path: the fine-tune of the world it belongs to
             from . import toy
 
-            finetune_name = next((n for n, m in toy.MODELS.items() if m.world == world and m.which == "finetune"),
+            finetune_name = next((n for n, m in toy.MODELS.items() if m.world == world.name and m.which == "finetune"),
                                  finetune_name)
         finetune = _eval_pipeline(finetune_name, None) if finetune_name else None
         from .toy.scorer import load_scorer

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = ["--n-literal", "2", "--n-paraphrase", "1", "--n-per-other", "1", "--n-pairs", "0", "--n-mixed", "1", "--quiet"]
 METRIC_KEYS = {"targets", "images", "erasure", "paraphrase_erasure", "literal_per_target", "paraphrase_per_target",
                "nontarget_fidelity_before", "nontarget_fidelity_after", "nontarget_drop_pt", "nontarget_exact_before",
-               "nontarget_exact_after", "psnr_unrelated_db", "ssim_unrelated", "mixed_erasure",
+               "nontarget_exact_after", "psnr_unrelated_db", "ssim_unrelated", "nontarget_identical", "mixed_erasure",
                "mixed_other_found_before", "mixed_other_found_after"}
 
 
@@ -84,6 +84,7 @@ def test_zero_membrane_changes_nothing(files, capsys):
     assert r["images"] == {"literal": 2, "paraphrase": 1, "nontarget": 7, "mixed": 1}
     assert r["erasure"] in (0.0, None) and r["paraphrase_erasure"] in (0.0, None)
     assert r["psnr_unrelated_db"] == 100.0 and r["ssim_unrelated"] == pytest.approx(1.0, abs=1e-6)
+    assert r["nontarget_identical"] == 1.0
     assert r["nontarget_drop_pt"] == 0.0 and r["nontarget_exact_before"] == r["nontarget_exact_after"]
     assert r["mixed_other_found_before"] == r["mixed_other_found_after"]
     assert not {"each", "multi", "transfer"} & set(r)
@@ -111,6 +112,7 @@ def test_several_membranes_each_multi_transfer(files, tmp_path, capsys):
     # alone, the zero membrane leaves every image as it was; the strong one (transport off) changes them all
     assert r["each"]["zero"]["psnr_unrelated_db"] == 100.0 and r["each"]["zero"]["erasure"] in (0.0, None)
     assert r["each"]["strong"]["psnr_unrelated_db"] < 40 and r["each"]["strong"]["ssim_unrelated"] < 0.95
+    assert r["each"]["zero"]["nontarget_identical"] == 1.0 and r["each"]["strong"]["nontarget_identical"] < 1.0
     assert r["psnr_unrelated_db"] < 40
     m = r["multi"]
     assert m["membranes"] == 3 and set(m["erasure_alone"]) == {"circle", "star"} and set(m["erasure_together"]) == {"circle", "star"}
@@ -187,6 +189,33 @@ def test_clear_errors(files, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(toy_model, "ASSETS", tmp_path / "no_assets")
     assert run("--membrane", zero) == 2
     assert "assets are missing" in _err(capsys)
+
+
+@pytest.fixture(scope="module")
+def icons_zero(tmp_path_factory):
+    from spm.checkpoint import save_membrane
+    from spm.toy import load
+
+    path = tmp_path_factory.mktemp("icons") / "zero_sun.safetensors"
+    save_membrane(_membrane(load("toy2").unet, ["sun"], 0.0), path)
+    return path
+
+
+def test_eval_runs_on_world_2_by_name_and_by_folder(icons_zero, capsys):
+    """``spm eval --model toy2`` measures with world 2's suite and scorer; a world-2 asset folder with ``--transfer``
+    is compared on world 2's fine-tune (it used to fall back to world 1's and fail)."""
+    from spm.toy.model import asset_dir
+
+    rc = main(["eval", "--model", "toy2", "--membrane", str(icons_zero), "--steps", "2", *SMALL])
+    assert rc == 0, capsys.readouterr().err
+    r = json.loads(capsys.readouterr().out)
+    _check_metrics(r, ["sun"])
+    assert r["world"] == "icons" and r["nontarget_identical"] == 1.0 and r["psnr_unrelated_db"] == 100.0
+    rc = main(["eval", "--model", str(asset_dir("base", "icons")), "--membrane", str(icons_zero), "--transfer",
+               "--steps", "1", *SMALL])
+    assert rc == 0, capsys.readouterr().err
+    r = json.loads(capsys.readouterr().out)
+    assert r["world"] == "icons" and r["transfer"]["targets"] == ["sun"]
 
 
 def test_evaluate_api_caches_baselines(files):

@@ -13,7 +13,9 @@ Definitions (the same as ``bench/erasure.py``; fractions in 0..1, drops in perce
   prompt asks for; ``nontarget_drop_pt`` = 100 × (before − after).
 * ``nontarget_exact_before/after``: share of non-target images whose predicted object set equals the prompted one.
 * ``psnr_unrelated_db`` / ``ssim_unrelated``: medians over non-target prompts of same-seed PSNR (capped at
-  100 dB; identical images count as 100) and SSIM between images with and without the membranes.
+  100 dB; identical images count as 100) and SSIM between images with and without the membranes;
+  ``nontarget_identical``: the share of non-target images that are bit-identical with and without them (1.0: every
+  pixel of every non-target image unchanged).
 * ``mixed_*`` (when the suite has mixed prompts, a target and a non-target in one prompt): erasure of the target
   and the share of images where the non-target object is still found.
 
@@ -220,6 +222,7 @@ def measure(gen: Generations, pipe, scorer, suite: dict[str, list], targets: lis
                 "nontarget_exact_before": harness.exact_accuracy(pb, part_cases, THRESHOLD, world),
                 "nontarget_exact_after": harness.exact_accuracy(pa, part_cases, THRESHOLD, world),
                 "psnr_unrelated_db": harness.median_psnr(bi, ai, PSNR_CAP_DB),
+                "nontarget_identical": harness.identical_share(bi, ai),
                 "ssim_unrelated": float(np.median(harness.ssim(bi, ai))),
             })
         else:  # mixed: one target and one non-target object per prompt

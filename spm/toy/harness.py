@@ -196,6 +196,16 @@ def psnr(a: list, b: list) -> np.ndarray:
         return 10 * np.log10(1.0 / mse)
 
 
+def identical_share(a: list, b: list) -> float:
+    """Share of same-index pairs of two same-length PIL lists whose pixels are bit-identical (nan for empty lists)."""
+    if len(a) != len(b):
+        raise ValueError("the two image lists must have the same length")
+    if not a:
+        return float("nan")
+    same = [np.array_equal(np.asarray(x.convert("RGB")), np.asarray(y.convert("RGB"))) for x, y in zip(a, b)]
+    return float(np.mean(same))
+
+
 def median_psnr(a: list, b: list, cap_db: float = 100.0) -> float:
     """Median same-pair PSNR in dB, each pair capped at ``cap_db`` (so identical images count as ``cap_db``)."""
     return float(np.median(np.minimum(psnr(a, b), cap_db)))
