@@ -154,8 +154,8 @@ class RobustTraining:
             return None
         eps_pos = run_unet(backend, stack, x_t, t, positive, [0.0], self.tee, False, self.autocast)
         if due:
-            self.seconds -= time.perf_counter() - t0  # search() counts its own time
-            self.search(backend, stack, x_t, t, ti, eps_pos)
+            self.seconds += time.perf_counter() - t0
+            self.search(backend, stack, x_t, t, ti, eps_pos)  # counts its own time
             t0 = time.perf_counter()
         bank = self.bank[ti]
         k = int(torch.randint(len(bank), (1,), generator=self.generator)) if len(bank) > 1 else 0
