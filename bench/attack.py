@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", action="store_true", help="load membranes already in --membranes instead of training")
     p.add_argument("--membranes", type=Path, default=RESULTS / "attack_membranes")
     p.add_argument("--out", type=Path, help="write the JSON here (default: bench/results/attack.json; quick: not written)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the toy models run fastest on one)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
