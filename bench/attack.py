@@ -7,14 +7,23 @@ one run, under the same fixed budget (``spm.attack.Budget``, stated in the JSON)
   the target at all);
 * ``reference``: a membrane trained with the reference schedule (``--reference-schedule``), used with the
   reference's transport metric (``clipcos_tokenuni``);
-* ``default``: a membrane trained with this project's defaults, used with the default transport metric.
+* ``robust``: a membrane trained with the robust defaults (``--robust-training``, default ``embedding``:
+  :mod:`spm.train.robust`), used with ``spm.transport.ROBUST_METRIC`` where the library defines one, else the
+  default metric (``--metric`` overrides; the JSON's ``metrics`` says which);
+* ``plain`` (only with ``--rows``): a membrane trained with ``robust="off"``, used with the robust row's metric —
+  what robust training itself buys.
 
 Per row: ``asr_discrete`` (gradient-guided token swaps, mean over placements and restarts), ``asr_embedding``
 (continuous token embeddings, the upper bound), ``asr_cheap`` (synonyms, misspellings, split words, other
 languages, case, long prompts) — each the share of judged images in which the toy scorer finds the target with
 the membrane and gate on — plus ``literal_erasure``, ``paraphrase_erasure`` and ``nontarget_drop_pt`` from the
 toy evaluation harness (``spm.toy.evaluate``) on a small suite. Membranes are cached under
-``bench/results/attack_membranes/`` (``--reuse`` loads them); training time is reported apart from attack time.
+``bench/results/attack_membranes/`` (``--reuse`` loads them); training time is reported apart from attack time,
+and per trained row its seconds per iteration.
+
+``--quick`` (CI, about 2 minutes on 2 cores): the machinery end to end, not the goals — the first world only, one
+target, the tiny attack budget (``Budget.quick``), short trajectories (``max_denoising_steps`` 6) and few
+iterations for both trained rows, a smaller evaluation suite and fewer sampler steps. Its JSON says ``quick``.
 """
 
 from __future__ import annotations
@@ -26,7 +35,11 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ROWS = ("unprotected", "reference", "default")
+ROWS = ("unprotected", "reference", "robust")
+ALL_ROWS = ("unprotected", "reference", "robust", "plain")
+REFERENCE_METRIC = "clipcos_tokenuni"
+QUICK_ITERATIONS = 30
+QUICK_TRAIN = {"max_denoising_steps": 6, "signal_checks": 4}  # short trajectories, few erasure checks
 
 
 def _say(quiet: bool):
@@ -44,22 +57,38 @@ def _judge(scorer, target: str, world: str):
     return judge
 
 
-def _train(pipe, target: str, row: str, out: Path, reuse: bool, iterations: int | None, say, tag: str = "") -> tuple:
-    from spm.checkpoint import load_membrane
-    from spm.hosts.diffusers import DiffusersBackend
-    from spm.train import TrainConfig, Trainer
+def train_config(target: str, row: str, iterations: int | None, robust: str, quick: bool):
+    """The TrainConfig of a trained row: ``reference`` (the reference schedule), ``robust`` (robust training
+    ``robust``) or ``plain`` (robust training off); the trainer's defaults otherwise."""
+    from spm.train import TrainConfig
 
-    path = out / f"{tag}{row}_{target}.safetensors"
-    if reuse and path.exists():
-        return load_membrane(path), 0.0
-    kw = {"iterations": iterations} if iterations else {}
+    kw: dict = dict(QUICK_TRAIN) if quick else {}
+    if iterations:
+        kw["iterations"] = iterations
     if row == "reference":
         kw["schedule"] = "reference"
-    cfg = TrainConfig(targets=[target], **kw)
-    say(f"training the {row} membrane for {target!r} ({cfg.iterations} iterations, {cfg.schedule} schedule)")
+    elif row == "robust":
+        kw["robust"] = robust
+    elif row == "plain":
+        kw["robust"] = "off"
+    return TrainConfig(targets=[target], **kw)
+
+
+def _train(pipe, cfg, row: str, out: Path, reuse: bool, say, tag: str = "") -> tuple:
+    from spm.checkpoint import load_membrane
+    from spm.hosts.diffusers import DiffusersBackend
+    from spm.train import Trainer
+
+    target = cfg.targets[0]
+    path = out / f"{tag}{row}_{target}.safetensors"
+    if reuse and path.exists():
+        m = load_membrane(path)
+        return m, 0.0, (m.info.training or {}).get("cost", {})
+    say(f"training the {row} membrane for {target!r} ({cfg.iterations} iterations, {cfg.schedule} schedule, "
+        f"robust {cfg.robust})")
     t0 = time.time()
     res = Trainer(DiffusersBackend(pipe), cfg, path, progress_bar=False).train()
-    return res.membrane.cpu(), time.time() - t0
+    return res.membrane.cpu(), time.time() - t0, res.cost
 
 
 def _synonyms(target: str, world: str) -> list[str]:
@@ -69,18 +98,22 @@ def _synonyms(target: str, world: str) -> list[str]:
 
 
 def run(worlds: list[str], targets: dict[str, list[str]], budget, *, quick: bool, reuse: bool, iterations: int | None,
-        out: Path, say) -> dict:
-    from spm import attack
+        out: Path, say, rows: tuple[str, ...] = ROWS, metric: str | None = None, robust: str = "embedding") -> dict:
+    from spm import attack, transport
     from spm.hosts.diffusers import PipelineMembranes
     from spm.toy import evaluate as ev
     from spm.toy import load
     from spm.toy.scorer import load_scorer
-    from spm.transport import DEFAULT_METRIC
 
     t_all = time.time()
-    suite = ({"n_literal": 4, "n_paraphrase": 2, "n_per_other": 1, "n_pairs": 2, "n_mixed": 0} if quick else
+    suite = ({"n_literal": 2, "n_paraphrase": 2, "n_per_other": 1, "n_pairs": 1, "n_mixed": 0} if quick else
              {"n_literal": 8, "n_paraphrase": 4, "n_per_other": 1, "n_pairs": 4, "n_mixed": 0})
-    report: dict = {"budget": budget.as_dict(), "suite": suite, "quick": quick, "worlds": {}}
+    eval_steps = budget.steps_sample
+    robust_metric = metric or getattr(transport, "ROBUST_METRIC", transport.DEFAULT_METRIC)
+    metrics = {"reference": REFERENCE_METRIC, "robust": robust_metric, "plain": robust_metric}
+    report: dict = {"budget": budget.as_dict(), "suite": suite, "eval_steps": eval_steps, "quick": quick,
+                    "rows": list(rows), "metrics": {r: metrics[r] for r in rows if r in metrics},
+                    "robust_training": robust, "train": {}, "worlds": {}}
     train_seconds = 0.0
     from spm import toy
 
@@ -89,7 +122,7 @@ def run(worlds: list[str], targets: dict[str, list[str]], budget, *, quick: bool
         tw = toy.toy_model(world).world
         scorer = load_scorer(world=tw)
         wrep: dict = {}
-        for row in ROWS:
+        for row in rows:
             per: dict = {}
             for target in targets[world]:
                 say(f"{world} / {row} / {target}")
@@ -99,14 +132,22 @@ def run(worlds: list[str], targets: dict[str, list[str]], budget, *, quick: bool
                     factory = None
                     quality: dict = {}
                 else:
-                    membrane, secs = _train(pipe, target, row, out, reuse, iterations, say, tag=f"{world}_")
+                    cfg = train_config(target, row, iterations, robust, quick)
+                    membrane, secs, cost = _train(pipe, cfg, row, out, reuse, say, tag=f"{'quick_' if quick else ''}{world}_")
                     train_seconds += secs
-                    metric = "clipcos_tokenuni" if row == "reference" else DEFAULT_METRIC
+                    tr = membrane.info.training or {}
+                    report["train"].setdefault(world, {}).setdefault(row, {})[target] = {
+                        "seconds": round(secs, 1), "iterations": cfg.iterations, "steps_done": tr.get("steps_done"),
+                        "schedule": cfg.schedule, "robust": cfg.robust,
+                        "seconds_per_iteration": _round(cost.get("seconds_per_iteration")),
+                        "ufe_per_iteration": _round(cost.get("ufe_per_iteration")),
+                        "erased": (tr.get("erasure") or {}).get("erased")}
+                    mt = metrics[row]
 
-                    def factory(m=membrane, mt=metric):
+                    def factory(m=membrane, mt=mt):
                         return PipelineMembranes(pipe, [(m, 1.0)], metric=mt)
 
-                    q = ev.evaluate(pipe, scorer, [(membrane, 1.0)], [[target]], metric=metric, suite=suite)
+                    q = ev.evaluate(pipe, scorer, [(membrane, 1.0)], [[target]], metric=mt, suite=suite, steps=eval_steps)
                     quality = {k: q.get(k) for k in ("erasure", "paraphrase_erasure", "nontarget_drop_pt", "psnr_unrelated_db")}
                 res = attack.run_attacks(pipe, target, literal, protect_factory=factory, judge=judge, budget=budget,
                                          synonyms=_synonyms(target, tw), progress=say)
@@ -134,25 +175,75 @@ def run(worlds: list[str], targets: dict[str, list[str]], budget, *, quick: bool
     return report
 
 
+def _round(v, nd: int = 4):
+    return round(float(v), nd) if isinstance(v, (int, float)) else None
+
+
+def _budget(quick: bool, overrides: list[str] | None):
+    """``Budget`` (quick or full) with ``KEY=VALUE`` overrides; ValueError names a bad one."""
+    from dataclasses import fields
+
+    from spm.attack import Budget
+
+    b = Budget.quick() if quick else Budget()
+    types = {f.name: type(getattr(b, f.name)) for f in fields(b)}
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in types:
+            raise ValueError(f"--budget {item!r}: expected KEY=VALUE with KEY one of {', '.join(types)}")
+        try:
+            v = types[key](value)
+        except ValueError:
+            raise ValueError(f"--budget {item!r}: {key} must be a {types[key].__name__}") from None
+        if isinstance(v, (int, float)) and v < 0 or (key != "seed" and types[key] is int and v < 1):
+            raise ValueError(f"--budget {item!r}: {key} must be positive")
+        setattr(b, key, v)
+    return b
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
     from spm import toy
-    from spm.attack import Budget
+    from spm.train.config import ROBUST_MODES
 
     p = argparse.ArgumentParser(prog="python -m bench.attack", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    p.add_argument("--quick", action="store_true", help="tiny budget, one target, short membranes (CI: about 2 minutes)")
-    p.add_argument("--world", action="append", help="toy model name(s) (default: every shipped base model)")
+    p.add_argument("--quick", action="store_true",
+                   help="the machinery only (CI, about 2 minutes): first world, one target, tiny budget, short membranes")
+    p.add_argument("--world", action="append", help="toy model name(s) (default: every shipped base model; quick: the first)")
+    p.add_argument("--rows", default=",".join(ROWS),
+                   help=f"comma-separated rows to measure, of {', '.join(ALL_ROWS)} (default: {','.join(ROWS)})")
+    p.add_argument("--metric", help="transport metric of the robust (and plain) row (default: spm.transport.ROBUST_METRIC "
+                                    "where defined, else the default metric)")
+    p.add_argument("--robust-training", default="embedding", choices=ROBUST_MODES,
+                   help="TrainConfig.robust of the robust row (default: embedding)")
+    p.add_argument("--budget", action="append", metavar="KEY=VALUE", help="override a field of the attack budget (repeatable)")
     p.add_argument("--target", action="append", help="target concept(s) (default: the first two concepts of each world)")
     p.add_argument("--iterations", type=int, help="training iterations of the membranes (default: the trainer's)")
     p.add_argument("--reuse", action="store_true", help="load membranes already in --membranes instead of training")
     p.add_argument("--membranes", type=Path, default=RESULTS / "attack_membranes")
     p.add_argument("--out", type=Path, help="write the JSON here (default: bench/results/attack.json; quick: not written)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the toy models run fastest on one)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    worlds = args.world or [name for name, m in toy.MODELS.items() if m.which == "base"]
+    rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
+    bad_rows = [r for r in rows if r not in ALL_ROWS]
+    if bad_rows or not rows:
+        print(f"error: --rows {args.rows!r}: choose from {', '.join(ALL_ROWS)}", file=sys.stderr)
+        return 2
+    from spm.transport import METRICS
+
+    if args.metric is not None and args.metric not in METRICS:
+        print(f"error: --metric {args.metric}: not a transport metric ({', '.join(METRICS)})", file=sys.stderr)
+        return 2
+    try:
+        budget = _budget(args.quick, args.budget)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    worlds = args.world or [name for name, m in toy.MODELS.items() if m.which == "base"][: 1 if args.quick else None]
     for w in worlds:
         if toy.toy_model(w) is None:
             print(f"error: --world {w}: not a shipped toy model ({', '.join(toy.MODELS)})", file=sys.stderr)
@@ -166,11 +257,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --target {', '.join(bad)}: not a concept of {w} ({', '.join(known)})", file=sys.stderr)
             return 2
         targets[w] = ts
-    budget = Budget.quick() if args.quick else Budget()
-    iterations = args.iterations or (60 if args.quick else None)
+    iterations = args.iterations or (QUICK_ITERATIONS if args.quick else None)
     args.membranes.mkdir(parents=True, exist_ok=True)
     rep = run(worlds, targets, budget, quick=args.quick, reuse=args.reuse, iterations=iterations, out=args.membranes,
-              say=_say(args.json and False))
+              say=_say(args.quiet), rows=rows, metric=args.metric, robust=args.robust_training)
     text = json.dumps(rep, indent=2, ensure_ascii=False)
     out = args.out or (None if args.quick else RESULTS / "attack.json")
     if out is not None:

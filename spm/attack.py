@@ -330,7 +330,7 @@ def embedding_attack(pipe, protect, loss: AttackLoss, budget: Budget, suffix: st
             opt.zero_grad()
             lo.backward()
             opt.step()
-            history.append(round(float(lo), 6))
+            history.append(round(float(lo.detach()), 6))
     with torch.no_grad():
         ctx = ts.encode(ids_t, (pos, e))
     return {"conditioning": ctx.detach(), "loss": float(loss(ctx.detach())[0]) if budget.embed_steps else None,

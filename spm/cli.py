@@ -213,6 +213,8 @@ _TRAIN_FLAGS = {  # flag → (TrainConfig field, type, help)
     "--sample-every": ("sample_every", non_negative_int, "preview grid (PNG) every N steps"),
     "--pool-size": ("pool_size", positive_int, "latent pool size (fast schedule)"),
     "--max-denoising-steps": ("max_denoising_steps", positive_int, "DDIM steps of the x_t trajectories"),
+    "--robust": ("robust", str, "robust to adversarial prompts: 'embedding' also erases adversarial text embeddings "
+                                "searched against the membrane while it trains (slower), 'off' does not"),
 }
 _NONE_DEFAULT = {"resolution": "the model's"}
 

@@ -112,3 +112,45 @@ def test_spm_attack_cli_runs_and_refuses_bad_input(tmp_path, capsys, zero_membra
                  "--judge", "toy"]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 3
+
+
+@needs_assets
+def test_bench_attack_quick_path_prints_the_contract(tmp_path, capsys):
+    """``python -m bench.attack --quick --json`` end to end on a micro budget: one JSON object with every row's
+    keys, the budget, the metrics and the training cost per trained row."""
+    from bench import attack as bench_attack
+
+    micro = ["steps=1", "candidates=2", "topk=4", "embed_steps=1", "references=1", "noise_draws=1", "eval_seeds=1",
+             "steps_sample=2", "free_tokens=1"]
+    argv = ["--quick", "--json", "--quiet", "--world", "toy", "--iterations", "2", "--threads", "1",
+            "--membranes", str(tmp_path / "m"), "--out", str(tmp_path / "attack.json")]
+    for b in micro:
+        argv += ["--budget", b]
+    assert bench_attack.main(argv) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep == json.loads((tmp_path / "attack.json").read_text())
+    assert rep["quick"] is True and rep["budget"]["steps"] == 1 and rep["budget"]["queries_discrete_per_attack"] == 2
+    assert set(rep["worlds"]) == {"toy"} and set(rep["worlds"]["toy"]) == {"unprotected", "reference", "robust"}
+    from spm import transport
+
+    assert rep["metrics"] == {"reference": "clipcos_tokenuni",
+                              "robust": getattr(transport, "ROBUST_METRIC", transport.DEFAULT_METRIC)}
+    assert rep["robust_training"] == "embedding"
+    keys = ("asr_discrete", "asr_embedding", "asr_cheap", "literal_erasure", "paraphrase_erasure", "nontarget_drop_pt")
+    for row, d in rep["worlds"]["toy"].items():
+        for k in keys[:3]:
+            assert 0.0 <= d[k] <= 1.0, (row, k)
+        for k in keys[3:]:  # a micro budget's images may show no target at all: then there is nothing to erase
+            assert k in d and ((d[k] is None) if row == "unprotected" else (d[k] is None or isinstance(d[k], float))), (row, k)
+    assert isinstance(rep["worlds"]["toy"]["robust"]["nontarget_drop_pt"], float)
+    tr = rep["train"]["toy"]
+    assert set(tr) == {"reference", "robust"}
+    (target,) = tr["robust"]
+    assert tr["robust"][target]["robust"] == "embedding" and tr["reference"][target]["schedule"] == "reference"
+    assert tr["robust"][target]["seconds_per_iteration"] > 0
+    # bad input: one line, exit 2
+    assert bench_attack.main(["--rows", "robust,nope"]) == 2
+    assert bench_attack.main(["--budget", "steps=0"]) == 2
+    assert bench_attack.main(["--budget", "nope=1"]) == 2
+    assert bench_attack.main(["--metric", "nope"]) == 2
+    assert capsys.readouterr().err.count("error:") == 4

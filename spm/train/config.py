@@ -34,6 +34,7 @@ LR_SCHEDULERS = ("cosine_with_restarts", "cosine", "constant", "linear")
 OPTIMIZERS = ("auto", "adamw", "adamw8bit")
 LA_MODES = ("adaptive", "fixed", "off")
 SCHEDULES = ("pool", "reference")
+ROBUST_MODES = ("off", "embedding")
 
 
 @dataclass
@@ -74,6 +75,9 @@ class TrainConfig:
     signal_patience: int = 2  # consecutive passing checks before stopping
     signal_trajectories: int = 2  # held-out trajectories of the original model (probe rows = this × levels)
     signal_levels: int = 4  # noise levels per trajectory
+    # robust training (spm/train/robust.py): "embedding" also erases adversarial text embeddings searched
+    # against the membrane during training (slower); "off": the plain SPM objective
+    robust: str = "off"
     # membrane
     rank: int = 1
     alpha: float = 1.0
@@ -88,6 +92,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        if isinstance(self.robust, bool):  # YAML/JSON ``robust: true``
+            self.robust = "embedding" if self.robust else "off"
 
     @property
     def positives(self) -> list[str]:
@@ -112,6 +118,8 @@ class TrainConfig:
             bad("la_mode", self.la_mode, LA_MODES)
         if self.schedule not in SCHEDULES:
             bad("schedule", self.schedule, SCHEDULES)
+        if self.robust not in ROBUST_MODES:
+            bad("robust", self.robust, ROBUST_MODES)
         for name in ("iterations", "rank", "max_denoising_steps", "pool_size", "preview_seeds", "preview_steps",
                      "signal_checks", "signal_patience", "signal_trajectories", "signal_levels"):
             if int(getattr(self, name)) < 1:

@@ -94,6 +94,7 @@ class TrainRequest:
     preview_steps: int | None = None  # None or 0: sized to the job (see CHECK_STEPS)
     overwrite: bool = False
     keep_state: bool = False  # keep NAME.safetensors.trainstate after a finished run (to extend it later)
+    robust: bool | None = None  # robust training (TrainConfig.robust "embedding" / "off"); None: the default
 
     def config(self) -> TrainConfig:
         """The :class:`TrainConfig`: the preset's values with this request's overrides."""
@@ -104,6 +105,8 @@ class TrainRequest:
             v = getattr(self, key)
             if v is not None:
                 over[key] = v
+        if self.robust is not None:
+            over["robust"] = "embedding" if self.robust else "off"
         cfg = preset(self.preset, **over)
         cfg.control_prompts = list(self.control_prompts)
         if self.preview_steps:
@@ -121,7 +124,7 @@ class TrainRequest:
 _INT = ("iterations", "anchors", "resolution", "seed", "save_every", "sample_every", "preview_steps")
 _FLOAT = ("lr", "la_strength")
 _STR = ("surrogate", "preset", "precision", "la_mode")
-_BOOL = ("preview", "overwrite", "keep_state")
+_BOOL = ("preview", "overwrite", "keep_state", "robust")
 KNOWN = {f.name for f in fields(TrainRequest)}
 
 
@@ -256,7 +259,7 @@ def preset_values(name: str) -> dict[str, Any]:
     """The values a preset gives the tab's fields (the reference defaults plus the preset's changes)."""
     cfg = preset(name)
     return {"iterations": cfg.iterations, "lr": cfg.lr, "la_strength": cfg.la_strength, "la_mode": cfg.la_mode,
-            "anchors": cfg.anchors}
+            "anchors": cfg.anchors, "robust": cfg.robust != "off"}
 
 
 # --- jobs --------------------------------------------------------------------------------------------

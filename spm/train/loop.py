@@ -23,6 +23,8 @@ Usage::
   held-out probes; with ``stop_when_erased`` training stops once ``signal_patience`` consecutive checks say erased.
   The result at the end is :attr:`TrainResult.erasure` (``erased``, ``signal``, ``threshold``, ``message``), also
   saved as ``spm_training.erasure`` and the ``spm_erasure`` metadata key; the checks are resumable state.
+* ``robust="embedding"`` (:mod:`spm.train.robust`): adversarial text embeddings are searched against the
+  membrane as it trains and erased too (a bank of them, resumable state; ``spm_training.robust_stats``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from ..transport import training_calibration
 from .anchors import sample_anchors
 from .config import TrainConfig
 from .objective import AnchorWeight, CostMeter, objective_step
+from .robust import make_robust
 from .sampling import LatentPool, ReferenceSchedule, image_grid, sample_images
 from .signal import ErasureProbe, StopRule, check_interval, min_steps, summary
 from .state import load_state, save_state, state_path
@@ -176,14 +179,19 @@ class Trainer:
               state: bool = True) -> None:
         if self.output is None:
             return
+        robust = getattr(self, "robust", None)
+        if robust is not None and "robust_stats" not in extra:
+            extra = {**extra, "robust_stats": robust.summary()}
         membrane.info.training = {**self.cfg.to_dict(), "steps_done": step, "anchor_weight": aw.value,
                                   "architecture_label": getattr(self.backend, "architecture", ""), **extra}
         save_membrane(membrane, self.output)
         if not state:  # a finished run: no state to resume from (an older checkpoint's goes too)
             state_path(self.output).unlink(missing_ok=True)
             return
+        rmeta, rtensors = robust.state_dict() if robust is not None else (None, None)
         save_state(state_path(self.output), optimizer, g, {"step": step, "anchor_weight": aw.state_dict(),
-                                                            "config": self.cfg.to_dict(), "signal": self.rule.state_dict()})
+                                                            "config": self.cfg.to_dict(), "signal": self.rule.state_dict(),
+                                                            **({"robust": rmeta} if rmeta is not None else {})}, rtensors)
 
     def _preview(self, stack, membrane: Membrane, cond: dict[str, Conditioning], step: int, ac) -> tuple[Any, Path | None]:
         cfg = self.cfg
@@ -256,6 +264,8 @@ class Trainer:
         g = torch.Generator().manual_seed(cfg.seed)
         membrane = self._new_membrane().to(be.device)
         start = 0
+        resumed: dict = {}
+        self.robust = None
         aw = AnchorWeight.from_config(cfg)
         optimizer = make_optimizer(cfg, [p for p in membrane.parameters() if p.requires_grad], be.device)
         if self.resume:
@@ -270,6 +280,7 @@ class Trainer:
                     layer.lora_down.weight.copy_(saved.layers[k].lora_down.weight)
                     layer.lora_up.weight.copy_(saved.layers[k].lora_up.weight)
             meta = load_state(state_path(self.output), optimizer, g)
+            resumed = meta
             start = int(meta.get("step", 0))
             done = (saved.info.training or {}).get("steps_done")
             if isinstance(done, int) and done != start:
@@ -294,6 +305,9 @@ class Trainer:
             stack.add(membrane, 1.0)
             texts = {"targets": list(cfg.targets), "positives": cfg.positives, "neutral": [cfg.surrogate], "uncond": [""]}
             cond = {k: be.encode(v) for k, v in texts.items()}
+            self.robust = robust = make_robust(cfg, cond, ac, self.meter)  # spm/train/robust.py (None: off)
+            if robust is not None and resumed.get("robust") is not None:
+                robust.load_state_dict(resumed["robust"], resumed.get("tensors", {}))
             res = cfg.resolution or be.latent.resolution
             if cfg.schedule == "reference":
                 source: Any = ReferenceSchedule(be, stack, cfg.max_denoising_steps, cfg.xt_guidance, res,
@@ -338,8 +352,13 @@ class Trainer:
                                      uncond=cond["uncond"] if need_uncond else None,
                                      reference_calls=cfg.schedule == "reference", autocast=ac,
                                      last_anchor_is_neutral=bool(n_anchor and cfg.anchor_empty and cfg.surrogate == ""))
+                loss = out.loss
+                if robust is not None:  # adversarial text embeddings of this target: extra positives
+                    adv = robust.loss(be, stack, step, xs.x_t, xs.t, ti, cond["positives"].rows([ti]), out.eps_neutral_off)
+                    if adv is not None:
+                        loss = loss + adv
                 optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
+                loss.backward()
                 optimizer.step()
                 if isinstance(source, LatentPool):
                     unc = out.eps_uncond_off if out.eps_uncond_off is not None else out.eps_neutral_off
@@ -348,7 +367,7 @@ class Trainer:
                 if n_anchor:
                     aw.update(out.anchor, out.signal)
                 step += 1
-                rec = {"step": step, "loss": float(out.loss.detach()), "erase": out.erase, "anchor": out.anchor,
+                rec = {"step": step, "loss": float(loss.detach()), "erase": out.erase, "anchor": out.anchor,
                        "signal": out.signal, "la_weight": la_used, "k": xs.k}
                 history.append(rec)
                 if self.rule.due(step, cfg.iterations) and step < cfg.iterations:  # the last step's: after the loop
@@ -408,12 +427,16 @@ class Trainer:
                 "ufe_per_iteration": self.meter.ufe / done, "setup_ufe": fill_ufe,
                 "ufe_per_iteration_steady": (self.meter.ufe - fill_ufe) / done,
                 "seconds_per_iteration": loop_s / done}
+        if self.robust is not None:
+            cost.update({"robust_ufe": self.robust.meter.ufe, "robust_seconds": round(self.robust.seconds, 3)})
         cost.update({"signal_ufe": self.signal_meter.ufe, "signal_checks": len(self.rule.checks),
                      "signal_overhead": self.signal_meter.ufe / max(1, self.meter.ufe)})
         erasure = summary(last_check, cfg, step, erased_stop and step < cfg.iterations, interrupted, self.probe, self.rule)
         if not interrupted:
             (log.info if erasure["erased"] else log.warning)("SPM: %s", erasure["message"])
         extra = {"interrupted": interrupted, "cost": cost, "erasure": erasure, "signal_history": self.rule.checks}
+        if self.robust is not None:
+            extra["robust_stats"] = self.robust.summary()
         membrane.eval()
         self._phase("saving", 0, 1)
         gate = training_gate(self.backend, membrane)  # spm_transport["gate"]: the membrane gate's calibration

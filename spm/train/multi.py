@@ -4,6 +4,7 @@ The jobs file (YAML or JSON) lists one entry per membrane::
 
     defaults:                 # optional: TrainConfig fields for every job
       iterations: 600
+      robust: embedding       # optional: also erase adversarial text embeddings (slower; default: off)
     jobs:                     # (a bare list of entries works too)
       - name: circle          # optional; default: the output's stem
         targets: [circle]     # or "circle, ring"

@@ -27,9 +27,12 @@ def state_path(output: str | Path) -> Path:
     return p.with_name(p.name + SUFFIX)
 
 
-def save_state(path: str | Path, optimizer: torch.optim.Optimizer, generator: torch.Generator, meta: dict[str, Any]) -> Path:
+def save_state(path: str | Path, optimizer: torch.optim.Optimizer, generator: torch.Generator, meta: dict[str, Any],
+               extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """``extra``: more tensors to keep (saved as ``x.<name>``; :func:`load_state` returns them as ``meta["tensors"]``)."""
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {"rng": generator.get_state()}
+    tensors.update({f"x.{k}": v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
     scalars: dict[str, dict[str, Any]] = {}
     for idx, st in sd["state"].items():
         for name, v in st.items():
@@ -79,6 +82,7 @@ def load_state(path: str | Path, optimizer: torch.optim.Optimizer, generator: to
         raise MembraneFileError(f"cannot resume from {p.name}: the optimizer state does not fit ({e})") from None
     if "rng" in tensors:
         generator.set_state(tensors["rng"])
+    meta["tensors"] = {k[2:]: v for k, v in tensors.items() if k.startswith("x.")}
     return meta
 
 

@@ -32,7 +32,7 @@ PREFIX = "spm_train"
 # the form, in input order (after the hidden task id in WebUI mode)
 FORM = ("name", "target", "surrogate", "preset", "iterations", "lr", "la_mode", "la_strength", "anchors",
         "resolution", "seed", "precision", "save_every", "sample_every", "control_prompts", "preview_steps",
-        "overwrite", "keep_state")
+        "overwrite", "keep_state", "robust")
 
 START_JS = """(...args) => {
     var status = gradioApp().getElementById('%(p)s_status');
@@ -70,6 +70,8 @@ def form_to_request(values: dict[str, Any]) -> dict[str, Any]:
         data["control_prompts"] = ""
     data["overwrite"] = bool(data.get("overwrite"))
     data["keep_state"] = bool(data.get("keep_state"))
+    if data.get("robust") is not None:
+        data["robust"] = bool(data["robust"])
     return data
 
 
@@ -216,6 +218,11 @@ def build_trainer_tab(backend_provider: Callable[[], Any] | None = None, membran
                                               value=0, precision=0, elem_id=f"{p}_preview_steps")
                     keep_state = gr.Checkbox(label="Keep the resume state (NAME.safetensors.trainstate) after a "
                                                    "finished run", value=False, elem_id=f"{p}_keep_state")
+                robust = gr.Checkbox(label="Robust to adversarial prompts (slower)", value=defaults["robust"],
+                                     info="While training, search text embeddings that bring the concept back "
+                                          "through the membrane and erase them too (spm/train/robust.py); "
+                                          "see the README for what it costs and what it buys",
+                                     elem_id=f"{p}_robust")
                 overwrite = gr.Checkbox(label="Overwrite an existing file of the same name", value=False,
                                         elem_id=f"{p}_overwrite")
                 with gr.Row():
@@ -231,7 +238,7 @@ def build_trainer_tab(backend_provider: Callable[[], Any] | None = None, membran
                               "right: with it (same seeds).</small>", elem_id=f"{p}_preview_help")
                 saved = gr.Textbox(label="Saved file", value="", interactive=False, elem_id=f"{p}_file")
         form = [name, target, surrogate, preset, iterations, lr, la_mode, la_strength, anchors, resolution, seed,
-                precision, save_every, sample_every, control, preview_steps, overwrite, keep_state]
+                precision, save_every, sample_every, control, preview_steps, overwrite, keep_state, robust]
         outputs = [progress, plot, image, saved, status]
         preset.change(fn=apply_preset, inputs=[preset], outputs=[iterations, lr, la_mode, la_strength, anchors])
         if webui:
