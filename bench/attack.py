@@ -49,12 +49,7 @@ def _say(quiet: bool):
 def _judge(scorer, target: str, world: str):
     from spm.toy import harness
 
-    def judge(images: list) -> list:
-        if not images:
-            return []
-        return [bool(f) for f in harness.found(harness.score_images(scorer, images), [target] * len(images), world=world)]
-
-    return judge
+    return harness.target_judge(scorer, target, world)
 
 
 def train_config(target: str, row: str, iterations: int | None, robust: str, quick: bool):

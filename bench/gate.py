@@ -39,12 +39,7 @@ def _say(quiet: bool):
 def _judge(scorer, target: str, world: str):
     from spm.toy import harness
 
-    def judge(images: list) -> list:
-        if not images:
-            return []
-        return [bool(f) for f in harness.found(harness.score_images(scorer, images), [target] * len(images), world=world)]
-
-    return judge
+    return harness.target_judge(scorer, target, world)
 
 
 def _membrane(pipe, world: str, target: str, out: Path, reuse: bool, iterations: int | None, say) -> tuple:

@@ -98,10 +98,7 @@ def _cmd_attack(args) -> int:
             from .toy import harness
             from .toy.scorer import load_scorer
 
-            scorer = load_scorer(world=tm.world)
-
-            def judge(images: list) -> list:
-                return [bool(f) for f in harness.found(harness.score_images(scorer, images), [target] * len(images), world=tm.world)]
+            judge = harness.target_judge(load_scorer(world=tm.world), target, tm.world)
         elif judge_name == "nudenet":
             judge = _nudenet_judge()
     except ValueError as e:

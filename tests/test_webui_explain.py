@@ -6,20 +6,13 @@ import pytest
 import torch
 
 from tests import webui_stub as stub
-from tests.test_webui_lifecycle import World
+from tests.test_webui_lifecycle import world  # noqa: F401  (the stub WebUI with the extension loaded)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def world(tmp_path, tokenizer, text_encoder):
-    w = World(tmp_path, tokenizer, text_encoder)
-    yield w
-    w.close()
-
-
-@pytest.fixture
-def client(world):
+def client(world):  # noqa: F811
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
@@ -28,7 +21,7 @@ def client(world):
     return TestClient(app)
 
 
-def test_explain_matches_what_generation_uses(world):
+def test_explain_matches_what_generation_uses(world):  # noqa: F811
     """The explanation's strength is the one the generation's hooks use (same transport, same metric)."""
     from spm.webui.explain import explain_prompt
 
@@ -42,7 +35,7 @@ def test_explain_matches_what_generation_uses(world):
     assert f"{used / 0.7:.2f}" in text  # the score before the weight, as printed
 
 
-def test_explain_reads_the_prompts_own_tags_and_restores_the_transport(world):
+def test_explain_reads_the_prompts_own_tags_and_restores_the_transport(world):  # noqa: F811
     from spm.webui.explain import explain_prompt
 
     world.add_membrane("cat", concepts=("cat",))
@@ -56,7 +49,7 @@ def test_explain_reads_the_prompts_own_tags_and_restores_the_transport(world):
     assert torch.equal(base.images[0], out.images[0])
 
 
-def test_explain_problems_are_messages(world):
+def test_explain_problems_are_messages(world):  # noqa: F811
     from spm.webui.explain import NO_MEMBRANE, NO_PROMPT, ExplainError, explain_prompt, panel_explain
 
     assert panel_explain("", True, [], "", "ngram_tokenuni", 1.0) == NO_PROMPT
@@ -74,7 +67,7 @@ def test_explain_problems_are_messages(world):
     assert e.value.status == 409
 
 
-def test_explain_route(world, client):
+def test_explain_route(world, client):  # noqa: F811
     world.add_membrane("cat", concepts=("cat",))
     r = client.post("/spm/v1/explain", json={"prompt": "a photo of a cat", "membranes": ["cat"]})
     assert r.status_code == 200, r.text

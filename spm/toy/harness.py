@@ -143,6 +143,17 @@ def found(scores: dict[str, np.ndarray], objects: list[str], threshold: float = 
     return scores["objects"][np.arange(len(idx)), idx] > threshold
 
 
+def target_judge(scorer, target: str, world: str | World | None = None):
+    """``judge(images) -> [bool]``: does the toy scorer find ``target`` in each image (the attacks' judge)."""
+
+    def judge(images: list) -> list:
+        if not images:
+            return []
+        return [bool(f) for f in found(score_images(scorer, images), [target] * len(images), world=world)]
+
+    return judge
+
+
 def found_rate(scores: dict[str, np.ndarray], cases: list[PromptCase], threshold: float = 0.5,
                world: str | World | None = None) -> float:
     """Share of images in which the scorer finds *every* object the prompt asked for."""
