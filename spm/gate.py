@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .transport import BOS, FINGERPRINT_RTOL, NULL_RANK, _whole_words, fingerprint_distance
+from .transport import BOS, FINGERPRINT_RTOL, NULL_RANK, _whole_words, stored_mismatch
 
 log = logging.getLogger("spm")
 
@@ -294,12 +294,10 @@ def stored_gate(stored: dict | None, membrane, fingerprint: dict) -> tuple[Gate 
     entry = (stored or {}).get("gate")
     if not isinstance(entry, dict):
         return None, "the membrane file has no gate calibration"
-    if entry.get("params") != gate_params():
-        return None, "the file's gate was calibrated with other settings"
-    dist = fingerprint_distance(entry.get("fingerprint"), fingerprint)
-    if dist > FINGERPRINT_RTOL:
-        what = "another width" if dist == float("inf") else f"relative distance {dist:.3g} > {FINGERPRINT_RTOL:g}"
-        return None, f"this text encoder differs from the one the file's gate was calibrated on ({what})"
+    dist, why = stored_mismatch(entry, gate_params(), fingerprint, "the file's gate was calibrated with other settings",
+                                "the one the file's gate was calibrated on")
+    if why:
+        return None, why
     try:
         gate = Gate.from_dict(entry, f"this encoder matches the one it was made on (fingerprint distance {dist:.2g})")
     except (KeyError, TypeError, ValueError):

@@ -509,17 +509,28 @@ class Calibration:
                    int(d["samples"]), bool(d.get("usable", True)), "file", reason)
 
 
+def stored_mismatch(entry: dict, params: dict, fingerprint: dict, other_settings: str, made_on: str) -> tuple[float, str | None]:
+    """Whether a calibration stored in a membrane file applies here: ``(fingerprint distance, None)``, or the
+    reason it does not (made with other ``params``, or on an encoder farther than ``FINGERPRINT_RTOL``)."""
+    if entry.get("params") != params:
+        return float("inf"), other_settings
+    dist = fingerprint_distance(entry.get("fingerprint"), fingerprint)
+    if dist > FINGERPRINT_RTOL:
+        what = "another width" if dist == float("inf") else f"relative distance {dist:.3g} > {FINGERPRINT_RTOL:g}"
+        return dist, f"this text encoder differs from {made_on} ({what})"
+    return dist, None
+
+
 def _stored_calibration(stored: dict | None, concept: ConceptEmbedding, ids: tuple[int, ...],
                         fingerprint: dict) -> tuple[Calibration | None, str]:
     """The membrane file's calibration of ``concept`` if it applies to this encoder, else why not."""
     if not stored:
         return None, "the membrane file has no transport calibration"
-    if stored.get("params") != calibration_params():
-        return None, "the file's calibration was made with other calibration settings"
-    dist = fingerprint_distance(stored.get("fingerprint"), fingerprint)
-    if dist > FINGERPRINT_RTOL:
-        what = "another width" if dist == float("inf") else f"relative distance {dist:.3g} > {FINGERPRINT_RTOL:g}"
-        return None, f"this text encoder differs from the one the file was calibrated on ({what})"
+    dist, why = stored_mismatch(stored, calibration_params(), fingerprint,
+                                "the file's calibration was made with other calibration settings",
+                                "the one the file was calibrated on")
+    if why:
+        return None, why
     entry = (stored.get("concepts") or {}).get(concept.text)
     if not isinstance(entry, dict):
         return None, f"the file's calibration has no entry for {concept.text!r}"
