@@ -48,30 +48,40 @@ class Obj:
     angle: float   # rotation, degrees
 
 
+class LabelVectors:
+    """What every world's ``Labels`` derives from its objects, in that world's label space (the subclass sets
+    ``OBJECT_NAMES`` and ``COLOUR_NAMES``; plain class attributes, not dataclass fields)."""
+
+    OBJECT_NAMES: tuple = ()
+    COLOUR_NAMES: tuple = ()
+
+    @property
+    def object_names(self) -> list[str]:
+        return [self.OBJECT_NAMES[o.kind] for o in self.objects]
+
+    def object_vector(self) -> np.ndarray:
+        v = np.zeros(len(self.OBJECT_NAMES), np.float32)
+        for o in self.objects:
+            v[o.kind] = 1.0
+        return v
+
+    def colour_vector(self) -> np.ndarray:
+        v = np.zeros(len(self.COLOUR_NAMES), np.float32)
+        for o in self.objects:
+            v[o.colour] = 1.0
+        return v
+
+
 @dataclass
-class Labels:
+class Labels(LabelVectors):
     objects: list[Obj]
     background: int
     style: int
     shifted: bool = False
     texture_phase: float = 0.0
     extra: dict = field(default_factory=dict)
-
-    @property
-    def object_names(self) -> list[str]:
-        return [OBJECTS[o.kind] for o in self.objects]
-
-    def object_vector(self) -> np.ndarray:
-        v = np.zeros(len(OBJECTS), np.float32)
-        for o in self.objects:
-            v[o.kind] = 1.0
-        return v
-
-    def colour_vector(self) -> np.ndarray:
-        v = np.zeros(len(COLOURS), np.float32)
-        for o in self.objects:
-            v[o.colour] = 1.0
-        return v
+    OBJECT_NAMES = tuple(OBJECTS)
+    COLOUR_NAMES = tuple(COLOURS)
 
 
 def sample_labels(rng: np.random.Generator, shifted: bool = False, two_prob: float = 0.2) -> Labels:

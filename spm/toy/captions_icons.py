@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .captions import LabelVectors
+
 OBJECTS: tuple[str, ...] = ("sun", "moon", "tree", "house", "fish", "car", "flower", "cloud")
 PARAPHRASES: dict[str, tuple[str, ...]] = {
     "sun": ("daystar", "glowing star with rays", "bright disc of daylight"),
@@ -47,27 +49,13 @@ class Obj:
 
 
 @dataclass
-class Labels:
+class Labels(LabelVectors):
     objects: list[Obj]
     background: int
     shifted: bool = False
     extra: dict = field(default_factory=dict)
-
-    @property
-    def object_names(self) -> list[str]:
-        return [OBJECTS[o.kind] for o in self.objects]
-
-    def object_vector(self) -> np.ndarray:
-        v = np.zeros(len(OBJECTS), np.float32)
-        for o in self.objects:
-            v[o.kind] = 1.0
-        return v
-
-    def colour_vector(self) -> np.ndarray:
-        v = np.zeros(len(COLOURS), np.float32)
-        for o in self.objects:
-            v[o.colour] = 1.0
-        return v
+    OBJECT_NAMES = tuple(OBJECTS)
+    COLOUR_NAMES = tuple(COLOURS)
 
 
 def sample_labels(rng: np.random.Generator, shifted: bool = False, two_prob: float = 0.2) -> Labels:
