@@ -21,7 +21,7 @@ Ours, selectable (the benchmark compares them on the toy world):
   *encoded alone*, against the concept encoded alone; states centred on the mean state of a seeded bank of
   random vocabulary tokens; the best window's similarity is mapped through the concept's
   :class:`Calibration` on this encoder — thresholds placed between the upper tail of a fixed, seeded null
-  (random tokens and random words) and the concept itself, stored in the membrane file at training time
+  (random tokens, random words and the vocabulary's most frequent words) and the concept itself, stored in the membrane file at training time
   (``spm_transport``) and recomputed when the host's encoder differs.  ``ngram_tokenuni`` (the default): its
   maximum with ``tokenuni``, so a literal mention always gets full strength.
 * ``ngram_fixed`` / ``ngram_fixed_tokenuni`` (the previous default): windows as long as the concept only, the
@@ -357,8 +357,17 @@ def ngram(row_tokens: Sequence[Sequence[int] | None], concept: ConceptEmbedding,
 # modifier or two, is compared whole; a longer one through its best sub-window.  A cost bound, not a fit:
 # the windows per prompt grow linearly with it (see the README's first-sight cost).
 NGRAM_EXTRA = 2
-# null windows per length: half random regular vocabulary tokens, half random whole words of the vocabulary
+# null windows per length: half random regular vocabulary tokens, half random whole words of the vocabulary,
+# plus NULL_FREQUENT_PER_LENGTH windows of the vocabulary's most frequent words (below)
 NULL_PER_LENGTH = 128
+# The words real prompts are made of ("a", "and", "on", "with", "background") are trained in every model, while most
+# random vocabulary entries are rare: on an encoder trained on a small corpus (toy world 2) rare tokens keep
+# their near-random states and every trained word looks alike next to them ("and" scored 0.978 against "fish",
+# above fish's best paraphrase).  So the null also draws windows from the NULL_FREQUENT most frequent whole
+# words.  CLIP's BPE vocabulary lists its single characters first and then its merges in the order they were
+# learned, i.e. by corpus frequency, so the lowest ids are the most frequent: no word list is fitted to a model.
+NULL_FREQUENT = 512
+NULL_FREQUENT_PER_LENGTH = 64
 # the null's upper tail q is its second-largest score: the most extreme value the sample estimates (a prompt
 # offers dozens of windows, so the threshold must sit beyond the per-window tail), which one outlier — an
 # inflection or synonym of the concept among the random words — cannot move, as it would move the maximum
@@ -369,12 +378,13 @@ NEUTRAL_PREFIXES: tuple[tuple[int, ...], ...] = ((320,), (518,), (320, 1125, 539
 # a stored calibration is reused when the host's probe states are within this relative distance of the
 # ones it was computed on: 10× the rounding of fp16 states, far below what retraining a text encoder moves
 FINGERPRINT_RTOL = 1e-2
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2  # 2: the null includes frequent words
 
 
 def calibration_params() -> dict:
     """What a stored calibration depends on besides the encoder (a file with other values is recomputed)."""
     return {"version": CALIBRATION_VERSION, "extra": NGRAM_EXTRA, "per_length": NULL_PER_LENGTH,
+            "frequent": {"words": NULL_FREQUENT, "per_length": NULL_FREQUENT_PER_LENGTH, "length_1": "all"},
             "rank": NULL_RANK, "seed": NULL_SEED, "bank": NGRAM_BANK}
 
 
@@ -411,14 +421,39 @@ def _whole_words() -> tuple[int, ...]:
                         if t.endswith("</w>") and len(t) >= 7 and t[:-4].isascii() and t[:-4].isalpha()))
 
 
-def null_windows(length: int, n: int = NULL_PER_LENGTH, seed: int = NULL_SEED) -> list[tuple[int, ...]]:
-    """The fixed, seeded null sample of one window length (the same for every model and concept)."""
+@lru_cache(maxsize=1)
+def frequent_words(n: int = NULL_FREQUENT) -> tuple[int, ...]:
+    """Ids of the ``n`` most frequent whole-word tokens of the CLIP vocabulary (letters only, ``and</w>``):
+    the lowest ids, as BPE lists its merges in the order it learned them (see :data:`NULL_FREQUENT`)."""
+    try:
+        from .tokenizer import clip_tokenizer
+
+        vocab = clip_tokenizer().get_vocab()
+    except Exception as e:
+        log.info("SPM: no CLIP vocabulary for the transport null (%s); no frequent words", e)
+        return ()
+    return tuple(sorted(i for t, i in vocab.items()
+                        if t.endswith("</w>") and t[:-4].isascii() and t[:-4].isalpha())[:n])
+
+
+def null_windows(length: int, n: int = NULL_PER_LENGTH, seed: int = NULL_SEED,
+                 n_frequent: int = NULL_FREQUENT_PER_LENGTH) -> list[tuple[int, ...]]:
+    """The fixed, seeded null sample of one window length (the same for every model and concept): ``n``
+    windows of random tokens and random words, then windows of frequent words: every one of them alone for
+    length 1, ``n_frequent`` random sequences of them for longer windows."""
     g = torch.Generator().manual_seed(seed * 1000 + length)
     words = _whole_words()
     n_words = n // 2 if words else 0
     rand = torch.randint(256, BOS, (n - n_words, length), generator=g).tolist()
     picks = torch.randint(0, max(1, len(words)), (n_words, length), generator=g).tolist()
-    return [tuple(r) for r in rand] + [tuple(words[i] for i in r) for r in picks]
+    out = [tuple(r) for r in rand] + [tuple(words[i] for i in r) for r in picks]
+    freq = frequent_words()
+    if freq and n_frequent > 0:
+        if length == 1:  # every frequent word alone: the words that prompts share with any concept's
+            return out + [(i,) for i in freq]
+        gf = torch.Generator().manual_seed(seed * 7000 + length)
+        out += [tuple(freq[i] for i in r) for r in torch.randint(0, len(freq), (n_frequent, length), generator=gf).tolist()]
+    return out
 
 
 def encoder_fingerprint(encode_ids: PhraseEncoder, probe: tuple[int, ...] = PROBE, dims: int = 16) -> dict:
@@ -448,7 +483,7 @@ def fingerprint_distance(a: dict | None, b: dict | None) -> float:
 class Calibration:
     """How the calibrated ``ngram`` maps one concept's best window similarity ``s`` to a score.
 
-    ``q`` is the null's second-largest score (:data:`NULL_RANK`; windows of random tokens and random words,
+    ``q`` is the null's second-largest score (:data:`NULL_RANK`; windows of random tokens, random words and frequent words,
     lengths 1 … L, none sharing a token with the concept).  ``lo = q + (1 − q) / 2`` — the midpoint between the null's upper tail
     and the concept itself (``s = 1``): a window counts only when it is closer to the concept than to the
     edge of what random text reaches.  ``hi = min(q + 3(1 − q) / 4, band)``: full strength a quarter of the
@@ -835,6 +870,6 @@ __all__ = [
     "PhraseEncoder", "RowRegistry", "all_windows", "best_window", "calibrate", "calibration_metadata",
     "causal_phrase_encoder", "checked_phrase_encoder", "clipcos", "compute_calibration", "concept_scores",
     "content_ids", "content_tokens", "encoder_fingerprint", "fingerprint_distance", "is_calibrated", "needs_phrases",
-    "ngram", "ngram_calibrated", "null_windows", "phrase_lengths", "phrase_similarity", "register_metric",
+    "frequent_words", "ngram", "ngram_calibrated", "null_windows", "phrase_lengths", "phrase_similarity", "register_metric",
     "tokenuni", "training_calibration", "uses_gate", "window_lengths", "windows",
 ]

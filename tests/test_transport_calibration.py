@@ -6,6 +6,8 @@ import torch
 
 from spm.attach import MembraneStack, Transport
 from spm.checkpoint import load_membrane, read_file, save_membrane
+from spm.membrane import Membrane, MembraneInfo
+from spm.tokenizer import clip_tokenizer
 from spm.transport import (
     BOS,
     DEFAULT_METRIC,
@@ -17,6 +19,7 @@ from spm.transport import (
     Calibration,
     concept_scores,
     fingerprint_distance,
+    frequent_words,
     ngram,
     null_windows,
     phrase_lengths,
@@ -61,6 +64,10 @@ class CausalToy:
         return Transport(self.encode, encoder_key=id(self), metric=metric, encode_ids=self.encode_ids)
 
 
+def _concept_only(concept: str) -> Membrane:
+    return Membrane({}, MembraneInfo(concepts=[concept]), name=concept)  # transport reads only the concepts
+
+
 def _id(tokenizer, word: str) -> int:
     ids = tokenizer(word).input_ids
     assert len(ids) == 3, word
@@ -91,11 +98,62 @@ def test_calibration_places_the_ramp_between_the_null_tail_and_the_concept():
 
 def test_null_sample_is_fixed_and_model_independent():
     a, b = null_windows(2), null_windows(2)
-    assert a == b and len(a) == 128 and all(len(w) == 2 for w in a)
+    assert a == b and len(a) == 128 + 64 and all(len(w) == 2 for w in a)
     assert null_windows(1) != null_windows(1, seed=2)
     assert all(256 <= i < BOS for w in a for i in w)
+    # the frequent-word part: the vocabulary's most frequent whole words ("and", "the", "on" are among them)
+    freq = frequent_words()
+    tok = clip_tokenizer()
+    assert len(freq) == 512 and {tok.convert_tokens_to_ids(t) for t in ("and</w>", "the</w>", "on</w>")} <= set(freq)
+    assert all(i in freq for w in a[128:] for i in w) and len(null_windows(2, n_frequent=0)) == 128
     assert phrase_lengths("ngram_tokenuni", 2) == set(range(1, 3 + NGRAM_EXTRA))
     assert phrase_lengths("ngram_fixed", 2) == {2} and phrase_lengths("clipcos", 2) == set()
+
+
+def test_a_frequent_word_that_looks_like_the_concept_raises_the_null_not_the_strength(tokenizer):
+    # an encoder on which "and" (in every pair prompt) encodes almost like the concept, as on toy world 2 where
+    # "and" scored 0.978 against "fish": every frequent word alone is in the null, so "and" cannot open the gate
+    # (the null's tail is its second-largest score, so one such word alone would be taken for an outlier: here the
+    # encoder does it to several frequent words, as world 2's does)
+    circle = _id(tokenizer, "circle")
+    words = [_id(tokenizer, w) for w in ("and", "the", "with")]
+    assert all((w,) in null_windows(1) and w in frequent_words() for w in words)
+    base = CausalToy(tokenizer)
+    toy = CausalToy(tokenizer, override={w: base.vec(circle) + 0.1 * base.vec(w) for w in words})
+    tr = toy.transport()
+    m = _concept_only("circle")
+    s = _strengths(tr, m, ["circle", "a red circle", "a red square and a blue ring", "the ring with a square"])
+    assert s[:2].tolist() == [1.0, 1.0]
+    assert s[2:].tolist() == [0.0, 0.0]
+    cal = tr.phrases.calibrations[("circle", (circle,))]
+    assert cal.q > 0.9  # "and" is the null's upper tail now
+
+
+def test_world2_frequent_words_no_longer_open_other_membranes():
+    """Toy world 2's leaks (bench.erasure --transport-only before the frequent-word null): the moon membrane gave
+    "fish" full strength and the fish membrane every "… and …" prompt; the sun membrane opened for "house"."""
+    from spm import toy
+    from spm.transport import causal_phrase_encoder
+
+    te = toy.load("toy2").text_encoder
+    tok = clip_tokenizer()
+
+    def run(ids):
+        with torch.inference_mode():
+            return te(ids).last_hidden_state.clone()
+
+    def encode(texts):
+        ids = tok(list(texts), padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        return run(ids), [tok(t).input_ids for t in texts]
+
+    tr = Transport(encode, encoder_key="toy2", fast_encode_ids=causal_phrase_encoder(run))
+    cases = {"moon": ["fish", "a fish, green, on a black background"],
+             "fish": ["a sun, red, and a car, yellow, on a white background", "a house, yellow, and a car, green"],
+             "sun": ["house", "drawing of a house"]}
+    for concept, prompts in cases.items():
+        s = _strengths(tr, _concept_only(concept), [concept, f"a {concept}, red", *prompts])
+        assert s[:2].tolist() == [1.0, 1.0], concept
+        assert s[2:].tolist() == [0.0] * len(prompts), (concept, s)
 
 
 def test_separation_the_fixed_mapping_throws_away_is_used(tokenizer):
