@@ -68,6 +68,38 @@ def test_statistic_is_the_share_of_the_gap_closed_and_the_rule_is_the_bisector()
     assert len(stat(p.s)[1]) == 2
 
 
+def test_each_level_is_judged_by_its_lower_confidence_bound_over_the_held_out_seeds():
+    # Student's t quantiles (exact at 1 and 2 degrees of freedom; tables: 2.353, 1.895, 1.697)
+    assert sg.t_quantile(0.95, 1) == pytest.approx(6.3138, abs=1e-4)
+    assert sg.t_quantile(0.95, 2) == pytest.approx(2.9200, abs=1e-4)
+    for dof, table in ((3, 2.353), (7, 1.895), (30, 1.697)):
+        assert sg.t_quantile(0.95, dof) == pytest.approx(table, rel=3e-3)
+    # the point estimate is the ratio of sums; one sample has no spread to bound
+    num, den = torch.tensor([1.0, 3.0]), torch.tensor([1.0, 2.0])
+    r, lb = sg.ratio_lower_bound(num, den)
+    assert r == pytest.approx(4 / 3) and lb < r
+    assert sg.ratio_lower_bound(num[:1], den[:1]) == (1.0, 1.0)
+    # every seed closes its gap alike: no spread, the bound is the ratio
+    assert sg.ratio_lower_bound(2 * den, den) == pytest.approx((2.0, 2.0))
+
+    class P:  # one level, 8 seeds: a ratio above 1 on average with two seeds below is not erased
+        levels = [3]
+        level_of = [3] * 8
+        o = torch.zeros(8, 1, 1, 1)
+        s = -torch.ones(8, 1, 1, 1)  # u = o - s = 1 for every seed
+
+    closed_per_seed = torch.tensor([1.02, 1.22, 1.64, 1.24, 1.38, 0.92, 0.91, 0.96])
+    m = (P.o - closed_per_seed.reshape(8, 1, 1, 1))  # closed_i = <o - m, u> / |u|^2
+    closed, bound, remaining, ratio = sg.ErasureProbe.statistic.__get__(P())(m)
+    assert ratio[0] == pytest.approx(float(closed_per_seed.mean())) == pytest.approx(closed)
+    assert ratio[0] > sg.THRESHOLD > bound[0]  # on average past the threshold, not with 95 % confidence
+    check = sg.Check(0, min(bound), bound, remaining, closed, ratio)
+    assert not check.passed and check.to_dict()["level_ratio"] == ratio
+    # the same seeds all further on: erased
+    closed, bound, _, _ = sg.ErasureProbe.statistic.__get__(P())(P.o - (closed_per_seed + 0.3).reshape(8, 1, 1, 1))
+    assert bound[0] > sg.THRESHOLD
+
+
 def test_levels_interval_and_earliest_stop_follow_the_run():
     assert sg.probe_levels(30, 4) == [5, 12, 19, 26] and sg.probe_levels(4, 4) == [1, 2, 3]
     assert all(1 <= k <= 29 for k in sg.probe_levels(30, 7))
@@ -82,7 +114,7 @@ def test_zero_membrane_is_not_erased_and_a_surrogate_membrane_is(backend):
     try:
         c = probe.measure(0)
         assert c.signal == pytest.approx(0.0, abs=1e-4) and c.remaining == pytest.approx(1.0, abs=1e-4) and not c.passed
-        assert probe.rows == 2 * 3
+        assert probe.rows == 8 * 3  # 8 held-out seeds x 3 levels
         # strength 0 reproduces the original exactly; the probes are held out of (and independent of) the membrane
         assert probe.measure(0, strength=0.0).signal == pytest.approx(0.0, abs=1e-4)
     finally:

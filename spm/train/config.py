@@ -73,7 +73,8 @@ class TrainConfig:
     stop_when_erased: bool = True  # False: always run the full ``iterations`` (the reference's behaviour)
     signal_checks: int = 20  # checks of the erasure signal over the budget (one every ceil(iterations / this) steps)
     signal_patience: int = 2  # consecutive passing checks before stopping
-    signal_trajectories: int = 2  # held-out trajectories of the original model (probe rows = this × levels)
+    signal_trajectories: int = 8  # held-out seeds of the original model (probe rows = this × levels); the per-level
+    # lower confidence bound over them decides (spm/train/signal.py): with 2, Student's t (6.3) makes it very strict
     signal_levels: int = 4  # noise levels per trajectory
     # robust training (spm/train/robust.py): "embedding" also erases adversarial text embeddings searched
     # against the membrane during training (slower); "off": the plain SPM objective
