@@ -24,6 +24,9 @@ The JSON is ``{"settings": ..., "worlds": {"toy": {...}, "toy2": {...}}}``, prin
 (``<out>/<world>/<obj>.safetensors`` and its ``.train.json``); ``--parallel`` runs the worlds in parallel processes
 (``--threads`` torch threads each).
 
+``--metric M`` evaluates with another transport metric than the default (an experiment: the JSON's settings say
+so); with ``--reuse`` it measures the same membranes under another metric.
+
 ``--transport-only`` trains and generates nothing: for the membranes of an earlier sweep in ``--out`` it reports what
 Facilitated Transport gives each object's suite prompts (literal or paraphrase prompts below strength 1, non-target
 prompts above 0, the calibration; ``bench/results/erasure_transport.json``), which explains the bit-identity and
@@ -224,10 +227,11 @@ def summarise(objects: dict, multi: dict | None) -> dict:
     return s
 
 
-def multi_row(pipe, scorer, gen, objs: list[str], mems: dict) -> dict:
+def multi_row(pipe, scorer, gen, objs: list[str], mems: dict, metric: str | None = None) -> dict:
     from spm.toy import evaluate as ev
 
-    r = ev.evaluate(pipe, scorer, [(mems[o], 1.0) for o in objs], [[o] for o in objs], each=False, generations=gen)
+    r = ev.evaluate(pipe, scorer, [(mems[o], 1.0) for o in objs], [[o] for o in objs], each=False, metric=metric,
+                    generations=gen)
     lit = {p["target"]: p["erasure"] for p in r.get("literal_per_target", [])}
     par = {p["target"]: p["erasure"] for p in r.get("paraphrase_per_target", [])}
     vals = [lit.get(o) for o in objs]
@@ -239,7 +243,7 @@ def multi_row(pipe, scorer, gen, objs: list[str], mems: dict) -> dict:
 
 
 def sweep_world(name: str, objects: list[str] | None, multi: list[str] | None, out: str, overrides: dict, reuse: bool,
-                threads: int, quiet: bool) -> dict:
+                threads: int, quiet: bool, metric: str | None = None) -> dict:
     """The per-object sweep of one toy world (its base model ``name``) and its multi row."""
     from spm import toy
     from spm.toy import evaluate as ev
@@ -268,7 +272,7 @@ def sweep_world(name: str, objects: list[str] | None, multi: list[str] | None, o
     for obj in objs:
         m, rec = train_object(pipe, obj, folder, overrides, reuse, say)
         mems[obj] = m
-        r = ev.evaluate(pipe, scorer, [(m, 1.0)], [[obj]], generations=gen)
+        r = ev.evaluate(pipe, scorer, [(m, 1.0)], [[obj]], metric=metric, generations=gen)
         rep["objects"][obj] = object_row(r, rec)
         row = rep["objects"][obj]
         say(f"{obj}: erasure {row['erasure']}, paraphrase {row['paraphrase_erasure']}, "
@@ -282,7 +286,7 @@ def sweep_world(name: str, objects: list[str] | None, multi: list[str] | None, o
             if o not in mems:
                 mems[o] = train_object(pipe, o, folder, overrides, True, say)[0]
         say(f"multi: {', '.join(trio)} together")
-        rep["multi"] = multi_row(pipe, scorer, gen, trio, mems)
+        rep["multi"] = multi_row(pipe, scorer, gen, trio, mems, metric)
     rep["summary"] = summarise(rep["objects"], rep["multi"])
     rep["generated"] = dict(gen.generated)
     rep["seconds"] = round(time.time() - t0, 1)
@@ -322,11 +326,12 @@ def settings(args, overrides: dict) -> dict:
 
     cfg = TrainConfig(targets=["<object>"], **overrides).to_dict()
     cfg.pop("targets")
-    return {"training": cfg, "cli_defaults": not overrides, "overrides": overrides,
+    return {"training": cfg, "cli_defaults": not overrides and not args.metric, "overrides": overrides,
             "cli_equivalent": "python -m spm train --model WORLD --target OBJECT -o OBJECT.safetensors"
                               + "".join(f" --{k.replace('_', '-')} {v}" for k, v in overrides.items())
-                              + "; python -m spm eval --model WORLD --membrane OBJECT.safetensors",
-            "metric": DEFAULT_METRIC, "steps": harness.DEFAULT_STEPS, "cfg": harness.DEFAULT_CFG,
+                              + "; python -m spm eval --model WORLD --membrane OBJECT.safetensors"
+                              + (f" --metric {args.metric}" if args.metric else ""),
+            "metric": args.metric or DEFAULT_METRIC, "default_metric": not args.metric, "steps": harness.DEFAULT_STEPS, "cfg": harness.DEFAULT_CFG,
             "suite": dict(ev.SUITE_DEFAULTS), "goals": GOALS, "threads": args.threads, "parallel": bool(args.parallel)}
 
 
@@ -337,7 +342,7 @@ def run(args) -> dict:
     objects = [o.strip() for o in args.objects.split(",") if o.strip()] if args.objects else None
     multi = [o.strip() for o in args.multi.split(",") if o.strip()] if args.multi else None
     report: dict = {"settings": settings(args, overrides), "worlds": {}}
-    jobs = [(w, objects, multi, args.out, overrides, args.reuse, args.threads, args.quiet) for w in worlds]
+    jobs = [(w, objects, multi, args.out, overrides, args.reuse, args.threads, args.quiet, args.metric) for w in worlds]
     if args.parallel and len(worlds) > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
@@ -637,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", action="store_true", help="one process per world")
     p.add_argument("--threads", type=int, default=2, help="torch threads (per process with --parallel)")
     p.add_argument("--reuse", action="store_true", help="reuse membranes already trained in --out with the same settings")
+    p.add_argument("--metric", default=None,
+                   help="evaluate with this transport metric instead of the default (an experiment; the JSON says so)")
     p.add_argument("--out", default=str(RESULTS / "erasure_membranes"), help="where the trained membranes go")
     p.add_argument("--result", default=None, help="the JSON file (default: bench/results/erasure.json; "
                    "erasure_ablations.json with --ablations-only)")
@@ -668,6 +675,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_worlds(args.world)
         parse_set(args.set)
+        if args.metric is not None:
+            from spm.transport import METRICS
+
+            if args.metric not in METRICS:
+                raise ValueError(f"--metric {args.metric!r}: choose one of {', '.join(sorted(METRICS))}")
         if args.transport_only:
             report = transport_report(args)
             out = Path(args.result) if args.result else RESULTS / "erasure_transport.json"

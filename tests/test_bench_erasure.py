@@ -3,6 +3,7 @@ world handling: the parts that decide what is trained and what counts as met, wi
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -37,6 +38,18 @@ def test_set_overrides_are_checked(capsys):
     assert be.main(["--set", "nope=1", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --set 'nope=1'")
+
+
+def test_metric_is_checked_and_recorded(capsys):
+    assert be.main(["--metric", "nope", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --metric 'nope'") and "ngram_tokenuni" in err[0]
+    args = argparse.Namespace(metric="robust", threads=1, parallel=False)
+    st = be.settings(args, {})
+    assert st["metric"] == "robust" and not st["default_metric"] and not st["cli_defaults"]
+    assert st["cli_equivalent"].endswith("--metric robust")
+    st = be.settings(argparse.Namespace(metric=None, threads=1, parallel=False), {})
+    assert st["default_metric"] and st["cli_defaults"]
 
 
 def _row(lit, par, ident, erased=True):
