@@ -140,9 +140,10 @@ def run_target(pipe, scorer, target: str, args, work: Path, say) -> dict:
         c = checks.get(step)
         if c is None:
             continue
-        rep = ev.evaluate(pipe, scorer, [(load_membrane(kept[step]), 1.0)], [[target]], transport=False, suite=suite,
-                          generations=args.gen)
+        rep = ev.evaluate(pipe, scorer, [(load_membrane(kept[step]), 1.0)], [[target]], transport=args.transport,
+                          suite=suite, generations=args.gen)
         points.append({"step": step, "signal": c["signal"], "aggregate": c.get("aggregate"), "per_level": c["per_level"],
+                       "level_ratio": c.get("level_ratio"), "per_seed": c.get("per_seed"),
                        "remaining": c["remaining"], "erasure": rep.get("erasure"),
                        "paraphrase_erasure": rep.get("paraphrase_erasure")})
         say(f"{target} step {step}: signal {c['signal']:.3f}  erasure {rep.get('erasure')}  "
@@ -247,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--early-stop", action="store_true",
                     help="train with the default early stopping (default: the whole budget, checks every --every)")
+    ap.add_argument("--transport", action="store_true",
+                    help="judge the copies with the default transport (literal prompts then get the membrane on their "
+                         "conditional row only, as the signal's probes do) instead of at full strength on every row")
     ap.add_argument("--n-literal", type=int, default=16)
     ap.add_argument("--n-paraphrase", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
@@ -304,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                   "world_objects": list(harness_objects(world)),
                   "settings": {k: getattr(args, k) for k in
                                                     ("iterations", "every", "lr", "seed", "n_literal", "n_paraphrase",
-                                                     "early_stop")},
+                                                     "early_stop", "transport")},
                   "targets": per, "summary": summarise(per), "seconds": round(time.time() - t0, 1)}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")  # every finished target is on disk

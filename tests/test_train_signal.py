@@ -93,8 +93,11 @@ def test_each_level_is_judged_by_its_lower_confidence_bound_over_the_held_out_se
     closed, bound, remaining, ratio = sg.ErasureProbe.statistic.__get__(P())(m)
     assert ratio[0] == pytest.approx(float(closed_per_seed.mean())) == pytest.approx(closed)
     assert ratio[0] > sg.THRESHOLD > bound[0]  # on average past the threshold, not with 95 % confidence
-    check = sg.Check(0, min(bound), bound, remaining, closed, ratio)
+    p = P()
+    sg.ErasureProbe.statistic.__get__(p)(m)
+    check = sg.Check(0, min(bound), bound, remaining, closed, ratio, p.last_per_seed)
     assert not check.passed and check.to_dict()["level_ratio"] == ratio
+    assert check.to_dict()["per_seed"] == [[round(float(v), 4) for v in closed_per_seed]]  # each seed's own ratio
     # the same seeds all further on: erased
     closed, bound, _, _ = sg.ErasureProbe.statistic.__get__(P())(P.o - (closed_per_seed + 0.3).reshape(8, 1, 1, 1))
     assert bound[0] > sg.THRESHOLD

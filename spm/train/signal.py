@@ -132,6 +132,7 @@ class Check:
     remaining: float  # ‖m − s‖ / ‖o − s‖ (1 for the original model, 0 at the surrogate)
     aggregate: float | None = None  # closed over all probes together (the signal is the minimum over levels)
     level_ratio: list[float] | None = None  # closed per level, the plain ratio (per_level: its lower bound)
+    per_seed: list[list[float]] | None = None  # closed per level and held-out seed (each probe alone)
 
     @property
     def passed(self) -> bool:
@@ -139,7 +140,8 @@ class Check:
 
     def to_dict(self) -> dict:
         return {"step": self.step, "signal": self.signal, "per_level": self.per_level, "remaining": self.remaining,
-                "aggregate": self.aggregate, "level_ratio": self.level_ratio}
+                "aggregate": self.aggregate, "level_ratio": self.level_ratio,
+                "per_seed": [[round(v, 4) for v in lv] for lv in self.per_seed] if self.per_seed is not None else None}
 
 
 class ErasureProbe:
@@ -189,17 +191,20 @@ class ErasureProbe:
 
     def statistic(self, m: torch.Tensor) -> tuple[float, list[float], float, list[float]]:
         """``(closed, lower bound of closed per level, remaining gap ratio, closed per level)`` for membrane-ON
-        predictions ``m`` of the probes (the bound: :func:`ratio_lower_bound` over the level's held-out seeds)."""
+        predictions ``m`` of the probes (the bound: :func:`ratio_lower_bound` over the level's held-out seeds).
+        Each probe's own ratio is left in :attr:`last_per_seed` (per level, in seed order)."""
         o, s, m = self.o.double(), self.s.double(), m.double()
         u = (o - s).flatten(1)
         d = (o - m).flatten(1)
         num, den = (d * u).sum(1), (u * u).sum(1)
-        ratio, bound = [], []
+        ratio, bound, seeds = [], [], []
         for lv in self.levels:
             idx = [i for i, v in enumerate(self.level_of) if v == lv]
             r, lb = ratio_lower_bound(num[idx], den[idx])
             ratio.append(r)
             bound.append(lb)
+            seeds.append([float(v) for v in num[idx] / den[idx].clamp_min(1e-30)])
+        self.last_per_seed = seeds
         closed = float(num.sum() / den.sum().clamp_min(1e-30))
         remaining = float((m - s).flatten().norm() / (o - s).flatten().norm().clamp_min(1e-30))
         return closed, bound, remaining, ratio
@@ -209,7 +214,7 @@ class ErasureProbe:
         m = run_unet(self.backend, self.stack, self.x_t, self.t, self.cond, [float(strength)] * self.rows, self.meter,
                      False, self.autocast)
         closed, bound, remaining, ratio = self.statistic(m)
-        return Check(step, min(bound), bound, remaining, closed, ratio)
+        return Check(step, min(bound), bound, remaining, closed, ratio, self.last_per_seed)
 
 
 @dataclass
