@@ -147,7 +147,8 @@ class Transport:
         self.gates = GateCache()  # the membrane gates (metrics with uses_gate), calibrated once per membrane
 
     def _decode_and_encode(self, seqs: list[tuple[int, ...]]) -> list[torch.Tensor]:
-        """Default phrase encoder: token ids → text (the CLIP vocabulary) → ``encode`` → content states."""
+        """Default phrase encoder: token ids → text (the CLIP vocabulary) → ``encode`` → content states and the EOS
+        state after them (see :data:`spm.transport.PhraseEncoder`)."""
         if self._tokenizer is None:
             from .tokenizer import clip_tokenizer
 
@@ -158,7 +159,8 @@ class Transport:
         out = []
         for e, t, q in zip(emb, toks, seqs):
             n = len(content_ids(t)) or len(q)
-            out.append(e[1:1 + max(1, min(n, e.shape[0] - 2))])
+            n = max(1, min(n, e.shape[0] - 2))
+            out.append(e[1:2 + n])
         return out
 
     def phrase_text(self, text: str) -> str:

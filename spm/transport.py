@@ -18,7 +18,8 @@ Ours, selectable (the benchmark compares them on the toy world):
 * ``tokenwin``: best window of per-token cosines between the prompt's *content* token states and the
   concept's (BOS and padding ignored); ``tokenwin_tokenuni``: its maximum with ``tokenuni``.
 * ``ngram`` (calibrated): each window of 1 … m + 2 of the prompt's tokens (m = the concept's length),
-  *encoded alone*, against the concept encoded alone; states centred on the mean state of a seeded bank of
+  *encoded alone*, against the concept encoded alone, by its last content state and by the EOS state after it
+  (CLIP's summary of the window, which the UNet reads too); states centred on the mean state of a seeded bank of
   random vocabulary tokens; the best window's similarity is mapped through the concept's
   :class:`Calibration` on this encoder — thresholds placed between the upper tail of a fixed, seeded null
   (random tokens, random words and the vocabulary's most frequent words) and the concept itself, stored in the membrane file at training time
@@ -165,7 +166,9 @@ def _m_off(ctx, toks, ce):
 
 # --------------------------------------------------------------------------------------- n-gram states
 PhraseEncoder = Callable[[list[tuple[int, ...]]], list[torch.Tensor]]
-"""``encode_ids(seqs)``: each token-id tuple encoded alone (``[BOS, *ids, EOS]``) → its content states ``[m, d]``."""
+"""``encode_ids(seqs)``: each token-id tuple encoded alone (``[BOS, *ids, EOS]``) → its content states followed by
+the state of the EOS after them, ``[m + 1, d]`` (an encoder that returns the content states only, ``[m, d]``, still
+works: its windows are compared by their content states alone)."""
 
 
 def causal_phrase_encoder(run: Callable[[torch.Tensor], torch.Tensor], bos: int = BOS, eos: int = EOS,
@@ -189,7 +192,7 @@ def causal_phrase_encoder(run: Callable[[torch.Tensor], torch.Tensor], bos: int 
                 ids[i, 1:1 + len(q)] = torch.tensor(q, dtype=torch.long)
         with torch.no_grad():
             states = run(ids)
-        return [states[i, 1:1 + max(1, len(q))] for i, q in enumerate(seqs)]
+        return [states[i, 1:2 + max(1, len(q))] for i, q in enumerate(seqs)]  # content states, then the EOS
 
     return encode_ids
 
@@ -265,7 +268,9 @@ class PhraseCache:
     def __init__(self, capacity: int = 50000, batch: int = 64, bank: int = NGRAM_BANK, seed: int = 0):
         self.capacity, self.batch, self.bank, self.seed = capacity, batch, bank, seed
         self._states: dict[tuple[int, ...], torch.Tensor] = {}
+        self._eos: dict[tuple[int, ...], torch.Tensor] = {}  # the EOS state after each sequence (see summary_unit)
         self.center: torch.Tensor | None = None  # [d] mean state of the random-token bank
+        self.eos_center: torch.Tensor | None = None  # [d] mean EOS state of the bank (None: the encoder gives none)
         self.best: dict[tuple, float] = {}  # (row ids, concept text, m) -> best window cosine, once all were known
         self.prepared: set[tuple] = set()  # (row ids, m) whose windows are all encoded
         self.calibrations: dict[tuple, "Calibration"] = {}  # (concept text, concept ids) -> its calibration
@@ -285,19 +290,40 @@ class PhraseCache:
             x = x - self.center
         return F.normalize(x, dim=-1)
 
+    def summary_unit(self, state: torch.Tensor) -> torch.Tensor | None:
+        """A centred, unit-normalised EOS state ``[d]`` (None where the encoder gave no EOS states)."""
+        if self.eos_center is None:
+            return None
+        return F.normalize(state.detach().float().cpu() - self.eos_center, dim=-1)
+
+    def _split(self, seq: tuple[int, ...], st: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(content states, EOS state or None) of one encoded sequence."""
+        n = max(1, len(seq))
+        if st.shape[0] == n + 1:
+            return st[:n], st[n]
+        return st, None
+
     def prepare(self, seqs: Sequence[tuple[int, ...]], encode_ids: PhraseEncoder) -> int:
         """Encode the sequences not cached yet (and, the first time, the centring bank); returns how many
         sequences were encoded."""
         todo = [t for t in dict.fromkeys(tuple(int(i) for i in q) for q in seqs) if t and t not in self._states]
         if todo and self.center is None and self.bank > 0:
             g = torch.Generator().manual_seed(self.seed)
-            ids = torch.randint(256, BOS, (self.bank,), generator=g).tolist()  # regular tokens: no bytes, no specials
-            self.center = torch.stack([st[0] for st in self._encode([(i,) for i in ids], encode_ids)]).mean(0)
+            ids = [(i,) for i in torch.randint(256, BOS, (self.bank,), generator=g).tolist()]  # regular tokens only
+            split = [self._split(q, st) for q, st in zip(ids, self._encode(ids, encode_ids))]
+            self.center = torch.stack([c[0] for c, _ in split]).mean(0)
+            if all(e is not None for _, e in split):
+                self.eos_center = torch.stack([e for _, e in split]).mean(0)
         for seq, st in zip(todo, self._encode(todo, encode_ids)):
-            self._states[seq] = self.unit(st)
+            content, eos = self._split(seq, st)
+            self._states[seq] = self.unit(content)
+            e = self.summary_unit(eos) if eos is not None else None
+            if e is not None:
+                self._eos[seq] = e
         if len(self._states) > self.capacity:  # drop the oldest half
             for k in list(self._states)[: len(self._states) // 2]:
                 del self._states[k]
+                self._eos.pop(k, None)
             self.best.clear()
             self.prepared.clear()
         return len(todo)
@@ -305,16 +331,30 @@ class PhraseCache:
     def get(self, seq: tuple[int, ...]) -> torch.Tensor | None:
         return self._states.get(seq)
 
+    def get_summary(self, seq: tuple[int, ...]) -> torch.Tensor | None:
+        """The sequence's centred unit EOS state (None if not encoded, or the encoder gave none)."""
+        return self._eos.get(seq)
+
+    def concept_states(self, concept: "ConceptEmbedding", m: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(centred unit content states ``[m, d]``, centred unit EOS state or None) of a concept's full encoding."""
+        c = self.unit(concept.embedding[1:1 + m])
+        e = None
+        if self.eos_center is not None and concept.embedding.shape[0] > 1 + m:
+            e = self.summary_unit(concept.embedding[1 + m])
+        return c, e
+
     def __len__(self) -> int:
         return len(self._states)
 
     def clear(self) -> None:
         self._states.clear()
+        self._eos.clear()
         self.best.clear()
         self.prepared.clear()
         self.calibrations.clear()
         self.fingerprint = None
         self.center = None
+        self.eos_center = None
 
 
 def ngram(row_tokens: Sequence[Sequence[int] | None], concept: ConceptEmbedding, phrases: PhraseCache,
@@ -378,7 +418,7 @@ NEUTRAL_PREFIXES: tuple[tuple[int, ...], ...] = ((320,), (518,), (320, 1125, 539
 # a stored calibration is reused when the host's probe states are within this relative distance of the
 # ones it was computed on: 10× the rounding of fp16 states, far below what retraining a text encoder moves
 FINGERPRINT_RTOL = 1e-2
-CALIBRATION_VERSION = 2  # 2: the null includes frequent words
+CALIBRATION_VERSION = 3  # 2: the null includes frequent words; 3: windows are also compared by their EOS states
 
 
 def calibration_params() -> dict:
@@ -398,13 +438,22 @@ def all_windows(ids: Sequence[int] | None, max_length: int) -> list[tuple[int, .
     return list(dict.fromkeys(w for n in range(1, max_length + 1) for w in windows(ids, n)))
 
 
-def phrase_similarity(window: torch.Tensor, concept: torch.Tensor) -> float:
+def phrase_similarity(window: torch.Tensor, concept: torch.Tensor, window_eos: torch.Tensor | None = None,
+                      concept_eos: torch.Tensor | None = None) -> float:
     """Similarity of centred unit states ``[l, d]`` and ``[m, d]``: the mean aligned per-token cosine when
     ``l == m`` (the fixed ``ngram``'s score), else the cosine of the last states.  CLIP's encoder is causal,
-    so a window's last state is the only one that has read the whole window."""
+    so a window's last state is the only one that has read the whole window.
+
+    With both EOS states (each sequence encoded alone, ``[BOS, *ids, EOS]``) the score is the mean of that and
+    the cosine of the EOS states: the EOS is the state CLIP is trained to summarise a text in, and the UNet
+    reads it (and the padding after it) in every prompt."""
     if window.shape[0] == concept.shape[0]:
-        return float((window * concept).sum() / concept.shape[0])
-    return float(window[-1] @ concept[-1])
+        s = float((window * concept).sum() / concept.shape[0])
+    else:
+        s = float(window[-1] @ concept[-1])
+    if window_eos is not None and concept_eos is not None:
+        s = 0.5 * (s + float(window_eos @ concept_eos))
+    return s
 
 
 @lru_cache(maxsize=1)
@@ -611,9 +660,11 @@ def compute_calibration(concept: ConceptEmbedding, phrases: "PhraseCache", encod
     phrases.prepare(null + contexts, encode_ids)
     if m == 0:
         return Calibration.from_scores(concept.text, ids, torch.zeros(0), 1.0, top, reason)
-    c = phrases.unit(concept.embedding[1:1 + m])
-    scores = [phrase_similarity(st, c) for st in (phrases.get(w) for w in null) if st is not None]
-    band = min((phrase_similarity(st, c) for st in (phrases.get(w) for w in contexts) if st is not None), default=1.0)
+    c, ce = phrases.concept_states(concept, m)
+    scores = [phrase_similarity(st, c, phrases.get_summary(w), ce) for w, st in ((w, phrases.get(w)) for w in null)
+              if st is not None]
+    band = min((phrase_similarity(st, c, phrases.get_summary(w), ce) for w, st in ((w, phrases.get(w)) for w in contexts)
+                if st is not None), default=1.0)
     return Calibration.from_scores(concept.text, ids, torch.tensor(scores), band, top, reason)
 
 
@@ -643,14 +694,14 @@ def best_window(ids: Sequence[int] | None, concept: ConceptEmbedding, phrases: "
                 max_length: int) -> tuple[float, tuple[int, ...] | None, bool]:
     """(best similarity, its window, whether every window was prepared) of one row against ``concept``."""
     m = content_positions(concept.tokens, concept.embedding.shape[0])
-    c = phrases.unit(concept.embedding[1:1 + m])
+    c, ce = phrases.concept_states(concept, m)
     best, where, complete = 0.0, None, True
     for w in all_windows(ids, max_length):
         st = phrases.get(w)
         if st is None:
             complete = False
             continue
-        s = phrase_similarity(st, c)
+        s = phrase_similarity(st, c, phrases.get_summary(w), ce)
         if s > best:
             best, where = s, w
     return best, where, complete

@@ -20,7 +20,7 @@ def test_fast_windows_equal_the_padded_encoding(kind):
         exact = pm.transport._decode_and_encode(SEQS)
         fast = phrase_encoder(pipe)(SEQS)
         for e, f, q in zip(exact, fast, SEQS):
-            assert f.shape == e.shape == (len(q), e.shape[-1])
+            assert f.shape == e.shape == (len(q) + 1, e.shape[-1])  # the content states, then the EOS
             torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-5)
     finally:
         pm.close()

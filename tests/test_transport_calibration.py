@@ -129,9 +129,8 @@ def test_a_frequent_word_that_looks_like_the_concept_raises_the_null_not_the_str
     assert cal.q > 0.9  # "and" is the null's upper tail now
 
 
-def test_world2_frequent_words_no_longer_open_other_membranes():
-    """Toy world 2's leaks (bench.erasure --transport-only before the frequent-word null): the moon membrane gave
-    "fish" full strength and the fish membrane every "… and …" prompt; the sun membrane opened for "house"."""
+def _toy2_transport() -> Transport:
+    """Transport on the shipped toy world 2 text encoder (CLIP 48 wide, 3 layers), with the fast phrase encoder."""
     from spm import toy
     from spm.transport import causal_phrase_encoder
 
@@ -146,7 +145,13 @@ def test_world2_frequent_words_no_longer_open_other_membranes():
         ids = tok(list(texts), padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         return run(ids), [tok(t).input_ids for t in texts]
 
-    tr = Transport(encode, encoder_key="toy2", fast_encode_ids=causal_phrase_encoder(run))
+    return Transport(encode, encoder_key="toy2", fast_encode_ids=causal_phrase_encoder(run))
+
+
+def test_world2_frequent_words_no_longer_open_other_membranes():
+    """Toy world 2's leaks (bench.erasure --transport-only before the frequent-word null): the moon membrane gave
+    "fish" full strength and the fish membrane every "… and …" prompt; the sun membrane opened for "house"."""
+    tr = _toy2_transport()
     cases = {"moon": ["fish", "a fish, green, on a black background"],
              "fish": ["a sun, red, and a car, yellow, on a white background", "a house, yellow, and a car, green"],
              "sun": ["house", "drawing of a house"]}
@@ -154,6 +159,30 @@ def test_world2_frequent_words_no_longer_open_other_membranes():
         s = _strengths(tr, _concept_only(concept), [concept, f"a {concept}, red", *prompts])
         assert s[:2].tolist() == [1.0, 1.0], concept
         assert s[2:].tolist() == [0.0] * len(prompts), (concept, s)
+
+
+def test_world2_paraphrases_are_reached_through_the_eos_state():
+    """On toy world 2 the content states of "swimming creature with fins" and "sea animal" are no closer to "fish"
+    than frequent words are (strength 0 with content states alone); their EOS states are.  Other objects stay 0."""
+    tr = _toy2_transport()
+    fish = _concept_only("fish")
+    para = ["a trout, blue", "swimming creature with fins in red", "a sea animal on black",
+            "white background, a swimming creature with fins, green"]
+    other = ["a moon, red, on a white background", "a lunar shape in blue", "a car, green", "a cumulus in yellow",
+             "a bloom with petals and a stem on black", "a house, yellow, and a car, green"]
+    s = _strengths(tr, fish, para + other)
+    assert s[:len(para)].tolist() == [1.0] * len(para), s
+    assert s[len(para):].tolist() == [0.0] * len(other), s
+    assert tr.phrases.eos_center is not None
+
+
+def test_an_encoder_without_eos_states_is_compared_by_content_states(tokenizer):
+    """A host phrase encoder of the content states only (``[m, d]``) keeps working: no EOS term."""
+    toy = CausalToy(tokenizer)
+    tr = toy.transport()
+    s = _strengths(tr, _concept_only("circle"), ["a circle", "a red circle", "a blue square"])
+    assert s.tolist() == [1.0, 1.0, 0.0]
+    assert tr.phrases.eos_center is None and not tr.phrases._eos
 
 
 def test_separation_the_fixed_mapping_throws_away_is_used(tokenizer):
