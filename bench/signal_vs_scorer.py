@@ -187,8 +187,12 @@ def summarise(per: dict, thr: float | None = None) -> dict:
     xp = [p["signal"] for p in pts if p["paraphrase_erasure"] is not None]
 
     xm = [p["aggregate"] for p in pts]  # the alternative rule: all probes together
+    # the other rules on the same points (where the points recorded them): the plain per-level ratio (no confidence
+    # bound; the signal before the bound) and the least-closed single held-out seed of any level (the strictest)
+    ratio_pts = [p for p in pts if p.get("level_ratio")]
+    seed_pts = [p for p in pts if p.get("per_seed")]
 
-    def agree(level: float, sig: list[float], thr: float = thr) -> dict:
+    def agree(level: float, sig: list[float], thr: float = thr, ys: list[float] = ys) -> dict:
         tp = sum(1 for x, y in zip(sig, ys) if x >= thr and y >= level)
         tn = sum(1 for x, y in zip(sig, ys) if x < thr and y < level)
         fp = sum(1 for x, y in zip(sig, ys) if x >= thr and y < level)
@@ -196,16 +200,23 @@ def summarise(per: dict, thr: float | None = None) -> dict:
         return {"agree": (tp + tn) / len(sig) if sig else None, "signal_erased_scorer_not": fp,
                 "scorer_erased_signal_not": fn, "both_erased": tp, "neither": tn}
 
+    def rule(sub: list[dict], value) -> dict:
+        sig, er = [value(p) for p in sub], [p["erasure"] for p in sub]
+        return {"points": len(sub), "pearson": pearson(sig, er),
+                "decision_vs_erasure_0.5": agree(0.5, sig, ys=er), "decision_vs_erasure_0.9": agree(0.9, sig, ys=er)}
+
     return {"threshold": thr, "points": len(pts), "pearson": pearson(xs, ys), "spearman": spearman(xs, ys),
             "pearson_paraphrase": pearson(xp, yp), "spearman_paraphrase": spearman(xp, yp),
             "decision_vs_erasure_0.5": agree(0.5, xs), "decision_vs_erasure_0.9": agree(0.9, xs),
             "aggregate": {"pearson": pearson(xm, ys), "spearman": spearman(xm, ys),
                           "decision_vs_erasure_0.5": agree(0.5, xm), "decision_vs_erasure_0.9": agree(0.9, xm)},
             "aggregate_bisector_0.5": {"decision_vs_erasure_0.5": agree(0.5, xm, 0.5),
-                                       "decision_vs_erasure_0.9": agree(0.9, xm, 0.5)}}
+                                       "decision_vs_erasure_0.9": agree(0.9, xm, 0.5)},
+            "level_ratio_min": rule(ratio_pts, lambda p: min(p["level_ratio"])) if ratio_pts else None,
+            "single_seed_min": rule(seed_pts, lambda p: min(min(lv) for lv in p["per_seed"])) if seed_pts else None}
 
 
-def plot(per: dict, summary: dict, path: Path, title: str) -> None:
+def plot(per: dict, summary: dict, path: Path, title: str, transport: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,8 +232,10 @@ def plot(per: dict, summary: dict, path: Path, title: str) -> None:
         b.plot([p["step"] for p in r["points"]], [p["signal"] for p in r["points"]], "-", color=col, label=f"{name} signal")
         b.plot([p["step"] for p in pts], [p["erasure"] for p in pts], "--", color=col, alpha=0.7, label=f"{name} scorer")
     a.axvline(THRESHOLD, color="k", lw=0.8, ls=":")
-    a.set_xlabel("erasure signal (share of the gap to the surrogate closed, least erased noise level)")
-    a.set_ylabel("scorer: literal erasure (transport off)")
+    bound = any(p.get("level_ratio") for r in per.values() for p in r["points"])
+    a.set_xlabel("erasure signal (share of the gap to the surrogate closed, least erased noise level"
+                 + (", 95% lower bound)" if bound else ")"))
+    a.set_ylabel("scorer: literal erasure (" + ("default transport)" if transport else "transport off)"))
     pe, sp = summary.get("pearson"), summary.get("spearman")
     a.set_title(f"Pearson {pe:.2f}, Spearman {sp:.2f}" if pe is not None and sp is not None else "signal vs scorer")
     a.legend(fontsize=8)
@@ -277,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                   "seconds": round(sum(p.get("seconds", 0) for p in parts), 1), "merged_from": [str(f) for f in args.merge]}
         out = Path(args.out) if args.out else default_out(report.get("world", "shapes"))
         out.write_text(json.dumps(report, indent=2) + "\n")
-        plot(per, report["summary"], out.with_suffix(".png"), f"model {report['model']}")
+        plot(per, report["summary"], out.with_suffix(".png"), f"model {report['model']}",
+             bool((report.get("settings") or {}).get("transport")))
         print(json.dumps(report, indent=2) if args.json else out)
         return 0
     import torch
@@ -312,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                   "targets": per, "summary": summarise(per), "seconds": round(time.time() - t0, 1)}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")  # every finished target is on disk
-    plot(per, report["summary"], out.with_suffix(".png"), f"model {args.model}")
+    plot(per, report["summary"], out.with_suffix(".png"), f"model {args.model}", bool(args.transport))
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -159,7 +159,8 @@ def test_transport_strengths_of_the_suite(tmp_path, capsys):
 def test_signal_vs_scorer_merge_names_the_targets_not_run(tmp_path):
     def target(sig, er):
         pts = [{"step": 10 * (i + 1), "signal": s, "aggregate": s, "per_level": [s], "remaining": 0.5, "erasure": e,
-                "paraphrase_erasure": e} for i, (s, e) in enumerate(zip(sig, er))]
+                "paraphrase_erasure": e, "level_ratio": [s + 0.1], "per_seed": [[s - 0.2, s + 0.1]]}
+               for i, (s, e) in enumerate(zip(sig, er))]
         return {"iterations": 30, "points": pts}
 
     part = {"model": "toy2", "world": "icons", "targets_run": ["sun", "house", "moon"],
@@ -172,4 +173,9 @@ def test_signal_vs_scorer_merge_names_the_targets_not_run(tmp_path):
     assert rep["targets_not_run"] == ["moon"] and set(rep["targets"]) == {"sun", "house"}
     d = rep["summary"]["decision_vs_erasure_0.9"]
     assert rep["summary"]["points"] == 6 and d["both_erased"] == 2 and d["signal_erased_scorer_not"] == 1
+    # the other rules on the same points: the plain ratio calls more erased, the least-closed seed fewer
+    r = rep["summary"]["level_ratio_min"]["decision_vs_erasure_0.9"]
+    assert r["both_erased"] == 2 and r["signal_erased_scorer_not"] == 2
+    m = rep["summary"]["single_seed_min"]["decision_vs_erasure_0.9"]
+    assert m["both_erased"] == 1 and m["signal_erased_scorer_not"] == 0 and m["scorer_erased_signal_not"] == 1
     assert out.with_suffix(".png").stat().st_size > 0
