@@ -11,6 +11,8 @@ the shipped toy encoder the strengths of the ``spm eval`` prompt suites.
   metric's own) and the fixed-threshold ``ngram_fixed`` (the previous default).
 * Toy encoder only: literal / paraphrase / non-target / mixed prompt strengths of ``ngram_tokenuni`` and
   ``ngram_fixed_tokenuni`` per object (min, mean, max, number non-zero).
+* Both toy worlds (with ``toy`` in ``--encoders``, unless ``--no-vocabulary``): every whole vocabulary word that
+  alone opens each object's membrane, split into the world's own caption words and unrelated ones.
 """
 
 from __future__ import annotations
@@ -128,11 +130,45 @@ def toy_suites() -> dict:
     return out
 
 
+def toy_vocabulary(models: tuple[str, ...] = ("toy", "toy2"), objects: list[str] | None = None) -> dict:
+    """On each toy world's encoder, every whole word of the CLIP vocabulary (about 32 000) that alone opens each
+    object's membrane (:func:`spm.transport.vocabulary_matches`, the default metric): split into the world's own
+    caption words (object names and paraphrases: trained synonyms, expected) and every other word (unrelated:
+    an image that changes without reason)."""
+    import importlib
+
+    from spm import toy
+    from spm.explain import vocabulary
+    from spm.hosts.diffusers import pipeline_transport
+
+    out: dict = {}
+    for name in models:
+        model = toy.MODELS[name]
+        pipe = toy.load(name)
+        caps = importlib.import_module("spm.toy.captions_icons" if model.world == "icons" else "spm.toy.captions")
+        tok = pipe.tokenizer
+        world_ids = {i for o in caps.OBJECTS for p in (o, *caps.PARAPHRASES[o]) for i in tok(p).input_ids[1:-1]}
+        tr = pipeline_transport(pipe)
+        rows, n_words = {}, len(_whole_words())
+        for o in objects or caps.OBJECTS:
+            (c,) = vocabulary(tr, [_membrane(o)])["membranes"][0]["concepts"]
+            rows[o] = {"world_words": [w["word"] for w in c["words"] if w["id"] in world_ids],
+                       "other_words": [w["word"] for w in c["words"] if w["id"] not in world_ids]}
+        out[name] = {"world": model.world, "words_scanned": n_words, "objects": rows,
+                     "other_word_pairs": sum(len(r["other_words"]) for r in rows.values()),
+                     "pairs": n_words * len(rows)}
+        print(f"vocabulary {name}: {out[name]['other_word_pairs']} unrelated word-object pairs of {out[name]['pairs']}",
+              file=sys.stderr, flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.transport_null", description=__doc__.split("\n")[0])
     ap.add_argument("--encoders", default=",".join(ENCODERS), help=f"comma-separated, of {', '.join(ENCODERS)}")
     ap.add_argument("--random-prompts", type=int, default=40, help="random-word prompts per concept")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-vocabulary", dest="vocabulary", action="store_false",
+                    help="skip the whole-vocabulary scan on both toy worlds (about 2 minutes)")
     ap.add_argument("--json", action="store_true", help="print the JSON (it is always written to the results file)")
     ap.add_argument("-o", "--out", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -155,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{n}: {result['encoders'][n]['summary_ngram']}", file=sys.stderr, flush=True)
     if "toy" in names:
         result["toy_suites"] = toy_suites()
+        if args.vocabulary:
+            result["toy_vocabulary"] = toy_vocabulary()
     result["seconds"] = round(time.time() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -27,6 +27,7 @@ from .transport import (
     needs_phrases,
     tokenuni,
     uses_gate,
+    vocabulary_matches,
     windows,
 )
 
@@ -110,6 +111,41 @@ def explain(transport: Transport, membranes: Sequence[Membrane], prompt: str) ->
     return out
 
 
+def vocabulary(transport: Transport, membranes: Sequence[Membrane], limit: int | None = None) -> dict[str, Any]:
+    """The single vocabulary words that open each membrane's concepts (calibrated metrics only; see
+    :func:`spm.transport.vocabulary_matches`): what the membrane acts on besides its concepts' own words.
+
+    ``limit`` caps the words listed per concept (the count is always the full one)."""
+    metric = transport.metric
+    if not is_calibrated(metric):
+        raise ValueError(f"--vocabulary needs a calibrated metric (ngram, ngram_tokenuni, robust); {metric!r} is not")
+    transport.prepare_calibrations(membranes)
+    out: dict[str, Any] = {"metric": metric, "membranes": []}
+    for m in membranes:
+        concepts = []
+        for ce in transport.concepts.get(m.concepts, transport.encode, transport.encoder_key):
+            cal = calibrate(ce, transport.phrases, transport.encode_ids, getattr(m.info, "transport", None))
+            hits = vocabulary_matches(ce, transport.phrases, transport.encode_ids, cal)
+            concepts.append({"concept": ce.text, "lo": round(cal.lo, 6), "hi": round(cal.hi, 6), "count": len(hits),
+                             "words": [{"word": _decode(transport, [w]), "id": w, "similarity": round(sim, 6),
+                                        "strength": round(st, 6)} for w, sim, st in hits[:limit]]})
+        out["membranes"].append({"name": m.name, "concepts": concepts})
+    return out
+
+
+def format_vocabulary(v: dict[str, Any]) -> str:
+    """The text form of :func:`vocabulary`."""
+    lines = [f"single vocabulary words that open each membrane (metric {v['metric']}; the concept's own words left out)"]
+    for m in v["membranes"]:
+        for c in m["concepts"]:
+            lines.append(f"membrane {m['name']}, concept {c['concept']!r}: {c['count']} word{'' if c['count'] == 1 else 's'}"
+                         f" (similarity above lo {c['lo']:.3f}; full strength from {c['hi']:.3f})")
+            lines += [f"    {w['word']!r}: similarity {w['similarity']:.3f}, strength {w['strength']:.3f}" for w in c["words"]]
+            if len(c["words"]) < c["count"]:
+                lines.append(f"    … and {c['count'] - len(c['words'])} more")
+    return "\n".join(lines)
+
+
 def _gate_entry(transport: Transport, membrane: Membrane, ctx: torch.Tensor, row: list[int]) -> dict[str, Any]:
     """The membrane gate's score of the prompt, where it peaks, and its calibration (see :mod:`spm.gate`)."""
     gate = transport.prepare_gates([membrane])[0]
@@ -163,4 +199,4 @@ def explain_text(transport: Transport, membranes: Sequence[Membrane], prompt: st
     return format_explanation(explain(transport, membranes, prompt))
 
 
-__all__ = ["explain", "explain_text", "format_explanation"]
+__all__ = ["explain", "explain_text", "format_explanation", "format_vocabulary", "vocabulary"]

@@ -22,6 +22,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     if args.metric not in METRICS:
         return fail(f"--metric {args.metric}: unknown; choose one of {', '.join(sorted(METRICS))}")
+    args.prompt = args.prompt or []
+    if not args.prompt and not args.vocabulary:
+        return fail("give at least one --prompt, or --vocabulary")
     if args.threads:
         import torch
 
@@ -45,6 +48,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
             return fail(f"{m.name}.safetensors is for context width {m.info.context_dim}; the model {args.model!r} has {ctx} "
                         "(pass the model the membrane was made for with --model)")
     transport = pipeline_transport(pipe, metric=args.metric, factor=args.factor)
+    if args.vocabulary:
+        from .explain import format_vocabulary, vocabulary
+
+        try:
+            voc = vocabulary(transport, membranes, limit=args.limit)
+        except ValueError as e:
+            return fail(str(e))
+        if args.json:
+            print(json.dumps(voc, indent=2, ensure_ascii=False))
+        else:
+            print(format_vocabulary(voc))
+        if not args.prompt:
+            return 0
+        print()
     results = [explain(transport, membranes, p) for p in args.prompt]
     if args.json:
         print(json.dumps(results if len(results) > 1 else results[0], indent=2, ensure_ascii=False))
@@ -59,7 +76,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", help="why a prompt gets its Facilitated Transport strength from each membrane")
     p.add_argument("--membrane", action="append", required=True, help="membrane file (repeatable)")
-    p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
+    p.add_argument("--prompt", action="append", help="prompt (repeatable)")
+    p.add_argument("--vocabulary", action="store_true",
+                   help="list the single vocabulary words that open each membrane (calibrated metrics; encodes ~32 000 words)")
+    p.add_argument("--limit", type=int, default=50, help="--vocabulary: words listed per concept (default 50; the count is full)")
     p.add_argument("--model", default="toy", help="a shipped toy model's name (toy, toy-finetune; base/finetune also work), "
                                                   "a diffusers folder or a .safetensors checkpoint (default: toy)")
     p.add_argument("--config", default=None, help="for single-file checkpoints: a diffusers folder with the configs")

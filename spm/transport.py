@@ -303,17 +303,23 @@ class PhraseCache:
             return st[:n], st[n]
         return st, None
 
+    def ensure_center(self, encode_ids: PhraseEncoder) -> None:
+        """Compute the centring bank's mean states once per encoder (see the class docstring)."""
+        if self.center is not None or self.bank <= 0:
+            return
+        g = torch.Generator().manual_seed(self.seed)
+        ids = [(i,) for i in torch.randint(256, BOS, (self.bank,), generator=g).tolist()]  # regular tokens only
+        split = [self._split(q, st) for q, st in zip(ids, self._encode(ids, encode_ids))]
+        self.center = torch.stack([c[0] for c, _ in split]).mean(0)
+        if all(e is not None for _, e in split):
+            self.eos_center = torch.stack([e for _, e in split]).mean(0)
+
     def prepare(self, seqs: Sequence[tuple[int, ...]], encode_ids: PhraseEncoder) -> int:
         """Encode the sequences not cached yet (and, the first time, the centring bank); returns how many
         sequences were encoded."""
         todo = [t for t in dict.fromkeys(tuple(int(i) for i in q) for q in seqs) if t and t not in self._states]
-        if todo and self.center is None and self.bank > 0:
-            g = torch.Generator().manual_seed(self.seed)
-            ids = [(i,) for i in torch.randint(256, BOS, (self.bank,), generator=g).tolist()]  # regular tokens only
-            split = [self._split(q, st) for q, st in zip(ids, self._encode(ids, encode_ids))]
-            self.center = torch.stack([c[0] for c, _ in split]).mean(0)
-            if all(e is not None for _, e in split):
-                self.eos_center = torch.stack([e for _, e in split]).mean(0)
+        if todo:
+            self.ensure_center(encode_ids)
         for seq, st in zip(todo, self._encode(todo, encode_ids)):
             content, eos = self._split(seq, st)
             self._states[seq] = self.unit(content)
@@ -729,6 +735,37 @@ def ngram_calibrated(row_tokens: Sequence[Sequence[int] | None], concept: Concep
     return cal.map(torch.tensor(out, dtype=torch.float32))
 
 
+def vocabulary_matches(concept: ConceptEmbedding, phrases: PhraseCache, encode_ids: PhraseEncoder, cal: Calibration,
+                       words: Sequence[int] | None = None, batch: int = 256) -> list[tuple[int, float, float]]:
+    """Every whole word of the vocabulary that alone opens ``concept`` under its calibration: ``(token id,
+    similarity, calibrated strength)`` for the words whose strength is > 0, the strongest first.
+
+    ``words`` defaults to the CLIP vocabulary's whole words of three or more letters (about 32 000); the concept's
+    own tokens are left out.  The words are encoded in batches and not cached.  This is what the membrane will act on besides the concept's own words, and what
+    ``python -m spm explain --vocabulary`` lists.
+    """
+    m = content_positions(concept.tokens, concept.embedding.shape[0])
+    if m == 0 or not cal.usable:
+        return []
+    phrases.ensure_center(encode_ids)
+    own = set(content_ids(concept.tokens))
+    ids = [int(w) for w in (words if words is not None else _whole_words()) if int(w) not in own]
+    c, ce = phrases.concept_states(concept, m)
+    out: list[tuple[int, float, float]] = []
+    for i in range(0, len(ids), batch):
+        chunk = ids[i:i + batch]
+        with torch.no_grad():
+            states = encode_ids([(w,) for w in chunk])
+        for w, st in zip(chunk, states):
+            content, eos = phrases._split((w,), st.detach().float().cpu())
+            e = phrases.summary_unit(eos) if eos is not None else None
+            sim = phrase_similarity(phrases.unit(content), c, e, ce)
+            strength = float(cal.map(torch.tensor([sim]))[0])
+            if strength > 0:
+                out.append((w, sim, strength))
+    return sorted(out, key=lambda r: -r[1])
+
+
 def _need_phrases(phrases):
     if phrases is None:
         raise ValueError("the ngram metric needs the host's phrase states (use spm.attach.Transport)")
@@ -922,5 +959,5 @@ __all__ = [
     "causal_phrase_encoder", "checked_phrase_encoder", "clipcos", "compute_calibration", "concept_scores",
     "content_ids", "content_tokens", "encoder_fingerprint", "fingerprint_distance", "is_calibrated", "needs_phrases",
     "frequent_words", "ngram", "ngram_calibrated", "null_windows", "phrase_lengths", "phrase_similarity", "register_metric",
-    "tokenuni", "training_calibration", "uses_gate", "window_lengths", "windows",
+    "tokenuni", "training_calibration", "uses_gate", "vocabulary_matches", "window_lengths", "windows",
 ]

@@ -56,3 +56,40 @@ def test_explain_cli_json_on_the_toy_model(tmp_path, capsys):
     assert square["membranes"][0]["strength"] == 0.0
     assert main(["explain", "--membrane", str(tmp_path / "missing.safetensors"), "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_vocabulary_lists_the_words_that_open_a_membrane(tmp_path, capsys):
+    """``spm explain --vocabulary`` on the shipped toy model: the whole-word scan finds circle's paraphrase word
+    ("disc", as generation scores it) and no unrelated word; a reference metric is refused with a clear error."""
+    from spm.cli import main
+    from spm.explain import vocabulary
+    from spm.hosts.diffusers import pipeline_transport
+    from spm.toy.model import load_toy_pipeline
+    from spm.transport import vocabulary_matches
+
+    pipe = load_toy_pipeline("base")
+    m = random_membrane(pipe.unet, "circle", concepts=("circle",))
+    m.info.context_dim = 64
+    path = tmp_path / "circle.safetensors"
+    save_membrane(m, path)
+    assert main(["explain", "--membrane", str(path), "--vocabulary", "--json", "--threads", "1"]) == 0
+    voc = json.loads(capsys.readouterr().out)
+    (c,) = voc["membranes"][0]["concepts"]
+    assert c["concept"] == "circle" and c["count"] == len(c["words"]) >= 1
+    assert [w["word"] for w in c["words"]] == ["disc"] and c["words"][0]["strength"] == 1.0
+    # every listed word opens the membrane in a prompt too, and a word off the list does not
+    tr = pipeline_transport(pipe)
+    ctx, toks = tr.encode(["disc", "hoop"])
+    tr.registry.record(ctx, toks)
+    assert tr.scores(ctx, [m], toks)[:, 0].tolist() == [1.0, 0.0]
+    # an explicit word list, the concept's own token left out
+    ce = tr.concepts.get(["circle"], tr.encode, tr.encoder_key)[0]
+    cal = tr.prepare_calibrations([m])[0]
+    ids = [pipe.tokenizer(w).input_ids[1] for w in ("circle", "disc", "hoop", "car")]
+    assert [w for w, _, _ in vocabulary_matches(ce, tr.phrases, tr.encode_ids, cal, words=ids)] == [ids[1]]
+    with pytest.raises(ValueError, match="calibrated metric"):
+        vocabulary(pipeline_transport(pipe, metric="clipcos_tokenuni"), [m])
+    assert main(["explain", "--membrane", str(path), "--metric", "tokenuni", "--vocabulary"]) == 2
+    assert "calibrated metric" in capsys.readouterr().err
+    assert main(["explain", "--membrane", str(path)]) == 2
+    assert "--prompt" in capsys.readouterr().err
