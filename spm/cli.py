@@ -251,6 +251,8 @@ def config_from_args(args):
         over["dynamic_resolution"] = True
     if args.reference_schedule:
         over["schedule"] = "reference"
+    if getattr(args, "neighbours", None) is not None:
+        over["neighbours"] = bool(args.neighbours)
     if getattr(args, "no_early_stop", False):
         over["stop_when_erased"] = False
     if args.preset not in PRESETS:
@@ -632,6 +634,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--keep-state", action="store_true",
                    help="keep OUTPUT.trainstate after a finished run, to extend it later with --resume "
                         "(an interrupted run always keeps it)")
+    t.add_argument("--neighbours", action=argparse.BooleanOptionalAction, default=None,
+                   help="also erase (opt-in) the vocabulary words the membrane's transport opens for (trained synonyms; "
+                        "`spm explain --vocabulary` lists them): one more UNet row pair per step "
+                        f"{_default_text('neighbours')}")
     t.add_argument("--no-early-stop", action="store_true",
                    help="run all --iterations (default: stop once the erasure signal says erased; --iterations is the budget)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --output")

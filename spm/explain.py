@@ -28,6 +28,7 @@ from .transport import (
     tokenuni,
     uses_gate,
     vocabulary_matches,
+    vocabulary_scan,
     windows,
 )
 
@@ -133,6 +134,16 @@ def vocabulary(transport: Transport, membranes: Sequence[Membrane], limit: int |
     return out
 
 
+def neighbour_words(transport: Transport, concepts: Sequence[str]) -> dict[str, list[str]]:
+    """For each concept, the whole vocabulary words that alone open it under the default (calibrated) metric on
+    ``transport``'s encoder, the closest first (what ``TrainConfig.neighbours`` trains on; the host's own metric
+    setting does not matter here)."""
+    ces = transport.concepts.get(list(concepts), transport.encode, transport.encoder_key)
+    pairs = [(ce, calibrate(ce, transport.phrases, transport.encode_ids)) for ce in ces]
+    found = vocabulary_scan(pairs, transport.phrases, transport.encode_ids)
+    return {ce.text: [w for w in (_decode(transport, [i]) for i, _, _ in hits) if w] for ce, hits in zip(ces, found)}
+
+
 def format_vocabulary(v: dict[str, Any]) -> str:
     """The text form of :func:`vocabulary`."""
     lines = [f"single vocabulary words that open each membrane (metric {v['metric']}; the concept's own words left out)"]
@@ -199,4 +210,4 @@ def explain_text(transport: Transport, membranes: Sequence[Membrane], prompt: st
     return format_explanation(explain(transport, membranes, prompt))
 
 
-__all__ = ["explain", "explain_text", "format_explanation", "format_vocabulary", "vocabulary"]
+__all__ = ["explain", "explain_text", "format_explanation", "format_vocabulary", "neighbour_words", "vocabulary"]

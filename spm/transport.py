@@ -696,6 +696,19 @@ def training_calibration(backend: object, concepts: Sequence[str]) -> dict:
         return {}
 
 
+def training_neighbours(backend: object, concepts: Sequence[str]) -> dict[str, list[str]]:
+    """The words to erase beside each concept (``TrainConfig.neighbours``): ``backend.transport_neighbours(concepts)``
+    where the backend has one (best effort: without it, or if it fails, none)."""
+    fn = getattr(backend, "transport_neighbours", None)
+    if fn is None or not concepts:
+        return {}
+    try:
+        return {str(k): [str(w) for w in v] for k, v in (fn(list(concepts)) or {}).items()}
+    except Exception as e:  # never fail a training run for it
+        log.warning("SPM: finding the words the membrane's transport opens for failed (%s); training without them", e)
+        return {}
+
+
 def best_window(ids: Sequence[int] | None, concept: ConceptEmbedding, phrases: "PhraseCache",
                 max_length: int) -> tuple[float, tuple[int, ...] | None, bool]:
     """(best similarity, its window, whether every window was prepared) of one row against ``concept``."""
@@ -741,29 +754,49 @@ def vocabulary_matches(concept: ConceptEmbedding, phrases: PhraseCache, encode_i
     similarity, calibrated strength)`` for the words whose strength is > 0, the strongest first.
 
     ``words`` defaults to the CLIP vocabulary's whole words of three or more letters (about 32 000); the concept's
-    own tokens are left out.  The words are encoded in batches and not cached.  This is what the membrane will act on besides the concept's own words, and what
-    ``python -m spm explain --vocabulary`` lists.
+    own tokens are left out.  The words are encoded in batches and not cached.  This is what the membrane will act
+    on besides the concept's own words, and what ``python -m spm explain --vocabulary`` lists.
     """
-    m = content_positions(concept.tokens, concept.embedding.shape[0])
-    if m == 0 or not cal.usable:
-        return []
+    return vocabulary_scan([(concept, cal)], phrases, encode_ids, words, batch)[0]
+
+
+def vocabulary_scan(pairs: Sequence[tuple[ConceptEmbedding, Calibration]], phrases: PhraseCache,
+                    encode_ids: PhraseEncoder, words: Sequence[int] | None = None,
+                    batch: int = 256) -> list[list[tuple[int, float, float]]]:
+    """:func:`vocabulary_matches` for several ``(concept, calibration)`` pairs, encoding the vocabulary once."""
     phrases.ensure_center(encode_ids)
-    own = set(content_ids(concept.tokens))
-    ids = [int(w) for w in (words if words is not None else _whole_words()) if int(w) not in own]
-    c, ce = phrases.concept_states(concept, m)
-    out: list[tuple[int, float, float]] = []
+    ids = [int(w) for w in (words if words is not None else _whole_words())]
+    todo = []
+    for concept, cal in pairs:
+        m = content_positions(concept.tokens, concept.embedding.shape[0])
+        if m == 0 or not cal.usable:
+            todo.append(None)
+            continue
+        c, ce = phrases.concept_states(concept, m)
+        todo.append((set(content_ids(concept.tokens)), c, ce, cal))
+    out: list[list[tuple[int, float, float]]] = [[] for _ in pairs]
+    if not any(todo):
+        return out
     for i in range(0, len(ids), batch):
         chunk = ids[i:i + batch]
         with torch.no_grad():
             states = encode_ids([(w,) for w in chunk])
-        for w, st in zip(chunk, states):
-            content, eos = phrases._split((w,), st.detach().float().cpu())
-            e = phrases.summary_unit(eos) if eos is not None else None
-            sim = phrase_similarity(phrases.unit(content), c, e, ce)
-            strength = float(cal.map(torch.tensor([sim]))[0])
-            if strength > 0:
-                out.append((w, sim, strength))
-    return sorted(out, key=lambda r: -r[1])
+        split = [phrases._split((w,), st.detach().float().cpu()) for w, st in zip(chunk, states)]
+        u = phrases.unit(torch.stack([c[-1] for c, _ in split]))  # [n, d]: a one-token window's last state
+        has_eos = all(e is not None for _, e in split) and phrases.eos_center is not None
+        e = F.normalize(torch.stack([e for _, e in split]) - phrases.eos_center, dim=-1) if has_eos else None
+        for k, item in enumerate(todo):
+            if item is None:
+                continue
+            own, c, ce, cal = item
+            sim = u @ c[-1]  # phrase_similarity of a one-token window (aligned when the concept has one token too)
+            if e is not None and ce is not None:
+                sim = 0.5 * (sim + e @ ce)
+            strength = cal.map(sim)
+            for j in (strength > 0).nonzero().flatten().tolist():
+                if chunk[j] not in own:
+                    out[k].append((chunk[j], float(sim[j]), float(strength[j])))
+    return [sorted(r, key=lambda x: -x[1]) for r in out]
 
 
 def _need_phrases(phrases):
@@ -959,5 +992,5 @@ __all__ = [
     "causal_phrase_encoder", "checked_phrase_encoder", "clipcos", "compute_calibration", "concept_scores",
     "content_ids", "content_tokens", "encoder_fingerprint", "fingerprint_distance", "is_calibrated", "needs_phrases",
     "frequent_words", "ngram", "ngram_calibrated", "null_windows", "phrase_lengths", "phrase_similarity", "register_metric",
-    "tokenuni", "training_calibration", "uses_gate", "vocabulary_matches", "window_lengths", "windows",
+    "tokenuni", "training_calibration", "training_neighbours", "uses_gate", "vocabulary_matches", "vocabulary_scan", "window_lengths", "windows",
 ]

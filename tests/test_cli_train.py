@@ -27,6 +27,12 @@ def test_train_args_map_to_config():
     cfg = config_from_args(args)
     assert cfg.targets == ["circle", "ring", "star"] and cfg.iterations == 7 and cfg.la_mode == "fixed"
     assert cfg.schedule == "reference" and cfg.control_prompts == ["a dog"] and cfg.anchors == 6  # style preset
+    base = ["train", "--model", "m", "--target", "c", "-o", "x.safetensors"]
+    from spm.train import TrainConfig
+
+    assert config_from_args(build_parser().parse_args(base)).neighbours == TrainConfig(targets=["c"]).neighbours
+    assert config_from_args(build_parser().parse_args([*base, "--neighbours"])).neighbours is True
+    assert config_from_args(build_parser().parse_args([*base, "--no-neighbours"])).neighbours is False
     bad = build_parser().parse_args(["train", "--model", "m", "--target", "c", "-o", "x.safetensors", "--precision", "fp8"])
     with pytest.raises(ValueError, match="precision"):
         config_from_args(bad)
@@ -75,3 +81,14 @@ def test_clear_errors(tmp_path, capsys):
                  "--prompt", "x", "-o", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "no such file" in err and "press refresh" not in err
+
+
+def test_neighbours_in_a_training_request():
+    """The API and ``--jobs`` files take ``neighbours`` (true / false); anything else is a clear error."""
+    from spm.train import TrainConfig
+    from spm.train.jobs import RequestError, parse_request
+
+    assert parse_request({"name": "c", "target": "circle", "neighbours": True}).config().neighbours is True
+    assert parse_request({"name": "c", "target": "circle"}).config().neighbours == TrainConfig(targets=["c"]).neighbours
+    with pytest.raises(RequestError, match="neighbours must be true or false"):
+        parse_request({"name": "c", "target": "circle", "neighbours": "yes"})

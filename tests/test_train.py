@@ -286,3 +286,51 @@ def test_sdxl_path_runs_with_surrogate_and_previews(tmp_path):
     assert m.info.surrogate == "square" and m.info.context_dim == 64
     # with a surrogate the OFF call also carries the unconditional row for the pool: 3 + N rows
     assert res.cost["ufe_per_iteration_steady"] >= 3 + 1 + 2 * 2
+
+
+def _erase_error_for(backend, membrane, samples, word: str) -> float:
+    """Like :func:`_erase_error` for another prompt on the target's x_t samples."""
+    stack = MembraneStack(backend.unet)
+    stack.add(membrane)
+    try:
+        cond = backend.encode([word, ""])
+        errs = []
+        for s in samples:
+            off = run_unet(backend, stack, s.x_t, s.t, cond, [0.0, 0.0], None, False)
+            on = run_unet(backend, stack, s.x_t, s.t, cond.rows([0]), [1.0], None, False)
+            errs.append(float(F.mse_loss(on, erase_target(off[:1], off[1:], 1.0))))
+        return sum(errs) / len(errs)
+    finally:
+        stack.detach()
+
+
+def test_the_trainer_also_erases_the_words_its_transport_opens_for(backend, tmp_path, monkeypatch):
+    """``neighbours`` (opt-in): the words the backend's transport opens the membrane for are erased on the target's
+    x_t too — one more OFF and one more grad row per step — and recorded in the file; off, they are not asked for."""
+    asked = []
+
+    def neighbours(concepts):
+        asked.append(list(concepts))
+        return {"circle": ["disc"]}
+
+    monkeypatch.setattr(backend, "transport_neighbours", neighbours, raising=False)
+    cfg = TrainConfig(targets=["circle"], iterations=15, la_mode="off", **{**FAST, "neighbours": True})
+    with_n = Trainer(backend, cfg, tmp_path / "n.safetensors", progress_bar=False).train()
+    assert asked == [["circle"]]
+    assert load_membrane(tmp_path / "n.safetensors").info.training["neighbours"] == {"circle": ["disc"]}
+    without = Trainer(backend, cfg.with_(neighbours=False), progress_bar=False).train()
+    assert asked == [["circle"]] and without.membrane.info.training["neighbours"] == {}
+    assert with_n.cost["ufe_per_iteration_steady"] - without.cost["ufe_per_iteration_steady"] == pytest.approx(3.0, abs=0.5)
+    xts = _xt_samples(backend)
+    assert _erase_error_for(backend, with_n.membrane, xts, "disc") < _erase_error_for(backend, without.membrane, xts, "disc")
+
+
+def test_a_failing_neighbour_search_never_fails_training(backend, monkeypatch, caplog):
+    def broken(concepts):
+        raise RuntimeError("no vocabulary here")
+
+    monkeypatch.setattr(backend, "transport_neighbours", broken, raising=False)
+    cfg = TrainConfig(targets=["circle"], iterations=3, la_mode="off", **{**FAST, "neighbours": True})
+    res = Trainer(backend, cfg, progress_bar=False).train()
+    assert res.steps == 3 and res.membrane.info.training["neighbours"] == {"circle": []}
+    assert "training without them" in caplog.text

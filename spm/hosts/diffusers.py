@@ -133,6 +133,13 @@ def transport_calibration(pipe, concepts: Sequence[str]) -> dict:
     return calibration_metadata(tr.concepts.get(list(concepts), tr.encode, tr.encoder_key), tr.phrases, tr.encode_ids)
 
 
+def transport_neighbours(pipe, concepts: Sequence[str]) -> dict[str, list[str]]:
+    """The words ``pipe``'s default transport opens each concept's membrane for (:func:`spm.explain.neighbour_words`)."""
+    from ..explain import neighbour_words
+
+    return neighbour_words(pipeline_transport(pipe), concepts)
+
+
 class PipelineMembranes:
     """Membranes on a diffusers pipeline; :meth:`close` (or ``with``) restores the pipeline exactly."""
 
@@ -216,6 +223,10 @@ class DiffusersBackend:
     def transport_calibration(self, concepts: Sequence[str]) -> dict:
         """The ``spm_transport`` metadata the trainer stores (see :func:`transport_calibration`)."""
         return transport_calibration(self.pipe, concepts)
+
+    def transport_neighbours(self, concepts: Sequence[str]) -> dict[str, list[str]]:
+        """The words the trainer erases beside each concept (see :func:`transport_neighbours`)."""
+        return transport_neighbours(self.pipe, concepts)
 
     # Backend protocol ------------------------------------------------------------------------------
     def encode(self, texts: Sequence[str]):

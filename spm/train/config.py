@@ -82,6 +82,12 @@ class TrainConfig:
     # robust training (spm/train/robust.py): "embedding" also erases adversarial text embeddings searched
     # against the membrane during training (slower); "off": the plain SPM objective
     robust: str = "off"
+    # the words the membrane's own transport opens for (spm.explain.neighbour_words: every whole vocabulary word that
+    # alone gets a strength > 0 from the default metric on this encoder, e.g. trained synonyms): the membrane acts on
+    # them at generation time, so with True each step also erases one of them on the target's x_t (one more no-grad
+    # and one more grad UNet row).  Opt-in: on the toy worlds it raised paraphrase erasure by an image here and
+    # there and lowered literal erasure on 5 of 16 objects (bench/results/erasure_neighbours.json)
+    neighbours: bool = False
     # membrane
     rank: int = 1
     alpha: float = 1.0

@@ -49,6 +49,7 @@ STATUSES = ("queued", "running", "done", "failed", "interrupted")
 SUFFIX = ".safetensors"
 # phase → what the progress line calls it
 PHASES = {"queued": "queued", "loading": "loading the model", "calibration": "calibrating Facilitated Transport",
+          "neighbours": "finding the words the transport opens for",
           "pool": "filling the latent pool",
           "training": "training step", "signal": "measuring the erasure", "check": "before/after check", "saving": "saving"}
 UNITS = {"pool": "denoising steps", "training": "steps", "check": "sampling steps"}  # what a phase counts
@@ -95,6 +96,7 @@ class TrainRequest:
     overwrite: bool = False
     keep_state: bool = False  # keep NAME.safetensors.trainstate after a finished run (to extend it later)
     robust: bool | None = None  # robust training (TrainConfig.robust "embedding" / "off"); None: the default
+    neighbours: bool | None = None  # also erase the words the transport opens for (TrainConfig.neighbours); None: default
 
     def config(self) -> TrainConfig:
         """The :class:`TrainConfig`: the preset's values with this request's overrides."""
@@ -107,6 +109,8 @@ class TrainRequest:
                 over[key] = v
         if self.robust is not None:
             over["robust"] = "embedding" if self.robust else "off"
+        if self.neighbours is not None:
+            over["neighbours"] = bool(self.neighbours)
         cfg = preset(self.preset, **over)
         cfg.control_prompts = list(self.control_prompts)
         if self.preview_steps:
@@ -124,7 +128,7 @@ class TrainRequest:
 _INT = ("iterations", "anchors", "resolution", "seed", "save_every", "sample_every", "preview_steps")
 _FLOAT = ("lr", "la_strength")
 _STR = ("surrogate", "preset", "precision", "la_mode")
-_BOOL = ("preview", "overwrite", "keep_state", "robust")
+_BOOL = ("preview", "overwrite", "keep_state", "robust", "neighbours")
 KNOWN = {f.name for f in fields(TrainRequest)}
 
 
@@ -643,6 +647,7 @@ class TrainService:
 
         def on_phase(ph) -> None:
             message = {"calibration": "calibrating Facilitated Transport", "pool": "filling the latent pool",
+                       "neighbours": "finding the words the transport opens for",
                        "training": "training", "signal": "measuring the erasure",
                        "saving": f"saving {out.name}"}.get(ph.name)
             self._phase(job, ph.name, ph.done, ph.total, message=message)

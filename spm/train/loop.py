@@ -44,10 +44,10 @@ from ..checkpoint import MembraneFileError, load_membrane, save_membrane
 from ..gate import training_gate
 from ..membrane import Membrane, MembraneInfo
 from ..naming import context_dim, find_targets
-from ..transport import training_calibration
+from ..transport import training_calibration, training_neighbours
 from .anchors import sample_anchors
 from .config import TrainConfig
-from .objective import AnchorWeight, CostMeter, objective_step
+from .objective import AnchorWeight, CostMeter, extra_erase_loss, objective_step
 from .robust import make_robust
 from .sampling import LatentPool, ReferenceSchedule, image_grid, sample_images
 from .signal import ErasureProbe, StopRule, check_interval, min_steps, summary
@@ -214,6 +214,21 @@ class Trainer:
             grid.save(path)
         return grid, path
 
+    def _neighbours(self) -> dict[str, list[str]]:
+        """The words to erase beside each target (``TrainConfig.neighbours``; see :func:`spm.explain.neighbour_words`),
+        from the backend's transport on this encoder; remembered for the file's metadata and logged."""
+        if getattr(self.backend, "transport_neighbours", None) is not None:
+            self._phase("neighbours", 0, 1)  # encodes every whole vocabulary word once per target
+        found = training_neighbours(self.backend, self.cfg.targets)
+        self.neighbour_words = {t: found.get(t, []) for t in self.cfg.targets}
+        for t, ws in self.neighbour_words.items():
+            if ws:
+                log.info("SPM: %s: also erasing the %d word%s its transport opens for: %s", t, len(ws),
+                         "" if len(ws) == 1 else "s", ", ".join(ws[:12]) + (" …" if len(ws) > 12 else ""))
+        if getattr(self.backend, "transport_neighbours", None) is not None:
+            self._phase("neighbours", 1, 1)
+        return {t: ws for t, ws in self.neighbour_words.items() if ws}
+
     def _phase(self, name: str, done: int, total: int, unit: str = "") -> None:
         if self.on_phase is not None:
             self.on_phase(Phase(name, done, total, unit))
@@ -266,6 +281,7 @@ class Trainer:
         start = 0
         resumed: dict = {}
         self.robust = None
+        self.neighbour_words: dict[str, list[str]] = {}
         aw = AnchorWeight.from_config(cfg)
         optimizer = make_optimizer(cfg, [p for p in membrane.parameters() if p.requires_grad], be.device)
         if self.resume:
@@ -305,6 +321,17 @@ class Trainer:
             stack.add(membrane, 1.0)
             texts = {"targets": list(cfg.targets), "positives": cfg.positives, "neutral": [cfg.surrogate], "uncond": [""]}
             cond = {k: be.encode(v) for k, v in texts.items()}
+            neigh = self._neighbours() if cfg.neighbours else {}
+            neigh_rows = {}  # target index -> its neighbours' conditioning rows
+            if neigh:
+                words = [w for t in cfg.targets for w in neigh.get(t, [])]
+                enc, k = be.encode(words), 0
+                for ti, t in enumerate(cfg.targets):
+                    n = len(neigh.get(t, []))
+                    if n:
+                        neigh_rows[ti] = enc.rows(list(range(k, k + n)))
+                    k += n
+            gn = torch.Generator().manual_seed(cfg.seed + 7919)  # picks a neighbour per step; apart from g
             self.robust = robust = make_robust(cfg, cond, ac, self.meter)  # spm/train/robust.py (None: off)
             if robust is not None and resumed.get("robust") is not None:
                 robust.load_state_dict(resumed["robust"], resumed.get("tensors", {}))
@@ -353,6 +380,11 @@ class Trainer:
                                      reference_calls=cfg.schedule == "reference", autocast=ac,
                                      last_anchor_is_neutral=bool(n_anchor and cfg.anchor_empty and cfg.surrogate == ""))
                 loss = out.loss
+                rows = neigh_rows.get(ti)
+                if rows is not None:  # one of the words the membrane's transport opens for, on the target's x_t
+                    j = int(torch.randint(len(rows), (1,), generator=gn))
+                    loss = loss + extra_erase_loss(be, stack, xs.x_t, xs.t, rows.rows([j]), out.eps_neutral_off,
+                                                   cfg.guidance_scale, self.meter, ac)
                 if robust is not None:  # adversarial text embeddings of this target: extra positives
                     adv = robust.loss(be, stack, step, xs.x_t, xs.t, ti, cond["positives"].rows([ti]), out.eps_neutral_off)
                     if adv is not None:
@@ -434,7 +466,8 @@ class Trainer:
         erasure = summary(last_check, cfg, step, erased_stop and step < cfg.iterations, interrupted, self.probe, self.rule)
         if not interrupted:
             (log.info if erasure["erased"] else log.warning)("SPM: %s", erasure["message"])
-        extra = {"interrupted": interrupted, "cost": cost, "erasure": erasure, "signal_history": self.rule.checks}
+        extra = {"interrupted": interrupted, "cost": cost, "erasure": erasure, "signal_history": self.rule.checks,
+                 "neighbours": self.neighbour_words}
         if self.robust is not None:
             extra["robust_stats"] = self.robust.summary()
         membrane.eval()

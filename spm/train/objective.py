@@ -216,4 +216,16 @@ def objective_step(backend: Backend, stack, x_t: torch.Tensor, t: torch.Tensor, 
                        eps_neu.detach(), time.perf_counter() - t0)
 
 
-__all__ = ["AnchorWeight", "CostMeter", "StepOutputs", "erase_target", "objective_step", "run_unet"]
+def extra_erase_loss(backend: Backend, stack, x_t: torch.Tensor, t: torch.Tensor, rows: Conditioning,
+                     eps_neutral_off: torch.Tensor, guidance_scale: float, meter: CostMeter | None,
+                     autocast: torch.dtype | None = None) -> torch.Tensor:
+    """The erase term for other prompts on the target's ``x_t`` (``TrainConfig.neighbours``): each row's membrane-ON
+    prediction is pulled to its own erase goal, ``ε_neu − g · (ε(x_t, row) − ε_neu)``.  One no-grad call with the
+    membrane OFF and one grad call with it ON, ``len(rows)`` rows each."""
+    n = len(rows)
+    off = run_unet(backend, stack, x_t, t, rows, [0.0] * n, meter, False, autocast)
+    on = run_unet(backend, stack, x_t, t, rows, [1.0] * n, meter, True, autocast)
+    return F.mse_loss(on, erase_target(off, eps_neutral_off.expand_as(off), guidance_scale))
+
+
+__all__ = ["AnchorWeight", "CostMeter", "StepOutputs", "erase_target", "extra_erase_loss", "objective_step", "run_unet"]

@@ -83,6 +83,14 @@ def reset() -> None:
     _library = _planner = _runtime = None
 
 
+def training_transport_neighbours(sd_model: Any, concepts: Sequence[str]) -> dict[str, list[str]]:
+    """The words the runtime's transport on ``sd_model`` opens each concept for, under the default metric
+    (:func:`spm.explain.neighbour_words`): the trainer erases them beside the concept."""
+    from ..explain import neighbour_words
+
+    return neighbour_words(runtime().attach(sd_model).transport, concepts)
+
+
 def training_transport_calibration(sd_model: Any, concepts: Sequence[str]) -> dict:
     """``spm_transport`` metadata for a membrane trained in the WebUI, calibrated with the transport that will
     score it at generation time (the runtime's, on ``sd_model``): the file then carries its calibration, and

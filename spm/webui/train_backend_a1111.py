@@ -114,6 +114,12 @@ class A1111Backend:
 
         return training_transport_calibration(self.sd_model, concepts)
 
+    def transport_neighbours(self, concepts: Sequence[str]) -> dict[str, list[str]]:
+        """The words the trainer erases beside each concept (see :func:`spm.webui.state.training_transport_neighbours`)."""
+        from .state import training_transport_neighbours
+
+        return training_transport_neighbours(self.sd_model, concepts)
+
     def encode(self, texts: Sequence[str]) -> Conditioning:
         texts = list(texts)
         with torch.no_grad(), _autocast():

@@ -174,6 +174,12 @@ class ForgeBackend:
 
         return training_transport_calibration(self.sd_model, concepts)
 
+    def transport_neighbours(self, concepts: Sequence[str]) -> dict[str, list[str]]:
+        """The words the trainer erases beside each concept (see :func:`spm.webui.state.training_transport_neighbours`)."""
+        from .state import training_transport_neighbours
+
+        return training_transport_neighbours(self.sd_model, concepts)
+
     def encode(self, texts: Sequence[str]) -> Conditioning:
         c = self.sd_model.get_learned_conditioning(list(texts))
         with torch.inference_mode(False):
