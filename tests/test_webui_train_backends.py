@@ -278,3 +278,16 @@ def test_forge_job_through_the_service(forge_env, tokenizer, text_encoder, tmp_p
     assert (tmp_path / "fc.safetensors").exists() and (tmp_path / "fc.preview.png").exists()
     assert_untouched(unet, before)
 
+
+
+def test_a1111_neighbours_come_from_the_runtimes_transport(env, tokenizer, text_encoder, tmp_path):
+    """``--neighbours`` inside the WebUI: the words are found with the runtime's transport on the loaded model and
+    recorded in the file (which words a random encoder opens for does not matter here)."""
+    from spm.checkpoint import load_membrane
+    from spm.webui.train_backend_a1111 import A1111Backend
+
+    backend = A1111Backend(a1111_model(tokenizer, text_encoder))
+    found = backend.transport_neighbours(["a red circle"])
+    assert set(found) == {"a red circle"} and all(isinstance(w, str) and w for w in found["a red circle"])
+    Trainer(backend, small_config().with_(neighbours=True), tmp_path / "n.safetensors", progress_bar=False).train()
+    assert load_membrane(tmp_path / "n.safetensors").info.training["neighbours"] == found
