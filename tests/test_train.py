@@ -317,9 +317,9 @@ def test_the_trainer_also_erases_the_words_its_transport_opens_for(backend, tmp_
     cfg = TrainConfig(targets=["circle"], iterations=15, la_mode="off", **{**FAST, "neighbours": True})
     with_n = Trainer(backend, cfg, tmp_path / "n.safetensors", progress_bar=False).train()
     assert asked == [["circle"]]
-    assert load_membrane(tmp_path / "n.safetensors").info.training["neighbours"] == {"circle": ["disc"]}
+    assert load_membrane(tmp_path / "n.safetensors").info.training["neighbour_words"] == {"circle": ["disc"]}
     without = Trainer(backend, cfg.with_(neighbours=False), progress_bar=False).train()
-    assert asked == [["circle"]] and without.membrane.info.training["neighbours"] == {}
+    assert asked == [["circle"]] and without.membrane.info.training["neighbour_words"] == {}
     assert with_n.cost["ufe_per_iteration_steady"] - without.cost["ufe_per_iteration_steady"] == pytest.approx(3.0, abs=0.5)
     xts = _xt_samples(backend)
     assert _erase_error_for(backend, with_n.membrane, xts, "disc") < _erase_error_for(backend, without.membrane, xts, "disc")
@@ -332,5 +332,5 @@ def test_a_failing_neighbour_search_never_fails_training(backend, monkeypatch, c
     monkeypatch.setattr(backend, "transport_neighbours", broken, raising=False)
     cfg = TrainConfig(targets=["circle"], iterations=3, la_mode="off", **{**FAST, "neighbours": True})
     res = Trainer(backend, cfg, progress_bar=False).train()
-    assert res.steps == 3 and res.membrane.info.training["neighbours"] == {"circle": []}
+    assert res.steps == 3 and res.membrane.info.training["neighbour_words"] == {"circle": []}
     assert "training without them" in caplog.text

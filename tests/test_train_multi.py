@@ -148,7 +148,7 @@ def test_interrupt_loses_nothing_and_rerun_resumes(toy_pipe, tmp_path):
     assert data["square"]["steps"] == 1 and data["star"]["status"] == "pending"
     assert load_membrane(tmp_path / "out" / "square.safetensors").info.training["steps_done"] == 1
     reports = run_jobs(load_jobs(path), lambda: DiffusersBackend(toy_pipe), summary)
-    assert [r["status"] for r in reports] == ["skipped", "done", "done"]
+    assert [r["status"] for r in reports] == ["skipped", "done", "done"], reports[1].get("error")
     assert reports[1]["resumed_from"] == 1 and reports[1]["steps"] == 3
     data = summary.read()
     assert data["counts"]["done"] == 2 and data["counts"]["skipped"] == 1

@@ -290,4 +290,4 @@ def test_a1111_neighbours_come_from_the_runtimes_transport(env, tokenizer, text_
     found = backend.transport_neighbours(["a red circle"])
     assert set(found) == {"a red circle"} and all(isinstance(w, str) and w for w in found["a red circle"])
     Trainer(backend, small_config().with_(neighbours=True), tmp_path / "n.safetensors", progress_bar=False).train()
-    assert load_membrane(tmp_path / "n.safetensors").info.training["neighbours"] == found
+    assert load_membrane(tmp_path / "n.safetensors").info.training["neighbour_words"] == found

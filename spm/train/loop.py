@@ -467,7 +467,7 @@ class Trainer:
         if not interrupted:
             (log.info if erasure["erased"] else log.warning)("SPM: %s", erasure["message"])
         extra = {"interrupted": interrupted, "cost": cost, "erasure": erasure, "signal_history": self.rule.checks,
-                 "neighbours": self.neighbour_words}
+                 "neighbour_words": self.neighbour_words}
         if self.robust is not None:
             extra["robust_stats"] = self.robust.summary()
         membrane.eval()
