@@ -92,3 +92,10 @@ def test_neighbours_in_a_training_request():
     assert parse_request({"name": "c", "target": "circle"}).config().neighbours == TrainConfig(targets=["c"]).neighbours
     with pytest.raises(RequestError, match="neighbours must be true or false"):
         parse_request({"name": "c", "target": "circle", "neighbours": "yes"})
+    # the trainer tab's checkbox
+    from spm.ui.trainer_tab import FORM, form_to_request
+
+    assert "neighbours" in FORM
+    for ticked in (True, False):
+        req = form_to_request({**{k: None for k in FORM}, "name": "c", "target": "circle", "neighbours": ticked})
+        assert parse_request(req).config().neighbours is ticked

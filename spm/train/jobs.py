@@ -263,7 +263,7 @@ def preset_values(name: str) -> dict[str, Any]:
     """The values a preset gives the tab's fields (the reference defaults plus the preset's changes)."""
     cfg = preset(name)
     return {"iterations": cfg.iterations, "lr": cfg.lr, "la_strength": cfg.la_strength, "la_mode": cfg.la_mode,
-            "anchors": cfg.anchors, "robust": cfg.robust != "off"}
+            "anchors": cfg.anchors, "robust": cfg.robust != "off", "neighbours": cfg.neighbours}
 
 
 # --- jobs --------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ PREFIX = "spm_train"
 # the form, in input order (after the hidden task id in WebUI mode)
 FORM = ("name", "target", "surrogate", "preset", "iterations", "lr", "la_mode", "la_strength", "anchors",
         "resolution", "seed", "precision", "save_every", "sample_every", "control_prompts", "preview_steps",
-        "overwrite", "keep_state", "robust")
+        "overwrite", "keep_state", "robust", "neighbours")
 
 START_JS = """(...args) => {
     var status = gradioApp().getElementById('%(p)s_status');
@@ -70,8 +70,9 @@ def form_to_request(values: dict[str, Any]) -> dict[str, Any]:
         data["control_prompts"] = ""
     data["overwrite"] = bool(data.get("overwrite"))
     data["keep_state"] = bool(data.get("keep_state"))
-    if data.get("robust") is not None:
-        data["robust"] = bool(data["robust"])
+    for key in ("robust", "neighbours"):
+        if data.get(key) is not None:
+            data[key] = bool(data[key])
     return data
 
 
@@ -223,6 +224,13 @@ def build_trainer_tab(backend_provider: Callable[[], Any] | None = None, membran
                                           "through the membrane and erase them too (spm/train/robust.py); "
                                           "see the README for what it costs and what it buys",
                                      elem_id=f"{p}_robust")
+                neighbours = gr.Checkbox(label="Also erase the words its transport opens for (synonyms)",
+                                         value=defaults["neighbours"],
+                                         info="Finds every vocabulary word that alone switches this membrane on "
+                                              "(as `spm explain --vocabulary` lists them) and erases those too; "
+                                              "measured on the toy worlds: a few more paraphrases erased, a few "
+                                              "literal images fewer (README)",
+                                         elem_id=f"{p}_neighbours")
                 overwrite = gr.Checkbox(label="Overwrite an existing file of the same name", value=False,
                                         elem_id=f"{p}_overwrite")
                 with gr.Row():
@@ -238,7 +246,7 @@ def build_trainer_tab(backend_provider: Callable[[], Any] | None = None, membran
                               "right: with it (same seeds).</small>", elem_id=f"{p}_preview_help")
                 saved = gr.Textbox(label="Saved file", value="", interactive=False, elem_id=f"{p}_file")
         form = [name, target, surrogate, preset, iterations, lr, la_mode, la_strength, anchors, resolution, seed,
-                precision, save_every, sample_every, control, preview_steps, overwrite, keep_state, robust]
+                precision, save_every, sample_every, control, preview_steps, overwrite, keep_state, robust, neighbours]
         outputs = [progress, plot, image, saved, status]
         preset.change(fn=apply_preset, inputs=[preset], outputs=[iterations, lr, la_mode, la_strength, anchors])
         if webui:
