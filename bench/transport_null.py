@@ -149,9 +149,11 @@ def toy_vocabulary(models: tuple[str, ...] = ("toy", "toy2"), objects: list[str]
         tok = pipe.tokenizer
         world_ids = {i for o in caps.OBJECTS for p in (o, *caps.PARAPHRASES[o]) for i in tok(p).input_ids[1:-1]}
         tr = pipeline_transport(pipe)
-        rows, n_words = {}, len(_whole_words())
-        for o in objects or caps.OBJECTS:
-            (c,) = vocabulary(tr, [_membrane(o)])["membranes"][0]["concepts"]
+        objs, n_words = list(objects or caps.OBJECTS), len(_whole_words())
+        voc = vocabulary(tr, [_membrane(o) for o in objs])  # the vocabulary is encoded once for every object
+        rows = {}
+        for o, m in zip(objs, voc["membranes"]):
+            (c,) = m["concepts"]
             rows[o] = {"world_words": [w["word"] for w in c["words"] if w["id"] in world_ids],
                        "other_words": [w["word"] for w in c["words"] if w["id"] not in world_ids]}
         out[name] = {"world": model.world, "words_scanned": n_words, "objects": rows,

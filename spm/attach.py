@@ -158,9 +158,11 @@ class Transport:
         emb, toks = self.encode(texts)
         out = []
         for e, t, q in zip(emb, toks, seqs):
-            n = len(content_ids(t)) or len(q)
-            n = max(1, min(n, e.shape[0] - 2))
-            out.append(e[1:2 + n])
+            n = max(1, min(len(content_ids(t)) or len(q), e.shape[0] - 2))
+            if n == len(q):
+                out.append(e[1:2 + n])  # content states, then the EOS
+            else:  # decoding changed the tokens: the content states only (never len(q) + 1 rows, read as content + EOS)
+                out.append(e[1 + max(0, n - len(q)):1 + n] if n > len(q) else e[1:1 + n])
         return out
 
     def phrase_text(self, text: str) -> str:

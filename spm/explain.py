@@ -27,7 +27,6 @@ from .transport import (
     needs_phrases,
     tokenuni,
     uses_gate,
-    vocabulary_matches,
     vocabulary_scan,
     windows,
 )
@@ -114,23 +113,26 @@ def explain(transport: Transport, membranes: Sequence[Membrane], prompt: str) ->
 
 def vocabulary(transport: Transport, membranes: Sequence[Membrane], limit: int | None = None) -> dict[str, Any]:
     """The single vocabulary words that open each membrane's concepts (calibrated metrics only; see
-    :func:`spm.transport.vocabulary_matches`): what the membrane acts on besides its concepts' own words.
+    :func:`spm.transport.vocabulary_matches`; the vocabulary is encoded once for all of them): what each membrane
+    acts on besides its concepts' own words.
 
     ``limit`` caps the words listed per concept (the count is always the full one)."""
     metric = transport.metric
     if not is_calibrated(metric):
         raise ValueError(f"--vocabulary needs a calibrated metric (ngram, ngram_tokenuni, robust); {metric!r} is not")
+    if limit is not None and limit < 0:
+        raise ValueError(f"--limit {limit}: give 0 or more words per concept")
     transport.prepare_calibrations(membranes)
-    out: dict[str, Any] = {"metric": metric, "membranes": []}
-    for m in membranes:
-        concepts = []
-        for ce in transport.concepts.get(m.concepts, transport.encode, transport.encoder_key):
-            cal = calibrate(ce, transport.phrases, transport.encode_ids, getattr(m.info, "transport", None))
-            hits = vocabulary_matches(ce, transport.phrases, transport.encode_ids, cal)
-            concepts.append({"concept": ce.text, "lo": round(cal.lo, 6), "hi": round(cal.hi, 6), "count": len(hits),
-                             "words": [{"word": _decode(transport, [w]), "id": w, "similarity": round(sim, 6),
-                                        "strength": round(st, 6)} for w, sim, st in hits[:limit]]})
-        out["membranes"].append({"name": m.name, "concepts": concepts})
+    pairs = [(i, ce, calibrate(ce, transport.phrases, transport.encode_ids, getattr(m.info, "transport", None)))
+             for i, m in enumerate(membranes)
+             for ce in transport.concepts.get(m.concepts, transport.encode, transport.encoder_key)]
+    found = vocabulary_scan([(ce, cal) for _, ce, cal in pairs], transport.phrases, transport.encode_ids)  # one pass
+    out: dict[str, Any] = {"metric": metric, "membranes": [{"name": m.name, "concepts": []} for m in membranes]}
+    for (i, ce, cal), hits in zip(pairs, found):
+        out["membranes"][i]["concepts"].append(
+            {"concept": ce.text, "lo": round(cal.lo, 6), "hi": round(cal.hi, 6), "count": len(hits),
+             "words": [{"word": _decode(transport, [w]), "id": w, "similarity": round(sim, 6), "strength": round(st, 6)}
+                       for w, sim, st in hits[:limit]]})
     return out
 
 

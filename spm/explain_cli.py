@@ -25,6 +25,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     args.prompt = args.prompt or []
     if not args.prompt and not args.vocabulary:
         return fail("give at least one --prompt, or --vocabulary")
+    if args.limit < 0:
+        return fail(f"--limit {args.limit}: give 0 or more words per concept")
     if args.threads:
         import torch
 

@@ -291,7 +291,7 @@ class PhraseCache:
         return F.normalize(x, dim=-1)
 
     def summary_unit(self, state: torch.Tensor) -> torch.Tensor | None:
-        """A centred, unit-normalised EOS state ``[d]`` (None where the encoder gave no EOS states)."""
+        """Centred, unit-normalised EOS states ``[d]`` or ``[n, d]`` (None where the encoder gave no EOS states)."""
         if self.eos_center is None:
             return None
         return F.normalize(state.detach().float().cpu() - self.eos_center, dim=-1)
@@ -783,8 +783,7 @@ def vocabulary_scan(pairs: Sequence[tuple[ConceptEmbedding, Calibration]], phras
             states = encode_ids([(w,) for w in chunk])
         split = [phrases._split((w,), st.detach().float().cpu()) for w, st in zip(chunk, states)]
         u = phrases.unit(torch.stack([c[-1] for c, _ in split]))  # [n, d]: a one-token window's last state
-        has_eos = all(e is not None for _, e in split) and phrases.eos_center is not None
-        e = F.normalize(torch.stack([e for _, e in split]) - phrases.eos_center, dim=-1) if has_eos else None
+        e = phrases.summary_unit(torch.stack([e for _, e in split])) if all(e is not None for _, e in split) else None
         for k, item in enumerate(todo):
             if item is None:
                 continue

@@ -93,3 +93,5 @@ def test_vocabulary_lists_the_words_that_open_a_membrane(tmp_path, capsys):
     assert "calibrated metric" in capsys.readouterr().err
     assert main(["explain", "--membrane", str(path)]) == 2
     assert "--prompt" in capsys.readouterr().err
+    assert main(["explain", "--membrane", str(path), "--vocabulary", "--limit", "-1"]) == 2
+    assert "--limit -1" in capsys.readouterr().err

@@ -82,3 +82,17 @@ def test_transport_scores_are_the_same_with_the_fast_path():
         torch.testing.assert_close(scores[0], scores[1], atol=1e-4, rtol=0)
     finally:
         pm.close()
+
+
+def test_reference_path_gives_no_eos_row_when_decoding_changed_the_tokens():
+    """If a window re-tokenises to another length, its EOS position is unknown: the exact path returns content
+    states only, and never ``len(window) + 1`` rows, which the phrase cache would read as content + EOS."""
+    def encode(texts):  # every text re-tokenises to two content tokens
+        ids = [[49406, 320, 321, 49407] for _ in texts]
+        return torch.arange(len(texts) * 77 * 4, dtype=torch.float32).reshape(len(texts), 77, 4), ids
+
+    tr = Transport(encode)
+    one, three = tr._decode_and_encode([(320,), (320, 736, 7117)])
+    assert one.shape[0] == 1 and three.shape[0] == 2
+    two, = tr._decode_and_encode([(320, 736)])  # same length: content states, then the EOS
+    assert two.shape[0] == 3

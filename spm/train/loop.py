@@ -217,15 +217,16 @@ class Trainer:
     def _neighbours(self) -> dict[str, list[str]]:
         """The words to erase beside each target (``TrainConfig.neighbours``; see :func:`spm.explain.neighbour_words`),
         from the backend's transport on this encoder; remembered for the file's metadata and logged."""
-        if getattr(self.backend, "transport_neighbours", None) is not None:
-            self._phase("neighbours", 0, 1)  # encodes every whole vocabulary word once per target
+        shown = getattr(self.backend, "transport_neighbours", None) is not None
+        if shown:
+            self._phase("neighbours", 0, 1)  # encodes every whole vocabulary word once (for all targets)
         found = training_neighbours(self.backend, self.cfg.targets)
         self.neighbour_words = {t: found.get(t, []) for t in self.cfg.targets}
         for t, ws in self.neighbour_words.items():
             if ws:
                 log.info("SPM: %s: also erasing the %d word%s its transport opens for: %s", t, len(ws),
                          "" if len(ws) == 1 else "s", ", ".join(ws[:12]) + (" …" if len(ws) > 12 else ""))
-        if getattr(self.backend, "transport_neighbours", None) is not None:
+        if shown:
             self._phase("neighbours", 1, 1)
         return {t: ws for t, ws in self.neighbour_words.items() if ws}
 
