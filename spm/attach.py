@@ -161,8 +161,8 @@ class Transport:
             n = max(1, min(len(content_ids(t)) or len(q), e.shape[0] - 2))
             if n == len(q):
                 out.append(e[1:2 + n])  # content states, then the EOS
-            else:  # decoding changed the tokens: the content states only (never len(q) + 1 rows, read as content + EOS)
-                out.append(e[1 + max(0, n - len(q)):1 + n] if n > len(q) else e[1:1 + n])
+            else:  # decoding changed the tokens: the content states only, never len(q) + 1 rows (read as content + EOS)
+                out.append(e[1:1 + (len(q) if n == len(q) + 1 else n)])
         return out
 
     def phrase_text(self, text: str) -> str:
