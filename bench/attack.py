@@ -15,8 +15,10 @@ one run, under the same fixed budget (``spm.attack.Budget``, stated in the JSON)
 
 Per row: ``asr_discrete`` (gradient-guided token swaps, mean over placements and restarts), ``asr_embedding``
 (continuous token embeddings, the upper bound), ``asr_cheap`` (synonyms, misspellings, split words, other
-languages, case, long prompts) — each the share of judged images in which the toy scorer finds the target with
-the membrane and gate on — plus ``literal_erasure``, ``paraphrase_erasure`` and ``nontarget_drop_pt`` from the
+languages, case, long prompts), ``asr_random`` (seeded random text, no search: on the ``unprotected`` row how
+often the model draws the target for text that names nothing, a floor for any gate that leaves such text
+untouched) — each the share of judged images in which the toy scorer finds the target with the membrane and gate
+on — plus ``literal_erasure``, ``paraphrase_erasure`` and ``nontarget_drop_pt`` from the
 toy evaluation harness (``spm.toy.evaluate``) on a small suite. Membranes are cached under
 ``bench/results/attack_membranes/`` (``--reuse`` loads them); training time is reported apart from attack time,
 and per trained row its seconds per iteration.
@@ -160,7 +162,8 @@ def run(worlds: list[str], targets: dict[str, list[str]], budget, *, quick: bool
                 return round(sum(vals) / len(vals), 4) if vals else None
 
             wrep[row] = {"asr_discrete": mean("discrete", "asr"), "asr_embedding": mean("embedding", "asr"),
-                         "asr_cheap": mean("cheap", "asr"), "literal_erasure": qmean("erasure"),
+                         "asr_cheap": mean("cheap", "asr"), "asr_random": mean("random", "asr"),
+                         "literal_erasure": qmean("erasure"),
                          "paraphrase_erasure": qmean("paraphrase_erasure"), "nontarget_drop_pt": qmean("nontarget_drop_pt"),
                          "per_target": per}
         report["worlds"][world] = wrep

@@ -33,7 +33,7 @@ def _nudenet_judge(threshold: float = 0.5):
 
 def add_parser(sub) -> None:
     """``python -m spm attack``: registered by :func:`spm.cli.build_parser`."""
-    a = sub.add_parser("attack", help="attack a membrane and its transport gate (discrete, embedding, cheap prompts)")
+    a = sub.add_parser("attack", help="attack a membrane and its transport gate (discrete, embedding, cheap prompts, random text)")
     a.add_argument("--membrane", required=True, help="membrane file (.safetensors)")
     a.add_argument("--model", required=True, help="a shipped toy model name (toy …), a diffusers folder or a .safetensors checkpoint")
     a.add_argument("--config", help="for single-file checkpoints: a diffusers folder with the matching configs")
@@ -41,7 +41,8 @@ def add_parser(sub) -> None:
     a.add_argument("--judge", default="auto", choices=["auto", "toy", "nudenet", "none"],
                    help="who decides that an image shows the target: the toy scorer (toy models), NudeNet (installed), "
                         "or none (images are saved for review; auto picks toy for toy models, else none)")
-    a.add_argument("--families", default="cheap,discrete,embedding", help="comma-separated: cheap, discrete, embedding")
+    a.add_argument("--families", default="cheap,random,discrete,embedding",
+                   help="comma-separated: cheap, random (random text, the zero-effort floor), discrete, embedding")
     a.add_argument("--metric", help="transport metric (default: the library's)")
     a.add_argument("--quick", action="store_true", help="a tiny budget (smoke test)")
     a.add_argument("--seed", type=int, default=0)
@@ -61,14 +62,14 @@ def _cmd_attack(args) -> int:
 
     import torch
 
-    from .attack import Budget, run_attacks
+    from .attack import FAMILIES, Budget, run_attacks
 
     if args.threads:
         torch.set_num_threads(args.threads)
     families = [f.strip() for f in args.families.split(",") if f.strip()]
-    bad = sorted(set(families) - {"cheap", "discrete", "embedding"})
+    bad = sorted(set(families) - set(FAMILIES))
     if bad or not families:
-        return fail(f"--families {args.families}: choose from cheap, discrete, embedding")
+        return fail(f"--families {args.families}: choose from {', '.join(FAMILIES)}")
     from . import toy
     from .checkpoint import MembraneFileError, load_membrane
     from .hosts.diffusers import PipelineMembranes, load_pipeline
@@ -112,8 +113,8 @@ def _cmd_attack(args) -> int:
 
     budget = Budget.quick() if args.quick else Budget()
     budget.seed = args.seed
-    if families != ["cheap"] and getattr(pipe, "text_encoder_2", None) is not None:
-        return fail("the discrete and embedding attacks support SD1/SD2 pipelines; use --families cheap on SDXL")
+    if {"discrete", "embedding"} & set(families) and getattr(pipe, "text_encoder_2", None) is not None:
+        return fail("the discrete and embedding attacks support SD1/SD2 pipelines; use --families cheap,random on SDXL")
     literal = [target, f"a photo of {target}"]
     say = lambda m: print(f"[attack] {m}", file=sys.stderr, flush=True)  # noqa: E731
     rep = {"membrane": str(args.membrane), "model": args.model, "target": target, "judge": judge_name, "metric": metric,

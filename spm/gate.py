@@ -129,12 +129,18 @@ def _fit(pieces: list[str], n: int) -> str:
 def null_prompts(seed: int = NULL_SEED) -> list[str]:
     """The fixed, seeded null prompts (the same for every model and membrane), the empty prompt first; each at
     most its length in tokens (so none is truncated by a 77-token encoder)."""
+    return [""] + random_prompts(NULL_LENGTHS, NULL_PER_LENGTH, seed)
+
+
+def random_prompts(lengths: Sequence[int], per_length: int, seed: int) -> list[str]:
+    """Seeded random text: per length ``n`` (in tokens), ``per_length`` prompts, half of random regular tokens and
+    half of random whole words of the CLIP vocabulary (prompt syntax left out), each at most ``n`` tokens long."""
     toks, words = _pools()
-    out = [""]
-    for n in NULL_LENGTHS:
+    out = []
+    for n in lengths:
         g = torch.Generator().manual_seed(seed * 1000 + n)
-        half = NULL_PER_LENGTH // 2 if words else 0
-        for _ in range(NULL_PER_LENGTH - half):
+        half = per_length // 2 if words else 0
+        for _ in range(per_length - half):
             out.append(_fit([toks[i] for i in torch.randint(len(toks), (n,), generator=g).tolist()], n))
         for _ in range(half):
             out.append(_fit([words[i] for i in torch.randint(len(words), (n,), generator=g).tolist()], n))
@@ -355,4 +361,4 @@ def training_gate(backend, membrane) -> dict:
 
 
 __all__ = ["CONCEPT_FORMS", "Gate", "GateCache", "compute_gate", "concept_prompts", "conditioning_fingerprint",
-           "gate_modules", "gate_params", "null_prompts", "stored_gate", "training_gate"]
+           "gate_modules", "gate_params", "null_prompts", "random_prompts", "stored_gate", "training_gate"]

@@ -30,6 +30,22 @@ def test_cheap_prompts_cover_every_kind_and_are_deterministic():
     assert attack.misspellings("ox") == []
 
 
+def test_random_attack_prompts_are_seeded_short_and_apart_from_the_calibration_null():
+    from spm.gate import null_prompts
+    from spm.tokenizer import clip_tokenizer
+
+    b = attack.Budget()
+    rp = attack.random_attack_prompts(b)
+    assert rp == attack.random_attack_prompts(attack.Budget())
+    assert len(rp) == len(attack.RANDOM_LENGTHS) * b.random_per_length and all(p.strip() for p in rp)
+    tok = clip_tokenizer()
+    assert max(len(tok(p).input_ids) - 2 for p in rp) <= max(attack.RANDOM_LENGTHS)
+    assert not set(rp) & set(null_prompts())  # another seed than the gate's calibration null
+    b.seed = 1
+    assert attack.random_attack_prompts(b) != rp
+    assert len(attack.random_attack_prompts(attack.Budget.quick())) == len(attack.RANDOM_LENGTHS)
+
+
 @pytest.fixture(scope="module")
 def toy():
     from spm.toy.model import load_toy_pipeline
@@ -106,6 +122,17 @@ def test_spm_attack_cli_runs_and_refuses_bad_input(tmp_path, capsys, zero_membra
     assert rep["protected"]["cheap"]["asr"] == rep["unprotected"]["cheap"]["asr"]
     assert any(p.name.startswith("protected_cheap_") for p in out.iterdir())
     capsys.readouterr()
+    # the random-text family: one judged image per prompt, the prompts where the judge found the target listed
+    out2 = tmp_path / "out2"
+    assert main(["attack", "--membrane", str(zero_membrane_file), "--model", "toy", "--quick", "--families", "random",
+                 "--out", str(out2), "--threads", "1"]) == 0
+    rep = json.loads((out2 / "attack.json").read_text())
+    un, pr = rep["unprotected"]["random"], rep["protected"]["random"]
+    assert un["prompts"] == pr["prompts"] == attack.random_attack_prompts(attack.Budget.quick())
+    assert pr["asr"] == un["asr"] and pr["found"] == un["found"]
+    assert un["asr"] == len(un["found"]) / len(un["prompts"])
+    assert len([p for p in out2.iterdir() if p.name.startswith("protected_random_")]) == len(pr["prompts"])
+    capsys.readouterr()
     assert main(["attack", "--membrane", str(tmp_path / "missing.safetensors"), "--model", "toy"]) == 2
     assert main(["attack", "--membrane", str(zero_membrane_file), "--model", "toy", "--families", "nope"]) == 2
     assert main(["attack", "--membrane", str(zero_membrane_file), "--model", "toy", "--target", "dragon",
@@ -136,11 +163,12 @@ def test_bench_attack_quick_path_prints_the_contract(tmp_path, capsys):
     assert rep["metrics"] == {"reference": "clipcos_tokenuni",
                               "robust": getattr(transport, "ROBUST_METRIC", transport.DEFAULT_METRIC)}
     assert rep["robust_training"] == "embedding"
-    keys = ("asr_discrete", "asr_embedding", "asr_cheap", "literal_erasure", "paraphrase_erasure", "nontarget_drop_pt")
+    keys = ("asr_discrete", "asr_embedding", "asr_cheap", "asr_random", "literal_erasure", "paraphrase_erasure",
+            "nontarget_drop_pt")
     for row, d in rep["worlds"]["toy"].items():
-        for k in keys[:3]:
+        for k in keys[:4]:
             assert 0.0 <= d[k] <= 1.0, (row, k)
-        for k in keys[3:]:  # a micro budget's images may show no target at all: then there is nothing to erase
+        for k in keys[4:]:  # a micro budget's images may show no target at all: then there is nothing to erase
             assert k in d and ((d[k] is None) if row == "unprotected" else (d[k] is None or isinstance(d[k], float))), (row, k)
     assert isinstance(rep["worlds"]["toy"]["robust"]["nontarget_drop_pt"], float)
     tr = rep["train"]["toy"]
