@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -173,6 +174,30 @@ def run(worlds: list[str], targets: dict[str, list[str]], budget, *, quick: bool
     return report
 
 
+def _run_world(job: dict) -> dict:
+    """One world in its own process (``--processes``): the same :func:`run`, its own torch threads."""
+    import torch
+
+    torch.set_num_threads(job.pop("threads"))
+    budget = job.pop("budget")
+    return run(budget=budget, say=_say(job.pop("quiet")), **job)
+
+
+def merge(reports: list[dict], seconds: float) -> dict:
+    """Per-world reports of one run (same budget, rows and settings) as one report; ``seconds`` is the wall clock
+    of the whole run, ``train_seconds`` and ``attack_seconds`` the sums over the worlds' processes."""
+    out = {k: v for k, v in reports[0].items() if k not in ("train", "worlds", "train_seconds", "seconds", "attack_seconds")}
+    out["train"], out["worlds"] = {}, {}
+    for r in reports:
+        out["train"].update(r["train"])
+        out["worlds"].update(r["worlds"])
+    out["train_seconds"] = round(sum(r["train_seconds"] for r in reports), 1)
+    out["seconds"] = round(seconds, 1)
+    out["attack_seconds"] = round(sum(r["attack_seconds"] for r in reports), 1)
+    out["processes"] = len(reports)
+    return out
+
+
 def _round(v, nd: int = 4):
     return round(float(v), nd) if isinstance(v, (int, float)) else None
 
@@ -222,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", action="store_true", help="load membranes already in --membranes instead of training")
     p.add_argument("--membranes", type=Path, default=RESULTS / "attack_membranes")
     p.add_argument("--out", type=Path, help="write the JSON here (default: bench/results/attack.json; quick: not written)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the toy models run fastest on one)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1: the toy models run "
+                                                           "fastest on one)")
+    p.add_argument("--processes", type=int, help="worlds measured at once, one process each (default: as many as "
+                                                 "there are worlds and CPU cores)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -257,8 +285,24 @@ def main(argv: list[str] | None = None) -> int:
         targets[w] = ts
     iterations = args.iterations or (QUICK_ITERATIONS if args.quick else None)
     args.membranes.mkdir(parents=True, exist_ok=True)
-    rep = run(worlds, targets, budget, quick=args.quick, reuse=args.reuse, iterations=iterations, out=args.membranes,
-              say=_say(args.quiet), rows=rows, metric=args.metric, robust=args.robust_training)
+    if args.processes is not None and args.processes < 1:
+        print(f"error: --processes {args.processes}: must be at least 1", file=sys.stderr)
+        return 2
+    processes = min(len(worlds), args.processes or max(1, (os.cpu_count() or 1) // max(1, args.threads)))
+    common = dict(quick=args.quick, reuse=args.reuse, iterations=iterations, out=args.membranes, rows=rows,
+                  metric=args.metric, robust=args.robust_training)
+    if processes <= 1:
+        rep = run(worlds, targets, budget, say=_say(args.quiet), **common)
+        rep["processes"] = 1
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        t0 = time.time()
+        jobs = [dict(worlds=[w], targets={w: targets[w]}, budget=budget, threads=args.threads, quiet=args.quiet, **common)
+                for w in worlds]
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as ex:
+            rep = merge(list(ex.map(_run_world, jobs)), time.time() - t0)
     text = json.dumps(rep, indent=2, ensure_ascii=False)
     out = args.out or (None if args.quick else RESULTS / "attack.json")
     if out is not None:

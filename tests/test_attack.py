@@ -149,15 +149,18 @@ def test_bench_attack_quick_path_prints_the_contract(tmp_path, capsys):
 
     micro = ["steps=1", "candidates=2", "topk=4", "embed_steps=1", "references=1", "noise_draws=1", "eval_seeds=1",
              "steps_sample=2", "free_tokens=1"]
-    argv = ["--quick", "--json", "--quiet", "--world", "toy", "--iterations", "2", "--threads", "1",
-            "--membranes", str(tmp_path / "m"), "--out", str(tmp_path / "attack.json")]
+    argv = ["--quick", "--json", "--quiet", "--world", "toy", "--world", "toy2", "--processes", "2", "--iterations", "2",
+            "--threads", "1", "--membranes", str(tmp_path / "m"), "--out", str(tmp_path / "attack.json")]
     for b in micro:
         argv += ["--budget", b]
     assert bench_attack.main(argv) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep == json.loads((tmp_path / "attack.json").read_text())
     assert rep["quick"] is True and rep["budget"]["steps"] == 1 and rep["budget"]["queries_discrete_per_attack"] == 2
-    assert set(rep["worlds"]) == {"toy"} and set(rep["worlds"]["toy"]) == {"unprotected", "reference", "robust"}
+    # two worlds, one process each, merged into one report
+    assert set(rep["worlds"]) == set(rep["train"]) == {"toy", "toy2"} and rep["processes"] == 2
+    assert all(set(rep["worlds"][w]) == {"unprotected", "reference", "robust"} for w in rep["worlds"])
+    assert rep["train_seconds"] > 0 and rep["seconds"] > 0
     from spm import transport
 
     assert rep["metrics"] == {"reference": "clipcos_tokenuni",
@@ -181,4 +184,5 @@ def test_bench_attack_quick_path_prints_the_contract(tmp_path, capsys):
     assert bench_attack.main(["--budget", "steps=0"]) == 2
     assert bench_attack.main(["--budget", "nope=1"]) == 2
     assert bench_attack.main(["--metric", "nope"]) == 2
-    assert capsys.readouterr().err.count("error:") == 4
+    assert bench_attack.main(["--processes", "0", "--world", "toy"]) == 2
+    assert capsys.readouterr().err.count("error:") == 5
