@@ -146,10 +146,10 @@ def main() -> None:
     from safetensors.torch import save_file
 
     unet_params = UNET_SMALL if a.small else UNET
+    a.out.parent.mkdir(parents=True, exist_ok=True)  # the .yaml below is written first
     if a.small:
         write_yaml(a.ldm_repo.parent.parent / "configs" / "v1-inference.yaml", a.out.with_suffix(".yaml"), unet_params)
     sd = build(a.ldm_repo, a.seed, unet_params)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = a.out.with_suffix(".tmp")
     save_file(sd, str(tmp), metadata={"format": "pt", "note": "random weights, SD1.5 layout, for WebUI smoke runs"})
     os.replace(tmp, a.out)
