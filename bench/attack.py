@@ -259,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad_rows or not rows:
         print(f"error: --rows {args.rows!r}: choose from {', '.join(ALL_ROWS)}", file=sys.stderr)
         return 2
+    if args.processes is not None and args.processes < 1:
+        print(f"error: --processes {args.processes}: must be at least 1", file=sys.stderr)
+        return 2
     from spm.transport import METRICS
 
     if args.metric is not None and args.metric not in METRICS:
@@ -285,9 +288,6 @@ def main(argv: list[str] | None = None) -> int:
         targets[w] = ts
     iterations = args.iterations or (QUICK_ITERATIONS if args.quick else None)
     args.membranes.mkdir(parents=True, exist_ok=True)
-    if args.processes is not None and args.processes < 1:
-        print(f"error: --processes {args.processes}: must be at least 1", file=sys.stderr)
-        return 2
     processes = min(len(worlds), args.processes or max(1, (os.cpu_count() or 1) // max(1, args.threads)))
     common = dict(quick=args.quick, reuse=args.reuse, iterations=iterations, out=args.membranes, rows=rows,
                   metric=args.metric, robust=args.robust_training)
