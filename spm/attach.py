@@ -182,7 +182,7 @@ class Transport:
             return []
         out = []
         for m in membranes:
-            for ce in self.concepts.get(m.concepts, self.encode, self.encoder_key):
+            for ce in self.concepts.get(m.gate_concepts, self.encode, self.encoder_key):
                 out.append(calibrate(ce, self.phrases, self.encode_ids, getattr(m.info, "transport", None)))
         return out
 
@@ -234,7 +234,7 @@ class Transport:
         phrases = needs_phrases(self.metric)
         gated = uses_gate(self.metric)
         for m in membranes:
-            concepts = self.concepts.get(m.concepts, self.encode, self.encoder_key) if self.metric != "off" else []
+            concepts = self.concepts.get(m.gate_concepts, self.encode, self.encoder_key) if self.metric != "off" else []
             if phrases and self.lazy_phrases and concepts:
                 self.prepare_calibrations([m])
                 self.prepare_phrases(row_tokens, self._lengths(concepts))
@@ -253,7 +253,7 @@ class Transport:
         vectors for ``clipcos`` instead of a cosine per (row, concept), the same formula as
         :func:`spm.transport.concept_scores`.  ``None`` where a row and a concept have incomparable lengths
         (the per-concept path handles those)."""
-        texts = list(dict.fromkeys(c for m in membranes for c in m.concepts))
+        texts = list(dict.fromkeys(c for m in membranes for c in m.gate_concepts))
         b = context.shape[0]
         if not texts:
             return torch.ones(b, len(membranes))
@@ -294,8 +294,8 @@ class Transport:
         index = {c: i for i, c in enumerate(texts)}
         cols = []
         for m in membranes:
-            if m.concepts:
-                cols.append(s[:, [index[c] for c in m.concepts]].amax(1).clamp(0.0, 1.0))
+            if m.gate_concepts:
+                cols.append(s[:, [index[c] for c in m.gate_concepts]].amax(1).clamp(0.0, 1.0))
             else:
                 cols.append(torch.ones(b))
         return torch.stack(cols, 1)

@@ -253,6 +253,8 @@ def config_from_args(args):
         over["schedule"] = "reference"
     if getattr(args, "neighbours", None) is not None:
         over["neighbours"] = bool(args.neighbours)
+    if getattr(args, "synonyms", None) is not None:
+        over["synonyms"] = args.synonyms
     if getattr(args, "no_early_stop", False):
         over["stop_when_erased"] = False
     if args.preset not in PRESETS:
@@ -638,6 +640,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also erase (opt-in) the vocabulary words the membrane's transport opens for (trained synonyms; "
                         "`spm explain --vocabulary` lists them): one more UNet row pair per step "
                         f"{_default_text('neighbours')}")
+    t.add_argument("--synonyms", choices=("off", "gate", "erase"), default=None,
+                   help="model synonyms: the words the model itself draws as the target (measured on held-out noise "
+                        "against random words). gate: the transport also opens the membrane for them; erase: that, "
+                        f"and training erases them too; off: neither {_default_text('synonyms')}")
     t.add_argument("--no-early-stop", action="store_true",
                    help="run all --iterations (default: stop once the erasure signal says erased; --iterations is the budget)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --output")

@@ -25,6 +25,7 @@ from .transport import (
     content_positions,
     is_calibrated,
     needs_phrases,
+    similar_words,
     tokenuni,
     uses_gate,
     vocabulary_scan,
@@ -77,7 +78,7 @@ def explain(transport: Transport, membranes: Sequence[Membrane], prompt: str) ->
         transport.prepare_calibrations(membranes)
         out["encoder_fingerprint_dim"] = (transport.phrases.fingerprint or {}).get("dim")
     for m in membranes:
-        ces = transport.concepts.get(m.concepts, transport.encode, transport.encoder_key) if metric != "off" else []
+        ces = transport.concepts.get(m.gate_concepts, transport.encode, transport.encoder_key) if metric != "off" else []
         if phrases and ces:
             transport.prepare_phrases([row], transport._lengths(ces))
         concepts = []
@@ -86,6 +87,8 @@ def explain(transport: Transport, membranes: Sequence[Membrane], prompt: str) ->
             score = float(METRICS[metric](ctx.detach().float().cpu(), [row], ce, **kw).clamp(0, 1)[0])
             entry: dict[str, Any] = {"concept": ce.text, "score": round(score, 6),
                                      "tokenuni": round(float(tokenuni([row], ce.tokens)[0]), 6)}
+            if m.synonym_of(ce.text) is not None:  # a word the model draws as that concept (spm.train.synonyms)
+                entry["synonym_of"] = m.synonym_of(ce.text)
             if calibrated:
                 cal = calibrate(ce, transport.phrases, transport.encode_ids, getattr(m.info, "transport", None))
                 sim, where, _ = best_window(row, ce, transport.phrases, cal.max_length)
@@ -146,6 +149,19 @@ def neighbour_words(transport: Transport, concepts: Sequence[str]) -> dict[str, 
     return {ce.text: [w for w in (_decode(transport, [i]) for i, _, _ in hits) if w] for ce, hits in zip(ces, found)}
 
 
+def synonym_candidates(transport: Transport, concepts: Sequence[str], k: int, null: int, seed: int) -> dict:
+    """The words the trainer's model-synonym scan tries (:mod:`spm.train.synonyms`) on ``transport``'s encoder:
+    for each concept its ``k`` closest whole vocabulary words (:func:`spm.transport.similar_words`), and ``null``
+    random whole words as the scan's null sample, all decoded."""
+    ces = transport.concepts.get(list(concepts), transport.encode, transport.encoder_key)
+    picked, rand = similar_words(ces, transport.phrases, transport.encode_ids, k, null, seed)
+
+    def words(ids):
+        return [w for w in (_decode(transport, [i]) for i in ids) if w]
+
+    return {"candidates": {ce.text: words(p) for ce, p in zip(ces, picked)}, "null": words(rand)}
+
+
 def format_vocabulary(v: dict[str, Any]) -> str:
     """The text form of :func:`vocabulary`."""
     lines = [f"single vocabulary words that open each membrane (metric {v['metric']}; the concept's own words left out)"]
@@ -179,8 +195,12 @@ def format_explanation(ex: dict[str, Any]) -> str:
     lines = [f"prompt: {ex['prompt']!r}  ({n} token{'' if n == 1 else 's'})   metric: {ex['metric']} x{ex['factor']:g}"]
     for m in ex["membranes"]:
         lines.append(f"membrane {m['name']}: strength {m['strength']:.3f}")
+        silent = [c for c in m["concepts"] if c.get("synonym_of") and c["score"] <= 0]
         for c in m["concepts"]:
-            head = f"  concept {c['concept']!r}: score {c['score']:.3f} (tokenuni {c['tokenuni']:.2f}"
+            if c in silent:  # listed below as a count: a membrane may carry dozens
+                continue
+            kind = f"model synonym of {c['synonym_of']!r}" if c.get("synonym_of") else "concept"
+            head = f"  {kind} {c['concept']!r}: score {c['score']:.3f} (tokenuni {c['tokenuni']:.2f}"
             if "similarity" in c:
                 head += f", best window {c['window']!r} similarity {c['similarity']:.3f}" if c["window"] else ", no window"
             lines.append(head + ")")
@@ -194,6 +214,9 @@ def format_explanation(ex: dict[str, Any]) -> str:
                              f"max {q.get('max', 0):.3f}; concept in neutral context {cal['band']:.3f}"
                              + ("  [weak: the concept's own context moves it past the null margin]" if cal["weak"] else "")
                              + ("" if cal["usable"] else "  [unusable: random windows look like the concept]"))
+        if silent:
+            lines.append(f"  {len(silent)} model synonym{'' if len(silent) == 1 else 's'} scored 0: "
+                         + ", ".join(repr(c["concept"]) for c in silent[:12]) + (" …" if len(silent) > 12 else ""))
         g = m.get("gate")
         if g:
             c = g["calibration"]
@@ -212,4 +235,5 @@ def explain_text(transport: Transport, membranes: Sequence[Membrane], prompt: st
     return format_explanation(explain(transport, membranes, prompt))
 
 
-__all__ = ["explain", "explain_text", "format_explanation", "format_vocabulary", "neighbour_words", "vocabulary"]
+__all__ = ["explain", "explain_text", "format_explanation", "format_vocabulary", "neighbour_words", "synonym_candidates",
+           "vocabulary"]

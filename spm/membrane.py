@@ -91,6 +91,27 @@ class Membrane(nn.Module):
         return self.info.concepts
 
     @property
+    def synonyms(self) -> dict[str, list[str]]:
+        """The model synonyms found at training time (``spm_transport["synonyms"]``: concept → words the model
+        draws as that concept; :mod:`spm.train.synonyms`), for the concepts this membrane erases."""
+        raw = (self.info.transport or {}).get("synonyms") or {}
+        if not isinstance(raw, dict):
+            return {}
+        return {str(c): [str(w) for w in ws if str(w).strip()] for c, ws in raw.items()
+                if c in self.info.concepts and isinstance(ws, (list, tuple))}
+
+    @property
+    def gate_concepts(self) -> list[str]:
+        """What Facilitated Transport opens this membrane for: its concepts, then their model synonyms."""
+        return list(dict.fromkeys([*self.info.concepts, *(w for ws in self.synonyms.values() for w in ws)]))
+
+    def synonym_of(self, text: str) -> str | None:
+        """The concept ``text`` is a model synonym of (None for the concepts themselves and other text)."""
+        if text in self.info.concepts:
+            return None
+        return next((c for c, ws in self.synonyms.items() if text in ws), None)
+
+    @property
     def rank(self) -> int:
         ranks = {layer.rank for layer in self.layers.values()}
         return max(ranks) if ranks else 0

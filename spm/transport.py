@@ -709,6 +709,22 @@ def training_neighbours(backend: object, concepts: Sequence[str]) -> dict[str, l
         return {}
 
 
+def training_candidates(backend: object, concepts: Sequence[str], k: int, null: int, seed: int) -> dict | None:
+    """The model-synonym scan's words (:mod:`spm.train.synonyms`): ``backend.transport_candidates(concepts, k, null,
+    seed)`` where the backend has one, ``{"candidates": {concept: [word, …]}, "null": [word, …]}``; None without it
+    or if it fails (best effort: the membrane is then trained without model synonyms)."""
+    fn = getattr(backend, "transport_candidates", None)
+    if fn is None or not concepts:
+        return None
+    try:
+        out = fn(list(concepts), int(k), int(null), int(seed))
+        return {"candidates": {str(c): [str(w) for w in ws] for c, ws in out["candidates"].items()},
+                "null": [str(w) for w in out["null"]]}
+    except Exception as e:  # never fail a training run for it
+        log.warning("SPM: finding the candidate words of the model-synonym scan failed (%s); training without it", e)
+        return None
+
+
 def best_window(ids: Sequence[int] | None, concept: ConceptEmbedding, phrases: "PhraseCache",
                 max_length: int) -> tuple[float, tuple[int, ...] | None, bool]:
     """(best similarity, its window, whether every window was prepared) of one row against ``concept``."""
@@ -760,23 +776,21 @@ def vocabulary_matches(concept: ConceptEmbedding, phrases: PhraseCache, encode_i
     return vocabulary_scan([(concept, cal)], phrases, encode_ids, words, batch)[0]
 
 
-def vocabulary_scan(pairs: Sequence[tuple[ConceptEmbedding, Calibration]], phrases: PhraseCache,
-                    encode_ids: PhraseEncoder, words: Sequence[int] | None = None,
-                    batch: int = 256) -> list[list[tuple[int, float, float]]]:
-    """:func:`vocabulary_matches` for several ``(concept, calibration)`` pairs, encoding the vocabulary once."""
+def vocabulary_similarity(concepts: Sequence[ConceptEmbedding], phrases: PhraseCache, encode_ids: PhraseEncoder,
+                          words: Sequence[int] | None = None, batch: int = 256) -> tuple[list[int], list[torch.Tensor | None]]:
+    """``(word ids, [one tensor of similarities per concept])``: the ``phrase_similarity`` of every whole word of the
+    vocabulary (``words``; default the CLIP vocabulary's whole words of three or more letters, about 32 000) alone,
+    as a one-token window, to each concept; ``None`` for a concept without content tokens.  The words are encoded
+    once for all concepts, in batches, and not cached."""
     phrases.ensure_center(encode_ids)
     ids = [int(w) for w in (words if words is not None else _whole_words())]
     todo = []
-    for concept, cal in pairs:
+    for concept in concepts:
         m = content_positions(concept.tokens, concept.embedding.shape[0])
-        if m == 0 or not cal.usable:
-            todo.append(None)
-            continue
-        c, ce = phrases.concept_states(concept, m)
-        todo.append((set(content_ids(concept.tokens)), c, ce, cal))
-    out: list[list[tuple[int, float, float]]] = [[] for _ in pairs]
-    if not any(todo):
-        return out
+        todo.append(phrases.concept_states(concept, m) if m else None)
+    parts: list[list[torch.Tensor]] = [[] for _ in concepts]
+    if not any(t is not None for t in todo):
+        return ids, [None] * len(concepts)
     for i in range(0, len(ids), batch):
         chunk = ids[i:i + batch]
         with torch.no_grad():
@@ -787,15 +801,59 @@ def vocabulary_scan(pairs: Sequence[tuple[ConceptEmbedding, Calibration]], phras
         for k, item in enumerate(todo):
             if item is None:
                 continue
-            own, c, ce, cal = item
+            c, ce = item
             sim = u @ c[-1]  # phrase_similarity of a one-token window (aligned when the concept has one token too)
             if e is not None and ce is not None:
                 sim = 0.5 * (sim + e @ ce)
-            strength = cal.map(sim)
-            for j in (strength > 0).nonzero().flatten().tolist():
-                if chunk[j] not in own:
-                    out[k].append((chunk[j], float(sim[j]), float(strength[j])))
-    return [sorted(r, key=lambda x: -x[1]) for r in out]
+            parts[k].append(sim)
+    return ids, [torch.cat(p) if t is not None else None for p, t in zip(parts, todo)]
+
+
+def vocabulary_scan(pairs: Sequence[tuple[ConceptEmbedding, Calibration]], phrases: PhraseCache,
+                    encode_ids: PhraseEncoder, words: Sequence[int] | None = None,
+                    batch: int = 256) -> list[list[tuple[int, float, float]]]:
+    """:func:`vocabulary_matches` for several ``(concept, calibration)`` pairs, encoding the vocabulary once."""
+    use = [(ce, cal) for ce, cal in pairs if cal.usable]
+    ids, sims = vocabulary_similarity([ce for ce, _ in use], phrases, encode_ids, words, batch)
+    by_pair = iter(zip(use, sims))
+    out: list[list[tuple[int, float, float]]] = []
+    for concept, cal in pairs:
+        if not cal.usable:
+            out.append([])
+            continue
+        _, sim = next(by_pair)
+        if sim is None:
+            out.append([])
+            continue
+        own = set(content_ids(concept.tokens))
+        strength = cal.map(sim)
+        hits = [(ids[j], float(sim[j]), float(strength[j])) for j in (strength > 0).nonzero().flatten().tolist()
+                if ids[j] not in own]
+        out.append(sorted(hits, key=lambda x: -x[1]))
+    return out
+
+
+def similar_words(concepts: Sequence[ConceptEmbedding], phrases: PhraseCache, encode_ids: PhraseEncoder, k: int,
+                  null: int, seed: int = NULL_SEED, words: Sequence[int] | None = None) -> tuple[list[list[int]], list[int]]:
+    """``(per concept: the ``k`` whole words closest to it by :func:`vocabulary_similarity`, closest first, its own
+    tokens and the vocabulary's most frequent words (:func:`frequent_words`) left out; ``null`` whole words drawn at
+    random (``seed``) from the rest)``: the candidates and the null
+    sample of the trainer's model-synonym scan (:mod:`spm.train.synonyms`)."""
+    ids, sims = vocabulary_similarity(concepts, phrases, encode_ids, words)
+    common = set(frequent_words())  # "the", "with", "red": in unrelated prompts all the time, never a synonym
+    picked: list[list[int]] = []
+    for ce, sim in zip(concepts, sims):
+        if sim is None:
+            picked.append([])
+            continue
+        own = set(content_ids(ce.tokens)) | common
+        order = [ids[j] for j in sim.argsort(descending=True).tolist() if ids[j] not in own]
+        picked.append(order[:k])
+    taken = {w for p in picked for w in p} | {w for ce in concepts for w in content_ids(ce.tokens)}
+    rest = [w for w in ids if w not in taken]
+    g = torch.Generator().manual_seed(int(seed))
+    draw = torch.randperm(len(rest), generator=g)[:null].tolist() if rest else []
+    return picked, [rest[j] for j in draw]
 
 
 def _need_phrases(phrases):
@@ -991,5 +1049,6 @@ __all__ = [
     "causal_phrase_encoder", "checked_phrase_encoder", "clipcos", "compute_calibration", "concept_scores",
     "content_ids", "content_tokens", "encoder_fingerprint", "fingerprint_distance", "is_calibrated", "needs_phrases",
     "frequent_words", "ngram", "ngram_calibrated", "null_windows", "phrase_lengths", "phrase_similarity", "register_metric",
-    "tokenuni", "training_calibration", "training_neighbours", "uses_gate", "vocabulary_matches", "vocabulary_scan", "window_lengths", "windows",
+    "similar_words", "tokenuni", "training_calibration", "training_candidates", "training_neighbours", "uses_gate",
+    "vocabulary_matches", "vocabulary_scan", "vocabulary_similarity", "window_lengths", "windows",
 ]

@@ -320,7 +320,9 @@ def test_trainer_writes_the_calibration(tmp_path):
     out = tmp_path / "circle.safetensors"
     Trainer(DiffusersBackend(pipe), TrainConfig(targets=["circle"], iterations=1, **FAST), out, progress_bar=False).train()
     loaded = load_membrane(out)
-    assert set(loaded.info.transport["concepts"]) == {"circle"}
+    # the concept and its model synonyms (spm/train/synonyms.py), each calibrated once at training time
+    assert set(loaded.info.transport["concepts"]) == {"circle", *loaded.synonyms.get("circle", [])}
+    assert set(loaded.gate_concepts) == set(loaded.info.transport["concepts"])
     from spm.hosts.diffusers import PipelineMembranes
 
     with PipelineMembranes(pipe, [(loaded, 1.0)]) as pm:

@@ -140,6 +140,13 @@ def transport_neighbours(pipe, concepts: Sequence[str]) -> dict[str, list[str]]:
     return neighbour_words(pipeline_transport(pipe), concepts)
 
 
+def transport_candidates(pipe, concepts: Sequence[str], k: int, null: int, seed: int) -> dict:
+    """The model-synonym scan's candidate and null words on ``pipe``'s encoder (:func:`spm.explain.synonym_candidates`)."""
+    from ..explain import synonym_candidates
+
+    return synonym_candidates(pipeline_transport(pipe), concepts, k, null, seed)
+
+
 class PipelineMembranes:
     """Membranes on a diffusers pipeline; :meth:`close` (or ``with``) restores the pipeline exactly."""
 
@@ -227,6 +234,10 @@ class DiffusersBackend:
     def transport_neighbours(self, concepts: Sequence[str]) -> dict[str, list[str]]:
         """The words the trainer erases beside each concept (see :func:`transport_neighbours`)."""
         return transport_neighbours(self.pipe, concepts)
+
+    def transport_candidates(self, concepts: Sequence[str], k: int, null: int, seed: int) -> dict:
+        """The model-synonym scan's words (see :func:`transport_candidates`)."""
+        return transport_candidates(self.pipe, concepts, k, null, seed)
 
     # Backend protocol ------------------------------------------------------------------------------
     def encode(self, texts: Sequence[str]):

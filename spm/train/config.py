@@ -38,6 +38,7 @@ OPTIMIZERS = ("auto", "adamw", "adamw8bit")
 LA_MODES = ("adaptive", "fixed", "off")
 SCHEDULES = ("pool", "reference")
 ROBUST_MODES = ("off", "embedding")
+SYNONYM_MODES = ("off", "gate", "erase")  # TrainConfig.synonyms
 
 
 @dataclass
@@ -88,6 +89,12 @@ class TrainConfig:
     # and one more grad UNet row).  Opt-in: on the toy worlds it raised paraphrase erasure by an image here and
     # there and lowered literal erasure on 5 of 16 objects (bench/results/erasure_neighbours.json)
     neighbours: bool = False
+    # model synonyms (spm/train/synonyms.py): the words the model itself draws as the target, measured on the erasure
+    # signal's held-out probes against a null of random words.  "gate": the transport opens the membrane for them as
+    # for the target; "erase": that, and each step also erases one of them on the target's x_t (as ``neighbours``);
+    # "off": neither.  "gate" by default: on toy world 2, erasing the words found for "cloud" (which that model draws
+    # for almost any unknown word) kept the membrane from erasing "cloud" itself within the budget
+    synonyms: str = "gate"
     # membrane
     rank: int = 1
     alpha: float = 1.0
@@ -130,6 +137,8 @@ class TrainConfig:
             bad("schedule", self.schedule, SCHEDULES)
         if self.robust not in ROBUST_MODES:
             bad("robust", self.robust, ROBUST_MODES)
+        if self.synonyms not in SYNONYM_MODES:
+            bad("synonyms", self.synonyms, SYNONYM_MODES)
         for name in ("iterations", "rank", "max_denoising_steps", "pool_size", "preview_seeds", "preview_steps",
                      "signal_checks", "signal_patience", "signal_trajectories", "signal_levels"):
             if int(getattr(self, name)) < 1:
@@ -181,4 +190,5 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
     return cfg
 
 
-__all__ = ["LA_MODES", "LR_SCHEDULERS", "OPTIMIZERS", "PRECISIONS", "PRESETS", "SCHEDULES", "TrainConfig", "preset"]
+__all__ = ["LA_MODES", "LR_SCHEDULERS", "OPTIMIZERS", "PRECISIONS", "PRESETS", "SCHEDULES", "SYNONYM_MODES", "TrainConfig",
+           "preset"]

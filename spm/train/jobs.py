@@ -40,7 +40,7 @@ from typing import Any, Callable
 import torch
 
 from ..tags import name_problem
-from .config import LA_MODES, PRECISIONS, PRESETS, TrainConfig, preset
+from .config import LA_MODES, PRECISIONS, PRESETS, SYNONYM_MODES, TrainConfig, preset
 
 log = logging.getLogger("spm")
 
@@ -50,6 +50,7 @@ SUFFIX = ".safetensors"
 # phase → what the progress line calls it
 PHASES = {"queued": "queued", "loading": "loading the model", "calibration": "calibrating Facilitated Transport",
           "neighbours": "finding the words the transport opens for",
+          "synonyms": "finding the words the model draws as the target",
           "pool": "filling the latent pool",
           "training": "training step", "signal": "measuring the erasure", "check": "before/after check", "saving": "saving"}
 UNITS = {"pool": "denoising steps", "training": "steps", "check": "sampling steps"}  # what a phase counts
@@ -97,6 +98,7 @@ class TrainRequest:
     keep_state: bool = False  # keep NAME.safetensors.trainstate after a finished run (to extend it later)
     robust: bool | None = None  # robust training (TrainConfig.robust "embedding" / "off"); None: the default
     neighbours: bool | None = None  # also erase the words the transport opens for (TrainConfig.neighbours); None: default
+    synonyms: str | None = None  # model synonyms: "off", "gate" or "erase" (TrainConfig.synonyms); None: the default
 
     def config(self) -> TrainConfig:
         """The :class:`TrainConfig`: the preset's values with this request's overrides."""
@@ -111,6 +113,8 @@ class TrainRequest:
             over["robust"] = "embedding" if self.robust else "off"
         if self.neighbours is not None:
             over["neighbours"] = bool(self.neighbours)
+        if self.synonyms is not None:
+            over["synonyms"] = self.synonyms
         cfg = preset(self.preset, **over)
         cfg.control_prompts = list(self.control_prompts)
         if self.preview_steps:
@@ -127,7 +131,7 @@ class TrainRequest:
 
 _INT = ("iterations", "anchors", "resolution", "seed", "save_every", "sample_every", "preview_steps")
 _FLOAT = ("lr", "la_strength")
-_STR = ("surrogate", "preset", "precision", "la_mode")
+_STR = ("surrogate", "preset", "precision", "la_mode", "synonyms")
 _BOOL = ("preview", "overwrite", "keep_state", "robust", "neighbours")
 KNOWN = {f.name for f in fields(TrainRequest)}
 
@@ -255,6 +259,8 @@ def parse_request(data: dict[str, Any]) -> TrainRequest:
         raise RequestError(f"precision {req.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
     if req.la_mode is not None and req.la_mode not in LA_MODES:
         raise RequestError(f"la_mode {req.la_mode!r} is unknown; choose one of {', '.join(LA_MODES)}")
+    if req.synonyms is not None and req.synonyms not in SYNONYM_MODES:
+        raise RequestError(f"synonyms {req.synonyms!r} is unknown; choose one of {', '.join(SYNONYM_MODES)}")
     req.config()  # the trainer's own checks, as a RequestError
     return req
 
@@ -263,7 +269,8 @@ def preset_values(name: str) -> dict[str, Any]:
     """The values a preset gives the tab's fields (the reference defaults plus the preset's changes)."""
     cfg = preset(name)
     return {"iterations": cfg.iterations, "lr": cfg.lr, "la_strength": cfg.la_strength, "la_mode": cfg.la_mode,
-            "anchors": cfg.anchors, "robust": cfg.robust != "off", "neighbours": cfg.neighbours}
+            "anchors": cfg.anchors, "robust": cfg.robust != "off", "neighbours": cfg.neighbours,
+            "synonyms": cfg.synonyms}
 
 
 # --- jobs --------------------------------------------------------------------------------------------
@@ -648,6 +655,7 @@ class TrainService:
         def on_phase(ph) -> None:
             message = {"calibration": "calibrating Facilitated Transport", "pool": "filling the latent pool",
                        "neighbours": "finding the words the transport opens for",
+                       "synonyms": "finding the words the model draws as the target",
                        "training": "training", "signal": "measuring the erasure",
                        "saving": f"saving {out.name}"}.get(ph.name)
             self._phase(job, ph.name, ph.done, ph.total, message=message)

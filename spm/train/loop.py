@@ -44,7 +44,7 @@ from ..checkpoint import MembraneFileError, load_membrane, save_membrane
 from ..gate import training_gate
 from ..membrane import Membrane, MembraneInfo
 from ..naming import context_dim, find_targets
-from ..transport import training_calibration, training_neighbours
+from ..transport import training_calibration, training_candidates, training_neighbours
 from .anchors import sample_anchors
 from .config import TrainConfig
 from .objective import AnchorWeight, CostMeter, extra_erase_loss, objective_step
@@ -230,6 +230,22 @@ class Trainer:
             self._phase("neighbours", 1, 1)
         return {t: ws for t, ws in self.neighbour_words.items() if ws}
 
+    def _store_synonyms(self, membrane: Membrane) -> None:
+        """Put the model synonyms, their scan and their transport calibrations into ``membrane.info.transport``."""
+        if not self.synonym_scan:
+            return
+        tr = dict(membrane.info.transport or {})
+        tr["synonyms"] = {t: list(ws) for t, ws in self.synonym_words.items()}
+        tr["synonym_scan"] = self.synonym_scan
+        words = [w for ws in self.synonym_words.values() for w in ws if w not in (tr.get("concepts") or {})]
+        if words:
+            cal = training_calibration(self.backend, list(dict.fromkeys(words)))
+            if cal.get("concepts") and cal.get("fingerprint") == tr.get("fingerprint", cal.get("fingerprint")):
+                tr.setdefault("params", cal.get("params"))
+                tr.setdefault("fingerprint", cal.get("fingerprint"))
+                tr["concepts"] = {**(tr.get("concepts") or {}), **cal["concepts"]}
+        membrane.info.transport = tr
+
     def _phase(self, name: str, done: int, total: int, unit: str = "") -> None:
         if self.on_phase is not None:
             self.on_phase(Phase(name, done, total, unit))
@@ -260,8 +276,32 @@ class Trainer:
         finally:
             handle.remove()
 
-    def _check(self, stack, cond: dict[str, Conditioning], step: int, ac):
-        """Measure the erasure signal now (building the held-out probes on the first call)."""
+    def _synonyms(self, stack, cond: dict[str, Conditioning], ac) -> dict[str, list[str]]:
+        """The model synonyms of each target (``TrainConfig.synonyms``; :mod:`spm.train.synonyms`), stored in the
+        membrane's ``spm_transport`` (with their calibrations) by the caller; logged.  Builds the held-out probes."""
+        from . import synonyms as syn
+
+        cfg = self.cfg
+        if getattr(self.backend, "transport_candidates", None) is None:
+            return {}
+        self._phase("synonyms", 0, 2)
+        words = training_candidates(self.backend, cfg.targets, syn.CANDIDATES, syn.NULL_WORDS, syn.SEED)
+        if not words:
+            return {}
+        self._phase("synonyms", 1, 2)
+        probe = self._probe(stack, cond, ac)
+        meter = CostMeter()
+        try:
+            found = syn.scan(self.backend, stack, probe, list(cfg.targets), words, meter, ac)
+        except Exception as e:  # never fail a training run for it
+            log.warning("SPM: the model-synonym scan failed (%s); training without it", e)
+            return {}
+        self.synonym_scan = {**syn.metadata(found), "ufe": meter.ufe}
+        self._phase("synonyms", 2, 2)
+        return {t: s.words for t, s in found.items() if s.words}
+
+    def _probe(self, stack, cond: dict[str, Conditioning], ac) -> ErasureProbe:
+        """The erasure signal's held-out probes (built on the first call)."""
         if self.probe is None:
             cfg = self.cfg
             self.probe = ErasureProbe(self.backend, stack, cond["targets"], cond["neutral"], cond["uncond"],
@@ -269,7 +309,11 @@ class Trainer:
                                       resolution=cfg.resolution or self.backend.latent.resolution,
                                       trajectories=cfg.signal_trajectories, levels=cfg.signal_levels, seed=cfg.seed,
                                       meter=self.signal_meter, autocast=ac, surrogate_is_uncond=cfg.surrogate == "")
-        return self.probe.measure(step)
+        return self.probe
+
+    def _check(self, stack, cond: dict[str, Conditioning], step: int, ac):
+        """Measure the erasure signal now (building the held-out probes on the first call)."""
+        return self._probe(stack, cond, ac).measure(step)
 
     # --- the loop -----------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -283,6 +327,8 @@ class Trainer:
         resumed: dict = {}
         self.robust = None
         self.neighbour_words: dict[str, list[str]] = {}
+        self.synonym_words: dict[str, list[str]] = {}
+        self.synonym_scan: dict = {}
         aw = AnchorWeight.from_config(cfg)
         optimizer = make_optimizer(cfg, [p for p in membrane.parameters() if p.requires_grad], be.device)
         if self.resume:
@@ -323,6 +369,12 @@ class Trainer:
             texts = {"targets": list(cfg.targets), "positives": cfg.positives, "neutral": [cfg.surrogate], "uncond": [""]}
             cond = {k: be.encode(v) for k, v in texts.items()}
             neigh = self._neighbours() if cfg.neighbours else {}
+            if cfg.synonyms != "off":
+                self.synonym_words = self._synonyms(stack, cond, ac)
+                self._store_synonyms(membrane)
+                if cfg.synonyms == "erase":
+                    for t, ws in self.synonym_words.items():
+                        neigh[t] = list(dict.fromkeys(neigh.get(t, []) + ws))
             neigh_rows = {}  # target index -> its neighbours' conditioning rows
             if neigh:
                 words = [w for t in cfg.targets for w in neigh.get(t, [])]
@@ -468,7 +520,7 @@ class Trainer:
         if not interrupted:
             (log.info if erasure["erased"] else log.warning)("SPM: %s", erasure["message"])
         extra = {"interrupted": interrupted, "cost": cost, "erasure": erasure, "signal_history": self.rule.checks,
-                 "neighbour_words": self.neighbour_words}
+                 "neighbour_words": self.neighbour_words, "synonym_words": self.synonym_words}
         if self.robust is not None:
             extra["robust_stats"] = self.robust.summary()
         membrane.eval()

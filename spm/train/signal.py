@@ -176,6 +176,7 @@ class ErasureProbe:
             x = ddim_step(backend, guided, x.float(), t, ts[i + 1:i + 2].to(x.device).expand(n))
         self.x_t, self.t = torch.cat(xs), torch.cat(tt)
         self.cond = targets.rows(conds)
+        self.target_of = list(conds)  # each probe row's target index
         self.o = torch.cat(os_)
         if surrogate_is_uncond:
             self.s = torch.cat(us)

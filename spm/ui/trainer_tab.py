@@ -24,7 +24,7 @@ import html
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..train.config import LA_MODES, PRECISIONS, PRESETS
+from ..train.config import LA_MODES, PRECISIONS, PRESETS, SYNONYM_MODES
 from ..train.jobs import DEFAULT_CONTROLS, RequestError, TrainJob, TrainService, loss_plot, preset_values
 
 PREFIX = "spm_train"
@@ -32,7 +32,7 @@ PREFIX = "spm_train"
 # the form, in input order (after the hidden task id in WebUI mode)
 FORM = ("name", "target", "surrogate", "preset", "iterations", "lr", "la_mode", "la_strength", "anchors",
         "resolution", "seed", "precision", "save_every", "sample_every", "control_prompts", "preview_steps",
-        "overwrite", "keep_state", "robust", "neighbours")
+        "overwrite", "keep_state", "robust", "neighbours", "synonyms")
 
 START_JS = """(...args) => {
     var status = gradioApp().getElementById('%(p)s_status');
@@ -231,6 +231,11 @@ def build_trainer_tab(backend_provider: Callable[[], Any] | None = None, membran
                                               "measured on the toy worlds: a few more paraphrases erased, a few "
                                               "literal images fewer (README)",
                                          elem_id=f"{p}_neighbours")
+                synonyms = gr.Radio(label="Model synonyms", choices=list(SYNONYM_MODES), value=defaults["synonyms"],
+                                    info="Measures which words the loaded model itself draws as the target (against "
+                                         "random words, on held-out noise). gate: the membrane also switches on for "
+                                         "them; erase: and training erases them too; off: neither",
+                                    elem_id=f"{p}_synonyms")
                 overwrite = gr.Checkbox(label="Overwrite an existing file of the same name", value=False,
                                         elem_id=f"{p}_overwrite")
                 with gr.Row():
@@ -246,7 +251,8 @@ def build_trainer_tab(backend_provider: Callable[[], Any] | None = None, membran
                               "right: with it (same seeds).</small>", elem_id=f"{p}_preview_help")
                 saved = gr.Textbox(label="Saved file", value="", interactive=False, elem_id=f"{p}_file")
         form = [name, target, surrogate, preset, iterations, lr, la_mode, la_strength, anchors, resolution, seed,
-                precision, save_every, sample_every, control, preview_steps, overwrite, keep_state, robust, neighbours]
+                precision, save_every, sample_every, control, preview_steps, overwrite, keep_state, robust, neighbours,
+                synonyms]
         outputs = [progress, plot, image, saved, status]
         preset.change(fn=apply_preset, inputs=[preset], outputs=[iterations, lr, la_mode, la_strength, anchors])
         if webui:

@@ -387,7 +387,7 @@ class Attachment:
         """Encode concepts now (before sampling), so the text encoder is not needed inside the UNet hook."""
         if self.transport.metric == "off":
             return
-        texts = [c for m in membranes for c in m.concepts]
+        texts = [c for m in membranes for c in m.gate_concepts]
         if texts:
             self.transport.concepts.get(texts, self.transport.encode, self.transport.encoder_key)
             # the calibrated ngram: from each file's spm_transport where this encoder matches it, else computed once

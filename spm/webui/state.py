@@ -91,6 +91,14 @@ def training_transport_neighbours(sd_model: Any, concepts: Sequence[str]) -> dic
     return neighbour_words(runtime().attach(sd_model).transport, concepts)
 
 
+def training_transport_candidates(sd_model: Any, concepts: Sequence[str], k: int, null: int, seed: int) -> dict:
+    """The candidate and null words of the trainer's model-synonym scan on the runtime's transport for ``sd_model``
+    (:func:`spm.explain.synonym_candidates`)."""
+    from ..explain import synonym_candidates
+
+    return synonym_candidates(runtime().attach(sd_model).transport, concepts, k, null, seed)
+
+
 def training_transport_calibration(sd_model: Any, concepts: Sequence[str]) -> dict:
     """``spm_transport`` metadata for a membrane trained in the WebUI, calibrated with the transport that will
     score it at generation time (the runtime's, on ``sd_model``): the file then carries its calibration, and

@@ -120,6 +120,12 @@ class A1111Backend:
 
         return training_transport_neighbours(self.sd_model, concepts)
 
+    def transport_candidates(self, concepts: Sequence[str], k: int, null: int, seed: int) -> dict:
+        """The model-synonym scan's words (see :func:`spm.webui.state.training_transport_candidates`)."""
+        from .state import training_transport_candidates
+
+        return training_transport_candidates(self.sd_model, concepts, k, null, seed)
+
     def encode(self, texts: Sequence[str]) -> Conditioning:
         texts = list(texts)
         with torch.no_grad(), _autocast():

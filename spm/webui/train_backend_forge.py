@@ -180,6 +180,12 @@ class ForgeBackend:
 
         return training_transport_neighbours(self.sd_model, concepts)
 
+    def transport_candidates(self, concepts: Sequence[str], k: int, null: int, seed: int) -> dict:
+        """The model-synonym scan's words (see :func:`spm.webui.state.training_transport_candidates`)."""
+        from .state import training_transport_candidates
+
+        return training_transport_candidates(self.sd_model, concepts, k, null, seed)
+
     def encode(self, texts: Sequence[str]) -> Conditioning:
         c = self.sd_model.get_learned_conditioning(list(texts))
         with torch.inference_mode(False):

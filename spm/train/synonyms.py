@@ -1,0 +1,154 @@
+"""Model synonyms: the words that the model in hand draws as the target, found by the model itself.
+
+Why
+---
+Facilitated Transport opens a membrane for the rows whose text is close to its concept in the *text encoder's*
+states.  Whether a word draws the target is decided by the *UNet*, and the two disagree: on toy world 2 the base
+model draws a cloud for "a cumulus" exactly as for "a cloud", while the encoder places "cumulus" below the
+calibrated threshold of "cloud" (its null is high), so the membrane stayed shut and none of those images was
+erased.  A fine-tune teaches its UNet words that no encoder-side threshold knows about.
+
+What the scan measures
+----------------------
+On the erasure signal's held-out probes (``x_t`` on the original model's own trajectories for the target, several
+noise levels; :class:`~spm.train.signal.ErasureProbe`), with the membrane off, take the original prediction for
+the target ``o``, the surrogate's ``s`` and a word's ``p``.  The word's **closure** is::
+
+    closure = 1 − Σ‖p − o‖² / Σ‖s − o‖²          1: predicts exactly as the target,  0: as far as the surrogate
+
+(sums over the probes, so probes where the concept moves the prediction more weigh more).  A word is a model
+synonym when its closure clears the same kind of margin the text calibration uses (:class:`spm.transport.Calibration`):
+with ``q`` the second-largest closure of a **null** sample of random whole vocabulary words, the threshold is the
+midpoint between the null's upper tail and the target itself, ``q + (1 − q) / 2``.  Nothing is a constant fitted on
+one model: a model that draws the target for any text (toy world 2's cloud: random words close up to 0.9 of the
+gap) gets a high threshold, one that draws it only when named gets a lower one.
+
+Which words are tried
+---------------------
+Scoring the whole vocabulary would cost a UNet call per word; the candidates are the :data:`CANDIDATES` whole words
+closest to the target in the text encoder's states (:func:`spm.transport.similar_words`): on both toy worlds every
+single-word paraphrase the model learned sat within the first 20 (most within the first 5).  The null sample is
+:data:`NULL_WORDS` other whole words drawn with a seed of its own.  Each word is one UNet row per probe used
+(:data:`PROBES_PER_LEVEL` seeds per noise level), counted in its own meter.  Found synonyms are stored in the
+membrane's ``spm_transport["synonyms"]``; the transport then opens the membrane for them as for its concepts
+(:attr:`spm.membrane.Membrane.gate_concepts`), and the trainer erases them beside the target on its ``x_t``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from ..backend import Backend, Conditioning
+from .objective import CostMeter, run_unet
+from .signal import ErasureProbe
+
+log = logging.getLogger(__name__)
+
+CANDIDATES = 128  # whole words tried per target (closest in the encoder's states): a cost bound, not a fit
+NULL_WORDS = 128  # random whole words of the null sample
+NULL_RANK = 2  # the null's second-largest closure places the threshold (as the text calibration's null)
+PROBES_PER_LEVEL = 4  # held-out seeds per noise level the closure is measured on (of the signal's probes)
+MAX_SYNONYMS = 32  # at most this many per target, the closest first: each one is a concept the transport scores
+SEED = 4099  # the null sample's draw: apart from the text calibration's null and every training draw
+BATCH_ROWS = 64  # UNet rows per call
+
+
+@dataclass
+class SynonymScan:
+    """The result of :func:`scan` for one target."""
+
+    target: str
+    words: list[str]
+    closure: list[float]
+    threshold: float
+    null_q: float
+    null_max: float
+    candidates: int
+    null: int
+    rows: int
+    tried: dict[str, float] = field(default_factory=dict)  # every candidate's closure (for the log and tests)
+
+    def to_dict(self) -> dict:
+        return {"words": list(self.words), "closure": [round(c, 4) for c in self.closure],
+                "threshold": round(self.threshold, 4), "null_q": round(self.null_q, 4),
+                "null_max": round(self.null_max, 4), "candidates": self.candidates, "null": self.null,
+                "probe_rows": self.rows}
+
+
+def threshold(null: torch.Tensor) -> tuple[float, float]:
+    """``(threshold, q)`` from the null sample's closures (see the module docstring); ``q`` is the
+    :data:`NULL_RANK`-th largest (the largest where fewer)."""
+    if null.numel() == 0:
+        return 1.0, 1.0
+    top = null.double().sort(descending=True).values
+    q = float(top[min(NULL_RANK, len(top)) - 1])
+    q = min(q, 1.0)
+    return q + (1.0 - q) / 2.0, q
+
+
+def probe_rows(probe: ErasureProbe, target_index: int, per_level: int = PROBES_PER_LEVEL) -> list[int]:
+    """The probe rows of one target: at most ``per_level`` seeds at each of the probe's noise levels."""
+    out = []
+    for lv in probe.levels:
+        idx = [i for i, (v, ti) in enumerate(zip(probe.level_of, probe.target_of)) if v == lv and ti == target_index]
+        out.extend(idx[:per_level])
+    return out
+
+
+def closures(backend: Backend, stack, probe: ErasureProbe, rows: list[int], words: Conditioning,
+             meter: CostMeter | None, autocast: torch.dtype | None = None, batch_rows: int = BATCH_ROWS) -> torch.Tensor:
+    """The closure of each row of ``words`` (membrane off) on the probe rows ``rows``: ``[len(words)]``."""
+    n, r = len(words), len(rows)
+    if n == 0 or r == 0:
+        return torch.zeros(n)
+    x, t = probe.x_t[rows], probe.t[rows]
+    o, s = probe.o[rows].double(), probe.s[rows].double()
+    den = ((s - o) ** 2).sum().clamp_min(1e-30)
+    per_call = max(1, batch_rows // r)
+    out = []
+    for i in range(0, n, per_call):
+        k = min(per_call, n - i)
+        cond = words.rows([j for j in range(i, i + k) for _ in range(r)])
+        p = run_unet(backend, stack, x.repeat(k, 1, 1, 1), t.repeat(k), cond, [0.0] * (k * r), meter, False, autocast)
+        err = ((p.double().view(k, r, *o.shape[1:]) - o.unsqueeze(0)) ** 2).flatten(1).sum(1)
+        out.append(1.0 - err / den)
+    return torch.cat(out).float()
+
+
+def scan(backend: Backend, stack, probe: ErasureProbe, targets: list[str], words: dict,
+         meter: CostMeter | None = None, autocast: torch.dtype | None = None) -> dict[str, SynonymScan]:
+    """The model synonyms of each target (see the module docstring).  ``words`` is
+    :func:`spm.transport.training_candidates`'s ``{"candidates": {target: [word, …]}, "null": [word, …]}``."""
+    null_words = list(words.get("null", []))
+    null_cond = backend.encode(null_words) if null_words else None
+    out: dict[str, SynonymScan] = {}
+    for ti, target in enumerate(targets):
+        rows = probe_rows(probe, ti)
+        cands = [w for w in words.get("candidates", {}).get(target, []) if w.strip().lower() != target.strip().lower()]
+        nul = closures(backend, stack, probe, rows, null_cond, meter, autocast) if null_cond is not None else torch.zeros(0)
+        thr, q = threshold(nul)
+        cl = closures(backend, stack, probe, rows, backend.encode(cands), meter, autocast) if cands else torch.zeros(0)
+        tried = {w: float(c) for w, c in zip(cands, cl)}
+        keep = sorted(((w, c) for w, c in tried.items() if c >= thr and c > 0), key=lambda x: -x[1])[:MAX_SYNONYMS]
+        out[target] = SynonymScan(target, [w for w, _ in keep], [c for _, c in keep], thr, q,
+                                  float(nul.max()) if nul.numel() else float("nan"), len(cands), len(null_words),
+                                  len(rows), tried)
+        if keep:
+            log.info("SPM: %s: the model draws it for %d more word%s (closure ≥ %.2f, random words reach %.2f): %s",
+                     target, len(keep), "" if len(keep) == 1 else "s", thr, q,
+                     ", ".join(f"{w} {c:.2f}" for w, c in keep))
+    return out
+
+
+def metadata(found: dict[str, SynonymScan]) -> dict:
+    """The ``spm_transport`` entries: ``synonyms`` (target → words, what the transport reads) and
+    ``synonym_scan`` (the measurement behind them)."""
+    return {"synonyms": {t: s.words for t, s in found.items()},
+            "synonym_scan": {t: s.to_dict() for t, s in found.items()}}
+
+
+__all__ = ["CANDIDATES", "MAX_SYNONYMS", "NULL_WORDS", "PROBES_PER_LEVEL", "SEED", "SynonymScan", "closures", "metadata",
+           "probe_rows", "scan", "threshold"]
