@@ -296,7 +296,8 @@ class Trainer:
         except Exception as e:  # never fail a training run for it
             log.warning("SPM: the model-synonym scan failed (%s); training without it", e)
             return {}
-        self.synonym_scan = {**syn.metadata(found), "ufe": meter.ufe}
+        self.synonym_scan = syn.metadata(found)["synonym_scan"]
+        self.synonym_ufe = meter.ufe
         self._phase("synonyms", 2, 2)
         return {t: s.words for t, s in found.items() if s.words}
 
@@ -329,6 +330,7 @@ class Trainer:
         self.neighbour_words: dict[str, list[str]] = {}
         self.synonym_words: dict[str, list[str]] = {}
         self.synonym_scan: dict = {}
+        self.synonym_ufe = 0
         aw = AnchorWeight.from_config(cfg)
         optimizer = make_optimizer(cfg, [p for p in membrane.parameters() if p.requires_grad], be.device)
         if self.resume:
@@ -514,6 +516,8 @@ class Trainer:
                 "seconds_per_iteration": loop_s / done}
         if self.robust is not None:
             cost.update({"robust_ufe": self.robust.meter.ufe, "robust_seconds": round(self.robust.seconds, 3)})
+        if self.synonym_scan:
+            cost["synonym_ufe"] = self.synonym_ufe
         cost.update({"signal_ufe": self.signal_meter.ufe, "signal_checks": len(self.rule.checks),
                      "signal_overhead": self.signal_meter.ufe / max(1, self.meter.ufe)})
         erasure = summary(last_check, cfg, step, erased_stop and step < cfg.iterations, interrupted, self.probe, self.rule)

@@ -1,0 +1,157 @@
+"""Model synonyms (spm/train/synonyms.py): found by the model, stored in the file, opened by the transport."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spm.backend import Conditioning
+from spm.checkpoint import load_membrane
+from spm.hosts.diffusers import DiffusersBackend, PipelineMembranes
+from spm.membrane import Membrane, MembraneInfo
+from spm.train import TrainConfig, Trainer
+from spm.train import synonyms as syn
+from spm.train.config import SYNONYM_MODES
+from tests.test_train import FAST
+from tests.test_train_models import tiny_sd_pipe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NULL = ["zebra", "violin", "harbour", "pencil", "tiger", "saxophone", "mountain", "lemon"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_sd_pipe()
+
+
+class AliasBackend(DiffusersBackend):
+    """The tiny model, with "disc" encoded exactly as "circle" (a word the model draws as the target, whatever
+    the text encoder makes of it) and a fixed list of candidate and null words."""
+
+    def __init__(self, pipe, candidates=("disc", "spoon", "garden")):
+        super().__init__(pipe)
+        self.asked: list = []
+        self.candidates = list(candidates)
+
+    def encode(self, texts):
+        return super().encode(["circle" if t == "disc" else t for t in texts])
+
+    def transport_candidates(self, concepts, k, null, seed):
+        self.asked.append((list(concepts), k, null, seed))
+        return {"candidates": {c: list(self.candidates) for c in concepts}, "null": list(NULL)}
+
+
+def test_threshold_is_the_midpoint_above_the_nulls_second_largest():
+    thr, q = syn.threshold(torch.tensor([0.1, 0.5, 0.3, -0.2]))
+    assert q == pytest.approx(0.3) and thr == pytest.approx(0.65)
+    thr, q = syn.threshold(torch.tensor([0.4]))  # fewer than NULL_RANK: the largest
+    assert q == pytest.approx(0.4) and thr == pytest.approx(0.7)
+    assert syn.threshold(torch.zeros(0)) == (1.0, 1.0)  # no null: nothing can pass
+
+
+def test_the_trainer_finds_a_word_the_model_draws_as_the_target_and_the_file_keeps_it(pipe, tmp_path):
+    be = AliasBackend(pipe)
+    out = tmp_path / "circle.safetensors"
+    Trainer(be, TrainConfig(targets=["circle"], iterations=2, la_mode="off", **FAST), out, progress_bar=False).train()
+    assert be.asked == [(["circle"], syn.CANDIDATES, syn.NULL_WORDS, syn.SEED)]
+    m = load_membrane(out)
+    scan = m.info.transport["synonym_scan"]["circle"]
+    assert m.synonyms["circle"][0] == "disc" and scan["closure"][0] == pytest.approx(1.0, abs=1e-4)
+    assert scan["candidates"] == 3 and scan["null"] == len(NULL) and scan["probe_rows"] > 0
+    assert scan["threshold"] == pytest.approx(scan["null_q"] + (1 - scan["null_q"]) / 2, abs=1e-4)
+    assert all(c >= scan["threshold"] for c in scan["closure"])
+    assert m.gate_concepts[:2] == ["circle", "disc"] and m.synonym_of("disc") == "circle"
+    assert m.synonym_of("circle") is None and m.synonym_of("zebra") is None
+    assert m.info.training["synonym_words"]["circle"][0] == "disc"
+
+
+def test_off_asks_for_nothing_and_a_failing_scan_never_fails_training(pipe, caplog):
+    be = AliasBackend(pipe)
+    res = Trainer(be, TrainConfig(targets=["circle"], iterations=1, la_mode="off", **{**FAST, "synonyms": "off"}),
+                  progress_bar=False).train()
+    assert be.asked == [] and "synonyms" not in res.membrane.info.transport
+
+    def broken(concepts, k, null, seed):
+        raise RuntimeError("no vocabulary here")
+
+    be.transport_candidates = broken
+    res = Trainer(be, TrainConfig(targets=["circle"], iterations=1, la_mode="off", **FAST), progress_bar=False).train()
+    assert res.steps == 1 and res.membrane.synonyms == {}
+    assert "training without it" in caplog.text
+
+
+def test_erase_mode_also_trains_on_the_synonyms(pipe):
+    be = AliasBackend(pipe, candidates=("disc",))
+    cfg = TrainConfig(targets=["circle"], iterations=6, la_mode="off", **FAST)
+    gate = Trainer(be, cfg.with_(synonyms="gate"), progress_bar=False).train()
+    erase = Trainer(be, cfg.with_(synonyms="erase"), progress_bar=False).train()
+    assert gate.membrane.synonyms == erase.membrane.synonyms == {"circle": ["disc"]}
+    # one more no-grad and one more grad row per step, as for the transport's neighbours
+    assert erase.cost["ufe_per_iteration_steady"] - gate.cost["ufe_per_iteration_steady"] == pytest.approx(3.0, abs=0.5)
+    with pytest.raises(ValueError, match="synonyms"):
+        TrainConfig(targets=["circle"], synonyms="maybe").validate()
+
+
+def _membrane_with(pipe, synonyms) -> Membrane:
+    from spm.naming import find_targets
+
+    info = MembraneInfo(concepts=["circle"], transport={"synonyms": synonyms})
+    return Membrane.for_targets(find_targets(pipe.unet), info=info, name="m")
+
+
+def test_the_transport_opens_for_a_synonym_and_leaves_other_prompts_shut(pipe):
+    plain = _membrane_with(pipe, {})
+    with_syn = _membrane_with(pipe, {"circle": ["spoon"], "square": ["ignored: not a concept of this membrane"]})
+    assert with_syn.gate_concepts == ["circle", "spoon"] and plain.gate_concepts == ["circle"]
+    prompts = ["a spoon on a table", "a red circle", "a violin in a field"]
+    with PipelineMembranes(pipe, [(plain, 1.0)]) as pm:
+        ctx, toks = pm.transport.encode(prompts)
+        before = pm.transport.scores(ctx, [plain], toks)[:, 0]
+    with PipelineMembranes(pipe, [(with_syn, 1.0)]) as pm:
+        ctx, toks = pm.transport.encode(prompts)
+        after = pm.transport.scores(ctx, [with_syn], toks)[:, 0]
+    assert after[0] == 1.0 and after[1] == 1.0 and after[0] > before[0]
+    assert after[2] == before[2]  # a prompt that names neither is scored as before
+
+
+def test_malformed_synonym_metadata_is_ignored():
+    m = Membrane({}, MembraneInfo(concepts=["circle"], transport={"synonyms": ["not", "a", "dict"]}))
+    assert m.synonyms == {} and m.gate_concepts == ["circle"]
+    m = Membrane({}, MembraneInfo(concepts=["circle"], transport={"synonyms": {"circle": "disc"}}))
+    assert m.synonyms == {} and m.gate_concepts == ["circle"]
+
+
+def test_the_cli_the_request_and_the_tab_offer_the_same_modes():
+    from spm.cli import build_parser
+    from spm.train.jobs import RequestError, parse_request
+
+    sub = next(a for a in build_parser()._actions if getattr(a, "choices", None) and "train" in a.choices)
+    act = next(a for a in sub.choices["train"]._actions if "--synonyms" in a.option_strings)
+    assert tuple(act.choices) == SYNONYM_MODES
+    assert parse_request({"name": "x", "target": "circle", "synonyms": "erase"}).config().synonyms == "erase"
+    with pytest.raises(RequestError, match="synonyms"):
+        parse_request({"name": "x", "target": "circle", "synonyms": "sometimes"})
+
+
+def test_closures_batch_rows_without_changing_the_result(pipe):
+    """:func:`spm.train.synonyms.closures` splits the words over UNet calls; the split does not change them."""
+    from spm.attach import MembraneStack
+    from spm.naming import find_targets
+    from spm.train.signal import ErasureProbe
+
+    be = DiffusersBackend(pipe)
+    stack = MembraneStack(pipe.unet)
+    stack.add(Membrane.for_targets(find_targets(pipe.unet)))
+    try:
+        cond = be.encode(["circle", ""])
+        probe = ErasureProbe(be, stack, cond.rows([0]), cond.rows([1]), cond.rows([1]), steps=4, guidance=3.0,
+                             resolution=be.latent.resolution, trajectories=2, levels=2, surrogate_is_uncond=True)
+        rows = syn.probe_rows(probe, 0)
+        words = Conditioning.cat([be.encode(["circle"]), be.encode(NULL[:3])])
+        a = syn.closures(be, stack, probe, rows, words, None, batch_rows=len(rows))
+        b = syn.closures(be, stack, probe, rows, words, None, batch_rows=1000)
+    finally:
+        stack.detach()
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert float(a[0]) == pytest.approx(1.0, abs=1e-5)  # the target itself closes the whole gap
