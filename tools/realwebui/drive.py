@@ -802,10 +802,22 @@ class Driver:
         box = p.page.locator("#txt2img_prompt textarea").first
         box.fill(f"a photo of a cat <spm:{name}:1.0>")
         box.dispatch_event("input")
+        if self.log:
+            self.log.mark()
+        n_console = len(p.console)
         t0 = time.monotonic()
         p.page.locator("#txt2img_generate").first.click()
-        p.page.wait_for_function("""() => { const i = gradioApp().querySelector('#html_info_txt2img');
-                                             return i && /Steps:/.test(i.innerText); }""", timeout=self.a.gen_limit * 1000)
+        try:
+            p.page.wait_for_function("""() => { const i = gradioApp().querySelector('#html_info_txt2img');
+                                                 return i && /Steps:/.test(i.innerText); }""", timeout=self.a.gen_limit * 1000)
+        except Exception as e:  # keep what a reader needs to tell a slow server from a stuck page
+            log = self.log.since() if self.log else ""
+            self.r.add("generation: a <spm:NAME:1.0> tag works and infotext shows SPM", False,
+                       {"error": repr(e)[:300], "seconds": round(time.monotonic() - t0, 1),
+                        "sampling_finished_in_log": "100%|" in log, "webui_log_tail": log[-2000:],
+                        "browser_console": p.console[n_console:][-20:],
+                        "screenshot": p.shot(f"{self.a.webui}_gen_tag_timeout")})
+            return
         info = p.text("#html_info_txt2img")
         secs = round(time.monotonic() - t0, 1)
         self.r.add("generation: a <spm:NAME:1.0> tag works and infotext shows SPM", "SPM" in (info or ""),
