@@ -254,6 +254,9 @@ class Driver:
         return res.get("membranes", []) if code == 200 and isinstance(res, dict) else []
 
     def run(self, name: str, fn) -> None:
+        if name in self.a.skip:
+            self.r.add(name, None, "skipped: --skip")
+            return
         if self.left() < 30:
             self.r.add(name, None, f"skipped: the driver's time budget ({self.a.budget:.0f} s) is spent")
             return
@@ -933,6 +936,9 @@ def parse_args():
     ap.add_argument("--tab-preview-steps", default=None,
                     help="sampling steps of the tab job's before/after check ('default': leave the tab's value)")
     ap.add_argument("--use-membranes", help="NAME1,NAME2 already in the folder: skip the training checks")
+    ap.add_argument("--skip", type=lambda v: set(filter(None, v.split(","))), default=set(),
+                    help="check names to leave out, e.g. forge_no_model,tab_training (forge_no_model starts two real "
+                         "training jobs when the model is already loaded, e.g. with --use-membranes on a warm Forge)")
     ap.add_argument("--out", default="/tmp/realwebui_results.json")
     ap.add_argument("--shots", default="/tmp/realwebui_shots")
     ap.add_argument("--budget", type=float, default=3600, help="seconds for the whole run; later checks are skipped")
