@@ -383,16 +383,27 @@ class Attachment:
             self._seen.add((g, negative))
         return len(todo)
 
-    def prepare_concepts(self, membranes: Sequence[Membrane]) -> None:
-        """Encode concepts now (before sampling), so the text encoder is not needed inside the UNet hook."""
-        if self.transport.metric == "off":
+    def prepare_concepts(self, membranes: Sequence[Membrane], prompts: Sequence[str] | None = None) -> None:
+        """Encode concepts now (before sampling), so the text encoder is not needed inside the UNet hook.
+
+        ``prompts``: the texts this generation conditions on (its prompts' groups and negatives); only their
+        phrase windows are encoded, for the window lengths of ``membranes``' concepts.  Without them (or
+        without a tokenizer) the windows of every recorded row are — which, after the recorder has seen
+        thousands of texts (a training job's own encodings, a long session), costs minutes on a CPU."""
+        tr = self.transport
+        if tr.metric == "off":
             return
         texts = [c for m in membranes for c in m.gate_concepts]
         if texts:
-            self.transport.concepts.get(texts, self.transport.encode, self.transport.encoder_key)
+            concepts = tr.concepts.get(texts, tr.encode, tr.encoder_key)
             # the calibrated ngram: from each file's spm_transport where this encoder matches it, else computed once
-            self.transport.prepare_calibrations(membranes)
-            self.transport.prepare_phrases()  # windows of every recorded prompt, for the ngram metrics
+            tr.prepare_calibrations(membranes)
+            if prompts is not None and tr.tokenize is not None:
+                # the same tokenizer the recorder used, so these are the ids the hooks will look the rows up by
+                rows = tr.tokenize(list(dict.fromkeys(str(t) for t in prompts)))
+                tr.prepare_phrases(rows, tr._lengths(concepts))
+            else:
+                tr.prepare_phrases()  # windows of every recorded prompt, for the ngram metrics
 
     def clear(self) -> None:
         """Remove every UNet hook (the model computes exactly as without SPM); keep the recorder."""

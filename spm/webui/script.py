@@ -172,7 +172,9 @@ class SpmScript(scripts.Script):
             att.configure(plan, texts_of, st.metric, st.factor)
             att.ensure_recorded([g for prompt, _ in plan.prompts for g in groups_of(prompt)])
             att.ensure_recorded([g for n in dict.fromkeys(negatives) for g in groups_of(n)], negative=True)
-            att.prepare_concepts(list(plan.membranes.values()))
+            texts = [t for prompt, _ in plan.prompts for g in groups_of(prompt) for t in g]
+            texts += [t for n in dict.fromkeys(negatives) for g in groups_of(n) for t in g]
+            att.prepare_concepts(list(plan.membranes.values()), texts)
         except Exception as e:  # incompatible membrane (e.g. SD1 membrane on SDXL): warn, generate without
             runtime.clear()
             _warn(p, [f"SPM: membranes not applied: {e}"])

@@ -27,6 +27,17 @@ from ..backend import Conditioning, LatentSpec
 from ..naming import context_dim, describe_architecture, param_device_dtype
 from ..train.jobs import NoModelError
 
+
+def unrecorded_conditioning(sd_model: Any):
+    """``sd_model.get_learned_conditioning`` without SPM's conditioning recorder (:mod:`spm.webui.runtime`).
+
+    A training job encodes thousands of texts (anchors, held-out probes, the synonym scan's words): recorded,
+    they would fill the generation-time row registry, evict the rows of the user's prompts and make the next
+    generation with a membrane encode the phrase windows of all of them."""
+    glc = sd_model.get_learned_conditioning
+    return getattr(glc, "_spm_original", glc)
+
+
 PARAMETERIZATIONS = {"eps": "eps", "epsilon": "eps", "v": "v", "v_prediction": "v"}
 
 
@@ -129,7 +140,7 @@ class A1111Backend:
     def encode(self, texts: Sequence[str]) -> Conditioning:
         texts = list(texts)
         with torch.no_grad(), _autocast():
-            c = self.sd_model.get_learned_conditioning(texts)
+            c = unrecorded_conditioning(self.sd_model)(texts)
         ctx, pooled = split_conditioning(c)
         ctx = ctx.detach().clone().to(self.device)
         if pooled is not None:

@@ -34,7 +34,7 @@ from torch import nn
 from ..backend import Conditioning, LatentSpec
 from ..naming import context_dim, describe_architecture, param_device_dtype
 from ..train.jobs import NoModelError
-from .train_backend_a1111 import PARAMETERIZATIONS, default_resolution, split_conditioning
+from .train_backend_a1111 import PARAMETERIZATIONS, default_resolution, split_conditioning, unrecorded_conditioning
 
 NORMS = ("norm1", "norm2", "norm3")
 NOT_LOADED = ("no Stable Diffusion model is loaded yet; Forge loads it on the first generation — generate one image, "
@@ -187,7 +187,7 @@ class ForgeBackend:
         return training_transport_candidates(self.sd_model, concepts, k, null, seed)
 
     def encode(self, texts: Sequence[str]) -> Conditioning:
-        c = self.sd_model.get_learned_conditioning(list(texts))
+        c = unrecorded_conditioning(self.sd_model)(list(texts))
         with torch.inference_mode(False):
             ctx, pooled = split_conditioning(c)
             ctx = ctx.detach().clone().to(self.device)

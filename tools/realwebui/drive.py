@@ -254,6 +254,9 @@ class Driver:
         return res.get("membranes", []) if code == 200 and isinstance(res, dict) else []
 
     def run(self, name: str, fn) -> None:
+        if name in self.a.skip:
+            self.r.add(name, None, "skipped: --skip")
+            return
         if self.left() < 30:
             self.r.add(name, None, f"skipped: the driver's time budget ({self.a.budget:.0f} s) is spent")
             return
@@ -802,10 +805,22 @@ class Driver:
         box = p.page.locator("#txt2img_prompt textarea").first
         box.fill(f"a photo of a cat <spm:{name}:1.0>")
         box.dispatch_event("input")
+        if self.log:
+            self.log.mark()
+        n_console = len(p.console)
         t0 = time.monotonic()
         p.page.locator("#txt2img_generate").first.click()
-        p.page.wait_for_function("""() => { const i = gradioApp().querySelector('#html_info_txt2img');
-                                             return i && /Steps:/.test(i.innerText); }""", timeout=self.a.gen_limit * 1000)
+        try:
+            p.page.wait_for_function("""() => { const i = gradioApp().querySelector('#html_info_txt2img');
+                                                 return i && /Steps:/.test(i.innerText); }""", timeout=self.a.gen_limit * 1000)
+        except Exception as e:  # keep what a reader needs to tell a slow server from a stuck page
+            log = self.log.since() if self.log else ""
+            self.r.add("generation: a <spm:NAME:1.0> tag works and infotext shows SPM", False,
+                       {"error": repr(e)[:300], "seconds": round(time.monotonic() - t0, 1),
+                        "sampling_finished_in_log": "100%|" in log, "webui_log_tail": log[-2000:],
+                        "browser_console": p.console[n_console:][-20:],
+                        "screenshot": p.shot(f"{self.a.webui}_gen_tag_timeout")})
+            return
         info = p.text("#html_info_txt2img")
         secs = round(time.monotonic() - t0, 1)
         self.r.add("generation: a <spm:NAME:1.0> tag works and infotext shows SPM", "SPM" in (info or ""),
@@ -921,6 +936,9 @@ def parse_args():
     ap.add_argument("--tab-preview-steps", default=None,
                     help="sampling steps of the tab job's before/after check ('default': leave the tab's value)")
     ap.add_argument("--use-membranes", help="NAME1,NAME2 already in the folder: skip the training checks")
+    ap.add_argument("--skip", type=lambda v: set(filter(None, v.split(","))), default=set(),
+                    help="check names to leave out, e.g. forge_no_model,tab_training (forge_no_model starts two real "
+                         "training jobs when the model is already loaded, e.g. with --use-membranes on a warm Forge)")
     ap.add_argument("--out", default="/tmp/realwebui_results.json")
     ap.add_argument("--shots", default="/tmp/realwebui_shots")
     ap.add_argument("--budget", type=float, default=3600, help="seconds for the whole run; later checks are skipped")

@@ -137,6 +137,9 @@ def main() -> None:
     ap.add_argument("--hf-home", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--small", action="store_true", help="the reduced UNet (see UNET_SMALL) and its A1111 .yaml beside")
+    ap.add_argument("--no-yaml", action="store_true",
+                    help="with --small, write no A1111 .yaml (Forge reads the UNet shape from the keys); then --ldm-repo "
+                         "may be any checkout of Stability-AI/stablediffusion, not A1111's repositories/ folder")
     a = ap.parse_args()
     torch.set_num_threads(1)
     print("tokenizer cache:", write_hf_cache(a.hf_home))
@@ -147,7 +150,7 @@ def main() -> None:
 
     unet_params = UNET_SMALL if a.small else UNET
     a.out.parent.mkdir(parents=True, exist_ok=True)  # the .yaml below is written first
-    if a.small:
+    if a.small and not a.no_yaml:
         write_yaml(a.ldm_repo.parent.parent / "configs" / "v1-inference.yaml", a.out.with_suffix(".yaml"), unet_params)
     sd = build(a.ldm_repo, a.seed, unet_params)
     tmp = a.out.with_suffix(".tmp")
