@@ -25,6 +25,13 @@ def pipe():
     return tiny_sd_pipe()
 
 
+@pytest.fixture(autouse=True)
+def full_scan(monkeypatch):
+    """These tests train a few iterations, which pay for no scan (:data:`spm.train.synonyms.BUDGET_SHARE`): lift the
+    bound, except where a test puts it back."""
+    monkeypatch.setattr(syn, "BUDGET_SHARE", 1e9)
+
+
 class AliasBackend(DiffusersBackend):
     """The tiny model, with "disc" encoded exactly as "circle" (a word the model draws as the target, whatever
     the text encoder makes of it) and a fixed list of candidate and null words."""
@@ -79,6 +86,37 @@ def test_off_asks_for_nothing_and_a_failing_scan_never_fails_training(pipe, capl
     res = Trainer(be, TrainConfig(targets=["circle"], iterations=1, la_mode="off", **FAST), progress_bar=False).train()
     assert res.steps == 1 and res.membrane.synonyms == {}
     assert "training without it" in caplog.text
+
+
+def test_the_scan_is_sized_to_the_training_budget():
+    assert syn.planned_ufe(1200, 4, True) == 1200 * 18  # the pool schedule's 18 UFE per iteration at the defaults
+    rows = syn.PROBES_PER_LEVEL * 4
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(syn, "BUDGET_SHARE", 0.5)
+        assert syn.words_per_side(syn.planned_ufe(1200, 4, True), rows, 1) == syn.CANDIDATES  # the defaults: all
+        assert syn.words_per_side(syn.planned_ufe(1200, 4, True), rows, 4) == 84  # four targets share the budget
+        assert syn.words_per_side(syn.planned_ufe(300, 4, True), rows, 1) == 84
+        assert syn.words_per_side(syn.planned_ufe(4, 4, True), rows, 1) == 0  # a smoke test: no scan
+
+
+def test_a_job_too_short_for_the_scan_skips_it_says_so_and_asks_for_nothing(pipe, monkeypatch, caplog):
+    monkeypatch.setattr(syn, "BUDGET_SHARE", 0.5)
+    be = AliasBackend(pipe)
+    with caplog.at_level("INFO", logger="spm"):
+        res = Trainer(be, TrainConfig(targets=["circle"], iterations=4, la_mode="off", **FAST), progress_bar=False).train()
+    assert be.asked == [] and res.membrane.synonyms == {} and "synonyms" not in res.membrane.info.transport
+    assert "too few words" in res.membrane.info.training["synonym_skipped"] and "too few words" in caplog.text
+
+
+def test_the_scan_reports_its_progress_in_words(pipe):
+    be = AliasBackend(pipe)
+    phases = []
+    Trainer(be, TrainConfig(targets=["circle"], iterations=1, la_mode="off", **FAST), progress_bar=False,
+            on_phase=phases.append).train()
+    seen = [(p.done, p.total) for p in phases if p.name == "synonyms"]
+    total = len(NULL) + 3
+    assert seen[0] == (0, 0) and seen[-1] == (total, total) and all(t == total for _, t in seen[1:])
+    assert [d for d, _ in seen[1:]] == sorted(d for d, _ in seen[1:])  # only forward
 
 
 def test_erase_mode_also_trains_on_the_synonyms(pipe):

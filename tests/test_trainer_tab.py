@@ -387,7 +387,10 @@ class Recorder(jobs.Reporter):
         self.seen.append((job.phase, job.phase_done, job.phase_total, job.progress_text(eta=False)))
 
 
-def test_every_phase_is_named_with_its_own_count(backend, tmp_path):
+def test_every_phase_is_named_with_its_own_count(backend, tmp_path, monkeypatch):
+    from spm.train import synonyms as syn
+
+    monkeypatch.setattr(syn, "BUDGET_SHARE", 1e9)  # a tiny job pays for no model-synonym scan: keep its phase here
     rec, lines = Recorder(), []
     svc = service(backend, tmp_path, reporter=rec, log_line=lines.append)
     job = svc.run(svc.create(fast(control_prompts="a dog")))
@@ -400,8 +403,10 @@ def test_every_phase_is_named_with_its_own_count(backend, tmp_path):
     assert [d for d, _ in by["pool"]] == sorted(d for d, _ in by["pool"])
     assert by["training"] == [(0, 3), (1, 3), (2, 3), (3, 3)]  # the phase (and its ETA clock) starts before step 1
     assert by["check"] == [(0, 2), (1, 2), (2, 2)]  # preview_steps 2
+    assert by["synonyms"][0] == (0, 0) and by["synonyms"][-1][0] == by["synonyms"][-1][1] > 0  # counted in words
     texts = {p: t for p, _, _, t in rec.seen}
     assert texts["loading"] == "loading the model" and texts["pool"].startswith("filling the latent pool 3/3")
+    assert texts["synonyms"].startswith("finding the words the model draws as the target ")
     assert texts["training"].startswith("training step 3/3 · loss") and texts["check"].startswith("before/after check 2/2")
     assert all("ETA" not in t for *_, t in rec.seen)
     assert job.progress_text().startswith("step 3/3 · loss") and job.progress_text().endswith("done")

@@ -53,7 +53,7 @@ PHASES = {"queued": "queued", "loading": "loading the model", "calibration": "ca
           "synonyms": "finding the words the model draws as the target",
           "pool": "filling the latent pool",
           "training": "training step", "signal": "measuring the erasure", "check": "before/after check", "saving": "saving"}
-UNITS = {"pool": "denoising steps", "training": "steps", "check": "sampling steps"}  # what a phase counts
+UNITS = {"pool": "denoising steps", "training": "steps", "check": "sampling steps", "synonyms": "words"}  # what a phase counts
 CONSOLE_LINES = 10  # about this many progress lines per job in the console
 # the before/after check, when preview_steps is left to the service: as many DDIM steps as the training's own
 # UNet work pays for, within the range where DDIM images are recognisable and the WebUI's default sampling steps

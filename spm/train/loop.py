@@ -284,21 +284,29 @@ class Trainer:
         cfg = self.cfg
         if getattr(self.backend, "transport_candidates", None) is None:
             return {}
-        self._phase("synonyms", 0, 2)
-        words = training_candidates(self.backend, cfg.targets, syn.CANDIDATES, syn.NULL_WORDS, syn.SEED)
+        planned = syn.planned_ufe(cfg.iterations, cfg.anchors, cfg.anchor_empty)
+        rows = min(syn.PROBES_PER_LEVEL, cfg.signal_trajectories) * cfg.signal_levels
+        n = syn.words_per_side(planned, rows, len(cfg.targets))
+        if n == 0:
+            self.synonym_skipped = (f"skipped: {cfg.iterations} iterations pay for too few words "
+                                    f"(fewer than {syn.MIN_WORDS} candidates and {syn.MIN_WORDS} null words within "
+                                    f"{syn.BUDGET_SHARE:.0%} of the training's UNet work)")
+            log.info("SPM: model synonyms %s", self.synonym_skipped)
+            return {}
+        self._phase("synonyms", 0, 0)
+        words = training_candidates(self.backend, cfg.targets, n, n, syn.SEED)
         if not words:
             return {}
-        self._phase("synonyms", 1, 2)
         probe = self._probe(stack, cond, ac)
         meter = CostMeter()
         try:
-            found = syn.scan(self.backend, stack, probe, list(cfg.targets), words, meter, ac)
+            found = syn.scan(self.backend, stack, probe, list(cfg.targets), words, meter, ac,
+                             progress=lambda done, total: self._phase("synonyms", done, total, "words"))
         except Exception as e:  # never fail a training run for it
             log.warning("SPM: the model-synonym scan failed (%s); training without it", e)
             return {}
         self.synonym_scan = syn.metadata(found)["synonym_scan"]
         self.synonym_ufe = meter.ufe
-        self._phase("synonyms", 2, 2)
         return {t: s.words for t, s in found.items() if s.words}
 
     def _probe(self, stack, cond: dict[str, Conditioning], ac) -> ErasureProbe:
@@ -331,6 +339,7 @@ class Trainer:
         self.synonym_words: dict[str, list[str]] = {}
         self.synonym_scan: dict = {}
         self.synonym_ufe = 0
+        self.synonym_skipped = ""
         aw = AnchorWeight.from_config(cfg)
         optimizer = make_optimizer(cfg, [p for p in membrane.parameters() if p.requires_grad], be.device)
         if self.resume:
@@ -525,6 +534,8 @@ class Trainer:
             (log.info if erasure["erased"] else log.warning)("SPM: %s", erasure["message"])
         extra = {"interrupted": interrupted, "cost": cost, "erasure": erasure, "signal_history": self.rule.checks,
                  "neighbour_words": self.neighbour_words, "synonym_words": self.synonym_words}
+        if self.synonym_skipped:
+            extra["synonym_skipped"] = self.synonym_skipped
         if self.robust is not None:
             extra["robust_stats"] = self.robust.summary()
         membrane.eval()

@@ -37,6 +37,7 @@ membrane's ``spm_transport["synonyms"]``; the transport then opens the membrane 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +55,11 @@ PROBES_PER_LEVEL = 4  # held-out seeds per noise level the closure is measured o
 MAX_SYNONYMS = 32  # at most this many per target, the closest first: each one is a concept the transport scores
 SEED = 4099  # the null sample's draw: apart from the text calibration's null and every training draw
 BATCH_ROWS = 64  # UNet rows per call
+# the scan may cost at most this share of the training's planned UNet work (:func:`planned_ufe`); a shorter job tries
+# fewer words (as many candidates as null words), and one too short for :data:`MIN_WORDS` of each skips the scan:
+# a smoke test of a few iterations must not spend minutes finding synonyms (a cost bound, not a fit)
+BUDGET_SHARE = 0.5
+MIN_WORDS = 16
 
 
 @dataclass
@@ -89,6 +95,21 @@ def threshold(null: torch.Tensor) -> tuple[float, float]:
     return q + (1.0 - q) / 2.0, q
 
 
+def planned_ufe(iterations: int, anchors: int, anchor_empty: bool) -> int:
+    """The training's planned UNet work in UNet-forward-equivalents: per iteration one no-grad and one grad row
+    (forward and backward) for the target and for each anchor, the pool schedule's steady cost (18 at the
+    defaults; the reference schedule spends more)."""
+    return int(iterations) * 3 * (1 + int(anchors) + int(bool(anchor_empty)))
+
+
+def words_per_side(planned: int, rows_per_target: int, targets: int) -> int:
+    """How many candidate words (and as many null words) each target's scan may try within :data:`BUDGET_SHARE` of
+    ``planned`` UFE, at most :data:`CANDIDATES`; 0 when fewer than :data:`MIN_WORDS` fit (the scan is skipped)."""
+    n = int(BUDGET_SHARE * planned) // max(1, 2 * rows_per_target * max(1, targets))
+    n = min(CANDIDATES, n)
+    return n if n >= MIN_WORDS else 0
+
+
 def probe_rows(probe: ErasureProbe, target_index: int, per_level: int = PROBES_PER_LEVEL) -> list[int]:
     """The probe rows of one target: at most ``per_level`` seeds at each of the probe's noise levels."""
     out = []
@@ -99,8 +120,10 @@ def probe_rows(probe: ErasureProbe, target_index: int, per_level: int = PROBES_P
 
 
 def closures(backend: Backend, stack, probe: ErasureProbe, rows: list[int], words: Conditioning,
-             meter: CostMeter | None, autocast: torch.dtype | None = None, batch_rows: int = BATCH_ROWS) -> torch.Tensor:
-    """The closure of each row of ``words`` (membrane off) on the probe rows ``rows``: ``[len(words)]``."""
+             meter: CostMeter | None, autocast: torch.dtype | None = None, batch_rows: int = BATCH_ROWS,
+             progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """The closure of each row of ``words`` (membrane off) on the probe rows ``rows``: ``[len(words)]``.
+    ``progress(k)`` is called after each UNet call with the number of words it scored."""
     n, r = len(words), len(rows)
     if n == 0 or r == 0:
         return torch.zeros(n)
@@ -115,22 +138,40 @@ def closures(backend: Backend, stack, probe: ErasureProbe, rows: list[int], word
         p = run_unet(backend, stack, x.repeat(k, 1, 1, 1), t.repeat(k), cond, [0.0] * (k * r), meter, False, autocast)
         err = ((p.double().view(k, r, *o.shape[1:]) - o.unsqueeze(0)) ** 2).flatten(1).sum(1)
         out.append(1.0 - err / den)
+        if progress is not None:
+            progress(k)
     return torch.cat(out).float()
 
 
 def scan(backend: Backend, stack, probe: ErasureProbe, targets: list[str], words: dict,
-         meter: CostMeter | None = None, autocast: torch.dtype | None = None) -> dict[str, SynonymScan]:
+         meter: CostMeter | None = None, autocast: torch.dtype | None = None,
+         progress: Callable[[int, int], None] | None = None) -> dict[str, SynonymScan]:
     """The model synonyms of each target (see the module docstring).  ``words`` is
-    :func:`spm.transport.training_candidates`'s ``{"candidates": {target: [word, …]}, "null": [word, …]}``."""
+    :func:`spm.transport.training_candidates`'s ``{"candidates": {target: [word, …]}, "null": [word, …]}``.
+    ``progress(done, total)`` counts the words scored (null and candidates of every target)."""
     null_words = list(words.get("null", []))
     null_cond = backend.encode(null_words) if null_words else None
     out: dict[str, SynonymScan] = {}
+
+    def own(target: str) -> list[str]:
+        return [w for w in words.get("candidates", {}).get(target, []) if w.strip().lower() != target.strip().lower()]
+
+    total = sum(len(null_words) + len(own(t)) for t in targets)
+    done = [0]
+
+    def step(k: int) -> None:
+        done[0] += k
+        if progress is not None:
+            progress(done[0], total)
+
     for ti, target in enumerate(targets):
         rows = probe_rows(probe, ti)
-        cands = [w for w in words.get("candidates", {}).get(target, []) if w.strip().lower() != target.strip().lower()]
-        nul = closures(backend, stack, probe, rows, null_cond, meter, autocast) if null_cond is not None else torch.zeros(0)
+        cands = own(target)
+        nul = (closures(backend, stack, probe, rows, null_cond, meter, autocast, progress=step)
+               if null_cond is not None else torch.zeros(0))
         thr, q = threshold(nul)
-        cl = closures(backend, stack, probe, rows, backend.encode(cands), meter, autocast) if cands else torch.zeros(0)
+        cl = (closures(backend, stack, probe, rows, backend.encode(cands), meter, autocast, progress=step)
+              if cands else torch.zeros(0))
         tried = {w: float(c) for w, c in zip(cands, cl)}
         keep = sorted(((w, c) for w, c in tried.items() if c >= thr and c > 0), key=lambda x: -x[1])[:MAX_SYNONYMS]
         out[target] = SynonymScan(target, [w for w, _ in keep], [c for _, c in keep], thr, q,
@@ -150,5 +191,5 @@ def metadata(found: dict[str, SynonymScan]) -> dict:
             "synonym_scan": {t: s.to_dict() for t, s in found.items()}}
 
 
-__all__ = ["CANDIDATES", "MAX_SYNONYMS", "NULL_WORDS", "PROBES_PER_LEVEL", "SEED", "SynonymScan", "closures", "metadata",
-           "probe_rows", "scan", "threshold"]
+__all__ = ["BUDGET_SHARE", "CANDIDATES", "MAX_SYNONYMS", "MIN_WORDS", "NULL_WORDS", "PROBES_PER_LEVEL", "SEED",
+           "SynonymScan", "closures", "metadata", "planned_ufe", "probe_rows", "scan", "threshold", "words_per_side"]
