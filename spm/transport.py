@@ -1001,6 +1001,8 @@ class RowRegistry:
         self.points = points
         self._sigs: list[torch.Tensor] = []
         self._tokens: list[list[int]] = []
+        self.total = 0  # rows ever recorded; row number i (0-based) is still held while i >= dropped
+        self.dropped = 0  # rows forgotten (the oldest first), by eviction past ``capacity`` or clear()
 
     def _sig(self, rows: torch.Tensor) -> torch.Tensor:
         flat = rows.detach().reshape(rows.shape[0], -1)
@@ -1013,9 +1015,11 @@ class RowRegistry:
         for s, t in zip(sig, tokens):
             self._sigs.append(s)
             self._tokens.append(list(t))
+            self.total += 1
         if len(self._sigs) > self.capacity:
             drop = len(self._sigs) - self.capacity
             del self._sigs[:drop], self._tokens[:drop]
+            self.dropped += drop
 
     def lookup(self, rows: torch.Tensor) -> list[list[int] | None]:
         if not self._sigs:
@@ -1041,6 +1045,7 @@ class RowRegistry:
     def clear(self) -> None:
         self._sigs.clear()
         self._tokens.clear()
+        self.dropped = self.total
 
 
 __all__ = [

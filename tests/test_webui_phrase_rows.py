@@ -92,3 +92,20 @@ def test_a_training_job_in_the_session_records_no_rows(tmp_path, tokenizer, text
     finally:
         state.reset()
         tstub.uninstall()
+
+
+def test_a_prompt_whose_rows_the_registry_forgot_is_recorded_again(world):
+    """The registry keeps the newest rows only; a prompt whose conditioning the WebUI reuses from its cache (so the
+    recorder never sees it again) must be recorded again once its rows are gone, or its tag silently does nothing."""
+    world.add_membrane("cat")
+    world.run("a red car", args=(False, [], "", METRIC, 1.0))  # attaches the recorder
+    att = world.state.runtime().attach(world.model)
+    tr = att.transport
+    tr.registry.capacity = 4
+    g = ("a photo of a cat",)
+    own = tuple(tr.tokenize(list(g))[0])
+    assert att.ensure_recorded([g]) == 1 and att.ensure_recorded([g]) == 0  # recorded once, then known
+    world.model.get_learned_conditioning(UNRELATED)  # 12 other texts push its row out
+    assert own not in {tuple(r) for r in tr.registry.tokens()}
+    assert att.ensure_recorded([g]) == 1 and own in {tuple(r) for r in tr.registry.tokens()}
+    assert att.ensure_recorded([g]) == 0

@@ -335,7 +335,8 @@ class Attachment:
         self.transport = RowWeightTransport(encode, find_tokenizer(sd_model), encoder_key=id(sd_model),
                                             fast_encode_ids=phrase_encoder(sd_model))
         self._installed = False
-        self._seen: set[tuple[tuple[str, ...], bool]] = set()
+        # (texts, negative) -> the registry's number of its first row when ensure_recorded recorded it
+        self._seen: dict[tuple[tuple[str, ...], bool], int] = {}
         self.install_recorder()
 
     @property
@@ -374,13 +375,17 @@ class Attachment:
 
         The WebUI caches conditionings between generations (and across Reload UI), so the recorder may
         never see them; encoding the same texts with the same function reproduces those rows exactly.
+        A group is recorded again once the registry has forgotten its rows (it keeps the newest 1024: a long
+        session, a flood of other texts), or its rows would silently get no strength.
         """
-        todo = [g for g in dict.fromkeys(groups) if (g, negative) not in self._seen]
+        reg = self.transport.registry
+        todo = [g for g in dict.fromkeys(groups) if self._seen.get((g, negative), -1) < reg.dropped]
         for g in todo:
             with torch.no_grad():
                 cond = self._original_glc(_conditioning_list(g, negative))
+            first = reg.total
             self.transport.record(list(g), cond, negative)
-            self._seen.add((g, negative))
+            self._seen[(g, negative)] = first
         return len(todo)
 
     def prepare_concepts(self, membranes: Sequence[Membrane], prompts: Sequence[str] | None = None) -> None:
