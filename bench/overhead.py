@@ -402,7 +402,7 @@ def time_transport(encode: Callable, membranes: list[Membrane], repeats: int = 2
         metrics encode their phrase windows."""
         tr = Transport(encode, encoder_key="bench", metric=metric, fast_encode_ids=fast_ids)
         tr.registry.record(ctx, toks)
-        tr.concepts.get([c for m in ms for c in m.concepts], encode, "bench")
+        tr.concepts.get([c for m in ms for c in m.gate_concepts], encode, "bench")
         t0 = time.perf_counter()
         tr.prepare_calibrations(ms)  # a membrane file calibrated on this encoder skips this (spm_transport)
         tr.calibration_ms = 1000 * (time.perf_counter() - t0)  # type: ignore[attr-defined]
@@ -413,7 +413,7 @@ def time_transport(encode: Callable, membranes: list[Membrane], repeats: int = 2
     for k in (1, 5, 10):
         ms = membranes[:k]
         tr, out[f"first_call_ms_per_prompt_{k}"] = first_call(ms, fast)
-        n_concepts = len({c for m in ms for c in m.concepts})
+        n_concepts = len({c for m in ms for c in m.gate_concepts})
         # per concept, once per session and encoder: the null and neutral-context windows (0 for other metrics)
         out[f"calibration_ms_per_concept_{k}"] = round(tr.calibration_ms / max(1, n_concepts), 2)
         times, cpu = [], []
@@ -425,11 +425,28 @@ def time_transport(encode: Callable, membranes: list[Membrane], repeats: int = 2
             cpu.append(c1 - c0)
         out[f"ms_per_prompt_{k}"] = round(1000 * _median(times) / len(prompts), 4)
         out[f"cpu_ms_per_prompt_{k}"] = round(1000 * _median(cpu) / len(prompts), 4)
-        out[f"concepts_{k}"] = sum(len(m.concepts) for m in ms)
+        out[f"concepts_{k}"] = sum(len(m.gate_concepts) for m in ms)  # with their model synonyms
     if fast is not None and needs_phrases(metric):
         # the same first call with every window padded to 77 tokens (hosts without the unpadded path)
         ms = membranes[:10]
         out[f"first_call_padded_ms_per_prompt_{len(ms)}"] = first_call(ms, None)[1]
+    return out
+
+
+def with_synonyms(membranes: list[Membrane], n: int) -> list[Membrane]:
+    """Copies of ``membranes`` whose first concept carries ``n`` model synonyms each (``spm_transport["synonyms"]``,
+    as the trainer stores them): distinct whole vocabulary words, a different slice per membrane."""
+    from spm.tokenizer import clip_tokenizer
+    from spm.transport import _whole_words
+
+    tok = clip_tokenizer()
+    ids = _whole_words()
+    words = [tok.decode([i]).strip() for i in ids[1000:1000 + n * len(membranes)]]
+    out = []
+    for i, m in enumerate(membranes):
+        info = MembraneInfo(concepts=list(m.concepts),
+                            transport={"synonyms": {m.concepts[0]: words[i * n:(i + 1) * n]}})
+        out.append(Membrane({}, info, name=f"{m.name}_syn"))
     return out
 
 
@@ -621,6 +638,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transport-only", action="store_true",
                     help="measure only the transport cost (SD1.5 text-encoder width) and add it to the results file "
                          "as 'transport_remeasured'")
+    ap.add_argument("--synonyms", type=int, default=0, metavar="N",
+                    help="with --transport-only: also time membranes that each carry N model synonyms (whole vocabulary "
+                         "words the transport scores as concepts; the trainer keeps at most 32), as 'transport_synonyms'")
     ap.add_argument("--hook-share-only", action="store_true",
                     help="measure only the in-step share of time spent in the hooks on SD1.5 (1, 5, 10 membranes) and "
                          "add it to the results file as 'hook_share'")
@@ -662,6 +682,9 @@ def main(argv: list[str] | None = None) -> int:
         ms = [Membrane({}, MembraneInfo(concepts=CONCEPTS[i]), name=f"m{i}") for i in range(max(COUNTS))]
         section = {"machine": machine(), "transport": time_transport(encode, ms, repeats=50),
                    "transport_reference_metric": time_transport(encode, ms, repeats=50, metric=STEP_METRIC)}
+        if args.synonyms > 0:
+            section["transport_synonyms"] = {"synonyms_per_membrane": args.synonyms,
+                                             **time_transport(encode, with_synonyms(ms, args.synonyms), repeats=50)}
         target = args.out or RESULTS
         result = json.loads(target.read_text()) if target.is_file() else {}
         result["transport_remeasured"] = section
