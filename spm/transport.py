@@ -982,10 +982,52 @@ def concept_scores(
         raise ValueError(f"unknown transport metric {metric!r}; choose one of {sorted(METRICS)}") from None
     if not concepts or metric == "off":
         return torch.ones(context.shape[0])
+    if fn in (_m_ngram_tokenuni, _m_robust) and len(concepts) > 1:
+        # the default metric for many concepts at once (a membrane with its model synonyms): the same float32
+        # arithmetic with a few tensor ops in all, instead of several per concept
+        return ngram_tokenuni_many(row_tokens, concepts, _need_phrases(phrases)).amax(0).clamp(0.0, 1.0)
     ctx = context.detach().float().cpu()
     kw = {"phrases": phrases} if getattr(fn, "needs_phrases", False) else {}
     s = torch.stack([fn(ctx, row_tokens, c, **kw).float() for c in concepts]).amax(0)
     return s.clamp(0.0, 1.0)
+
+
+def ngram_tokenuni_many(row_tokens: Sequence[Sequence[int] | None], concepts: Sequence[ConceptEmbedding],
+                        phrases: PhraseCache) -> torch.Tensor:
+    """``ngram_tokenuni`` of every concept: ``[C, B]``, element for element what
+    ``max(ngram_calibrated, tokenuni)`` gives per concept (the same best windows, cached the same way, and the
+    same float32 calibration map), in a few tensor operations for all concepts.  The steady cost of scoring a
+    prompt is then a dictionary look-up per (row, concept) rather than several small tensor operations."""
+    b, n = len(row_tokens), len(concepts)
+    best = [[0.0] * b for _ in range(n)]
+    tok = [[0.0] * b for _ in range(n)]
+    lo, den, use = [0.0] * n, [1.0] * n, [False] * n
+    rows = [content_tokens(ids) for ids in row_tokens]
+    prepared = len(phrases) > 0
+    for i, concept in enumerate(concepts):
+        own = content_tokens(concept.tokens)
+        if own:
+            tok[i] = [len(r & own) / len(own) for r in rows]
+        cal = phrases.calibrations.get((concept.text, tuple(content_ids(concept.tokens))))
+        m = content_positions(concept.tokens, concept.embedding.shape[0])
+        if cal is None or not cal.usable or m == 0 or not prepared:
+            continue
+        use[i], lo[i], den[i] = True, cal.lo, cal.hi - cal.lo
+        out = best[i]
+        for j, ids in enumerate(row_tokens):
+            if ids is None:
+                continue
+            key = (tuple(ids), concept.text, "cal", cal.max_length)
+            v = phrases.best.get(key)
+            if v is None:
+                v, _, complete = best_window(ids, concept, phrases, cal.max_length)
+                if complete:
+                    phrases.best[key] = v
+            out[j] = v
+    s = torch.tensor(best, dtype=torch.float32).view(n, b)
+    ng = ((s - torch.tensor(lo, dtype=torch.float32)[:, None]) / torch.tensor(den, dtype=torch.float32)[:, None])
+    ng = torch.where(torch.tensor(use)[:, None], ng.clamp(0.0, 1.0), torch.zeros(()))
+    return torch.maximum(ng, torch.tensor(tok, dtype=torch.float32).view(n, b))
 
 
 class RowRegistry:
@@ -1052,6 +1094,7 @@ __all__ = [
     "DEFAULT_METRIC", "METRICS", "ROBUST_METRIC", "Calibration", "ConceptCache", "ConceptEmbedding", "Encoder", "PhraseCache",
     "PhraseEncoder", "RowRegistry", "all_windows", "best_window", "calibrate", "calibration_metadata",
     "causal_phrase_encoder", "checked_phrase_encoder", "clipcos", "compute_calibration", "concept_scores",
+    "ngram_tokenuni_many",
     "content_ids", "content_tokens", "encoder_fingerprint", "fingerprint_distance", "is_calibrated", "needs_phrases",
     "frequent_words", "ngram", "ngram_calibrated", "null_windows", "phrase_lengths", "phrase_similarity", "register_metric",
     "similar_words", "tokenuni", "training_calibration", "training_candidates", "training_neighbours", "uses_gate",

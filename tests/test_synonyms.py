@@ -193,3 +193,27 @@ def test_closures_batch_rows_without_changing_the_result(pipe):
         stack.detach()
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert float(a[0]) == pytest.approx(1.0, abs=1e-5)  # the target itself closes the whole gap
+
+
+def test_many_concepts_score_exactly_as_one_at_a_time(pipe):
+    """A membrane with its model synonyms is scored in one pass (:func:`spm.transport.ngram_tokenuni_many`): the
+    same float32 values as the per-concept metric, for known, partly known and unknown rows."""
+    from spm.transport import METRICS, concept_scores
+
+    words = ["spoon", "disc", "violin", "garden", "round", "zebra", "ring", "tiger"]
+    m = _membrane_with(pipe, {"circle": words})
+    prompts = ["a spoon on a table", "a red circle", "a violin in a field", "a round disc, blue, on white",
+               "two zebras and a ring", "", "a garden of tigers near a circle of spoons"]
+    with PipelineMembranes(pipe, [(m, 1.0)]) as pm:
+        tr = pm.transport
+        ctx, toks = tr.encode(prompts)
+        toks = list(toks) + [None]
+        ctx = torch.cat([ctx, ctx[:1]])
+        tr.scores(ctx, [m], toks)  # calibrates the concepts and prepares the rows' windows
+        ces = tr.concepts.get(m.gate_concepts, tr.encode, tr.encoder_key)
+        for metric in ("ngram_tokenuni", "robust"):
+            tr.phrases.best.clear()  # the one-pass path finds the best windows itself (and caches them)
+            many = concept_scores(ctx, toks, ces, metric, phrases=tr.phrases)
+            one = torch.stack([METRICS[metric](ctx, toks, c, phrases=tr.phrases) for c in ces]).amax(0).clamp(0, 1)
+            assert torch.equal(one, many), (metric, one, many)
+        assert float(many.max()) == 1.0 and float(many[-1]) == 0.0  # some rows open it; the unknown row does not
