@@ -41,6 +41,15 @@ PHASES = {  # phase → words a user would read for it in the progress text
     "before/after check": re.compile(r"(check|before|after|preview)[^0-9]*\d+\s*/\s*\d+", re.I),
     "saving": re.compile(r"sav", re.I),
 }
+# phases a job names only when it runs them (calibration and the neighbour words once per checkpoint and target, the
+# model-synonym scan not for short jobs, the erasure signal after the last step): they name a phase in the bar, but
+# "every phase named" does not require them
+OPTIONAL_PHASES = {
+    "transport calibration": re.compile(r"calibrat", re.I),
+    "finding words": re.compile(r"finding the words", re.I),
+    "erasure signal": re.compile(r"measuring the erasure", re.I),
+}
+ALL_PHASES = {**PHASES, **OPTIONAL_PHASES}
 
 
 # --- results -----------------------------------------------------------------------------------------
@@ -158,7 +167,7 @@ def console_has(lines: list[str]) -> dict[str, bool]:
 def phases_in(texts: list[str]) -> dict[str, str]:
     found = {}
     for txt in texts:
-        for phase, rx in PHASES.items():
+        for phase, rx in ALL_PHASES.items():
             if phase not in found and txt and rx.search(txt):
                 found[phase] = txt
     return found
@@ -414,7 +423,7 @@ class Driver:
         out = {}
         for s in timeline:
             for txt in s["bar"] + ([s.get("progress") or ""] if s.get("progress") != old_progress else []):
-                for phase, rx in PHASES.items():
+                for phase, rx in ALL_PHASES.items():
                     if txt and rx.search(txt):
                         out.setdefault(phase, [s["t"], s["t"]])
                         out[phase][1] = s["t"]
@@ -453,8 +462,11 @@ class Driver:
                        (any("Loss" in x for x in lv.get("labels", [])) and not any("Before" in x for x in lv.get("labels", [])))
                        for lv in s.get("live_where") or [])
 
-        # ...and before the job's final outputs arrive (the saved file, a new status), which also draw the plot
-        t_out = next((s["t"] for s in tl if s.get("file") or (s.get("status") and s.get("status") != w["initial"].get("status"))),
+        # ...and before the job's final outputs arrive (the saved file, a final status), which also draw the plot;
+        # a status that merely changed is no end: the start itself clears an old error (A1111: "Time taken: 0.0 sec.")
+        t_out = next((s["t"] for s in tl if s.get("file") or (s.get("status") and s.get("status") != w["initial"].get("status")
+                                                              and re.search(r"saved|failed|interrupted|\bdone\b",
+                                                                            s["status"], re.I))),
                      float("inf"))
         loss_live = [s["t"] for s in running if s["t"] < t_out and (
             (s.get("loss_img") and s.get("loss_img") != w["initial"].get("loss_img")) or live_in_loss(s))]

@@ -143,15 +143,16 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
     print("tokenizer cache:", write_hf_cache(a.hf_home))
+    unet_params = UNET_SMALL if a.small else UNET
+    a.out.parent.mkdir(parents=True, exist_ok=True)  # the .yaml below is written first
+    # also when the checkpoint exists: one made for Forge with --no-yaml serves A1111 once its .yaml is beside it
+    if a.small and not a.no_yaml and not a.out.with_suffix(".yaml").exists():
+        write_yaml(a.ldm_repo.parent.parent / "configs" / "v1-inference.yaml", a.out.with_suffix(".yaml"), unet_params)
     if a.out.exists():
         print("checkpoint exists:", a.out)
         return
     from safetensors.torch import save_file
 
-    unet_params = UNET_SMALL if a.small else UNET
-    a.out.parent.mkdir(parents=True, exist_ok=True)  # the .yaml below is written first
-    if a.small and not a.no_yaml:
-        write_yaml(a.ldm_repo.parent.parent / "configs" / "v1-inference.yaml", a.out.with_suffix(".yaml"), unet_params)
     sd = build(a.ldm_repo, a.seed, unet_params)
     tmp = a.out.with_suffix(".tmp")
     save_file(sd, str(tmp), metadata={"format": "pt", "note": "random weights, SD1.5 layout, for WebUI smoke runs"})
