@@ -234,7 +234,7 @@ def test_the_latent_pool_is_sized_to_the_job(backend):
     assert pool[0] == (0, sum(goals)) and pool[-1] == (sum(goals), sum(goals))
     assert [(p.name, p.done, p.total) for p in phases if p.name != "pool"] == \
         [("calibration", 0, 1), ("training", 0, 2),  # 2 iterations pay for no model-synonym scan
-         ("signal", 0, 1), ("signal", 1, 1), ("saving", 0, 1), ("saving", 1, 1)]
+         ("signal", 0, 1), ("signal", 1, 1), ("gate", 0, 1), ("gate", 1, 1), ("saving", 0, 1), ("saving", 1, 1)]
     long = Trainer(backend, cfg.with_(iterations=20), progress_bar=False).train()
     assert long.cost["setup_ufe"] == 2 * sum(1 + i * 5 // 16 for i in range(16))  # pool_size caps it
 

@@ -396,7 +396,7 @@ def test_every_phase_is_named_with_its_own_count(backend, tmp_path, monkeypatch)
     job = svc.run(svc.create(fast(control_prompts="a dog")))
     assert job.status == "done", job.error
     order = [p for i, (p, *_) in enumerate(rec.seen) if i == 0 or rec.seen[i - 1][0] != p]
-    assert order == ["loading", "calibration", "synonyms", "pool", "training", "signal", "saving", "check"]
+    assert order == ["loading", "calibration", "synonyms", "pool", "training", "signal", "gate", "saving", "check"]
     by = {name: [(d, t) for p, d, t, _ in rec.seen if p == name] for name in order}
     # the pool: min(pool_size 2, iterations 3) trajectories filled to k = 1 and 2 of S - 1 = 3: 3 denoising steps
     assert by["pool"][0] == (0, 3) and by["pool"][-1] == (3, 3)

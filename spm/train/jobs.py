@@ -51,6 +51,7 @@ SUFFIX = ".safetensors"
 PHASES = {"queued": "queued", "loading": "loading the model", "calibration": "calibrating Facilitated Transport",
           "neighbours": "finding the words the transport opens for",
           "synonyms": "finding the words the model draws as the target",
+          "gate": "calibrating the membrane gate",
           "pool": "filling the latent pool",
           "training": "training step", "signal": "measuring the erasure", "check": "before/after check", "saving": "saving"}
 UNITS = {"pool": "denoising steps", "training": "steps", "check": "sampling steps", "synonyms": "words"}  # what a phase counts
@@ -656,6 +657,7 @@ class TrainService:
             message = {"calibration": "calibrating Facilitated Transport", "pool": "filling the latent pool",
                        "neighbours": "finding the words the transport opens for",
                        "synonyms": "finding the words the model draws as the target",
+                       "gate": "calibrating the membrane gate",
                        "training": "training", "signal": "measuring the erasure",
                        "saving": f"saving {out.name}"}.get(ph.name)
             self._phase(job, ph.name, ph.done, ph.total, message=message)

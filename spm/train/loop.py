@@ -291,7 +291,7 @@ class Trainer:
             self.synonym_skipped = (f"skipped: {cfg.iterations} iterations pay for too few words "
                                     f"(fewer than {syn.MIN_WORDS} candidates and {syn.MIN_WORDS} null words within "
                                     f"{syn.BUDGET_SHARE:.0%} of the training's UNet work)")
-            log.info("SPM: model synonyms %s", self.synonym_skipped)
+            log.warning("SPM: model synonyms %s", self.synonym_skipped)  # the WebUI's console shows warnings only
             return {}
         self._phase("synonyms", 0, 0)
         words = training_candidates(self.backend, cfg.targets, n, n, syn.SEED)
@@ -539,10 +539,12 @@ class Trainer:
         if self.robust is not None:
             extra["robust_stats"] = self.robust.summary()
         membrane.eval()
-        self._phase("saving", 0, 1)
+        self._phase("gate", 0, 1)  # minutes on a CPU WebUI: its own phase, not a "saving 0/1" that lasts
         gate = training_gate(self.backend, membrane)  # spm_transport["gate"]: the membrane gate's calibration
         if gate:
             membrane.info.transport = {**membrane.info.transport, "gate": gate}
+        self._phase("gate", 1, 1)
+        self._phase("saving", 0, 1)
         self._save(membrane, optimizer, g, step, aw, extra,
                    state=interrupted or step < cfg.iterations or self.keep_state)
         self._phase("saving", 1, 1)
