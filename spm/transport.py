@@ -39,6 +39,7 @@ conditioning exactly as its UNet receives it, plus token ids.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
@@ -776,6 +777,12 @@ def vocabulary_matches(concept: ConceptEmbedding, phrases: PhraseCache, encode_i
     return vocabulary_scan([(concept, cal)], phrases, encode_ids, words, batch)[0]
 
 
+# ``progress(done, total)`` in vocabulary words, for whoever scans the vocabulary deep inside a host's call (the
+# trainer's model-synonym scan: minutes on a CPU WebUI); set with ``VOCABULARY_PROGRESS.set(fn)`` in that thread
+VOCABULARY_PROGRESS: contextvars.ContextVar[Callable[[int, int], None] | None] = contextvars.ContextVar(
+    "spm_vocabulary_progress", default=None)
+
+
 def vocabulary_similarity(concepts: Sequence[ConceptEmbedding], phrases: PhraseCache, encode_ids: PhraseEncoder,
                           words: Sequence[int] | None = None, batch: int = 256) -> tuple[list[int], list[torch.Tensor | None]]:
     """``(word ids, [one tensor of similarities per concept])``: the ``phrase_similarity`` of every whole word of the
@@ -791,8 +798,11 @@ def vocabulary_similarity(concepts: Sequence[ConceptEmbedding], phrases: PhraseC
     parts: list[list[torch.Tensor]] = [[] for _ in concepts]
     if not any(t is not None for t in todo):
         return ids, [None] * len(concepts)
+    progress = VOCABULARY_PROGRESS.get()
     for i in range(0, len(ids), batch):
         chunk = ids[i:i + batch]
+        if progress is not None:
+            progress(i, len(ids))
         with torch.no_grad():
             states = encode_ids([(w,) for w in chunk])
         split = [phrases._split((w,), st.detach().float().cpu()) for w, st in zip(chunk, states)]
@@ -1094,7 +1104,7 @@ __all__ = [
     "DEFAULT_METRIC", "METRICS", "ROBUST_METRIC", "Calibration", "ConceptCache", "ConceptEmbedding", "Encoder", "PhraseCache",
     "PhraseEncoder", "RowRegistry", "all_windows", "best_window", "calibrate", "calibration_metadata",
     "causal_phrase_encoder", "checked_phrase_encoder", "clipcos", "compute_calibration", "concept_scores",
-    "ngram_tokenuni_many",
+    "ngram_tokenuni_many", "VOCABULARY_PROGRESS",
     "content_ids", "content_tokens", "encoder_fingerprint", "fingerprint_distance", "is_calibrated", "needs_phrases",
     "frequent_words", "ngram", "ngram_calibrated", "null_windows", "phrase_lengths", "phrase_similarity", "register_metric",
     "similar_words", "tokenuni", "training_calibration", "training_candidates", "training_neighbours", "uses_gate",

@@ -218,7 +218,7 @@ def test_webui_bar_counts_each_phase_and_shows_one_eta(webui, monkeypatch):
     job = svc.run(svc.create({**FAST, "resolution": 16}))
     assert job.status == "done", job.error
     phases = [p for i, (p, *_) in enumerate(seen) if i == 0 or seen[i - 1][0] != p]
-    assert phases == ["loading", "calibration", "synonyms", "pool", "training", "signal", "gate", "saving", "check"]
+    assert phases == ["loading", "calibration", "vocabulary", "synonyms", "pool", "training", "signal", "gate", "saving", "check"]
     for name, done, total, fraction, eta, text in seen:
         assert fraction == (done / total if total else 0.0), (name, done, total, fraction)
         assert (eta is None) == (fraction == 0)

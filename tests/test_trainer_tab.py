@@ -396,14 +396,15 @@ def test_every_phase_is_named_with_its_own_count(backend, tmp_path, monkeypatch)
     job = svc.run(svc.create(fast(control_prompts="a dog")))
     assert job.status == "done", job.error
     order = [p for i, (p, *_) in enumerate(rec.seen) if i == 0 or rec.seen[i - 1][0] != p]
-    assert order == ["loading", "calibration", "synonyms", "pool", "training", "signal", "gate", "saving", "check"]
+    assert order == ["loading", "calibration", "vocabulary", "synonyms", "pool", "training", "signal", "gate", "saving", "check"]
     by = {name: [(d, t) for p, d, t, _ in rec.seen if p == name] for name in order}
     # the pool: min(pool_size 2, iterations 3) trajectories filled to k = 1 and 2 of S - 1 = 3: 3 denoising steps
     assert by["pool"][0] == (0, 3) and by["pool"][-1] == (3, 3)
     assert [d for d, _ in by["pool"]] == sorted(d for d, _ in by["pool"])
     assert by["training"] == [(0, 3), (1, 3), (2, 3), (3, 3)]  # the phase (and its ETA clock) starts before step 1
     assert by["check"] == [(0, 2), (1, 2), (2, 2)]  # preview_steps 2
-    assert by["synonyms"][0] == (0, 0) and by["synonyms"][-1][0] == by["synonyms"][-1][1] > 0  # counted in words
+    assert by["synonyms"][-1][0] == by["synonyms"][-1][1] > 0  # counted in words
+    assert by["vocabulary"][0] == (0, by["vocabulary"][0][1]) and by["vocabulary"][0][1] > 1000  # the vocabulary first
     texts = {p: t for p, _, _, t in rec.seen}
     assert texts["loading"] == "loading the model" and texts["pool"].startswith("filling the latent pool 3/3")
     assert texts["synonyms"].startswith("finding the words the model draws as the target ")

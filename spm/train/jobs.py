@@ -51,10 +51,12 @@ SUFFIX = ".safetensors"
 PHASES = {"queued": "queued", "loading": "loading the model", "calibration": "calibrating Facilitated Transport",
           "neighbours": "finding the words the transport opens for",
           "synonyms": "finding the words the model draws as the target",
+          "vocabulary": "finding the words the model draws as the target: reading the vocabulary",
           "gate": "calibrating the membrane gate",
           "pool": "filling the latent pool",
           "training": "training step", "signal": "measuring the erasure", "check": "before/after check", "saving": "saving"}
-UNITS = {"pool": "denoising steps", "training": "steps", "check": "sampling steps", "synonyms": "words"}  # what a phase counts
+UNITS = {"pool": "denoising steps", "training": "steps", "check": "sampling steps", "synonyms": "words",
+         "vocabulary": "words"}  # what a phase counts
 CONSOLE_LINES = 10  # about this many progress lines per job in the console
 # the before/after check, when preview_steps is left to the service: as many DDIM steps as the training's own
 # UNet work pays for, within the range where DDIM images are recognisable and the WebUI's default sampling steps
@@ -657,6 +659,7 @@ class TrainService:
             message = {"calibration": "calibrating Facilitated Transport", "pool": "filling the latent pool",
                        "neighbours": "finding the words the transport opens for",
                        "synonyms": "finding the words the model draws as the target",
+                       "vocabulary": "finding the words the model draws as the target",
                        "gate": "calibrating the membrane gate",
                        "training": "training", "signal": "measuring the erasure",
                        "saving": f"saving {out.name}"}.get(ph.name)

@@ -44,7 +44,7 @@ from ..checkpoint import MembraneFileError, load_membrane, save_membrane
 from ..gate import training_gate
 from ..membrane import Membrane, MembraneInfo
 from ..naming import context_dim, find_targets
-from ..transport import training_calibration, training_candidates, training_neighbours
+from ..transport import VOCABULARY_PROGRESS, training_calibration, training_candidates, training_neighbours
 from .anchors import sample_anchors
 from .config import TrainConfig
 from .objective import AnchorWeight, CostMeter, extra_erase_loss, objective_step
@@ -293,8 +293,12 @@ class Trainer:
                                     f"{syn.BUDGET_SHARE:.0%} of the training's UNet work)")
             log.warning("SPM: model synonyms %s", self.synonym_skipped)  # the WebUI's console shows warnings only
             return {}
-        self._phase("synonyms", 0, 0)
-        words = training_candidates(self.backend, cfg.targets, n, n, syn.SEED)
+        # first the vocabulary, in the host's text encoder (minutes on a CPU WebUI): counted in vocabulary words
+        token = VOCABULARY_PROGRESS.set(lambda done, total: self._phase("vocabulary", done, total, "words"))
+        try:
+            words = training_candidates(self.backend, cfg.targets, n, n, syn.SEED)
+        finally:
+            VOCABULARY_PROGRESS.reset(token)
         if not words:
             return {}
         probe = self._probe(stack, cond, ac)
