@@ -753,16 +753,26 @@ def ngram_calibrated(row_tokens: Sequence[Sequence[int] | None], concept: Concep
     m = content_positions(concept.tokens, concept.embedding.shape[0])
     if cal is None or not cal.usable or m == 0 or not len(phrases):
         return torch.zeros(len(row_tokens))
+    return cal.map(torch.tensor(_best_similarities(row_tokens, concept, phrases, cal), dtype=torch.float32))
+
+
+def _best_similarities(row_tokens: Sequence[Sequence[int] | None], concept: ConceptEmbedding, phrases: PhraseCache,
+                       cal: Calibration) -> list[float]:
+    """Each row's best window similarity to ``concept`` (0 for unknown rows), cached in ``phrases.best`` once every
+    window of the row was prepared."""
     out = []
     for ids in row_tokens:
-        key = (tuple(ids), concept.text, "cal", cal.max_length) if ids is not None else None
-        best = phrases.best.get(key) if key is not None else None
+        if ids is None:
+            out.append(0.0)
+            continue
+        key = (tuple(ids), concept.text, "cal", cal.max_length)
+        best = phrases.best.get(key)
         if best is None:
-            best, _, complete = best_window(ids, concept, phrases, cal.max_length) if ids is not None else (0.0, None, False)
-            if key is not None and complete:
+            best, _, complete = best_window(ids, concept, phrases, cal.max_length)
+            if complete:
                 phrases.best[key] = best
         out.append(best)
-    return cal.map(torch.tensor(out, dtype=torch.float32))
+    return out
 
 
 def vocabulary_matches(concept: ConceptEmbedding, phrases: PhraseCache, encode_ids: PhraseEncoder, cal: Calibration,
@@ -1023,17 +1033,7 @@ def ngram_tokenuni_many(row_tokens: Sequence[Sequence[int] | None], concepts: Se
         if cal is None or not cal.usable or m == 0 or not prepared:
             continue
         use[i], lo[i], den[i] = True, cal.lo, cal.hi - cal.lo
-        out = best[i]
-        for j, ids in enumerate(row_tokens):
-            if ids is None:
-                continue
-            key = (tuple(ids), concept.text, "cal", cal.max_length)
-            v = phrases.best.get(key)
-            if v is None:
-                v, _, complete = best_window(ids, concept, phrases, cal.max_length)
-                if complete:
-                    phrases.best[key] = v
-            out[j] = v
+        best[i] = _best_similarities(row_tokens, concept, phrases, cal)
     s = torch.tensor(best, dtype=torch.float32).view(n, b)
     ng = ((s - torch.tensor(lo, dtype=torch.float32)[:, None]) / torch.tensor(den, dtype=torch.float32)[:, None])
     ng = torch.where(torch.tensor(use)[:, None], ng.clamp(0.0, 1.0), torch.zeros(()))
