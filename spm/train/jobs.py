@@ -656,13 +656,8 @@ class TrainService:
                 self._say(job, job.progress_text())
 
         def on_phase(ph) -> None:
-            message = {"calibration": "calibrating Facilitated Transport", "pool": "filling the latent pool",
-                       "neighbours": "finding the words the transport opens for",
-                       "synonyms": "finding the words the model draws as the target",
-                       "vocabulary": "finding the words the model draws as the target",
-                       "gate": "calibrating the membrane gate",
-                       "training": "training", "signal": "measuring the erasure",
-                       "saving": f"saving {out.name}"}.get(ph.name)
+            # the phase's own label (PHASES), except where the message says more or less
+            message = {"training": "training", "saving": f"saving {out.name}"}.get(ph.name, PHASES.get(ph.name))
             self._phase(job, ph.name, ph.done, ph.total, message=message)
 
         def should_stop() -> bool:
