@@ -212,18 +212,24 @@ def test_webui_bar_counts_each_phase_and_shows_one_eta(webui, monkeypatch):
         real(job)
         assert (st.time_start > 0) if changed else (st.time_start == before), (job.phase, changed)
         fraction, eta = tstub.progress_and_eta(st)
-        seen.append((job.phase, job.phase_done, job.phase_total, fraction, eta, st.textinfo))
+        seen.append((job.phase, job.phase_done, job.phase_total, fraction, eta, st.textinfo, st.job_count))
 
     svc.reporter.phase = phase
     job = svc.run(svc.create({**FAST, "resolution": 16}))
     assert job.status == "done", job.error
     phases = [p for i, (p, *_) in enumerate(seen) if i == 0 or seen[i - 1][0] != p]
-    assert phases == ["loading", "calibration", "vocabulary", "synonyms", "pool", "training", "signal", "gate", "saving", "check"]
-    for name, done, total, fraction, eta, text in seen:
-        assert fraction == (done / total if total else 0.0), (name, done, total, fraction)
+    assert phases == ["loading", "calibration", "vocabulary", "probes", "synonyms", "pool", "training", "signal", "gate",
+                      "saving", "check"]
+    for name, done, total, fraction, eta, text, job_count in seen:
+        # a phase without a real count (0 or one piece of work) sets no job count: /sdapi/v1/progress, which
+        # divides by 0.01 + job_no / job_count, would otherwise predict ~99× the elapsed time
+        assert job_count == (total if total > 1 else 0), (name, done, total, job_count)
+        assert fraction == (done / total if total > 1 else 0.0), (name, done, total, fraction)
         assert (eta is None) == (fraction == 0)
         assert text.startswith("SPM circle: ") and "ETA" not in text
     assert [s[:3] for s in seen if s[0] == "training"] == [("training", k, 3) for k in range(4)]
+    probes = [s[:3] for s in seen if s[0] == "probes"]  # the erasure signal's probes: counted in denoising steps
+    assert probes[0][1] == 0 and probes[-1][1] == probes[-1][2] > 1 and len(probes) == probes[-1][2] + 1
     assert ("check", 1, 2) in [s[:3] for s in seen]
     assert [s[5] for s in seen if s[:3] == ("training", 2, 3)][0].startswith("SPM circle: training step 2/3 · loss")
 

@@ -396,7 +396,8 @@ def test_every_phase_is_named_with_its_own_count(backend, tmp_path, monkeypatch)
     job = svc.run(svc.create(fast(control_prompts="a dog")))
     assert job.status == "done", job.error
     order = [p for i, (p, *_) in enumerate(rec.seen) if i == 0 or rec.seen[i - 1][0] != p]
-    assert order == ["loading", "calibration", "vocabulary", "synonyms", "pool", "training", "signal", "gate", "saving", "check"]
+    assert order == ["loading", "calibration", "vocabulary", "probes", "synonyms", "pool", "training", "signal", "gate",
+                     "saving", "check"]
     by = {name: [(d, t) for p, d, t, _ in rec.seen if p == name] for name in order}
     # the pool: min(pool_size 2, iterations 3) trajectories filled to k = 1 and 2 of S - 1 = 3: 3 denoising steps
     assert by["pool"][0] == (0, 3) and by["pool"][-1] == (3, 3)
@@ -408,6 +409,8 @@ def test_every_phase_is_named_with_its_own_count(backend, tmp_path, monkeypatch)
     texts = {p: t for p, _, _, t in rec.seen}
     assert texts["loading"] == "loading the model" and texts["pool"].startswith("filling the latent pool 3/3")
     assert texts["synonyms"].startswith("finding the words the model draws as the target ")
+    assert texts["probes"].startswith("drawing the erasure signal's held-out probes ")
+    assert by["probes"][0] == (0, by["probes"][0][1]) and by["probes"][-1][0] == by["probes"][-1][1] > 1
     assert texts["training"].startswith("training step 3/3 · loss") and texts["check"].startswith("before/after check 2/2")
     assert all("ETA" not in t for *_, t in rec.seen)
     assert job.progress_text().startswith("step 3/3 · loss") and job.progress_text().endswith("done")

@@ -53,9 +53,9 @@ PHASES = {"queued": "queued", "loading": "loading the model", "calibration": "ca
           "synonyms": "finding the words the model draws as the target",
           "vocabulary": "finding the words the model draws as the target: reading the vocabulary",
           "gate": "calibrating the membrane gate",
-          "pool": "filling the latent pool",
+          "pool": "filling the latent pool", "probes": "drawing the erasure signal's held-out probes",
           "training": "training step", "signal": "measuring the erasure", "check": "before/after check", "saving": "saving"}
-UNITS = {"pool": "denoising steps", "training": "steps", "check": "sampling steps", "synonyms": "words",
+UNITS = {"pool": "denoising steps", "probes": "denoising steps", "training": "steps", "check": "sampling steps", "synonyms": "words",
          "vocabulary": "words"}  # what a phase counts
 CONSOLE_LINES = 10  # about this many progress lines per job in the console
 # the before/after check, when preview_steps is left to the service: as many DDIM steps as the training's own

@@ -11,8 +11,9 @@ Usage::
   every step and before each UNet call of the latent-pool warm-up; Ctrl-C (``KeyboardInterrupt``) stops too.
   Either way the membrane trained so far is saved atomically, with its resumable state beside it.
 * ``on_phase(Phase)`` reports the phases around the steps: filling the latent pool (k/N denoising steps), the
-  start of the steps ("training", when their clock starts), the erasure check after the last step ("signal":
-  its first run also draws the held-out probes) and saving.
+  start of the steps ("training", when their clock starts), drawing the erasure signal's held-out probes once
+  ("probes", k/N denoising steps, before the synonym scan or the steps), the erasure check after
+  the last step ("signal") and saving.
 * ``save_every`` writes checkpoints (membrane + ``.trainstate``); ``resume=True`` continues from them.  The
   ``.trainstate`` is deleted when a run finishes all its iterations, unless ``keep_state=True`` (to extend
   the run later); an interrupted run keeps it, so it can be resumed.
@@ -153,7 +154,7 @@ class Trainer:
         self.name = name or (self.output.stem if self.output else "membrane")
         self.on_phase, self.keep_state = on_phase, keep_state
         self.meter = CostMeter()
-        # the erasure signal: its probes are built at the first check, its UNet rows counted apart from training's
+        # the erasure signal: its probes are built before the steps, its UNet rows counted apart from training's
         self.signal_meter = CostMeter()
         self.probe: ErasureProbe | None = None
         interval = check_interval(config.iterations, config.signal_checks)
@@ -321,7 +322,8 @@ class Trainer:
                                       steps=cfg.max_denoising_steps, guidance=cfg.xt_guidance,
                                       resolution=cfg.resolution or self.backend.latent.resolution,
                                       trajectories=cfg.signal_trajectories, levels=cfg.signal_levels, seed=cfg.seed,
-                                      meter=self.signal_meter, autocast=ac, surrogate_is_uncond=cfg.surrogate == "")
+                                      meter=self.signal_meter, autocast=ac, surrogate_is_uncond=cfg.surrogate == "",
+                                      progress=lambda done, total: self._phase("probes", done, total, "denoising steps"))
         return self.probe
 
     def _check(self, stack, cond: dict[str, Conditioning], step: int, ac):
@@ -390,6 +392,10 @@ class Trainer:
                 if cfg.synonyms == "erase":
                     for t, ws in self.synonym_words.items():
                         neigh[t] = list(dict.fromkeys(neigh.get(t, []) + ws))
+            if self.should_stop is None or not self.should_stop():
+                # the erasure signal's held-out probes, drawn now (a counted phase of their own; the scan above
+                # draws them first when it runs) rather than inside the steps, whose clock and ETA they would skew
+                self._probe(stack, cond, ac)
             neigh_rows = {}  # target index -> its neighbours' conditioning rows
             if neigh:
                 words = [w for t in cfg.targets for w in neigh.get(t, [])]
@@ -501,8 +507,8 @@ class Trainer:
                 if erased_stop:
                     break
             if not interrupted and (last_check is None or last_check.step != step):
-                # the end of the run (or a resumed, finished one): a phase of its own, since no step follows and
-                # its first run also draws the held-out probes (denoising trajectories)
+                # the end of the run (or a resumed, finished one): a phase of its own, since no step follows
+                self._probe(stack, cond, ac)  # drawn already unless the run was stopped before its steps
                 self._phase("signal", 0, 1)
                 last_check = self._check(stack, cond, step, ac)
                 if history and history[-1]["step"] == step:

@@ -58,6 +58,7 @@ counted in its own :class:`~spm.train.objective.CostMeter`, reported beside the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,7 +150,8 @@ class ErasureProbe:
 
     def __init__(self, backend: Backend, stack, targets: Conditioning, surrogate: Conditioning, uncond: Conditioning,
                  *, steps: int, guidance: float, resolution: int, trajectories: int = 8, levels: int = 4, seed: int = 0,
-                 meter: CostMeter | None = None, autocast: torch.dtype | None = None, surrogate_is_uncond: bool = False):
+                 meter: CostMeter | None = None, autocast: torch.dtype | None = None, surrogate_is_uncond: bool = False,
+                 progress: Callable[[int, int], None] | None = None):
         self.backend, self.stack, self.autocast = backend, stack, autocast
         self.meter = meter if meter is not None else CostMeter()
         self.levels = probe_levels(steps, levels)
@@ -160,10 +162,15 @@ class ErasureProbe:
         x = torch.cat([_noise(backend.latent.shape(1, resolution, resolution), g, backend.device) for _ in range(n)])
         rows = Conditioning.cat([uncond.repeat(n), targets.rows(tis)])
         xs, tt, os_, us, conds = [], [], [], [], []
+        work = max(self.levels) + 1 + (0 if surrogate_is_uncond else 1)  # UNet calls: the trajectories, the surrogate
+        if progress is not None:
+            progress(0, work)
         for i in range(max(self.levels) + 1):
             t = ts[i:i + 1].to(x.device).expand(n)
             out = run_unet(backend, stack, torch.cat([x, x]), torch.cat([t, t]), rows, [0.0] * (2 * n), self.meter, False,
                            autocast)
+            if progress is not None:
+                progress(i + 1, work)
             if i in self.levels:
                 xs.append(x.clone())
                 tt.append(t.clone())
@@ -183,6 +190,8 @@ class ErasureProbe:
         else:
             self.s = run_unet(backend, stack, self.x_t, self.t, surrogate.repeat(len(self.cond)), [0.0] * len(self.cond),
                               self.meter, False, autocast)
+            if progress is not None:
+                progress(work, work)
         self.level_of = [lv for lv in self.levels for _ in range(n)]
         self.level_t = [int(ts[k]) for k in self.levels]
 
