@@ -217,3 +217,29 @@ def test_many_concepts_score_exactly_as_one_at_a_time(pipe):
             one = torch.stack([METRICS[metric](ctx, toks, c, phrases=tr.phrases) for c in ces]).amax(0).clamp(0, 1)
             assert torch.equal(one, many), (metric, one, many)
         assert float(many.max()) == 1.0 and float(many[-1]) == 0.0  # some rows open it; the unknown row does not
+
+
+def test_the_scan_plans_as_many_probe_rows_as_it_takes(pipe):
+    """The trainer sizes the scan (:func:`spm.train.synonyms.words_per_side`) from
+    :func:`~spm.train.synonyms.probe_row_count` before any probe is drawn; :func:`~spm.train.synonyms.probe_rows`
+    then takes exactly that many rows of the drawn probe, for every target of a multi-target job."""
+    from spm.attach import MembraneStack
+    from spm.naming import find_targets
+    from spm.train.signal import ErasureProbe
+
+    be = DiffusersBackend(pipe)
+    stack = MembraneStack(pipe.unet)
+    stack.add(Membrane.for_targets(find_targets(pipe.unet)))
+    try:
+        cond = be.encode(["circle", "square", "star", ""])
+        for targets, trajectories in ((3, 8), (1, 2), (2, 7)):
+            probe = ErasureProbe(be, stack, cond.rows(list(range(targets))), cond.rows([3]), cond.rows([3]), steps=4,
+                                 guidance=3.0, resolution=be.latent.resolution, trajectories=trajectories, levels=2,
+                                 surrogate_is_uncond=True)
+            for ti in range(targets):
+                for per_level in (1, 2, syn.PROBES_PER_LEVEL):
+                    got = len(syn.probe_rows(probe, ti, per_level))
+                    assert got == syn.probe_row_count(trajectories, 2, targets, ti, per_level) > 0, \
+                        (targets, trajectories, ti, per_level)
+    finally:
+        stack.detach()

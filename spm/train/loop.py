@@ -286,7 +286,7 @@ class Trainer:
         if getattr(self.backend, "transport_candidates", None) is None:
             return {}
         planned = syn.planned_ufe(cfg.iterations, cfg.anchors, cfg.anchor_empty)
-        rows = min(syn.PROBES_PER_LEVEL, cfg.signal_trajectories) * cfg.signal_levels
+        rows = syn.probe_row_count(cfg.signal_trajectories, cfg.signal_levels, len(cfg.targets))
         n = syn.words_per_side(planned, rows, len(cfg.targets))
         if n == 0:
             self.synonym_skipped = (f"skipped: {cfg.iterations} iterations pay for too few words "

@@ -110,8 +110,18 @@ def words_per_side(planned: int, rows_per_target: int, targets: int) -> int:
     return n if n >= MIN_WORDS else 0
 
 
+def probe_row_count(trajectories: int, levels: int, targets: int, target_index: int = 0,
+                    per_level: int = PROBES_PER_LEVEL) -> int:
+    """How many rows :func:`probe_rows` selects for one target of a probe not drawn yet (the scan's cost plan):
+    the probe gives trajectory ``j`` to target ``j mod targets``, and the scan takes at most ``per_level`` of a
+    target's seeds at each of the ``levels`` noise levels."""
+    seeds = len(range(target_index, max(0, trajectories), max(1, targets)))
+    return min(per_level, seeds) * levels
+
+
 def probe_rows(probe: ErasureProbe, target_index: int, per_level: int = PROBES_PER_LEVEL) -> list[int]:
-    """The probe rows of one target: at most ``per_level`` seeds at each of the probe's noise levels."""
+    """The probe rows of one target: at most ``per_level`` seeds at each of the probe's noise levels (as many as
+    :func:`probe_row_count` plans)."""
     out = []
     for lv in probe.levels:
         idx = [i for i, (v, ti) in enumerate(zip(probe.level_of, probe.target_of)) if v == lv and ti == target_index]
@@ -192,4 +202,5 @@ def metadata(found: dict[str, SynonymScan]) -> dict:
 
 
 __all__ = ["BUDGET_SHARE", "CANDIDATES", "MAX_SYNONYMS", "MIN_WORDS", "NULL_WORDS", "PROBES_PER_LEVEL", "SEED",
-           "SynonymScan", "closures", "metadata", "planned_ufe", "probe_rows", "scan", "threshold", "words_per_side"]
+           "SynonymScan", "closures", "metadata", "planned_ufe", "probe_row_count", "probe_rows", "scan", "threshold",
+           "words_per_side"]
