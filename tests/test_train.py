@@ -322,3 +322,30 @@ def test_a_failing_neighbour_search_never_fails_training(backend, monkeypatch, c
     res = Trainer(backend, cfg, progress_bar=False).train()
     assert res.steps == 3 and res.membrane.info.training["neighbour_words"] == {"circle": []}
     assert "training without them" in caplog.text
+
+
+def test_resume_continues_the_neighbour_picks(backend, tmp_path, monkeypatch):
+    """The generator that picks each step's erased neighbour is resumable state: an interrupted run saves it in the
+    ``.trainstate`` and the resumed run goes on from it (one pick per step), not from the seed again."""
+    from safetensors.torch import load_file
+
+    from spm.train.loop import NEIGHBOUR_RNG
+
+    monkeypatch.setattr(backend, "transport_neighbours", lambda concepts: {"circle": ["disc", "ball", "round"]},
+                        raising=False)
+    cfg = TrainConfig(targets=["circle"], iterations=8, la_mode="off", synonyms="off", **{**FAST, "neighbours": True})
+    out, steps = tmp_path / "n.safetensors", []
+    first = Trainer(backend, cfg, out, progress_bar=False, callback=lambda p: steps.append(p.step),
+                    should_stop=lambda: len(steps) >= 3).train()
+    assert first.interrupted and first.steps == 3
+
+    def after(picks: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(cfg.seed + 7919)
+        for _ in range(picks):
+            torch.randint(3, (1,), generator=g)
+        return g.get_state()
+
+    assert torch.equal(load_file(str(state_path(out)))[f"x.{NEIGHBOUR_RNG}"], after(3))
+    tr = Trainer(backend, cfg, out, resume=True, progress_bar=False)
+    assert tr.train().steps == 8
+    assert torch.equal(tr.neighbour_rng.get_state(), after(8))  # 3 + 5 picks, not 5 from the seed

@@ -57,6 +57,7 @@ from .state import load_state, save_state, state_path
 log = logging.getLogger("spm")
 
 AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+NEIGHBOUR_RNG = "neighbours.rng"  # the .trainstate tensor of the neighbour picks' generator
 
 
 @dataclass
@@ -157,6 +158,7 @@ class Trainer:
         # the erasure signal: its probes are built before the steps, its UNet rows counted apart from training's
         self.signal_meter = CostMeter()
         self.probe: ErasureProbe | None = None
+        self.neighbour_rng: torch.Generator | None = None  # picks the erased neighbour of each step (resumable)
         interval = check_interval(config.iterations, config.signal_checks)
         self.rule = StopRule(interval, min_steps(config.iterations, config.lr_warmup_steps, interval,
                                                  config.signal_patience), config.signal_patience,
@@ -190,9 +192,12 @@ class Trainer:
             state_path(self.output).unlink(missing_ok=True)
             return
         rmeta, rtensors = robust.state_dict() if robust is not None else (None, None)
+        tensors = dict(rtensors or {})
+        if self.neighbour_rng is not None:  # the neighbour picks go on where they stopped
+            tensors[NEIGHBOUR_RNG] = self.neighbour_rng.get_state()
         save_state(state_path(self.output), optimizer, g, {"step": step, "anchor_weight": aw.state_dict(),
                                                             "config": self.cfg.to_dict(), "signal": self.rule.state_dict(),
-                                                            **({"robust": rmeta} if rmeta is not None else {})}, rtensors)
+                                                            **({"robust": rmeta} if rmeta is not None else {})}, tensors)
 
     def _preview(self, stack, membrane: Membrane, cond: dict[str, Conditioning], step: int, ac) -> tuple[Any, Path | None]:
         cfg = self.cfg
@@ -406,6 +411,11 @@ class Trainer:
                         neigh_rows[ti] = enc.rows(list(range(k, k + n)))
                     k += n
             gn = torch.Generator().manual_seed(cfg.seed + 7919)  # picks a neighbour per step; apart from g
+            if neigh_rows:
+                saved_rng = resumed.get("tensors", {}).get(NEIGHBOUR_RNG)
+                if saved_rng is not None:
+                    gn.set_state(saved_rng)
+                self.neighbour_rng = gn
             self.robust = robust = make_robust(cfg, cond, ac, self.meter)  # spm/train/robust.py (None: off)
             if robust is not None and resumed.get("robust") is not None:
                 robust.load_state_dict(resumed["robust"], resumed.get("tensors", {}))
