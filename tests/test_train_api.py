@@ -186,10 +186,10 @@ def test_webui_status_says_done_only_after_the_webui_state_ended(webui):
     st.end = end
     job_id = client.post("/spm/v1/train", json={**FAST, "resolution": 16, "preview": False}).json()["id"]
     assert in_end.wait(300), "the job never ended the WebUI state"
-    assert client.get(f"/spm/v1/train/{job_id}").json()["status"] == "running" and st.job_count > 0
+    assert client.get(f"/spm/v1/train/{job_id}").json()["status"] == "running" and st.job == "SPM training"
     release.set()
     body = wait(client, train_api.webui_service(), job_id)
-    assert body["status"] == "done" and st.job_count == 0 and not lock.locked()
+    assert body["status"] == "done" and st.job == "" and st.job_count == 0 and not lock.locked()
 
 
 def test_webui_bar_counts_each_phase_and_shows_one_eta(webui, monkeypatch):
