@@ -219,3 +219,82 @@ def test_cli_prints_the_result(tmp_path, capsys):
     assert set(got) == set(KEYS) and got["message"].split(":")[0] in ("erased", "not erased")
     assert got["message"] in cap.err
     assert load_membrane(out).info.training["stop_when_erased"] is False
+
+
+def test_the_words_closure_is_the_signal_applied_to_another_prompt(backend):
+    """:meth:`ErasureProbe.measure_words`: the share of the *target's* gap closed when the prompt is another word.
+    With a zero membrane the target itself closes nothing and the surrogate ("") closes it all, exactly."""
+    zero = Membrane.for_targets(find_targets(backend.unet))
+    stack, probe = _probe(backend, zero)
+    try:
+        rows = list(range(probe.rows))
+        closed = probe.measure_words(rows, backend.encode(["circle", "", "square"]), batch_rows=probe.rows + 1)
+        assert closed[0] == pytest.approx(0.0, abs=1e-4) and closed[1] == pytest.approx(1.0, abs=1e-4)
+        # the split over UNet calls does not change the values, and the target's value is the signal's own ratio
+        split = probe.measure_words(rows, backend.encode(["circle", "", "square"]), batch_rows=1)
+        assert split == pytest.approx(closed, abs=1e-5)
+        assert closed[0] == pytest.approx(min(probe.measure(0).level_ratio), abs=1e-4)
+    finally:
+        stack.detach()
+
+
+def _scripted_synonyms(monkeypatch, values: dict[int, tuple[float, dict | None]], calls: list[int]):
+    def fake(self, stack, cond, step, ac):
+        calls.append(step)
+        v, syns = values.get(step, (0.0, None))
+        return sg.Check(step, v, [v], 1 - v, synonyms=syns)
+
+    monkeypatch.setattr(LoopTrainer, "_check", fake)
+
+
+def test_training_goes_on_until_the_model_synonyms_are_erased_too(backend, monkeypatch):
+    """The transport opens the membrane for the model synonyms, so a passing target does not stop training while
+    one of them still draws the target; the end reports them, and what to try when the budget runs out."""
+    calls: list[int] = []
+    _scripted_synonyms(monkeypatch, {4: (1.2, {"disc": 0.4}), 6: (1.3, {"disc": 0.9}), 8: (1.4, {"disc": 1.1}),
+                                     10: (1.5, {"disc": 1.2})}, calls)
+    cfg = TrainConfig(targets=["circle"], iterations=40, **FAST)
+    res = Trainer(backend, cfg, progress_bar=False).train()
+    assert calls == [2, 4, 6, 8] and res.steps == 8  # 6 has the target's patience but not the synonym
+    assert res.erasure["erased"] and res.erasure["synonyms"] == {"disc": 1.1} and res.erasure["synonyms_erased"]
+    assert "so are the 1 words the model draws as the target" in res.erasure["message"]
+    calls.clear()
+    _scripted_synonyms(monkeypatch, {s: (1.5, {"disc": 0.3, "ball": 1.2}) for s in range(2, 21, 2)}, calls)
+    res = Trainer(backend, cfg.with_(iterations=20), progress_bar=False).train()
+    assert res.steps == 20 and res.erasure["erased"] and res.erasure["synonyms_erased"] is False
+    msg = res.erasure["message"]
+    assert "1 of the 2 words the model draws as the target" in msg and "disc 30%" in msg and "--iterations" in msg
+
+
+def test_a_passing_check_measures_the_synonyms_on_their_targets_probe_rows(backend, monkeypatch):
+    """The trainer's check measures each target's model synonyms (membrane ON, the scan's probe rows) only once
+    the target passes, and encodes them once."""
+    from spm.train import synonyms as syn
+
+    monkeypatch.setattr(LoopTrainer, "_synonyms", lambda self, stack, cond, ac: {"circle": ["disc", "ball"]})
+    passing = {"now": False}
+    real_measure, seen, encoded = sg.ErasureProbe.measure, [], []
+
+    def measure(self, step, strength=1.0):
+        c = real_measure(self, step, strength)
+        c.signal = 1.5 if passing["now"] else 0.5
+        return c
+
+    def measure_words(self, rows, words, strength=1.0, batch_rows=64):
+        seen.append((len(rows), len(words)))
+        return [1.25, 0.5][:len(words)]
+
+    monkeypatch.setattr(sg.ErasureProbe, "measure", measure)
+    monkeypatch.setattr(sg.ErasureProbe, "measure_words", measure_words)
+    real_encode = backend.encode
+    monkeypatch.setattr(backend, "encode", lambda texts: (encoded.append(list(texts)), real_encode(texts))[1])
+    cfg = TrainConfig(targets=["circle"], iterations=8, signal_checks=4, **FAST)
+    tr = LoopTrainer(backend, cfg, progress_bar=False)
+    res = tr.train()  # the target never passes: no synonym is measured
+    assert seen == [] and "synonyms" not in res.erasure
+    passing["now"] = True
+    res = LoopTrainer(backend, cfg, progress_bar=False).train()
+    rows = syn.probe_row_count(cfg.signal_trajectories, len(sg.probe_levels(cfg.max_denoising_steps, cfg.signal_levels)), 1)
+    assert seen and all(s == (rows, 2) for s in seen) and res.steps == 8  # "ball" never passes: the budget runs
+    assert res.erasure["synonyms"] == {"disc": 1.25, "ball": 0.5} and res.erasure["synonyms_erased"] is False
+    assert encoded.count(["disc", "ball"]) == 1

@@ -51,7 +51,7 @@ from .config import TrainConfig
 from .objective import AnchorWeight, CostMeter, extra_erase_loss, objective_step
 from .robust import make_robust
 from .sampling import LatentPool, ReferenceSchedule, image_grid, sample_images
-from .signal import ErasureProbe, StopRule, check_interval, min_steps, summary
+from .signal import ErasureProbe, StopRule, check_interval, min_steps, probe_levels, summary
 from .state import load_state, save_state, state_path
 
 log = logging.getLogger("spm")
@@ -291,7 +291,8 @@ class Trainer:
         if getattr(self.backend, "transport_candidates", None) is None:
             return {}
         planned = syn.planned_ufe(cfg.iterations, cfg.anchors, cfg.anchor_empty)
-        rows = syn.probe_row_count(cfg.signal_trajectories, cfg.signal_levels, len(cfg.targets))
+        rows = syn.probe_row_count(cfg.signal_trajectories, len(probe_levels(cfg.max_denoising_steps, cfg.signal_levels)),
+                                   len(cfg.targets))
         n = syn.words_per_side(planned, rows, len(cfg.targets))
         if n == 0:
             self.synonym_skipped = (f"skipped: {cfg.iterations} iterations pay for too few words "
@@ -332,8 +333,26 @@ class Trainer:
         return self.probe
 
     def _check(self, stack, cond: dict[str, Conditioning], step: int, ac):
-        """Measure the erasure signal now (building the held-out probes on the first call)."""
-        return self._probe(stack, cond, ac).measure(step)
+        """Measure the erasure signal now (building the held-out probes on the first call).  Once the target
+        passes, the model synonyms that the transport opens the membrane for are measured too (on the scan's probe
+        rows of their target): training stops only when they are erased as well (:class:`StopRule`)."""
+        probe = self._probe(stack, cond, ac)
+        check = probe.measure(step)
+        if check.passed and self.synonym_words:
+            from . import synonyms as syn
+
+            found: dict[str, float] = {}
+            for ti, target in enumerate(self.cfg.targets):
+                words = self.synonym_words.get(target) or []
+                if not words:
+                    continue
+                if target not in self.synonym_cond:
+                    self.synonym_cond[target] = self.backend.encode(words)
+                closed = probe.measure_words(syn.probe_rows(probe, ti), self.synonym_cond[target])
+                for w, c in zip(words, closed):
+                    found[w] = min(c, found.get(w, c))
+            check.synonyms = found
+        return check
 
     # --- the loop -----------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -348,6 +367,7 @@ class Trainer:
         self.robust = None
         self.neighbour_words: dict[str, list[str]] = {}
         self.synonym_words: dict[str, list[str]] = {}
+        self.synonym_cond: dict[str, Conditioning] = {}  # each target's synonyms, encoded once for the checks
         self.synonym_scan: dict = {}
         self.synonym_ufe = 0
         self.synonym_skipped = ""

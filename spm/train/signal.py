@@ -134,15 +134,24 @@ class Check:
     aggregate: float | None = None  # closed over all probes together (the signal is the minimum over levels)
     level_ratio: list[float] | None = None  # closed per level, the plain ratio (per_level: its lower bound)
     per_seed: list[list[float]] | None = None  # closed per level and held-out seed (each probe alone)
+    # the model synonyms' closure with the membrane ON (word -> least level's ratio), measured once the target passes
+    synonyms: dict[str, float] | None = None
 
     @property
     def passed(self) -> bool:
         return self.signal >= THRESHOLD
 
+    @property
+    def synonyms_passed(self) -> bool:
+        """Every model synonym measured in this check is erased too (True when there are none to measure)."""
+        return self.synonyms is None or all(v >= THRESHOLD for v in self.synonyms.values())
+
     def to_dict(self) -> dict:
         return {"step": self.step, "signal": self.signal, "per_level": self.per_level, "remaining": self.remaining,
                 "aggregate": self.aggregate, "level_ratio": self.level_ratio,
-                "per_seed": [[round(v, 4) for v in lv] for lv in self.per_seed] if self.per_seed is not None else None}
+                "per_seed": [[round(v, 4) for v in lv] for lv in self.per_seed] if self.per_seed is not None else None,
+                **({"synonyms": {w: round(v, 4) for w, v in self.synonyms.items()}} if self.synonyms is not None
+                   else {})}
 
 
 class ErasureProbe:
@@ -226,6 +235,38 @@ class ErasureProbe:
         closed, bound, remaining, ratio = self.statistic(m)
         return Check(step, min(bound), bound, remaining, closed, ratio, self.last_per_seed)
 
+    def measure_words(self, rows: list[int], words: Conditioning, strength: float = 1.0,
+                      batch_rows: int = 64) -> list[float]:
+        """How far the membrane (ON at ``strength``) cancels the target's direction for other prompts: for each row
+        of ``words``, on the probe rows ``rows`` (one target's), the same share of the gap closed as the signal's,
+        ``⟨o − ε'(x_t, word), u⟩ / ‖u‖²`` with the *target's* ``u = o − s``, per noise level (a ratio of sums over
+        the level's probes), and its minimum over the levels.  ``1 − closed`` is the component of the word's
+        prediction towards the target: at ``closed ≥ 1`` no guidance scale draws the target for that word either
+        (the argument of the module docstring, applied to the word's prompt).  ``len(rows)`` rows per word, in UNet
+        calls of about ``batch_rows`` rows, counted in :attr:`meter`."""
+        n, r = len(words), len(rows)
+        if n == 0 or r == 0:
+            return []
+        x, t = self.x_t[rows], self.t[rows]
+        o, s = self.o[rows].double(), self.s[rows].double()
+        u = (o - s).flatten(1)
+        den = (u * u).sum(1)
+        levels = [self.level_of[i] for i in rows]
+        per_call = max(1, batch_rows // r)
+        out: list[float] = []
+        for i in range(0, n, per_call):
+            k = min(per_call, n - i)
+            cond = words.rows([j for j in range(i, i + k) for _ in range(r)])
+            m = run_unet(self.backend, self.stack, x.repeat(k, 1, 1, 1), t.repeat(k), cond, [float(strength)] * (k * r),
+                         self.meter, False, self.autocast).double().view(k, r, -1)
+            num = ((o.flatten(1).unsqueeze(0) - m) * u.unsqueeze(0)).sum(2)  # [k, r]
+            for row in num:
+                by_level = [float(row[[j for j, v in enumerate(levels) if v == lv]].sum()
+                                  / den[[j for j, v in enumerate(levels) if v == lv]].sum().clamp_min(1e-30))
+                            for lv in sorted(set(levels))]
+                out.append(min(by_level))
+        return out
+
 
 @dataclass
 class StopRule:
@@ -242,10 +283,12 @@ class StopRule:
         return step % self.interval == 0 or step == budget
 
     def record(self, check: Check) -> bool:
-        """Add a check; True when training should stop now."""
+        """Add a check; True when training should stop now: the target passed ``patience`` checks in a row and
+        the model synonyms measured in this one (if any) are erased too."""
         self.streak = self.streak + 1 if check.passed else 0
         self.checks.append(check.to_dict())
-        return self.enabled and self.streak >= self.patience and check.step >= self.earliest
+        return (self.enabled and self.streak >= self.patience and check.step >= self.earliest
+                and check.synonyms_passed)
 
     def state_dict(self) -> dict:
         return {"streak": self.streak, "checks": list(self.checks)}
@@ -288,11 +331,23 @@ def summary(check: Check | None, cfg, steps: int, stopped_early: bool, interrupt
         msg = (f"not erased: with the membrane the target's prediction closes only {pct}{conf} of its gap to the "
                f"surrogate at its least erased noise level (erased from {THRESHOLD:.0%}) after {steps} steps ({why}); "
                f"{advice(cfg, steps)}")
+    if erased and check.synonyms:
+        left = sorted(((w, v) for w, v in check.synonyms.items() if v < THRESHOLD), key=lambda x: x[1])
+        n = len(check.synonyms)
+        if left:
+            shown = ", ".join(f"{w} {v:.0%}" for w, v in left[:5]) + (", …" if len(left) > 5 else "")
+            msg += (f"; but {len(left)} of the {n} words the model draws as the target (which open the membrane) "
+                    f"still draw it: {shown} closed; {advice(cfg, steps)}")
+        else:
+            msg += f"; so are the {n} words the model draws as the target"
     out = {"erased": bool(erased), "signal": float(check.signal), "threshold": THRESHOLD, "message": msg,
            "step": check.step, "per_level": check.per_level, "level_ratio": check.level_ratio,
            "confidence": CONFIDENCE, "aggregate": check.aggregate,
            "remaining_gap": check.remaining,
            "stopped_early": bool(stopped_early)}
+    if check.synonyms is not None:
+        out["synonyms"] = {w: round(v, 4) for w, v in check.synonyms.items()}
+        out["synonyms_erased"] = check.synonyms_passed
     if probe is not None:
         out["levels_t"] = probe.level_t
         out["probe_rows"] = probe.rows
