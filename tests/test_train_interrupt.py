@@ -23,6 +23,7 @@ import torch
 from spm.checkpoint import MembraneFileError, load_membrane
 from spm.hosts.diffusers import DiffusersBackend
 from spm.train import TrainConfig, Trainer
+from spm.train.signal import probe_levels
 from spm.train.state import load_state, state_path
 from tests.test_train_models import tiny_sd_pipe
 
@@ -33,6 +34,9 @@ ITERS, SAVE_EVERY = 5, 2  # checkpoints at steps 2 and 4, the final save at 5
 CFG = TrainConfig(targets=["circle"], iterations=ITERS, save_every=SAVE_EVERY, anchors=1, pool_size=2,
                   max_denoising_steps=5, lr=3e-3, lr_scheduler="constant", lr_warmup_steps=0)
 FILL_CALLS = 3
+# before the warm-up: the erasure signal's held-out probes, one batched UNet call per DDIM step down to the lowest
+# probe level (the surrogate "" needs no call of its own)
+PROBE_CALLS = max(probe_levels(CFG.max_denoising_steps, CFG.signal_levels)) + 1
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +104,7 @@ class UNetCalls:
 # (id, how: "stop" = should_stop / "ctrl-c", when, expected steps at the stop, expected saves during the run)
 CASES = [
     # should_stop, polled at the top of every iteration and (the fix) before each UNet call of the warm-up
+    ("stop-in-probes", "stop", "in-probes", 0),  # polled before each UNet call of the probes too
     ("stop-warm-up", "stop", "in-warm-up", 0),
     ("stop-iteration-0", "stop", "at-once", 0),
     ("stop-middle", "stop", "step>=3", 3),
@@ -107,7 +112,8 @@ CASES = [
     ("stop-after-checkpoint", "stop", "step>=2", 2),
     ("stop-last-step", "stop", "step>=5", 5),  # nothing left to stop: a normal finish
     # Ctrl-C
-    ("ctrl-c-warm-up", "ctrl-c", "unet-call-2", 0),
+    ("ctrl-c-probes", "ctrl-c", "unet-call-2", 0),
+    ("ctrl-c-warm-up", "ctrl-c", f"unet-call-{PROBE_CALLS + 2}", 0),
     ("ctrl-c-iteration-0", "ctrl-c", "first-grad-call", 0),
     ("ctrl-c-middle", "ctrl-c", "callback-3", 3),
     ("ctrl-c-before-checkpoint", "ctrl-c", "grad-call-2", 1),  # inside step 2, whose end would save
@@ -135,8 +141,10 @@ def test_interrupt_leaves_a_loadable_membrane_and_resume_finishes(backend, tmp_p
     def should_stop():
         if when == "at-once":
             return True
+        if when == "in-probes":
+            return calls.n >= 2  # the probes' second UNet call is about to run
         if when == "in-warm-up":
-            return calls.n >= 2  # the warm-up's second UNet call is about to run
+            return calls.n >= PROBE_CALLS + 2  # the warm-up's second UNet call is about to run
         if when.startswith("step>="):
             return bool(seen) and seen[-1] >= int(when[6:])
         return False
@@ -147,8 +155,10 @@ def test_interrupt_leaves_a_loadable_membrane_and_resume_finishes(backend, tmp_p
     finally:
         calls.close()
     assert res.steps == steps and res.interrupted == (steps < ITERS or how == "ctrl-c")
+    if when == "in-probes":
+        assert calls.n == 2 and seen == []  # stopped inside the probes (before their third call), not after them
     if when == "in-warm-up":
-        assert calls.n == 2 and seen == []  # stopped inside the warm-up (before its second call), not after it
+        assert calls.n == PROBE_CALLS + 2 and seen == []  # stopped inside the warm-up (before its third call)
     if when == "at-once":
         assert calls.n == 0
     assert disk_steps(out) == (steps, steps if res.interrupted else None)  # a finished run keeps no state

@@ -57,6 +57,13 @@ from .state import load_state, save_state, state_path
 log = logging.getLogger("spm")
 
 AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class _Stopped(BaseException):
+    """``should_stop`` answered yes inside a phase without an iteration to finish (drawing the probes); a
+    BaseException, like Ctrl-C, so that no ``except Exception`` on the way swallows it."""
+
+
 NEIGHBOUR_RNG = "neighbours.rng"  # the .trainstate tensor of the neighbour picks' generator
 
 
@@ -329,8 +336,14 @@ class Trainer:
                                       resolution=cfg.resolution or self.backend.latent.resolution,
                                       trajectories=cfg.signal_trajectories, levels=cfg.signal_levels, seed=cfg.seed,
                                       meter=self.signal_meter, autocast=ac, surrogate_is_uncond=cfg.surrogate == "",
-                                      progress=lambda done, total: self._phase("probes", done, total, "denoising steps"))
+                                      progress=self._probe_progress)
         return self.probe
+
+    def _probe_progress(self, done: int, total: int) -> None:
+        """The probes' count; ``should_stop`` is polled before each of their UNet calls, as in the pool's warm-up."""
+        self._phase("probes", done, total, "denoising steps")
+        if done < total and self.should_stop is not None and self.should_stop():
+            raise _Stopped
 
     def _check(self, stack, cond: dict[str, Conditioning], step: int, ac):
         """Measure the erasure signal now (building the held-out probes on the first call).  Once the target
@@ -545,7 +558,7 @@ class Trainer:
                     self.rule.record(last_check)
                     history[-1]["erasure_signal"] = last_check.signal
                 self._phase("signal", 1, 1)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, _Stopped):
             interrupted = True
             log.warning("SPM: training interrupted at step %d; saving the membrane trained so far", step)
         finally:
