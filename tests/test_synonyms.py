@@ -115,8 +115,8 @@ def test_the_scan_reports_its_progress_in_words(pipe):
             on_phase=phases.append).train()
     seen = [(p.done, p.total) for p in phases if p.name == "synonyms"]
     total = len(NULL) + 3
-    assert seen[-1] == (total, total) and all(t == total for _, t in seen)
-    assert [d for d, _ in seen] == sorted(d for d, _ in seen)  # only forward
+    assert seen[0] == (0, total) and seen[-1] == (total, total) and all(t == total for _, t in seen)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)  # only forward, from 0 (the phase's clock starts)
 
 
 def test_erase_mode_also_trains_on_the_synonyms(pipe):

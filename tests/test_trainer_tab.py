@@ -178,10 +178,16 @@ def test_sample_previews_during_training(backend, tmp_path):
 
 
 def test_interrupt_stops_after_the_current_step_and_saves(backend, tmp_path):
+    """Interrupt means now: the membrane trained so far is saved at once, without the gate's calibration or the
+    before/after render that a finished job pays for (minutes each in a CPU WebUI)."""
     svc = service(backend, tmp_path)
-    job = svc.create(fast(iterations=50, preview=False))
+    job = svc.create(fast(iterations=50, control_prompts="a dog"))
+    phases: list[str] = []
 
     class StopAtTwo(jobs.Reporter):
+        def phase(self, j):
+            phases.append(j.phase)
+
         def update(self, j, p):
             if p.step == 2:
                 svc.interrupt()
@@ -190,8 +196,10 @@ def test_interrupt_stops_after_the_current_step_and_saves(backend, tmp_path):
     svc.run(job)
     assert job.status == "interrupted" and job.step == 2
     assert "interrupted at step 2" in job.message
+    assert "gate" not in phases and "check" not in phases and "saving" in phases and job.preview_file is None
     m = load_membrane(tmp_path / "circle.safetensors")
     assert m.info.training["steps_done"] == 2 and m.info.training["interrupted"] is True
+    assert "gate" not in (m.info.transport or {})
 
 
 def test_reporter_can_stop_a_job(backend, tmp_path):

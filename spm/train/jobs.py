@@ -319,7 +319,7 @@ class TrainJob:
     def phase_text(self) -> str:
         """``training step 3/10``, ``filling the latent pool 12/46``, ``loading the model``."""
         label = PHASES.get(self.phase, self.phase)
-        return f"{label} {self.phase_done}/{self.phase_total}" if self.phase_total else label
+        return f"{label} {self.phase_done}/{self.phase_total}" if self.phase_total > 1 else label  # 0/1: no count
 
     def progress_text(self, eta: bool = True) -> str:
         """While running: the phase, its count and (``eta``) its ETA, plus the loss and speed while training:
@@ -593,7 +593,8 @@ class TrainService:
                         self.on_saved(result.path)
                     except Exception as e:  # the file is saved; a failed list refresh must not fail the job
                         log.warning("SPM: refreshing the membrane list failed: %s", e)
-                if req.preview and job.step > 0 and req.control_prompts is not None:
+                # an interrupted job stops here: Interrupt means now, not after a before/after render
+                if req.preview and job.step > 0 and req.control_prompts is not None and not result.interrupted:
                     prompts = list(req.target)[:1] + list(req.control_prompts)
                     steps = req.preview_steps or check_steps(result, len(prompts))
                     self._phase(job, "check", 0, steps, message="rendering the before/after check")

@@ -592,11 +592,12 @@ class Trainer:
         if self.robust is not None:
             extra["robust_stats"] = self.robust.summary()
         membrane.eval()
-        self._phase("gate", 0, 1)  # minutes on a CPU WebUI: its own phase, not a "saving 0/1" that lasts
-        gate = training_gate(self.backend, membrane)  # spm_transport["gate"]: the membrane gate's calibration
-        if gate:
-            membrane.info.transport = {**membrane.info.transport, "gate": gate}
-        self._phase("gate", 1, 1)
+        if not interrupted:  # an interrupted run is saved at once; its gate is calibrated on first use, if ever
+            self._phase("gate", 0, 1)  # minutes on a CPU WebUI: its own phase, not a "saving 0/1" that lasts
+            gate = training_gate(self.backend, membrane)  # spm_transport["gate"]: the membrane gate's calibration
+            if gate:
+                membrane.info.transport = {**membrane.info.transport, "gate": gate}
+            self._phase("gate", 1, 1)
         self._phase("saving", 0, 1)
         self._save(membrane, optimizer, g, step, aw, extra,
                    state=interrupted or step < cfg.iterations or self.keep_state)

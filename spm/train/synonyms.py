@@ -168,6 +168,8 @@ def scan(backend: Backend, stack, probe: ErasureProbe, targets: list[str], words
 
     total = sum(len(null_words) + len(own(t)) for t in targets)
     done = [0]
+    if progress is not None:
+        progress(0, total)  # the phase (and its ETA clock) starts before the first UNet call, not after it
 
     def step(k: int) -> None:
         done[0] += k

@@ -111,8 +111,8 @@ class WebUIReporter(Reporter):
     pool k/N, training step k/N, before/after check k/M, saving) starts its own count: ``job_count`` = the
     phase's total, ``job_no`` = done, ``time_start`` = when the phase began.  The bar then shows the phase's
     own fraction and one ETA, the WebUI's, right for that phase; ``textinfo`` names the phase and carries no
-    ETA of ours.  A phase without a count (loading, the final erasure check, saving) sets ``job_count`` 0: the bar shows
-    0 % and neither progress API predicts an ETA.  The loss plot is the live
+    ETA of ours.  A phase without a count (loading, the final erasure check, saving), or a counted one at 0/N, sets
+    ``job_count`` 0: the bar shows 0 % and neither progress API predicts an ETA.  The loss plot is the live
     preview (the tab shows it in its "Loss" box)."""
 
     def __init__(self, preview_every_s: float = 2.0):
@@ -142,10 +142,11 @@ class WebUIReporter(Reporter):
         if job.phase != self._phase:
             self._phase = job.phase
             st.time_start = time.time()  # the WebUI's ETA counts from here: this phase's own
-        # a phase without a real count (loading, the single erasure check, saving) sets no job count: the WebUI's
-        # /sdapi/v1/progress divides the elapsed time by (0.01 + job_no / job_count), which at 0/1 predicts ~99×
-        # the elapsed time; with job_count 0 it reports no ETA, as /internal/progress does
-        counted = job.phase_total > 1
+        # a phase without a real count (loading, the single erasure check, saving), and a counted one before its
+        # first piece of work is done, sets no job count: the WebUI's /sdapi/v1/progress divides the elapsed time
+        # by (0.01 + job_no / job_count), which at 0/N predicts ~99× the elapsed time; with job_count 0 it reports
+        # no ETA, as /internal/progress (the bar) does at 0/N
+        counted = job.phase_total > 1 and job.phase_done > 0
         st.job_count = job.phase_total if counted else 0
         st.job_no = min(job.phase_done, job.phase_total) if counted else 0
         st.sampling_step, st.sampling_steps = 0, 0

@@ -48,6 +48,8 @@ OPTIONAL_PHASES = {
     "transport calibration": re.compile(r"calibrat", re.I),
     "finding words": re.compile(r"finding the words", re.I),
     "erasure signal": re.compile(r"measuring the erasure", re.I),
+    "erasure probes": re.compile(r"held-out probes", re.I),
+    "membrane gate": re.compile(r"membrane gate", re.I),
 }
 ALL_PHASES = {**PHASES, **OPTIONAL_PHASES}
 
