@@ -238,63 +238,44 @@ def test_the_words_closure_is_the_signal_applied_to_another_prompt(backend):
         stack.detach()
 
 
-def _scripted_synonyms(monkeypatch, values: dict[int, tuple[float, dict | None]], calls: list[int]):
-    def fake(self, stack, cond, step, ac):
-        calls.append(step)
-        v, syns = values.get(step, (0.0, None))
-        return sg.Check(step, v, [v], 1 - v, synonyms=syns)
-
-    monkeypatch.setattr(LoopTrainer, "_check", fake)
-
-
-def test_training_goes_on_until_the_model_synonyms_are_erased_too(backend, monkeypatch):
-    """The transport opens the membrane for the model synonyms, so a passing target does not stop training while
-    one of them still draws the target; the end reports them, and what to try when the budget runs out."""
+def test_the_end_reports_the_model_synonyms_and_training_does_not_wait_for_them(backend, monkeypatch):
+    """The transport opens the membrane for the model synonyms; the end of a run whose target passed says whether
+    it erases them too (``synonyms``, ``synonyms_erased``, the message), but the stop does not wait for them."""
     calls: list[int] = []
-    _scripted_synonyms(monkeypatch, {4: (1.2, {"disc": 0.4}), 6: (1.3, {"disc": 0.9}), 8: (1.4, {"disc": 1.1}),
-                                     10: (1.5, {"disc": 1.2})}, calls)
+    _scripted(monkeypatch, {4: 1.2, 6: 1.3}, calls)
+    monkeypatch.setattr(LoopTrainer, "_synonyms", lambda self, stack, cond, ac: {"circle": ["disc", "ball"]})
+    found = {"disc": 0.3, "ball": 1.2}
+    monkeypatch.setattr(LoopTrainer, "_synonym_closures", lambda self, stack, cond, ac: dict(found))
     cfg = TrainConfig(targets=["circle"], iterations=40, **FAST)
     res = Trainer(backend, cfg, progress_bar=False).train()
-    assert calls == [2, 4, 6, 8] and res.steps == 8  # 6 has the target's patience but not the synonym
-    assert res.erasure["erased"] and res.erasure["synonyms"] == {"disc": 1.1} and res.erasure["synonyms_erased"]
-    assert "so are the 1 words the model draws as the target" in res.erasure["message"]
-    calls.clear()
-    _scripted_synonyms(monkeypatch, {s: (1.5, {"disc": 0.3, "ball": 1.2}) for s in range(2, 21, 2)}, calls)
-    res = Trainer(backend, cfg.with_(iterations=20), progress_bar=False).train()
-    assert res.steps == 20 and res.erasure["erased"] and res.erasure["synonyms_erased"] is False
+    assert calls == [2, 4, 6] and res.steps == 6  # stopped on the target's patience, "disc" notwithstanding
+    assert res.erasure["erased"] and res.erasure["synonyms"] == found and res.erasure["synonyms_erased"] is False
     msg = res.erasure["message"]
     assert "1 of the 2 words the model draws as the target" in msg and "disc 30%" in msg and "--iterations" in msg
+    found["disc"] = 1.1
+    res = Trainer(backend, cfg, progress_bar=False).train()
+    assert res.erasure["synonyms_erased"] and "so are the 2 words the model draws as the target" in res.erasure["message"]
 
 
-def test_a_passing_check_measures_the_synonyms_on_their_targets_probe_rows(backend, monkeypatch):
-    """The trainer's check measures each target's model synonyms (membrane ON, the scan's probe rows) only once
-    the target passes, and encodes them once."""
+def test_the_synonyms_are_measured_with_the_membrane_on(backend, monkeypatch):
+    """The end's synonym measurement runs with the membrane attached, on all of a target's probe rows when the
+    probe has no more seeds than the scan takes: a "synonym" that is the target itself then closes exactly what
+    the final check measured (a detached membrane would give 0)."""
     from spm.train import synonyms as syn
 
-    monkeypatch.setattr(LoopTrainer, "_synonyms", lambda self, stack, cond, ac: {"circle": ["disc", "ball"]})
-    passing = {"now": False}
-    real_measure, seen, encoded = sg.ErasureProbe.measure, [], []
+    monkeypatch.setattr(LoopTrainer, "_synonyms", lambda self, stack, cond, ac: {"circle": ["circle"]})
+    monkeypatch.setattr(sg.Check, "passed", property(lambda self: True))
+    cfg = TrainConfig(targets=["circle"], iterations=6, la_mode="off", stop_when_erased=False,
+                      signal_trajectories=syn.PROBES_PER_LEVEL, **{**FAST, "lr": 3e-2})
+    res = Trainer(backend, cfg, progress_bar=False).train()
+    assert min(res.erasure["level_ratio"]) > 0.05  # the membrane moved the prediction
+    assert res.erasure["synonyms"]["circle"] == pytest.approx(min(res.erasure["level_ratio"]), abs=1e-3)
 
-    def measure(self, step, strength=1.0):
-        c = real_measure(self, step, strength)
-        c.signal = 1.5 if passing["now"] else 0.5
-        return c
 
-    def measure_words(self, rows, words, strength=1.0, batch_rows=64):
-        seen.append((len(rows), len(words)))
-        return [1.25, 0.5][:len(words)]
-
-    monkeypatch.setattr(sg.ErasureProbe, "measure", measure)
-    monkeypatch.setattr(sg.ErasureProbe, "measure_words", measure_words)
-    real_encode = backend.encode
-    monkeypatch.setattr(backend, "encode", lambda texts: (encoded.append(list(texts)), real_encode(texts))[1])
-    cfg = TrainConfig(targets=["circle"], iterations=8, signal_checks=4, **FAST)
-    tr = LoopTrainer(backend, cfg, progress_bar=False)
-    res = tr.train()  # the target never passes: no synonym is measured
+def test_an_unpassed_target_measures_no_synonyms(backend, monkeypatch):
+    monkeypatch.setattr(LoopTrainer, "_synonyms", lambda self, stack, cond, ac: {"circle": ["disc"]})
+    monkeypatch.setattr(sg.Check, "passed", property(lambda self: False))
+    seen = []
+    monkeypatch.setattr(sg.ErasureProbe, "measure_words", lambda self, *a, **k: seen.append(a) or [1.0])
+    res = Trainer(backend, TrainConfig(targets=["circle"], iterations=4, **FAST), progress_bar=False).train()
     assert seen == [] and "synonyms" not in res.erasure
-    passing["now"] = True
-    res = LoopTrainer(backend, cfg, progress_bar=False).train()
-    rows = syn.probe_row_count(cfg.signal_trajectories, len(sg.probe_levels(cfg.max_denoising_steps, cfg.signal_levels)), 1)
-    assert seen and all(s == (rows, 2) for s in seen) and res.steps == 8  # "ball" never passes: the budget runs
-    assert res.erasure["synonyms"] == {"disc": 1.25, "ball": 0.5} and res.erasure["synonyms_erased"] is False
-    assert encoded.count(["disc", "ball"]) == 1

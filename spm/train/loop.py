@@ -346,26 +346,34 @@ class Trainer:
             raise _Stopped
 
     def _check(self, stack, cond: dict[str, Conditioning], step: int, ac):
-        """Measure the erasure signal now (building the held-out probes on the first call).  Once the target
-        passes, the model synonyms that the transport opens the membrane for are measured too (on the scan's probe
-        rows of their target): training stops only when they are erased as well (:class:`StopRule`)."""
-        probe = self._probe(stack, cond, ac)
-        check = probe.measure(step)
-        if check.passed and self.synonym_words:
-            from . import synonyms as syn
+        """Measure the erasure signal now (building the held-out probes on the first call)."""
+        return self._probe(stack, cond, ac).measure(step)
 
-            found: dict[str, float] = {}
-            for ti, target in enumerate(self.cfg.targets):
-                words = self.synonym_words.get(target) or []
-                if not words:
-                    continue
-                if target not in self.synonym_cond:
-                    self.synonym_cond[target] = self.backend.encode(words)
-                closed = probe.measure_words(syn.probe_rows(probe, ti), self.synonym_cond[target])
+    def _synonym_closures(self, stack, cond: dict[str, Conditioning], ac) -> dict[str, float]:
+        """The model synonyms that the transport opens the membrane for, measured with the membrane ON on the scan's
+        probe rows of their target (:meth:`ErasureProbe.measure_words`): word → share of the target's gap closed.
+        Reported at the end of a run whose target passed; training does not wait for them (see the README)."""
+        from . import synonyms as syn
+
+        probe = self._probe(stack, cond, ac)
+        total = sum(len(self.synonym_words.get(t) or []) for t in self.cfg.targets)
+        done = [0]
+
+        def progress(k: int) -> None:  # counted in words, in the phase of the erasure check; Interrupt skips it
+            done[0] += k
+            self._phase("signal", done[0], total, "words")
+            if done[0] < total and self.should_stop is not None and self.should_stop():
+                raise _Stopped
+
+        self._phase("signal", 0, total, "words")
+        found: dict[str, float] = {}
+        for ti, target in enumerate(self.cfg.targets):
+            words = self.synonym_words.get(target) or []
+            if words:
+                closed = probe.measure_words(syn.probe_rows(probe, ti), self.backend.encode(words), progress=progress)
                 for w, c in zip(words, closed):
                     found[w] = min(c, found.get(w, c))
-            check.synonyms = found
-        return check
+        return found
 
     # --- the loop -----------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -380,7 +388,6 @@ class Trainer:
         self.robust = None
         self.neighbour_words: dict[str, list[str]] = {}
         self.synonym_words: dict[str, list[str]] = {}
-        self.synonym_cond: dict[str, Conditioning] = {}  # each target's synonyms, encoded once for the checks
         self.synonym_scan: dict = {}
         self.synonym_ufe = 0
         self.synonym_skipped = ""
@@ -558,6 +565,13 @@ class Trainer:
                     self.rule.record(last_check)
                     history[-1]["erasure_signal"] = last_check.signal
                 self._phase("signal", 1, 1)
+            if not interrupted and last_check is not None and last_check.passed and self.synonym_words:
+                try:  # the words that open the membrane: is it erased for them too? (reported, never waited for)
+                    last_check.synonyms = self._synonym_closures(stack, cond, ac)
+                except _Stopped:  # Interrupt after the last step: the trained membrane stands, unreported words
+                    log.warning("SPM: interrupted while measuring the model synonyms; saving without them")
+                except Exception as e:  # never fail a training run for it
+                    log.warning("SPM: measuring the model synonyms failed (%s)", e)
         except (KeyboardInterrupt, _Stopped):
             interrupted = True
             log.warning("SPM: training interrupted at step %d; saving the membrane trained so far", step)

@@ -134,7 +134,7 @@ class Check:
     aggregate: float | None = None  # closed over all probes together (the signal is the minimum over levels)
     level_ratio: list[float] | None = None  # closed per level, the plain ratio (per_level: its lower bound)
     per_seed: list[list[float]] | None = None  # closed per level and held-out seed (each probe alone)
-    # the model synonyms' closure with the membrane ON (word -> least level's ratio), measured once the target passes
+    # the model synonyms' closure with the membrane ON (word -> least level's ratio): the end of a run that passed
     synonyms: dict[str, float] | None = None
 
     @property
@@ -236,14 +236,14 @@ class ErasureProbe:
         return Check(step, min(bound), bound, remaining, closed, ratio, self.last_per_seed)
 
     def measure_words(self, rows: list[int], words: Conditioning, strength: float = 1.0,
-                      batch_rows: int = 64) -> list[float]:
+                      batch_rows: int = 64, progress: Callable[[int], None] | None = None) -> list[float]:
         """How far the membrane (ON at ``strength``) cancels the target's direction for other prompts: for each row
         of ``words``, on the probe rows ``rows`` (one target's), the same share of the gap closed as the signal's,
         ``⟨o − ε'(x_t, word), u⟩ / ‖u‖²`` with the *target's* ``u = o − s``, per noise level (a ratio of sums over
         the level's probes), and its minimum over the levels.  ``1 − closed`` is the component of the word's
         prediction towards the target: at ``closed ≥ 1`` no guidance scale draws the target for that word either
         (the argument of the module docstring, applied to the word's prompt).  ``len(rows)`` rows per word, in UNet
-        calls of about ``batch_rows`` rows, counted in :attr:`meter`."""
+        calls of about ``batch_rows`` rows, counted in :attr:`meter`; ``progress(k)`` after each call (k words)."""
         n, r = len(words), len(rows)
         if n == 0 or r == 0:
             return []
@@ -265,6 +265,8 @@ class ErasureProbe:
                                   / den[[j for j, v in enumerate(levels) if v == lv]].sum().clamp_min(1e-30))
                             for lv in sorted(set(levels))]
                 out.append(min(by_level))
+            if progress is not None:
+                progress(k)
         return out
 
 
@@ -283,12 +285,10 @@ class StopRule:
         return step % self.interval == 0 or step == budget
 
     def record(self, check: Check) -> bool:
-        """Add a check; True when training should stop now: the target passed ``patience`` checks in a row and
-        the model synonyms measured in this one (if any) are erased too."""
+        """Add a check; True when training should stop now."""
         self.streak = self.streak + 1 if check.passed else 0
         self.checks.append(check.to_dict())
-        return (self.enabled and self.streak >= self.patience and check.step >= self.earliest
-                and check.synonyms_passed)
+        return self.enabled and self.streak >= self.patience and check.step >= self.earliest
 
     def state_dict(self) -> dict:
         return {"streak": self.streak, "checks": list(self.checks)}
