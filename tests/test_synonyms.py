@@ -243,3 +243,31 @@ def test_the_scan_plans_as_many_probe_rows_as_it_takes(pipe):
                         (targets, trajectories, ti, per_level)
     finally:
         stack.detach()
+
+
+@pytest.mark.parametrize("phase", ["vocabulary", "synonyms"])
+def test_interrupt_stops_the_vocabulary_and_the_word_scan(pipe, monkeypatch, phase):
+    """Interrupt is polled after each piece of the synonym scan's counted phases (the vocabulary, in words read, and
+    the word scan, per UNet call), as in the probes and the pool: the run ends there, interrupted, with nothing
+    trained, instead of reading or scoring the rest first."""
+    from spm.transport import VOCABULARY_PROGRESS
+
+    be = AliasBackend(pipe)
+    real = be.transport_candidates
+
+    def candidates(concepts, k, null, seed):  # a host that reads its vocabulary reports it as it goes
+        report = VOCABULARY_PROGRESS.get()
+        for done in range(0, 101, 10):
+            report(done, 100)
+        return real(concepts, k, null, seed)
+
+    monkeypatch.setattr(be, "transport_candidates", candidates)
+    phases = []
+    stop = lambda: any(p.name == phase and p.done > 0 for p in phases)  # noqa: E731
+    res = Trainer(be, TrainConfig(targets=["circle"], iterations=4, la_mode="off", **FAST), progress_bar=False,
+                  on_phase=phases.append, should_stop=stop).train()
+    assert res.interrupted and res.steps == 0
+    seen = [(p.done, p.total) for p in phases if p.name == phase]
+    assert 0 < seen[-1][0] < seen[-1][1]  # stopped part-way through the phase
+    after = [p.name for p in phases][[p.name for p in phases].index(phase):]
+    assert not {"pool", "training", "gate"} & set(after)

@@ -502,6 +502,9 @@ def test_the_erasure_verdict_is_shown_when_the_trainer_gives_one(backend, tmp_pa
     assert jobs.erasure_text({"erased": True, "signal": 0.01, "threshold": 0.1, "message": ""}) == \
         "erased (signal 0.01, threshold 0.1)"
     assert jobs.erasure_text(None) == ""
+    # stopped before any check (an Interrupt before step 1): no verdict and no "signal nan", only why
+    assert jobs.erasure_text({"erased": False, "signal": float("nan"), "threshold": 1.0,
+                              "message": "not measured: training stopped"}) == "not measured: training stopped"
 
 
 def test_check_steps_follow_the_training_cost():

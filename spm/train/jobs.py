@@ -375,6 +375,10 @@ def erasure_text(erasure: dict | None) -> str:
     """``erased (signal 0.012, threshold 0.05): …`` from a :class:`TrainResult`'s ``erasure``; '' if none."""
     if not isinstance(erasure, dict):
         return ""
+    msg = str(erasure.get("message") or "").strip()
+    sig = erasure.get("signal")
+    if isinstance(sig, float) and math.isnan(sig):  # stopped before any check: no verdict, only why
+        return msg or "erasure not measured"
     verdict = "erased" if erasure.get("erased") else "not erased"
     nums = []
     for key in ("signal", "threshold"):
@@ -382,7 +386,6 @@ def erasure_text(erasure: dict | None) -> str:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             nums.append(f"{key} {v:.3g}")
     text = verdict + (f" ({', '.join(nums)})" if nums else "")
-    msg = str(erasure.get("message") or "").strip()
     return f"{text}: {msg}" if msg else text
 
 

@@ -308,7 +308,7 @@ class Trainer:
             log.warning("SPM: model synonyms %s", self.synonym_skipped)  # the WebUI's console shows warnings only
             return {}
         # first the vocabulary, in the host's text encoder (minutes on a CPU WebUI): counted in vocabulary words
-        token = VOCABULARY_PROGRESS.set(lambda done, total: self._phase("vocabulary", done, total, "words"))
+        token = VOCABULARY_PROGRESS.set(self._counted("vocabulary", "words"))
         try:
             words = training_candidates(self.backend, cfg.targets, n, n, syn.SEED)
         finally:
@@ -319,7 +319,7 @@ class Trainer:
         meter = CostMeter()
         try:
             found = syn.scan(self.backend, stack, probe, list(cfg.targets), words, meter, ac,
-                             progress=lambda done, total: self._phase("synonyms", done, total, "words"))
+                             progress=self._counted("synonyms", "words"))
         except Exception as e:  # never fail a training run for it
             log.warning("SPM: the model-synonym scan failed (%s); training without it", e)
             return {}
@@ -336,14 +336,20 @@ class Trainer:
                                       resolution=cfg.resolution or self.backend.latent.resolution,
                                       trajectories=cfg.signal_trajectories, levels=cfg.signal_levels, seed=cfg.seed,
                                       meter=self.signal_meter, autocast=ac, surrogate_is_uncond=cfg.surrogate == "",
-                                      progress=self._probe_progress)
+                                      progress=self._counted("probes", "denoising steps"))
         return self.probe
 
-    def _probe_progress(self, done: int, total: int) -> None:
-        """The probes' count; ``should_stop`` is polled before each of their UNet calls, as in the pool's warm-up."""
-        self._phase("probes", done, total, "denoising steps")
-        if done < total and self.should_stop is not None and self.should_stop():
-            raise _Stopped
+    def _counted(self, phase: str, unit: str):
+        """A ``progress(done, total)`` for a counted phase before the steps (the vocabulary, the probes, the word
+        scan): reports the count, and polls ``should_stop`` after each piece of work, as the pool's warm-up does;
+        Interrupt there stops the run (:class:`_Stopped`) instead of waiting for the phase to end."""
+
+        def progress(done: int, total: int) -> None:
+            self._phase(phase, done, total, unit)
+            if done < total and self.should_stop is not None and self.should_stop():
+                raise _Stopped
+
+        return progress
 
     def _check(self, stack, cond: dict[str, Conditioning], step: int, ac):
         """Measure the erasure signal now (building the held-out probes on the first call)."""
