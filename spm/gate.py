@@ -161,11 +161,16 @@ def conditioning_fingerprint(encode: ConditioningEncoder, text: str = FINGERPRIN
     return {"dim": int(st.shape[-1]), "probe": text, "proj": [float(f"{v:.6g}") for v in proj.reshape(-1).tolist()]}
 
 
-def _encode_all(encode: ConditioningEncoder, texts: list[str]) -> list[torch.Tensor]:
+def _encode_all(encode: ConditioningEncoder, texts: list[str],
+                progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+    """Every text's conditioning, in batches of :data:`BATCH`; ``progress(k)`` after each batch of ``k``."""
     out = []
     with torch.no_grad():
         for i in range(0, len(texts), BATCH):
-            out.extend(encode(texts[i:i + BATCH]).detach().float().cpu())
+            batch = texts[i:i + BATCH]
+            out.extend(encode(batch).detach().float().cpu())
+            if progress is not None:
+                progress(len(batch))
     return out
 
 
@@ -257,8 +262,10 @@ def _unusable(mods, fingerprint, reason: str) -> Gate:
                 fingerprint, "computed", reason)
 
 
-def compute_gate(membrane, encode: ConditioningEncoder, reason: str = "", fingerprint: dict | None = None) -> Gate:
-    """Calibrate ``membrane``'s gate on the encoder behind ``encode`` (see the module docstring)."""
+def compute_gate(membrane, encode: ConditioningEncoder, reason: str = "", fingerprint: dict | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> Gate:
+    """Calibrate ``membrane``'s gate on the encoder behind ``encode`` (see the module docstring).
+    ``progress(done, total)`` counts the prompts encoded (the null's and the concepts'), from ``(0, total)``."""
     mods = gate_modules(membrane)
     fp = fingerprint if fingerprint is not None else conditioning_fingerprint(encode)
     if not mods:
@@ -266,7 +273,17 @@ def compute_gate(membrane, encode: ConditioningEncoder, reason: str = "", finger
     concepts = [c for c in membrane.concepts if str(c).strip()]
     if not concepts:
         return _unusable(mods, fp, "the membrane names no concept")
-    null = _encode_all(encode, null_prompts())
+    null_texts, lit_texts = null_prompts(), concept_prompts(concepts)
+    total, done = len(null_texts) + len(lit_texts), [0]
+
+    def step(k: int) -> None:
+        done[0] += k
+        if progress is not None:
+            progress(done[0], total)
+
+    if progress is not None:
+        progress(0, total)
+    null = _encode_all(encode, null_texts, step)
     width = null[0].shape[-1]
     mods = [(s, d) for s, d in mods if d.shape[1] == width]
     if not mods:
@@ -277,7 +294,7 @@ def compute_gate(membrane, encode: ConditioningEncoder, reason: str = "", finger
     gate = Gate(tuple(s for s, _ in mods), sigma, 0.0, 0.0, 0.0, 1.0, {}, len(null), True, _checksum(mods), fp,
                 "computed", reason).bind(mods)
     null_raw = torch.cat([gate.raw(n[None]) for n in null]).double()
-    lit = _encode_all(encode, concept_prompts(concepts))
+    lit = _encode_all(encode, lit_texts, step)
     lit_raw = torch.cat([gate.raw(x[None]) for x in lit]).double()
     ranked = null_raw.sort(descending=True).values
     q, top = float(ranked[min(NULL_RANK, len(ranked)) - 1]), float(lit_raw.min())
@@ -349,12 +366,13 @@ class GateCache:
         return len(self._gates)
 
 
-def training_gate(backend, membrane) -> dict:
+def training_gate(backend, membrane, progress: Callable[[int, int], None] | None = None) -> dict:
     """The ``spm_transport["gate"]`` entry a trainer stores for the trained ``membrane`` (best effort: ``{}`` when
-    it fails, and the gate is then calibrated on first use)."""
+    it fails, and the gate is then calibrated on first use).  ``progress``: :func:`compute_gate`'s count."""
     try:
         with torch.no_grad():
-            return compute_gate(membrane, lambda texts: backend.encode(list(texts)).context).to_dict()
+            return compute_gate(membrane, lambda texts: backend.encode(list(texts)).context,
+                                progress=progress).to_dict()
     except Exception as e:  # never fail a training run for it
         log.warning("SPM: gate calibration at training time failed (%s); it will be computed on first use", e)
         return {}

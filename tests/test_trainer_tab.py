@@ -602,3 +602,25 @@ def test_a_new_start_clears_the_old_run_and_a_failure_says_failed(backend, tmp_p
     svc2 = TrainService(broken, tmp_path)
     out = tt.train_blocking(svc2, "task(x)", *[{**values, "name": "late"}[k] for k in tt.FORM])
     assert out[0] == "failed (loading the model)" and "no model is loaded" in out[-1]
+
+
+def test_interrupt_during_the_gate_calibration_skips_it_and_the_check(backend, tmp_path):
+    """The gate calibration (minutes on a CPU WebUI) is counted in prompts and Interrupt is polled there: the trained
+    membrane is saved without its gate (calibrated on first use, if ever), and no before/after check follows."""
+    svc = service(backend, tmp_path)
+    job = svc.create(fast(control_prompts="a dog"))
+    seen: list[tuple[str, int, int]] = []
+
+    class StopInGate(jobs.Reporter):
+        def phase(self, j):
+            seen.append((j.phase, j.phase_done, j.phase_total))
+            if j.phase == "gate" and j.phase_done > 0:
+                svc.interrupt()
+
+    svc.reporter = StopInGate()
+    svc.run(job)
+    gate = [(d, t) for p, d, t in seen if p == "gate"]
+    assert gate and gate[0] == (0, gate[0][1]) and 0 < gate[-1][0] < gate[-1][1]  # counted, stopped part-way
+    assert "check" not in [p for p, *_ in seen] and job.preview_file is None
+    m = load_membrane(tmp_path / "circle.safetensors")
+    assert m.info.training["steps_done"] == 3 and "gate" not in (m.info.transport or {})

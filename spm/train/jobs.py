@@ -55,8 +55,8 @@ PHASES = {"queued": "queued", "loading": "loading the model", "calibration": "ca
           "gate": "calibrating the membrane gate",
           "pool": "filling the latent pool", "probes": "drawing the erasure signal's held-out probes",
           "training": "training step", "signal": "measuring the erasure", "check": "before/after check", "saving": "saving"}
-UNITS = {"pool": "denoising steps", "probes": "denoising steps", "training": "steps", "check": "sampling steps", "synonyms": "words",
-         "vocabulary": "words"}  # what a phase counts
+UNITS = {"pool": "denoising steps", "probes": "denoising steps", "gate": "prompts", "training": "steps",
+         "check": "sampling steps", "synonyms": "words", "vocabulary": "words"}  # what a phase counts
 CONSOLE_LINES = 10  # about this many progress lines per job in the console
 # the before/after check, when preview_steps is left to the service: as many DDIM steps as the training's own
 # UNet work pays for, within the range where DDIM images are recognisable and the WebUI's default sampling steps
@@ -597,7 +597,8 @@ class TrainService:
                     except Exception as e:  # the file is saved; a failed list refresh must not fail the job
                         log.warning("SPM: refreshing the membrane list failed: %s", e)
                 # an interrupted job stops here: Interrupt means now, not after a before/after render
-                if req.preview and job.step > 0 and req.control_prompts is not None and not result.interrupted:
+                if (req.preview and job.step > 0 and req.control_prompts is not None and not result.interrupted
+                        and not job.stop.is_set() and not self.reporter.should_stop()):
                     prompts = list(req.target)[:1] + list(req.control_prompts)
                     steps = req.preview_steps or check_steps(result, len(prompts))
                     self._phase(job, "check", 0, steps, message="rendering the before/after check")

@@ -613,11 +613,16 @@ class Trainer:
             extra["robust_stats"] = self.robust.summary()
         membrane.eval()
         if not interrupted:  # an interrupted run is saved at once; its gate is calibrated on first use, if ever
-            self._phase("gate", 0, 1)  # minutes on a CPU WebUI: its own phase, not a "saving 0/1" that lasts
-            gate = training_gate(self.backend, membrane)  # spm_transport["gate"]: the membrane gate's calibration
+            # spm_transport["gate"], the membrane gate's calibration: minutes on a CPU WebUI, so a phase of its own,
+            # counted in prompts encoded; Interrupt there skips it (the gate is then calibrated on first use)
+            try:
+                gate = training_gate(self.backend, membrane, progress=self._counted("gate", "prompts"))
+            except _Stopped:
+                gate = {}
+                log.warning("SPM: interrupted while calibrating the membrane gate; saving without it (it is "
+                            "calibrated on first use)")
             if gate:
                 membrane.info.transport = {**membrane.info.transport, "gate": gate}
-            self._phase("gate", 1, 1)
         self._phase("saving", 0, 1)
         self._save(membrane, optimizer, g, step, aw, extra,
                    state=interrupted or step < cfg.iterations or self.keep_state)
