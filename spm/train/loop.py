@@ -340,9 +340,10 @@ class Trainer:
         return self.probe
 
     def _counted(self, phase: str, unit: str):
-        """A ``progress(done, total)`` for a counted phase before the steps (the vocabulary, the probes, the word
-        scan): reports the count, and polls ``should_stop`` after each piece of work, as the pool's warm-up does;
-        Interrupt there stops the run (:class:`_Stopped`) instead of waiting for the phase to end."""
+        """A ``progress(done, total)`` for a counted phase outside the steps (the vocabulary, the probes, the word
+        scan; after them the synonym report and the gate): reports the count, and polls ``should_stop`` after each
+        piece of work, as the pool's warm-up does; Interrupt there raises :class:`_Stopped` instead of waiting for
+        the phase to end (before the steps it stops the run; after them it skips what is left of the phase)."""
 
         def progress(done: int, total: int) -> None:
             self._phase(phase, done, total, unit)
@@ -363,15 +364,13 @@ class Trainer:
 
         probe = self._probe(stack, cond, ac)
         total = sum(len(self.synonym_words.get(t) or []) for t in self.cfg.targets)
-        done = [0]
+        done, report = [0], self._counted("signal", "words")  # in the erasure check's phase; Interrupt skips it
 
-        def progress(k: int) -> None:  # counted in words, in the phase of the erasure check; Interrupt skips it
+        def progress(k: int) -> None:
             done[0] += k
-            self._phase("signal", done[0], total, "words")
-            if done[0] < total and self.should_stop is not None and self.should_stop():
-                raise _Stopped
+            report(done[0], total)
 
-        self._phase("signal", 0, total, "words")
+        report(0, total)
         found: dict[str, float] = {}
         for ti, target in enumerate(self.cfg.targets):
             words = self.synonym_words.get(target) or []
