@@ -37,6 +37,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .progress import tally
 from .transport import BOS, FINGERPRINT_RTOL, NULL_RANK, _whole_words, stored_mismatch
 
 log = logging.getLogger("spm")
@@ -274,15 +275,7 @@ def compute_gate(membrane, encode: ConditioningEncoder, reason: str = "", finger
     if not concepts:
         return _unusable(mods, fp, "the membrane names no concept")
     null_texts, lit_texts = null_prompts(), concept_prompts(concepts)
-    total, done = len(null_texts) + len(lit_texts), [0]
-
-    def step(k: int) -> None:
-        done[0] += k
-        if progress is not None:
-            progress(done[0], total)
-
-    if progress is not None:
-        progress(0, total)
+    step = tally(progress, len(null_texts) + len(lit_texts))
     null = _encode_all(encode, null_texts, step)
     width = null[0].shape[-1]
     mods = [(s, d) for s, d in mods if d.shape[1] == width]

@@ -45,6 +45,7 @@ from ..checkpoint import MembraneFileError, load_membrane, save_membrane
 from ..gate import training_gate
 from ..membrane import Membrane, MembraneInfo
 from ..naming import context_dim, find_targets
+from ..progress import tally
 from ..transport import VOCABULARY_PROGRESS, training_calibration, training_candidates, training_neighbours
 from .anchors import sample_anchors
 from .config import TrainConfig
@@ -363,14 +364,9 @@ class Trainer:
         from . import synonyms as syn
 
         probe = self._probe(stack, cond, ac)
-        total = sum(len(self.synonym_words.get(t) or []) for t in self.cfg.targets)
-        done, report = [0], self._counted("signal", "words")  # in the erasure check's phase; Interrupt skips it
-
-        def progress(k: int) -> None:
-            done[0] += k
-            report(done[0], total)
-
-        report(0, total)
+        # counted in words, in the erasure check's phase; Interrupt skips it
+        progress = tally(self._counted("signal", "words"),
+                         sum(len(self.synonym_words.get(t) or []) for t in self.cfg.targets))
         found: dict[str, float] = {}
         for ti, target in enumerate(self.cfg.targets):
             words = self.synonym_words.get(target) or []

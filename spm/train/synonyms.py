@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..backend import Backend, Conditioning
+from ..progress import tally
 from .objective import CostMeter, run_unet
 from .signal import ErasureProbe
 
@@ -166,15 +167,7 @@ def scan(backend: Backend, stack, probe: ErasureProbe, targets: list[str], words
     def own(target: str) -> list[str]:
         return [w for w in words.get("candidates", {}).get(target, []) if w.strip().lower() != target.strip().lower()]
 
-    total = sum(len(null_words) + len(own(t)) for t in targets)
-    done = [0]
-    if progress is not None:
-        progress(0, total)  # the phase (and its ETA clock) starts before the first UNet call, not after it
-
-    def step(k: int) -> None:
-        done[0] += k
-        if progress is not None:
-            progress(done[0], total)
+    step = tally(progress, sum(len(null_words) + len(own(t)) for t in targets))
 
     for ti, target in enumerate(targets):
         rows = probe_rows(probe, ti)
