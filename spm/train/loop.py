@@ -438,10 +438,9 @@ class Trainer:
                 if cfg.synonyms == "erase":
                     for t, ws in self.synonym_words.items():
                         neigh[t] = list(dict.fromkeys(neigh.get(t, []) + ws))
-            if self.should_stop is None or not self.should_stop():
-                # the erasure signal's held-out probes, drawn now (a counted phase of their own; the scan above
-                # draws them first when it runs) rather than inside the steps, whose clock and ETA they would skew
-                self._probe(stack, cond, ac)
+            # the erasure signal's held-out probes, drawn now (a counted phase of their own, which polls should_stop
+            # first; the scan above draws them when it runs) rather than inside the steps, whose clock they would skew
+            self._probe(stack, cond, ac)
             neigh_rows = {}  # target index -> its neighbours' conditioning rows
             if neigh:
                 words = [w for t in cfg.targets for w in neigh.get(t, [])]
@@ -559,7 +558,6 @@ class Trainer:
                     break
             if not interrupted and (last_check is None or last_check.step != step):
                 # the end of the run (or a resumed, finished one): a phase of its own, since no step follows
-                self._probe(stack, cond, ac)  # drawn already unless the run was stopped before its steps
                 self._phase("signal", 0, 1)
                 last_check = self._check(stack, cond, step, ac)
                 if history and history[-1]["step"] == step:
