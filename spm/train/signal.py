@@ -134,7 +134,8 @@ class Check:
     aggregate: float | None = None  # closed over all probes together (the signal is the minimum over levels)
     level_ratio: list[float] | None = None  # closed per level, the plain ratio (per_level: its lower bound)
     per_seed: list[list[float]] | None = None  # closed per level and held-out seed (each probe alone)
-    # the model synonyms' closure with the membrane ON (word -> least level's ratio): the end of a run that passed
+    # the model synonyms' closure with the membrane ON (word -> least level's ratio): set at the end of a run that
+    # passed (the summary reports it; the stop rule's history does not keep it)
     synonyms: dict[str, float] | None = None
 
     @property
@@ -149,9 +150,7 @@ class Check:
     def to_dict(self) -> dict:
         return {"step": self.step, "signal": self.signal, "per_level": self.per_level, "remaining": self.remaining,
                 "aggregate": self.aggregate, "level_ratio": self.level_ratio,
-                "per_seed": [[round(v, 4) for v in lv] for lv in self.per_seed] if self.per_seed is not None else None,
-                **({"synonyms": {w: round(v, 4) for w, v in self.synonyms.items()}} if self.synonyms is not None
-                   else {})}
+                "per_seed": [[round(v, 4) for v in lv] for lv in self.per_seed] if self.per_seed is not None else None}
 
 
 class ErasureProbe:
@@ -252,6 +251,7 @@ class ErasureProbe:
         u = (o - s).flatten(1)
         den = (u * u).sum(1)
         levels = [self.level_of[i] for i in rows]
+        groups = [[j for j, v in enumerate(levels) if v == lv] for lv in sorted(set(levels))]  # rows per level
         per_call = max(1, batch_rows // r)
         out: list[float] = []
         for i in range(0, n, per_call):
@@ -260,11 +260,7 @@ class ErasureProbe:
             m = run_unet(self.backend, self.stack, x.repeat(k, 1, 1, 1), t.repeat(k), cond, [float(strength)] * (k * r),
                          self.meter, False, self.autocast).double().view(k, r, -1)
             num = ((o.flatten(1).unsqueeze(0) - m) * u.unsqueeze(0)).sum(2)  # [k, r]
-            for row in num:
-                by_level = [float(row[[j for j, v in enumerate(levels) if v == lv]].sum()
-                                  / den[[j for j, v in enumerate(levels) if v == lv]].sum().clamp_min(1e-30))
-                            for lv in sorted(set(levels))]
-                out.append(min(by_level))
+            out.extend(min(float(row[g].sum() / den[g].sum().clamp_min(1e-30)) for g in groups) for row in num)
             if progress is not None:
                 progress(k)
         return out
