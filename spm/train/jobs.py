@@ -544,6 +544,10 @@ class TrainService:
             job.done_event.set()  # whoever waits may start the next job at once
         return job
 
+    def _stopping(self, job: TrainJob) -> bool:
+        """Interrupt was asked for: the job's own flag (the API, the tab) or the host's (the WebUI's button)."""
+        return job.stop.is_set() or bool(self.reporter.should_stop())
+
     def _say(self, job: TrainJob, text: str) -> None:
         if self.log_line is not None:
             try:
@@ -598,7 +602,7 @@ class TrainService:
                         log.warning("SPM: refreshing the membrane list failed: %s", e)
                 # an interrupted job stops here: Interrupt means now, not after a before/after render
                 if (req.preview and job.step > 0 and req.control_prompts is not None and not result.interrupted
-                        and not job.stop.is_set() and not self.reporter.should_stop()):
+                        and not self._stopping(job)):
                     prompts = list(req.target)[:1] + list(req.control_prompts)
                     steps = req.preview_steps or check_steps(result, len(prompts))
                     self._phase(job, "check", 0, steps, message="rendering the before/after check")
@@ -665,10 +669,7 @@ class TrainService:
             message = {"training": "training", "saving": f"saving {out.name}"}.get(ph.name, PHASES.get(ph.name))
             self._phase(job, ph.name, ph.done, ph.total, message=message)
 
-        def should_stop() -> bool:
-            return job.stop.is_set() or bool(self.reporter.should_stop())
-
-        trainer = Trainer(backend, cfg, out, callback=callback, should_stop=should_stop, progress_bar=False,
+        trainer = Trainer(backend, cfg, out, callback=callback, should_stop=lambda: self._stopping(job), progress_bar=False,
                           name=job.request.name, on_phase=on_phase, keep_state=job.request.keep_state)
         return trainer.train()
 
