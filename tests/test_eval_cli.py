@@ -68,6 +68,9 @@ def _check_metrics(r: dict, targets: list[str]) -> None:
         assert sum(p["images"] for p in per) == r["images"][part]
         for p in per:
             assert 0.0 <= p["found_before"] <= 1.0 and 0.0 <= p["found_after"] <= 1.0
+            # the images found after split into those the base model drew the target in too, and new ones
+            assert p["kept"] + p["new"] == round(p["found_after"] * p["images"])
+            assert p["kept"] <= round(p["found_before"] * p["images"])
             if p["found_before"] == 0:  # the model never drew it: erasure undefined, not invented
                 assert p["erasure"] is None
             else:
@@ -87,6 +90,8 @@ def test_zero_membrane_changes_nothing(files, capsys):
     assert r["nontarget_identical"] == 1.0
     assert r["nontarget_drop_pt"] == 0.0 and r["nontarget_exact_before"] == r["nontarget_exact_after"]
     assert r["mixed_other_found_before"] == r["mixed_other_found_after"]
+    for p in r["literal_per_target"] + r["paraphrase_per_target"]:  # the same images: every one found is kept
+        assert p["new"] == 0 and p["kept"] == round(p["found_before"] * p["images"])
     assert not {"each", "multi", "transfer"} & set(r)
     s = r["settings"]
     assert s["steps"] == 6 and s["cfg"] == harness.DEFAULT_CFG and s["transport"] and s["metric"] and s["suite"]["n_literal"] == 2
