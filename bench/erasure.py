@@ -136,8 +136,9 @@ def train_object(pipe, obj: str, folder: Path, overrides: dict, reuse: bool, say
     if reuse and path.exists() and side.exists():
         rec = {k: v for k, v in json.loads(side.read_text()).items() if not k.startswith("history")}
         m = load_membrane(path)
-        saved = {k: v for k, v in (m.info.training or {}).items() if k in cfg.to_dict()}
-        if saved == cfg.to_dict():
+        # a setting the file does not record is one added since, off by default then: its default
+        default, saved = training_config(obj).to_dict(), m.info.training or {}
+        if all(saved.get(k, default[k]) == v for k, v in cfg.to_dict().items()):
             say(f"{obj}: reusing {path}")
             return m, {**rec, "reused": True}
         say(f"{obj}: {path.name} was trained with other settings; training again")
@@ -191,6 +192,9 @@ def object_row(r: dict, train: dict) -> dict:
     return {"erasure": r.get("erasure"), "paraphrase_erasure": r.get("paraphrase_erasure"),
             "literal_found": [lit.get("found_before"), lit.get("found_after")],
             "paraphrase_found": [par.get("found_before"), par.get("found_after")],
+            # images found after: [kept (the base model drew the target too), new (it had not)]
+            "literal_found_after": [lit.get("kept"), lit.get("new")],
+            "paraphrase_found_after": [par.get("kept"), par.get("new")],
             "images": r.get("images"),
             "nontarget_identical": r.get("nontarget_identical"), "psnr_unrelated_db": r.get("psnr_unrelated_db"),
             "nontarget_drop_pt": r.get("nontarget_drop_pt"), "mixed_erasure": r.get("mixed_erasure"),

@@ -255,6 +255,8 @@ def config_from_args(args):
         over["neighbours"] = bool(args.neighbours)
     if getattr(args, "synonyms", None) is not None:
         over["synonyms"] = args.synonyms
+    if getattr(args, "contexts", None) is not None:
+        over["contexts"] = args.contexts
     if getattr(args, "no_early_stop", False):
         over["stop_when_erased"] = False
     if args.preset not in PRESETS:
@@ -644,6 +646,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model synonyms: the words the model itself draws as the target (measured on held-out noise "
                         "against random words). gate: the transport also opens the membrane for them; erase: that, "
                         f"and training erases them too; off: neither {_default_text('synonyms')}")
+    t.add_argument("--contexts", type=int, default=None, metavar="N",
+                   help="also erase (opt-in) the target inside N prompts of English function words around it "
+                        "(\"the car of\" against \"the of\"), and measure the erasure signal there too: two more "
+                        f"no-grad and one more grad UNet row per step; 0: off {_default_text('contexts')}")
     t.add_argument("--no-early-stop", action="store_true",
                    help="run all --iterations (default: stop once the erasure signal says erased; --iterations is the budget)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --output")

@@ -179,3 +179,25 @@ def test_signal_vs_scorer_merge_names_the_targets_not_run(tmp_path):
     m = rep["summary"]["single_seed_min"]["decision_vs_erasure_0.9"]
     assert m["both_erased"] == 1 and m["signal_erased_scorer_not"] == 0 and m["scorer_erased_signal_not"] == 1
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_reuse_takes_a_setting_the_file_predates_as_its_default(tmp_path):
+    """``--reuse``: a membrane trained before a setting existed (the file does not record it) is reused when the
+    sweep asks for that setting's default, and trained again when it asks for another value."""
+    from spm.checkpoint import save_membrane
+    from tests.helpers import random_membrane
+    from tests.test_train_models import tiny_sd_pipe
+
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    m = random_membrane(tiny_sd_pipe().unet, name="circle", concepts=("circle",))
+    cfg = be.training_config("circle").to_dict()
+    m.info.training = {k: v for k, v in cfg.items() if k != "contexts"}  # as saved before ``contexts`` existed
+    save_membrane(m, folder / "circle.safetensors")
+    (folder / "circle.train.json").write_text(json.dumps({"steps": 7, "history": []}))
+    said = []
+    got, rec = be.train_object(None, "circle", folder, {}, True, said.append)
+    assert rec == {"steps": 7, "reused": True} and said == [f"circle: reusing {folder / 'circle.safetensors'}"]
+    with pytest.raises(AttributeError):  # another value: it trains again (here on no pipeline at all)
+        be.train_object(None, "circle", folder, {"contexts": 4}, True, said.append)
+    assert said[-2] == "circle: circle.safetensors was trained with other settings; training again"

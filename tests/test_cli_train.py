@@ -33,6 +33,10 @@ def test_train_args_map_to_config():
     assert config_from_args(build_parser().parse_args(base)).neighbours == TrainConfig(targets=["c"]).neighbours
     assert config_from_args(build_parser().parse_args([*base, "--neighbours"])).neighbours is True
     assert config_from_args(build_parser().parse_args([*base, "--no-neighbours"])).neighbours is False
+    assert config_from_args(build_parser().parse_args(base)).contexts == 0
+    assert config_from_args(build_parser().parse_args([*base, "--contexts", "16"])).contexts == 16
+    with pytest.raises(ValueError, match="contexts"):
+        config_from_args(build_parser().parse_args([*base, "--contexts", "-1"]))
     bad = build_parser().parse_args(["train", "--model", "m", "--target", "c", "-o", "x.safetensors", "--precision", "fp8"])
     with pytest.raises(ValueError, match="precision"):
         config_from_args(bad)
@@ -81,6 +85,18 @@ def test_clear_errors(tmp_path, capsys):
                  "--prompt", "x", "-o", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "no such file" in err and "press refresh" not in err
+
+
+def test_contexts_in_a_training_request():
+    """The API and ``--jobs`` files take ``contexts`` (a whole number >= 0)."""
+    from spm.train.jobs import RequestError, parse_request
+
+    assert parse_request({"name": "c", "target": "circle", "contexts": 8}).config().contexts == 8
+    assert parse_request({"name": "c", "target": "circle"}).config().contexts == 0
+    with pytest.raises(RequestError, match="contexts must be a whole number"):
+        parse_request({"name": "c", "target": "circle", "contexts": 2.5})
+    with pytest.raises(RequestError, match="contexts"):
+        parse_request({"name": "c", "target": "circle", "contexts": -3}).config()
 
 
 def test_neighbours_in_a_training_request():

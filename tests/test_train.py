@@ -351,3 +351,61 @@ def test_resume_continues_the_neighbour_picks(backend, tmp_path, monkeypatch):
     tr = Trainer(backend, cfg, out, resume=True, progress_bar=False)
     assert tr.train().steps == 8
     assert torch.equal(tr.neighbour_rng.get_state(), after(8))  # 3 + 5 picks, not 5 from the seed
+
+
+def test_context_prompts_put_the_target_and_the_surrogate_inside_the_same_words():
+    from spm.train.contexts import context_prompts, context_words
+
+    words = context_words()
+    assert "the" in words and "with" in words and all(w.isalpha() and w.islower() for w in words)
+    pairs = context_prompts("red car", "", 24, seed=3)
+    assert len(pairs) == 24 and pairs == context_prompts("red car", "", 24, seed=3)
+    assert pairs != context_prompts("red car", "", 24, seed=4)
+    for with_t, with_s in pairs:
+        assert "red car" in with_t and with_t != "red car" and with_s  # at least one word around the target
+        assert with_t.replace("red car", "").replace(",", "").split() == with_s.replace(",", "").split()
+    sur = context_prompts("red car", "vehicle", 24, seed=3)
+    assert [t for t, _ in sur] == [t for t, _ in pairs]
+    assert all(s == t.replace("red car", "vehicle") for t, s in sur)
+    assert context_prompts("car", "", 0, seed=0) == [] and context_prompts("car", "", 5, 0, words=()) == []
+
+
+def test_the_trainer_erases_the_target_inside_other_words_and_checks_it_there(backend, tmp_path):
+    """``contexts``: each step also erases one context prompt on the target's x_t (two more OFF rows and one more
+    grad row: 4 UFE), the erasure check measures held-out probes of the context prompts too and reports the less erased
+    of the two, the prompts are recorded in the file, and the picks resume where an interrupted run stopped."""
+    from safetensors.torch import load_file
+
+    from spm.train.loop import CONTEXT_RNG
+
+    cfg = TrainConfig(targets=["circle"], iterations=6, la_mode="off", synonyms="off", signal_checks=3,
+                      signal_trajectories=2, signal_levels=2, **{**FAST, "contexts": 4})
+    out, steps = tmp_path / "c.safetensors", []
+    first = Trainer(backend, cfg, out, progress_bar=False, callback=lambda p: steps.append(p.step),
+                    should_stop=lambda: len(steps) >= 3)
+    res = first.train()
+    assert res.interrupted and res.steps == 3
+    assert first.context_probe is not None and first.context_probe.rows == 2 * len(first.context_probe.levels)
+    texts = load_membrane(out).info.training["context_prompts"]["circle"]
+    assert len(texts) == 4 and all("circle" in t for t in texts)
+
+    def after(picks: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(cfg.seed + 104729)
+        for _ in range(picks):
+            torch.randint(4, (1,), generator=g)
+        return g.get_state()
+
+    assert torch.equal(load_file(str(state_path(out)))[f"x.{CONTEXT_RNG}"], after(3))
+    tr = Trainer(backend, cfg, out, resume=True, progress_bar=False)
+    with_c = tr.train()
+    assert with_c.steps == 6 and torch.equal(tr.context_rng.get_state(), after(6))
+    # the reported check is the lesser of the target alone and the target inside other words
+    parts = with_c.erasure["signal_parts"]
+    assert set(parts) == {"alone", "in_context"} and parts["alone"] != parts["in_context"]
+    assert with_c.erasure["signal"] == min(parts.values())
+    assert tr.rule.checks[-1]["parts"] == parts
+    # cost: two more no-grad rows and one more grad row (2 UFE) per step, against the same run without contexts
+    fresh = Trainer(backend, cfg, progress_bar=False).train()
+    without = Trainer(backend, cfg.with_(contexts=0), progress_bar=False).train()
+    assert without.membrane.info.training["context_prompts"] == {} and "signal_parts" not in without.erasure
+    assert fresh.cost["ufe_per_iteration_steady"] - without.cost["ufe_per_iteration_steady"] == pytest.approx(4.0)

@@ -102,13 +102,14 @@ class TrainRequest:
     robust: bool | None = None  # robust training (TrainConfig.robust "embedding" / "off"); None: the default
     neighbours: bool | None = None  # also erase the words the transport opens for (TrainConfig.neighbours); None: default
     synonyms: str | None = None  # model synonyms: "off", "gate" or "erase" (TrainConfig.synonyms); None: the default
+    contexts: int | None = None  # context prompts per target (TrainConfig.contexts; 0: off); None: the default
 
     def config(self) -> TrainConfig:
         """The :class:`TrainConfig`: the preset's values with this request's overrides."""
         over: dict[str, Any] = {"targets": list(self.target), "surrogate": self.surrogate, "seed": self.seed,
                                 "precision": self.precision, "save_every": self.save_every,
                                 "sample_every": self.sample_every}
-        for key in ("iterations", "lr", "la_strength", "la_mode", "anchors", "resolution"):
+        for key in ("iterations", "lr", "la_strength", "la_mode", "anchors", "resolution", "contexts"):
             v = getattr(self, key)
             if v is not None:
                 over[key] = v
@@ -132,7 +133,7 @@ class TrainRequest:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-_INT = ("iterations", "anchors", "resolution", "seed", "save_every", "sample_every", "preview_steps")
+_INT = ("iterations", "anchors", "resolution", "seed", "save_every", "sample_every", "preview_steps", "contexts")
 _FLOAT = ("lr", "la_strength")
 _STR = ("surrogate", "preset", "precision", "la_mode", "synonyms")
 _BOOL = ("preview", "overwrite", "keep_state", "robust", "neighbours")

@@ -49,7 +49,8 @@ from ..progress import tally
 from ..transport import VOCABULARY_PROGRESS, training_calibration, training_candidates, training_neighbours
 from .anchors import sample_anchors
 from .config import TrainConfig
-from .objective import AnchorWeight, CostMeter, extra_erase_loss, objective_step
+from .contexts import context_prompts
+from .objective import AnchorWeight, CostMeter, context_erase_loss, extra_erase_loss, objective_step
 from .robust import make_robust
 from .sampling import LatentPool, ReferenceSchedule, image_grid, sample_images
 from .signal import ErasureProbe, StopRule, check_interval, min_steps, probe_levels, summary
@@ -66,6 +67,7 @@ class _Stopped(BaseException):
 
 
 NEIGHBOUR_RNG = "neighbours.rng"  # the .trainstate tensor of the neighbour picks' generator
+CONTEXT_RNG = "contexts.rng"  # the .trainstate tensor of the context prompt picks' generator
 
 
 @dataclass
@@ -166,7 +168,11 @@ class Trainer:
         # the erasure signal: its probes are built before the steps, its UNet rows counted apart from training's
         self.signal_meter = CostMeter()
         self.probe: ErasureProbe | None = None
+        self.context_probe: ErasureProbe | None = None
+        self.context_rows: dict = {}
+        self.context_texts: dict[str, list[str]] = {}
         self.neighbour_rng: torch.Generator | None = None  # picks the erased neighbour of each step (resumable)
+        self.context_rng: torch.Generator | None = None  # picks the context prompt of each step (resumable)
         interval = check_interval(config.iterations, config.signal_checks)
         self.rule = StopRule(interval, min_steps(config.iterations, config.lr_warmup_steps, interval,
                                                  config.signal_patience), config.signal_patience,
@@ -203,6 +209,8 @@ class Trainer:
         tensors = dict(rtensors or {})
         if self.neighbour_rng is not None:  # the neighbour picks go on where they stopped
             tensors[NEIGHBOUR_RNG] = self.neighbour_rng.get_state()
+        if self.context_rng is not None:
+            tensors[CONTEXT_RNG] = self.context_rng.get_state()
         save_state(state_path(self.output), optimizer, g, {"step": step, "anchor_weight": aw.state_dict(),
                                                             "config": self.cfg.to_dict(), "signal": self.rule.state_dict(),
                                                             **({"robust": rmeta} if rmeta is not None else {})}, tensors)
@@ -353,9 +361,32 @@ class Trainer:
 
         return progress
 
+    def _context_probe(self, stack, cond: dict[str, Conditioning], ac) -> ErasureProbe | None:
+        """Held-out probes of the target inside other words (``TrainConfig.contexts``): built on the first call."""
+        if self.context_probe is None and self.context_rows:
+            cfg = self.cfg
+            with_t = Conditioning.cat([r[0] for r in self.context_rows.values()])
+            with_s = Conditioning.cat([r[1] for r in self.context_rows.values()])
+            self.context_probe = ErasureProbe(self.backend, stack, with_t, with_s, cond["uncond"],
+                                              steps=cfg.max_denoising_steps, guidance=cfg.xt_guidance,
+                                              resolution=cfg.resolution or self.backend.latent.resolution,
+                                              trajectories=cfg.signal_trajectories, levels=cfg.signal_levels,
+                                              seed=cfg.seed + 1, meter=self.signal_meter, autocast=ac,
+                                              progress=self._counted("probes", "denoising steps"))
+        return self.context_probe
+
     def _check(self, stack, cond: dict[str, Conditioning], step: int, ac):
-        """Measure the erasure signal now (building the held-out probes on the first call)."""
-        return self._probe(stack, cond, ac).measure(step)
+        """Measure the erasure signal now (building the held-out probes on the first call); with context probes,
+        the less erased of the two."""
+        check = self._probe(stack, cond, ac).measure(step)
+        cp = self._context_probe(stack, cond, ac)
+        if cp is not None:
+            other = cp.measure(step)
+            parts = {"alone": check.signal, "in_context": other.signal}
+            log.info("SPM: step %d: erasure signal %.3f alone, %.3f inside other words", step, check.signal, other.signal)
+            check = other if other.signal < check.signal else check
+            check.parts = parts
+        return check
 
     def _synonym_closures(self, stack, cond: dict[str, Conditioning], ac) -> dict[str, float]:
         """The model synonyms that the transport opens the membrane for, measured with the membrane ON on the scan's
@@ -431,6 +462,14 @@ class Trainer:
             stack.add(membrane, 1.0)
             texts = {"targets": list(cfg.targets), "positives": cfg.positives, "neutral": [cfg.surrogate], "uncond": [""]}
             cond = {k: be.encode(v) for k, v in texts.items()}
+            self.context_rows = {}  # target index -> (context prompts with the target, the same with the surrogate)
+            self.context_texts = {}
+            for ti, t in enumerate(cfg.targets if cfg.contexts > 0 else []):
+                pairs = context_prompts(t, cfg.surrogate, cfg.contexts, cfg.seed + ti)
+                if pairs:
+                    self.context_texts[t] = [p[0] for p in pairs]
+                    enc, n = be.encode([p[0] for p in pairs] + [p[1] for p in pairs]), len(pairs)
+                    self.context_rows[ti] = (enc.rows(list(range(n))), enc.rows(list(range(n, 2 * n))))
             neigh = self._neighbours() if cfg.neighbours else {}
             if cfg.synonyms != "off":
                 self.synonym_words = self._synonyms(stack, cond, ac)
@@ -441,6 +480,7 @@ class Trainer:
             # the erasure signal's held-out probes, drawn now (a counted phase of their own, which polls should_stop
             # first; the scan above draws them when it runs) rather than inside the steps, whose clock they would skew
             self._probe(stack, cond, ac)
+            self._context_probe(stack, cond, ac)
             neigh_rows = {}  # target index -> its neighbours' conditioning rows
             if neigh:
                 words = [w for t in cfg.targets for w in neigh.get(t, [])]
@@ -450,6 +490,13 @@ class Trainer:
                     if n:
                         neigh_rows[ti] = enc.rows(list(range(k, k + n)))
                     k += n
+            ctx_rows = self.context_rows
+            gc = torch.Generator().manual_seed(cfg.seed + 104729)  # picks a context prompt per step; apart from g
+            if ctx_rows:
+                saved_rng = resumed.get("tensors", {}).get(CONTEXT_RNG)
+                if saved_rng is not None:
+                    gc.set_state(saved_rng)
+                self.context_rng = gc
             gn = torch.Generator().manual_seed(cfg.seed + 7919)  # picks a neighbour per step; apart from g
             if neigh_rows:
                 saved_rng = resumed.get("tensors", {}).get(NEIGHBOUR_RNG)
@@ -509,6 +556,11 @@ class Trainer:
                     j = int(torch.randint(len(rows), (1,), generator=gn))
                     loss = loss + extra_erase_loss(be, stack, xs.x_t, xs.t, rows.rows([j]), out.eps_neutral_off,
                                                    cfg.guidance_scale, self.meter, ac)
+                pair = ctx_rows.get(ti)
+                if pair is not None:  # the target inside other words, on the target's x_t
+                    j = int(torch.randint(len(pair[0]), (1,), generator=gc))
+                    loss = loss + context_erase_loss(be, stack, xs.x_t, xs.t, pair[0].rows([j]), pair[1].rows([j]),
+                                                     cfg.guidance_scale, self.meter, ac)
                 if robust is not None:  # adversarial text embeddings of this target: extra positives
                     adv = robust.loss(be, stack, step, xs.x_t, xs.t, ti, cond["positives"].rows([ti]), out.eps_neutral_off)
                     if adv is not None:
@@ -599,7 +651,8 @@ class Trainer:
         if not interrupted:
             (log.info if erasure["erased"] else log.warning)("SPM: %s", erasure["message"])
         extra = {"interrupted": interrupted, "cost": cost, "erasure": erasure, "signal_history": self.rule.checks,
-                 "neighbour_words": self.neighbour_words, "synonym_words": self.synonym_words}
+                 "neighbour_words": self.neighbour_words, "synonym_words": self.synonym_words,
+                 "context_prompts": self.context_texts}
         if self.synonym_skipped:
             extra["synonym_skipped"] = self.synonym_skipped
         if self.robust is not None:

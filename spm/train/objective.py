@@ -228,4 +228,18 @@ def extra_erase_loss(backend: Backend, stack, x_t: torch.Tensor, t: torch.Tensor
     return F.mse_loss(on, erase_target(off, eps_neutral_off.expand_as(off), guidance_scale))
 
 
-__all__ = ["AnchorWeight", "CostMeter", "StepOutputs", "erase_target", "extra_erase_loss", "objective_step", "run_unet"]
+def context_erase_loss(backend: Backend, stack, x_t: torch.Tensor, t: torch.Tensor, with_target: Conditioning,
+                       with_surrogate: Conditioning, guidance_scale: float, meter: CostMeter | None,
+                       autocast: torch.dtype | None = None) -> torch.Tensor:
+    """The erase term for the target inside other words (``TrainConfig.contexts``, :mod:`spm.train.contexts`): the
+    membrane-ON prediction of each ``with_target`` row is pulled to ``ε(s) − g · (ε(t) − ε(s))``, where ``ε(t)`` and
+    ``ε(s)`` are the original model's predictions of that row and of its ``with_surrogate`` row.  One no-grad call
+    of 2n rows with the membrane OFF and one grad call of n rows with it ON."""
+    n = len(with_target)
+    off = run_unet(backend, stack, x_t, t, Conditioning.cat([with_target, with_surrogate]), [0.0] * (2 * n), meter,
+                   False, autocast)
+    on = run_unet(backend, stack, x_t, t, with_target, [1.0] * n, meter, True, autocast)
+    return F.mse_loss(on, erase_target(off[:n], off[n:], guidance_scale))
+
+
+__all__ = ["AnchorWeight", "context_erase_loss", "CostMeter", "StepOutputs", "erase_target", "extra_erase_loss", "objective_step", "run_unet"]

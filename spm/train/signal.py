@@ -137,6 +137,9 @@ class Check:
     # the model synonyms' closure with the membrane ON (word -> least level's ratio): set at the end of a run that
     # passed (the summary reports it; the stop rule's history does not keep it)
     synonyms: dict[str, float] | None = None
+    # with context probes (TrainConfig.contexts): the signal of the target alone and inside other words (the check is
+    # the lesser of the two)
+    parts: dict[str, float] | None = None
 
     @property
     def passed(self) -> bool:
@@ -150,7 +153,8 @@ class Check:
     def to_dict(self) -> dict:
         return {"step": self.step, "signal": self.signal, "per_level": self.per_level, "remaining": self.remaining,
                 "aggregate": self.aggregate, "level_ratio": self.level_ratio,
-                "per_seed": [[round(v, 4) for v in lv] for lv in self.per_seed] if self.per_seed is not None else None}
+                "per_seed": [[round(v, 4) for v in lv] for lv in self.per_seed] if self.per_seed is not None else None,
+                **({"parts": self.parts} if self.parts is not None else {})}
 
 
 class ErasureProbe:
@@ -196,8 +200,9 @@ class ErasureProbe:
         if surrogate_is_uncond:
             self.s = torch.cat(us)
         else:
-            self.s = run_unet(backend, stack, self.x_t, self.t, surrogate.repeat(len(self.cond)), [0.0] * len(self.cond),
-                              self.meter, False, autocast)
+            # one surrogate for every target, or one per target row (the context probes: the same words around it)
+            sur = surrogate.rows(conds) if len(surrogate) == len(targets) > 1 else surrogate.repeat(len(self.cond))
+            self.s = run_unet(backend, stack, self.x_t, self.t, sur, [0.0] * len(self.cond), self.meter, False, autocast)
             if progress is not None:
                 progress(work, work)
         self.level_of = [lv for lv in self.levels for _ in range(n)]
@@ -341,6 +346,8 @@ def summary(check: Check | None, cfg, steps: int, stopped_early: bool, interrupt
            "confidence": CONFIDENCE, "aggregate": check.aggregate,
            "remaining_gap": check.remaining,
            "stopped_early": bool(stopped_early)}
+    if check.parts is not None:
+        out["signal_parts"] = dict(check.parts)
     if check.synonyms is not None:
         out["synonyms"] = {w: round(v, 4) for w, v in check.synonyms.items()}
         out["synonyms_erased"] = check.synonyms_passed

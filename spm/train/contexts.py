@@ -1,0 +1,55 @@
+"""The target inside other words: context prompts for the erase objective (``TrainConfig.contexts``).
+
+The paper's objective erases the target's own prompt (``"car"``), but users write the concept inside a prompt
+(``"white background, a car"``), where a causal text encoder gives the concept's tokens other states.  Each
+context prompt puts the target between English function words (``the``, ``of``, ``with`` …; :data:`FUNCTION_WORDS`)
+and pairs it with the same words around the surrogate.  A training step then also pulls the membrane-ON prediction
+of one context prompt to the erase goal built from the original model's predictions of the pair, and the erasure
+signal is also measured on held-out probes of context prompts (the lesser of the two decides)."""
+
+from __future__ import annotations
+
+import torch
+
+MAX_SIDE = 3  # words before and after the target, at most
+
+
+# English function words: the glue of every prompt, drawn for no concept (articles, prepositions, conjunctions,
+# determiners).  A property of the language SD prompts are written in, not of any model; the CLIP vocabulary's most
+# frequent entries would be the model-free alternative, but they include content words ("day", "king") and word
+# pieces that some models draw as a concept (toy world 2's base model draws a cloud for almost any unknown word)
+FUNCTION_WORDS: tuple[str, ...] = ("a", "an", "the", "of", "with", "on", "in", "at", "and", "by", "from", "for", "to",
+                                   "this", "that", "its", "is", "as", "into", "near", "under", "over")
+
+
+def context_words() -> tuple[str, ...]:
+    """The words context prompts are made of (:data:`FUNCTION_WORDS`)."""
+    return FUNCTION_WORDS
+
+
+def context_prompts(target: str, surrogate: str, n: int, seed: int,
+                    words: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
+    """``n`` pairs ``(words around target, the same words around surrogate)``, seeded; each has at least one word."""
+    words = context_words() if words is None else words
+    if n <= 0 or not words:
+        return []
+    g = torch.Generator().manual_seed(int(seed) + 15485863)
+    out: list[tuple[str, str]] = []
+    while len(out) < n:
+        a, b = (int(v) for v in torch.randint(0, MAX_SIDE + 1, (2,), generator=g))
+        if a + b == 0:
+            continue
+        idx = torch.randint(0, len(words), (a + b,), generator=g)
+        pick = [words[int(i)] for i in idx]
+        comma = bool(torch.rand((), generator=g) < 0.5)
+        pre, post = " ".join(pick[:a]), " ".join(pick[a:])
+
+        def join(mid: str) -> str:
+            head = f"{pre}{', ' if comma else ' '}{mid}" if pre and mid else (pre or mid)
+            return f"{head} {post}".strip() if post else head
+
+        out.append((join(target), join(surrogate)))
+    return out
+
+
+__all__ = ["context_prompts", "context_words"]
