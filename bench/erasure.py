@@ -240,6 +240,10 @@ def multi_row(pipe, scorer, gen, objs: list[str], mems: dict, metric: str | None
     par = {p["target"]: p["erasure"] for p in r.get("paraphrase_per_target", [])}
     vals = [lit.get(o) for o in objs]
     return {"targets": objs, "erasure": lit, "paraphrase_erasure": par,
+            # per target, the images found after: [kept (the base model drew the target too), new (it had not)]
+            "literal_found_after": {p["target"]: [p.get("kept"), p.get("new")] for p in r.get("literal_per_target", [])},
+            "paraphrase_found_after": {p["target"]: [p.get("kept"), p.get("new")]
+                                       for p in r.get("paraphrase_per_target", [])},
             "min_erasure": min((v for v in vals if v is not None), default=None),
             "each_ge_0.90": all(v is not None and v >= GOALS["multi_each"] for v in vals),
             "nontarget_identical": r.get("nontarget_identical"), "psnr_unrelated_db": r.get("psnr_unrelated_db"),

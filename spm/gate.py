@@ -59,7 +59,7 @@ HI_FRAC = 0.75
 SYNTAX = frozenset("\\()[]{}:|<>")
 FINGERPRINT_TEXT = "a red circle background"
 GATE_SUFFIXES = ("attn2_to_k", "attn2_to_v")
-BATCH = 64
+BATCH = 8  # prompts per encoder call; Interrupt is polled between calls (64 took 14–17 s in a CPU WebUI)
 
 ConditioningEncoder = Callable[[list[str]], torch.Tensor]
 """``encode(texts) -> [n, T, d]``: conditioning exactly as the UNet receives it."""

@@ -201,3 +201,17 @@ def test_reuse_takes_a_setting_the_file_predates_as_its_default(tmp_path):
     with pytest.raises(AttributeError):  # another value: it trains again (here on no pipeline at all)
         be.train_object(None, "circle", folder, {"contexts": 4}, True, said.append)
     assert said[-2] == "circle: circle.safetensors was trained with other settings; training again"
+
+
+def test_rows_split_the_images_found_after_into_kept_and_new(monkeypatch):
+    from spm.toy import evaluate as ev
+
+    per = {"literal_per_target": [{"target": "a", "erasure": 0.5, "found_before": 0.5, "found_after": 0.25, "kept": 1,
+                                   "new": 1}, {"target": "b", "erasure": 1.0, "kept": 0, "new": 0}],
+           "paraphrase_per_target": [{"target": "a", "erasure": 1.0, "kept": 0, "new": 0}]}
+    row = be.object_row(per, {})
+    assert row["literal_found_after"] == [1, 1] and row["paraphrase_found_after"] == [0, 0]
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: per)
+    multi = be.multi_row(None, None, None, ["a", "b"], {"a": None, "b": None})
+    assert multi["literal_found_after"] == {"a": [1, 1], "b": [0, 0]}
+    assert multi["paraphrase_found_after"] == {"a": [0, 0]} and multi["min_erasure"] == 0.5

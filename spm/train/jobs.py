@@ -622,6 +622,11 @@ class TrainService:
             verb = f"interrupted at step {job.step}; the membrane trained so far is" if result.interrupted else "saved"
             message = f"{verb} in {out}" + (f" (before/after check: {Path(job.preview_file).name})"
                                             if job.preview_file else "")
+            skipped = list(getattr(result, "skipped", None) or [])
+            if skipped and req.preview and req.control_prompts is not None:
+                skipped.append("the before/after check")
+            if skipped:  # Interrupt after the last step: the membrane is complete, what came after it is not
+                message += f" (Interrupt skipped {' and '.join(skipped)})"
             verdict = erasure_text(job.erasure)
             if verdict:
                 message += f"; {verdict}"

@@ -110,6 +110,8 @@ class TrainResult:
     cost: dict = field(default_factory=dict)
     # the erasure signal at the end (spm/train/signal.py): erased (bool), signal, threshold, message (+ details)
     erasure: dict = field(default_factory=dict)
+    # the end-of-run work an Interrupt skipped after the last step (e.g. "the membrane gate's calibration")
+    skipped: list[str] = field(default_factory=list)
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -658,6 +660,7 @@ class Trainer:
         if self.robust is not None:
             extra["robust_stats"] = self.robust.summary()
         membrane.eval()
+        skipped: list[str] = []
         if not interrupted:  # an interrupted run is saved at once; its gate is calibrated on first use, if ever
             # spm_transport["gate"], the membrane gate's calibration: minutes on a CPU WebUI, so a phase of its own,
             # counted in prompts encoded; Interrupt there skips it (the gate is then calibrated on first use)
@@ -665,6 +668,7 @@ class Trainer:
                 gate = training_gate(self.backend, membrane, progress=self._counted("gate", "prompts"))
             except _Stopped:
                 gate = {}
+                skipped.append("the membrane gate's calibration")
                 log.warning("SPM: interrupted while calibrating the membrane gate; saving without it (it is "
                             "calibrated on first use)")
             if gate:
@@ -674,7 +678,7 @@ class Trainer:
                    state=interrupted or step < cfg.iterations or self.keep_state)
         self._phase("saving", 1, 1)
         membrane.info.training = {**self.cfg.to_dict(), "steps_done": step, "anchor_weight": aw.value, **extra}
-        return TrainResult(membrane, self.output, step, interrupted, seconds, history, cost, erasure)
+        return TrainResult(membrane, self.output, step, interrupted, seconds, history, cost, erasure, skipped)
 
 
 def train_membrane(backend: Backend, config: TrainConfig, output: str | Path | None = None, **kw) -> TrainResult:
