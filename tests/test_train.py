@@ -326,6 +326,14 @@ def test_a_failing_neighbour_search_never_fails_training(backend, monkeypatch, c
     assert "training without them" in caplog.text
 
 
+def _picks_state(seed: int, n: int, picks: int) -> torch.Tensor:
+    """The state of a per-step pick generator (seeded ``seed``, one ``randint(n)`` per step) after ``picks`` steps."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(picks):
+        torch.randint(n, (1,), generator=g)
+    return g.get_state()
+
+
 def test_resume_continues_the_neighbour_picks(backend, tmp_path, monkeypatch):
     """The generator that picks each step's erased neighbour is resumable state: an interrupted run saves it in the
     ``.trainstate`` and the resumed run goes on from it (one pick per step), not from the seed again."""
@@ -342,10 +350,7 @@ def test_resume_continues_the_neighbour_picks(backend, tmp_path, monkeypatch):
     assert first.interrupted and first.steps == 3
 
     def after(picks: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(cfg.seed + 7919)
-        for _ in range(picks):
-            torch.randint(3, (1,), generator=g)
-        return g.get_state()
+        return _picks_state(cfg.seed + 7919, 3, picks)
 
     assert torch.equal(load_file(str(state_path(out)))[f"x.{NEIGHBOUR_RNG}"], after(3))
     tr = Trainer(backend, cfg, out, resume=True, progress_bar=False)
@@ -390,10 +395,7 @@ def test_the_trainer_erases_the_target_inside_other_words_and_checks_it_there(ba
     assert len(texts) == 4 and all("circle" in t for t in texts)
 
     def after(picks: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(cfg.seed + 104729)
-        for _ in range(picks):
-            torch.randint(4, (1,), generator=g)
-        return g.get_state()
+        return _picks_state(cfg.seed + 104729, 4, picks)
 
     assert torch.equal(load_file(str(state_path(out)))[f"x.{CONTEXT_RNG}"], after(3))
     tr = Trainer(backend, cfg, out, resume=True, progress_bar=False)
