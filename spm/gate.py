@@ -121,7 +121,7 @@ def _fit(pieces: list[str], n: int) -> str:
     tok = clip_tokenizer()
     while pieces:
         text = " ".join(pieces)
-        if len(tok(text).input_ids) - 2 <= n:
+        if len(tok(text, verbose=False).input_ids) - 2 <= n:  # a length check: no "longer than 77" warning
             return text
         pieces = pieces[:-1]
     return ""
