@@ -406,6 +406,8 @@ def test_the_trainer_erases_the_target_inside_other_words_and_checks_it_there(ba
     assert set(parts) == {"alone", "in_context"} and parts["alone"] != parts["in_context"]
     assert with_c.erasure["signal"] == min(parts.values())
     assert tr.rule.checks[-1]["parts"] == parts
+    assert f"(the target alone {parts['alone']:.0%}, inside other words {parts['in_context']:.0%}; the lesser " \
+        "decides)" in with_c.erasure["message"]
     # cost: two more no-grad rows and one more grad row (2 UFE) per step, against the same run without contexts
     fresh = Trainer(backend, cfg, progress_bar=False).train()
     without = Trainer(backend, cfg.with_(contexts=0), progress_bar=False).train()

@@ -332,6 +332,9 @@ def summary(check: Check | None, cfg, steps: int, stopped_early: bool, interrupt
         msg = (f"not erased: with the membrane the target's prediction closes only {pct}{conf} of its gap to the "
                f"surrogate at its least erased noise level (erased from {THRESHOLD:.0%}) after {steps} steps ({why}); "
                f"{advice(cfg, steps)}")
+    if check.parts is not None:  # with context probes: say which of the two the verdict comes from
+        msg += (f" (the target alone {check.parts['alone']:.0%}, inside other words {check.parts['in_context']:.0%}; "
+                "the lesser decides)")
     if erased and check.synonyms:
         left = sorted(((w, v) for w, v in check.synonyms.items() if v < THRESHOLD), key=lambda x: x[1])
         n = len(check.synonyms)
