@@ -50,7 +50,7 @@ from ..transport import VOCABULARY_PROGRESS, training_calibration, training_cand
 from .anchors import sample_anchors
 from .config import TrainConfig
 from .contexts import context_prompts
-from .objective import AnchorWeight, CostMeter, context_erase_loss, extra_erase_loss, objective_step
+from .objective import AnchorWeight, CostMeter, extra_erase_loss, objective_step
 from .robust import make_robust
 from .sampling import LatentPool, ReferenceSchedule, image_grid, sample_images
 from .signal import ErasureProbe, StopRule, check_interval, min_steps, probe_levels, summary
@@ -85,6 +85,15 @@ class Progress:
     eta_s: float
     preview: Any = None  # a PIL image when a grid was just made
     preview_path: Path | None = None
+
+
+def _pick_generator(seed: int, resumed: dict, key: str) -> torch.Generator:
+    """A per-step pick generator seeded ``seed``, or where a resumed run's ``.trainstate`` saved it (``key``)."""
+    g = torch.Generator().manual_seed(seed)
+    saved = resumed.get("tensors", {}).get(key)
+    if saved is not None:
+        g.set_state(saved)
+    return g
 
 
 @dataclass
@@ -338,16 +347,21 @@ class Trainer:
         self.synonym_ufe = meter.ufe
         return {t: s.words for t, s in found.items() if s.words}
 
+    def _new_probe(self, stack, targets: Conditioning, surrogate: Conditioning, uncond: Conditioning, seed: int, ac,
+                   surrogate_is_uncond: bool = False) -> ErasureProbe:
+        """Held-out probes of ``targets`` at the config's levels and seeds, counted in the "probes" phase."""
+        cfg = self.cfg
+        return ErasureProbe(self.backend, stack, targets, surrogate, uncond, steps=cfg.max_denoising_steps,
+                            guidance=cfg.xt_guidance, resolution=cfg.resolution or self.backend.latent.resolution,
+                            trajectories=cfg.signal_trajectories, levels=cfg.signal_levels, seed=seed,
+                            meter=self.signal_meter, autocast=ac, surrogate_is_uncond=surrogate_is_uncond,
+                            progress=self._counted("probes", "denoising steps"))
+
     def _probe(self, stack, cond: dict[str, Conditioning], ac) -> ErasureProbe:
         """The erasure signal's held-out probes (built on the first call)."""
         if self.probe is None:
-            cfg = self.cfg
-            self.probe = ErasureProbe(self.backend, stack, cond["targets"], cond["neutral"], cond["uncond"],
-                                      steps=cfg.max_denoising_steps, guidance=cfg.xt_guidance,
-                                      resolution=cfg.resolution or self.backend.latent.resolution,
-                                      trajectories=cfg.signal_trajectories, levels=cfg.signal_levels, seed=cfg.seed,
-                                      meter=self.signal_meter, autocast=ac, surrogate_is_uncond=cfg.surrogate == "",
-                                      progress=self._counted("probes", "denoising steps"))
+            self.probe = self._new_probe(stack, cond["targets"], cond["neutral"], cond["uncond"], self.cfg.seed, ac,
+                                         surrogate_is_uncond=self.cfg.surrogate == "")
         return self.probe
 
     def _counted(self, phase: str, unit: str):
@@ -366,15 +380,9 @@ class Trainer:
     def _context_probe(self, stack, cond: dict[str, Conditioning], ac) -> ErasureProbe | None:
         """Held-out probes of the target inside other words (``TrainConfig.contexts``): built on the first call."""
         if self.context_probe is None and self.context_rows:
-            cfg = self.cfg
             with_t = Conditioning.cat([r[0] for r in self.context_rows.values()])
             with_s = Conditioning.cat([r[1] for r in self.context_rows.values()])
-            self.context_probe = ErasureProbe(self.backend, stack, with_t, with_s, cond["uncond"],
-                                              steps=cfg.max_denoising_steps, guidance=cfg.xt_guidance,
-                                              resolution=cfg.resolution or self.backend.latent.resolution,
-                                              trajectories=cfg.signal_trajectories, levels=cfg.signal_levels,
-                                              seed=cfg.seed + 1, meter=self.signal_meter, autocast=ac,
-                                              progress=self._counted("probes", "denoising steps"))
+            self.context_probe = self._new_probe(stack, with_t, with_s, cond["uncond"], self.cfg.seed + 1, ac)
         return self.context_probe
 
     def _check(self, stack, cond: dict[str, Conditioning], step: int, ac):
@@ -493,18 +501,11 @@ class Trainer:
                         neigh_rows[ti] = enc.rows(list(range(k, k + n)))
                     k += n
             ctx_rows = self.context_rows
-            gc = torch.Generator().manual_seed(cfg.seed + 104729)  # picks a context prompt per step; apart from g
-            if ctx_rows:
-                saved_rng = resumed.get("tensors", {}).get(CONTEXT_RNG)
-                if saved_rng is not None:
-                    gc.set_state(saved_rng)
-                self.context_rng = gc
-            gn = torch.Generator().manual_seed(cfg.seed + 7919)  # picks a neighbour per step; apart from g
-            if neigh_rows:
-                saved_rng = resumed.get("tensors", {}).get(NEIGHBOUR_RNG)
-                if saved_rng is not None:
-                    gn.set_state(saved_rng)
-                self.neighbour_rng = gn
+            # each extra term picks its row per step from a generator of its own (apart from g), resumed from the state
+            gc = _pick_generator(cfg.seed + 104729, resumed, CONTEXT_RNG)
+            self.context_rng = gc if ctx_rows else None
+            gn = _pick_generator(cfg.seed + 7919, resumed, NEIGHBOUR_RNG)
+            self.neighbour_rng = gn if neigh_rows else None
             self.robust = robust = make_robust(cfg, cond, ac, self.meter)  # spm/train/robust.py (None: off)
             if robust is not None and resumed.get("robust") is not None:
                 robust.load_state_dict(resumed["robust"], resumed.get("tensors", {}))
@@ -561,8 +562,8 @@ class Trainer:
                 pair = ctx_rows.get(ti)
                 if pair is not None:  # the target inside other words, on the target's x_t
                     j = int(torch.randint(len(pair[0]), (1,), generator=gc))
-                    loss = loss + context_erase_loss(be, stack, xs.x_t, xs.t, pair[0].rows([j]), pair[1].rows([j]),
-                                                     cfg.guidance_scale, self.meter, ac)
+                    loss = loss + extra_erase_loss(be, stack, xs.x_t, xs.t, pair[0].rows([j]), pair[1].rows([j]),
+                                                   cfg.guidance_scale, self.meter, ac)
                 if robust is not None:  # adversarial text embeddings of this target: extra positives
                     adv = robust.loss(be, stack, step, xs.x_t, xs.t, ti, cond["positives"].rows([ti]), out.eps_neutral_off)
                     if adv is not None:

@@ -217,29 +217,20 @@ def objective_step(backend: Backend, stack, x_t: torch.Tensor, t: torch.Tensor, 
 
 
 def extra_erase_loss(backend: Backend, stack, x_t: torch.Tensor, t: torch.Tensor, rows: Conditioning,
-                     eps_neutral_off: torch.Tensor, guidance_scale: float, meter: CostMeter | None,
+                     neutral: torch.Tensor | Conditioning, guidance_scale: float, meter: CostMeter | None,
                      autocast: torch.dtype | None = None) -> torch.Tensor:
-    """The erase term for other prompts on the target's ``x_t`` (``TrainConfig.neighbours``): each row's membrane-ON
-    prediction is pulled to its own erase goal, ``ε_neu − g · (ε(x_t, row) − ε_neu)``.  One no-grad call with the
-    membrane OFF and one grad call with it ON, ``len(rows)`` rows each."""
+    """The erase term for other prompts on the target's ``x_t``: each row's membrane-ON prediction is pulled to its
+    own erase goal ``ε_s − g · (ε(x_t, row) − ε_s)``.  ``neutral`` is ``ε_s``: the surrogate's prediction, already
+    computed (``TrainConfig.neighbours``: the words its transport opens for), or one surrogate row per row, predicted
+    here in the same call (``TrainConfig.contexts``: the same words around the surrogate).  One no-grad call with the
+    membrane OFF (``len(rows)`` rows, twice that with surrogate rows) and one grad call with it ON."""
     n = len(rows)
-    off = run_unet(backend, stack, x_t, t, rows, [0.0] * n, meter, False, autocast)
+    own = isinstance(neutral, Conditioning)
+    off = run_unet(backend, stack, x_t, t, Conditioning.cat([rows, neutral]) if own else rows,
+                   [0.0] * (2 * n if own else n), meter, False, autocast)
     on = run_unet(backend, stack, x_t, t, rows, [1.0] * n, meter, True, autocast)
-    return F.mse_loss(on, erase_target(off, eps_neutral_off.expand_as(off), guidance_scale))
+    eps_s = off[n:] if own else neutral.expand_as(off)
+    return F.mse_loss(on, erase_target(off[:n], eps_s, guidance_scale))
 
 
-def context_erase_loss(backend: Backend, stack, x_t: torch.Tensor, t: torch.Tensor, with_target: Conditioning,
-                       with_surrogate: Conditioning, guidance_scale: float, meter: CostMeter | None,
-                       autocast: torch.dtype | None = None) -> torch.Tensor:
-    """The erase term for the target inside other words (``TrainConfig.contexts``, :mod:`spm.train.contexts`): the
-    membrane-ON prediction of each ``with_target`` row is pulled to ``ε(s) − g · (ε(t) − ε(s))``, where ``ε(t)`` and
-    ``ε(s)`` are the original model's predictions of that row and of its ``with_surrogate`` row.  One no-grad call
-    of 2n rows with the membrane OFF and one grad call of n rows with it ON."""
-    n = len(with_target)
-    off = run_unet(backend, stack, x_t, t, Conditioning.cat([with_target, with_surrogate]), [0.0] * (2 * n), meter,
-                   False, autocast)
-    on = run_unet(backend, stack, x_t, t, with_target, [1.0] * n, meter, True, autocast)
-    return F.mse_loss(on, erase_target(off[:n], off[n:], guidance_scale))
-
-
-__all__ = ["AnchorWeight", "context_erase_loss", "CostMeter", "StepOutputs", "erase_target", "extra_erase_loss", "objective_step", "run_unet"]
+__all__ = ["AnchorWeight", "CostMeter", "StepOutputs", "erase_target", "extra_erase_loss", "objective_step", "run_unet"]
