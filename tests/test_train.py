@@ -359,9 +359,9 @@ def test_resume_continues_the_neighbour_picks(backend, tmp_path, monkeypatch):
 
 
 def test_context_prompts_put_the_target_and_the_surrogate_inside_the_same_words():
-    from spm.train.contexts import context_prompts, context_words
+    from spm.train.contexts import FUNCTION_WORDS, context_prompts
 
-    words = context_words()
+    words = FUNCTION_WORDS
     assert "the" in words and "with" in words and all(w.isalpha() and w.islower() for w in words)
     pairs = context_prompts("red car", "", 24, seed=3)
     assert len(pairs) == 24 and pairs == context_prompts("red car", "", 24, seed=3)

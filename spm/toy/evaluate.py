@@ -178,10 +178,9 @@ def _per_target(cases, sb, sa, targets, world=None) -> list[dict]:
         idx = [i for i, c in enumerate(cases) if t in c.objects]
         if not idx:
             continue
-        fb = harness.target_found_rate(_sub(sb, idx), [t], THRESHOLD, world)
-        fa = harness.target_found_rate(_sub(sa, idx), [t], THRESHOLD, world)
         b = harness.found(_sub(sb, idx), [t] * len(idx), THRESHOLD, world)
         a = harness.found(_sub(sa, idx), [t] * len(idx), THRESHOLD, world)
+        fb, fa = float(b.mean()), float(a.mean())
         # the images found after: "kept" (the base model drew the target there too) and "new" (it did not: the
         # membrane turned the prompt into another picture, which has the target in it)
         rows.append({"target": t, "images": len(idx), "found_before": fb, "found_after": fa, "erasure": _erasure(fb, fa),

@@ -22,15 +22,15 @@ FUNCTION_WORDS: tuple[str, ...] = ("a", "an", "the", "of", "with", "on", "in", "
                                    "this", "that", "its", "is", "as", "into", "near", "under", "over")
 
 
-def context_words() -> tuple[str, ...]:
-    """The words context prompts are made of (:data:`FUNCTION_WORDS`)."""
-    return FUNCTION_WORDS
+def _around(pre: str, mid: str, post: str, comma: bool) -> str:
+    """``pre[,] mid post`` without empty parts (``mid`` "" is the empty surrogate: the words alone)."""
+    head = f"{pre}{', ' if comma else ' '}{mid}" if pre and mid else (pre or mid)
+    return f"{head} {post}".strip() if post else head
 
 
 def context_prompts(target: str, surrogate: str, n: int, seed: int,
-                    words: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
+                    words: tuple[str, ...] = FUNCTION_WORDS) -> list[tuple[str, str]]:
     """``n`` pairs ``(words around target, the same words around surrogate)``, seeded; each has at least one word."""
-    words = context_words() if words is None else words
     if n <= 0 or not words:
         return []
     g = torch.Generator().manual_seed(int(seed) + 15485863)
@@ -39,17 +39,11 @@ def context_prompts(target: str, surrogate: str, n: int, seed: int,
         a, b = (int(v) for v in torch.randint(0, MAX_SIDE + 1, (2,), generator=g))
         if a + b == 0:
             continue
-        idx = torch.randint(0, len(words), (a + b,), generator=g)
-        pick = [words[int(i)] for i in idx]
+        pick = [words[int(i)] for i in torch.randint(0, len(words), (a + b,), generator=g)]
         comma = bool(torch.rand((), generator=g) < 0.5)
         pre, post = " ".join(pick[:a]), " ".join(pick[a:])
-
-        def join(mid: str) -> str:
-            head = f"{pre}{', ' if comma else ' '}{mid}" if pre and mid else (pre or mid)
-            return f"{head} {post}".strip() if post else head
-
-        out.append((join(target), join(surrogate)))
+        out.append((_around(pre, target, post, comma), _around(pre, surrogate, post, comma)))
     return out
 
 
-__all__ = ["context_prompts", "context_words"]
+__all__ = ["FUNCTION_WORDS", "context_prompts"]
