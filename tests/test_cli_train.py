@@ -97,6 +97,9 @@ def test_contexts_in_a_training_request():
         parse_request({"name": "c", "target": "circle", "contexts": 2.5})
     with pytest.raises(RequestError, match="contexts"):
         parse_request({"name": "c", "target": "circle", "contexts": -3}).config()
+    # each step draws one context prompt: more than the iteration budget are never used (and all are encoded up front)
+    with pytest.raises(RequestError, match=r"contexts=101 .*at most iterations \(100\)"):
+        parse_request({"name": "c", "target": "circle", "iterations": 100, "contexts": 101}).config()
 
 
 def test_neighbours_in_a_training_request():

@@ -385,12 +385,19 @@ def test_the_trainer_erases_the_target_inside_other_words_and_checks_it_there(ba
 
     cfg = TrainConfig(targets=["circle"], iterations=6, la_mode="off", synonyms="off", signal_checks=3,
                       signal_trajectories=2, signal_levels=2, **{**FAST, "contexts": 4})
-    out, steps = tmp_path / "c.safetensors", []
+    from spm.train.signal import ErasureProbe
+
+    out, steps, phases = tmp_path / "c.safetensors", [], []
     first = Trainer(backend, cfg, out, progress_bar=False, callback=lambda p: steps.append(p.step),
-                    should_stop=lambda: len(steps) >= 3)
+                    should_stop=lambda: len(steps) >= 3, on_phase=phases.append)
     res = first.train()
     assert res.interrupted and res.steps == 3
     assert first.context_probe is not None and first.context_probe.rows == 2 * len(first.context_probe.levels)
+    # both probe sets are drawn in one count: the target's (its surrogate "" costs no call) and the context prompts'
+    # (one more call for the words around the surrogate)
+    total = ErasureProbe.calls(cfg.max_denoising_steps, 2, True) + ErasureProbe.calls(cfg.max_denoising_steps, 2, False)
+    probes = [(p.done, p.total) for p in phases if p.name == "probes"]
+    assert probes == [(k, total) for k in range(total + 1)]
     texts = load_membrane(out).info.training["context_prompts"]["circle"]
     assert len(texts) == 4 and all("circle" in t for t in texts)
 

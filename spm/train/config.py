@@ -153,6 +153,10 @@ class TrainConfig:
         for name in ("anchors", "save_every", "sample_every", "lr_warmup_steps", "contexts"):
             if int(getattr(self, name)) < 0:
                 bad(name, getattr(self, name), "an integer >= 0")
+        if int(self.contexts) > int(self.iterations):
+            # 2 × contexts prompts are encoded up front, and each step draws one of them
+            bad("contexts", self.contexts, f"at most iterations ({self.iterations}): each step erases one context "
+                "prompt, so more are never used")
         if not self.lr > 0:
             bad("lr", self.lr, "a positive number")
         if self.la_budget <= 0 or self.la_strength < 0:

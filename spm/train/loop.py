@@ -348,20 +348,39 @@ class Trainer:
         return {t: s.words for t, s in found.items() if s.words}
 
     def _new_probe(self, stack, targets: Conditioning, surrogate: Conditioning, uncond: Conditioning, seed: int, ac,
-                   surrogate_is_uncond: bool = False) -> ErasureProbe:
-        """Held-out probes of ``targets`` at the config's levels and seeds, counted in the "probes" phase."""
+                   progress, surrogate_is_uncond: bool = False, surrogate_per_row: bool = False) -> ErasureProbe:
+        """Held-out probes of ``targets`` at the config's levels and seeds."""
         cfg = self.cfg
         return ErasureProbe(self.backend, stack, targets, surrogate, uncond, steps=cfg.max_denoising_steps,
                             guidance=cfg.xt_guidance, resolution=cfg.resolution or self.backend.latent.resolution,
                             trajectories=cfg.signal_trajectories, levels=cfg.signal_levels, seed=seed,
                             meter=self.signal_meter, autocast=ac, surrogate_is_uncond=surrogate_is_uncond,
-                            progress=self._counted("probes", "denoising steps"))
+                            surrogate_per_row=surrogate_per_row, progress=progress)
 
     def _probe(self, stack, cond: dict[str, Conditioning], ac) -> ErasureProbe:
-        """The erasure signal's held-out probes (built on the first call)."""
+        """The erasure signal's held-out probes, built on the first call: the target's and, with context prompts
+        (``TrainConfig.contexts``), the context prompts' (:attr:`context_probe`), counted as one "probes" phase."""
         if self.probe is None:
-            self.probe = self._new_probe(stack, cond["targets"], cond["neutral"], cond["uncond"], self.cfg.seed, ac,
-                                         surrogate_is_uncond=self.cfg.surrogate == "")
+            cfg = self.cfg
+            alone_uncond = cfg.surrogate == ""
+            calls = [ErasureProbe.calls(cfg.max_denoising_steps, cfg.signal_levels, alone_uncond)]
+            if self.context_rows:
+                calls.append(ErasureProbe.calls(cfg.max_denoising_steps, cfg.signal_levels, False))
+            count, total = self._counted("probes", "denoising steps"), sum(calls)
+
+            def part(offset: int):
+                def progress(done: int, _total: int) -> None:
+                    if done or not offset:  # a later part's start is the earlier part's end, already reported
+                        count(offset + done, total)
+                return progress
+
+            self.probe = self._new_probe(stack, cond["targets"], cond["neutral"], cond["uncond"], cfg.seed, ac,
+                                         part(0), surrogate_is_uncond=alone_uncond)
+            if self.context_rows:
+                with_t = Conditioning.cat([r[0] for r in self.context_rows.values()])
+                with_s = Conditioning.cat([r[1] for r in self.context_rows.values()])
+                self.context_probe = self._new_probe(stack, with_t, with_s, cond["uncond"], cfg.seed + 1, ac,
+                                                     part(calls[0]), surrogate_per_row=True)
         return self.probe
 
     def _counted(self, phase: str, unit: str):
@@ -377,19 +396,11 @@ class Trainer:
 
         return progress
 
-    def _context_probe(self, stack, cond: dict[str, Conditioning], ac) -> ErasureProbe | None:
-        """Held-out probes of the target inside other words (``TrainConfig.contexts``): built on the first call."""
-        if self.context_probe is None and self.context_rows:
-            with_t = Conditioning.cat([r[0] for r in self.context_rows.values()])
-            with_s = Conditioning.cat([r[1] for r in self.context_rows.values()])
-            self.context_probe = self._new_probe(stack, with_t, with_s, cond["uncond"], self.cfg.seed + 1, ac)
-        return self.context_probe
-
     def _check(self, stack, cond: dict[str, Conditioning], step: int, ac):
         """Measure the erasure signal now (building the held-out probes on the first call); with context probes,
         the less erased of the two."""
         check = self._probe(stack, cond, ac).measure(step)
-        cp = self._context_probe(stack, cond, ac)
+        cp = self.context_probe
         if cp is not None:
             other = cp.measure(step)
             parts = {"alone": check.signal, "in_context": other.signal}
@@ -490,7 +501,6 @@ class Trainer:
             # the erasure signal's held-out probes, drawn now (a counted phase of their own, which polls should_stop
             # first; the scan above draws them when it runs) rather than inside the steps, whose clock they would skew
             self._probe(stack, cond, ac)
-            self._context_probe(stack, cond, ac)
             neigh_rows = {}  # target index -> its neighbours' conditioning rows
             if neigh:
                 words = [w for t in cfg.targets for w in neigh.get(t, [])]

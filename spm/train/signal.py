@@ -163,7 +163,12 @@ class ErasureProbe:
     def __init__(self, backend: Backend, stack, targets: Conditioning, surrogate: Conditioning, uncond: Conditioning,
                  *, steps: int, guidance: float, resolution: int, trajectories: int = 8, levels: int = 4, seed: int = 0,
                  meter: CostMeter | None = None, autocast: torch.dtype | None = None, surrogate_is_uncond: bool = False,
-                 progress: Callable[[int, int], None] | None = None):
+                 surrogate_per_row: bool = False, progress: Callable[[int, int], None] | None = None):
+        """``surrogate``: one row for every target, or with ``surrogate_per_row`` one row per target row (the
+        context probes: the same words around the surrogate); ``surrogate_is_uncond``: the surrogate is ``""``, whose
+        predictions the trajectories already give.  ``progress(done, total)`` counts UNet calls (:meth:`calls`)."""
+        if surrogate_per_row and len(surrogate) != len(targets):
+            raise ValueError(f"surrogate_per_row needs one surrogate row per target row ({len(surrogate)} for {len(targets)})")
         self.backend, self.stack, self.autocast = backend, stack, autocast
         self.meter = meter if meter is not None else CostMeter()
         self.levels = probe_levels(steps, levels)
@@ -174,7 +179,7 @@ class ErasureProbe:
         x = torch.cat([_noise(backend.latent.shape(1, resolution, resolution), g, backend.device) for _ in range(n)])
         rows = Conditioning.cat([uncond.repeat(n), targets.rows(tis)])
         xs, tt, os_, us, conds = [], [], [], [], []
-        work = max(self.levels) + 1 + (0 if surrogate_is_uncond else 1)  # UNet calls: the trajectories, the surrogate
+        work = self.calls(steps, levels, surrogate_is_uncond)
         if progress is not None:
             progress(0, work)
         for i in range(max(self.levels) + 1):
@@ -200,13 +205,17 @@ class ErasureProbe:
         if surrogate_is_uncond:
             self.s = torch.cat(us)
         else:
-            # one surrogate for every target, or one per target row (the context probes: the same words around it)
-            sur = surrogate.rows(conds) if len(surrogate) == len(targets) > 1 else surrogate.repeat(len(self.cond))
+            sur = surrogate.rows(conds) if surrogate_per_row else surrogate.repeat(len(self.cond))
             self.s = run_unet(backend, stack, self.x_t, self.t, sur, [0.0] * len(self.cond), self.meter, False, autocast)
             if progress is not None:
                 progress(work, work)
         self.level_of = [lv for lv in self.levels for _ in range(n)]
         self.level_t = [int(ts[k]) for k in self.levels]
+
+    @staticmethod
+    def calls(steps: int, levels: int, surrogate_is_uncond: bool) -> int:
+        """UNet calls that drawing a probe makes: the trajectories down to the lowest level, then the surrogate's."""
+        return max(probe_levels(steps, levels)) + 1 + (0 if surrogate_is_uncond else 1)
 
     @property
     def rows(self) -> int:
