@@ -329,13 +329,19 @@ def discrete_attack(pipe, protect, loss: AttackLoss, budget: Budget, suffix: str
 
 
 def embedding_attack(pipe, protect, loss: AttackLoss, budget: Budget, suffix: str = "", seed: int = 0) -> dict:
-    """Continuous attack on the free positions' token embeddings; returns the conditioning it found."""
+    """Continuous attack on the free positions' token embeddings; returns the conditioning it found.  The gate sees
+    each row as a host sees a prompt with a textual-inversion embedding in it: the suffix's token ids, and none at
+    the free positions (so a token metric opens for a literal concept in the suffix, and for nothing else)."""
     ts = TextSide(pipe)
     g = torch.Generator("cpu").manual_seed(seed)
     allowed_idx = ts.allowed.nonzero().squeeze(1)
     free = allowed_idx[torch.randint(len(allowed_idx), (budget.free_tokens,), generator=g)].tolist()
     ids, pos = ts.layout(free, suffix)
     ids_t = torch.tensor([ids])
+    # what a host's gate sees of such a prompt: its text's token ids (the suffix), and at the free positions
+    # no token (a textual-inversion embedding with a harmless name; the host tokenizes the name, not the vectors)
+    seen = ids_t.clone()
+    seen[0, pos] = ts.tok.eos_token_id
     w = ts.emb.weight.detach()
     scale = float(w.norm(dim=1).mean())
     e = w[torch.tensor(free)].clone()[None].requires_grad_(True)
@@ -344,6 +350,7 @@ def embedding_attack(pipe, protect, loss: AttackLoss, budget: Budget, suffix: st
     with torch.enable_grad():
         for _ in range(budget.embed_steps):
             ctx = ts.encode(ids_t, (pos, e))
+            _record(protect, ctx, seen)
             lo = loss(ctx)[0]
             opt.zero_grad()
             lo.backward()
@@ -351,6 +358,7 @@ def embedding_attack(pipe, protect, loss: AttackLoss, budget: Budget, suffix: st
             history.append(round(float(lo.detach()), 6))
     with torch.no_grad():
         ctx = ts.encode(ids_t, (pos, e))
+        _record(protect, ctx, seen)
     return {"conditioning": ctx.detach(), "loss": float(loss(ctx.detach())[0]) if budget.embed_steps else None,
             "loss_history": history, "suffix": suffix}
 

@@ -111,6 +111,33 @@ def test_discrete_attack_scores_candidates_through_the_gate(toy):
 
 
 @needs_assets
+def test_embedding_attack_rows_show_the_gate_their_text_as_a_host_would(toy):
+    """The embedding attack's rows are recorded as a host records a prompt with a textual-inversion embedding in
+    it: the suffix's token ids, and no token at the free positions.  So the token metric opens for a literal
+    concept in the suffix (the membrane itself is attacked) and gives the free placement nothing, and the final
+    conditioning that generation uses is looked up with the same ids."""
+    from spm.hosts.diffusers import PipelineMembranes
+    from spm.transport import content_tokens
+
+    m = _membrane(toy.unet, ["circle"], 0.05)
+    b = attack.Budget.quick()
+    b.embed_steps = 2
+    ref = attack.make_reference(toy, ["a circle"], [0], None, b)
+    loss = attack.AttackLoss(toy, ref)
+    ts = attack.TextSide(toy)
+    circle = content_tokens(ts.ids("circle"))
+    with PipelineMembranes(toy, [(m, 1.0)], metric="tokenuni") as pm:
+        for suffix, opens in (("a circle", True), ("", False)):
+            res = attack.embedding_attack(toy, pm, loss, b, suffix=suffix, seed=1)
+            seen = pm.transport.registry.lookup(res["conditioning"])[0]
+            assert seen is not None
+            assert content_tokens(seen) == content_tokens(ts.ids(suffix))  # the free positions: no token
+            assert (circle <= content_tokens(seen)) is opens
+            strength = float(pm.transport.scores(res["conditioning"], [m])[0, 0])
+            assert strength == (1.0 if opens else 0.0)
+
+
+@needs_assets
 def test_spm_attack_cli_runs_and_refuses_bad_input(tmp_path, capsys, zero_membrane_file):
     out = tmp_path / "out"
     rc = main(["attack", "--membrane", str(zero_membrane_file), "--model", "toy", "--quick", "--families", "cheap",
