@@ -374,13 +374,14 @@ class Trainer:
                         count(offset + done, total)
                 return progress
 
-            self.probe = self._new_probe(stack, cond["targets"], cond["neutral"], cond["uncond"], cfg.seed, ac,
-                                         part(0), surrogate_is_uncond=alone_uncond)
+            probe = self._new_probe(stack, cond["targets"], cond["neutral"], cond["uncond"], cfg.seed, ac, part(0),
+                                    surrogate_is_uncond=alone_uncond)
             if self.context_rows:
                 with_t = Conditioning.cat([r[0] for r in self.context_rows.values()])
                 with_s = Conditioning.cat([r[1] for r in self.context_rows.values()])
                 self.context_probe = self._new_probe(stack, with_t, with_s, cond["uncond"], cfg.seed + 1, ac,
                                                      part(calls[0]), surrogate_per_row=True)
+            self.probe = probe  # set once both are drawn (Interrupt in between leaves neither)
         return self.probe
 
     def _counted(self, phase: str, unit: str):
