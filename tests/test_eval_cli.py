@@ -108,6 +108,9 @@ def test_several_membranes_each_multi_transfer(files, tmp_path, capsys):
     assert rc == 0 and capsys.readouterr().out.strip() == str(out)
     r = json.loads(out.read_text())
     _check_metrics(r, ["circle", "star"])
+    # literal, paraphrase and mixed prompts are counted per target: each target has as many as alone
+    assert {p["target"]: p["images"] for p in r["literal_per_target"]} == {"circle": 2, "star": 2}
+    assert r["images"]["literal"] == 4 and r["images"]["paraphrase"] == 2 and r["images"]["mixed"] == 2
     assert r["settings"]["transport"] is False and r["settings"]["metric"] is None
     assert [(m["name"], m["weight"], m["targets"]) for m in r["membranes"]] == [
         ("zero", 1.0, ["circle"]), ("strong", 0.9, ["star"]), ("zero#2", 1.0, ["circle"])]

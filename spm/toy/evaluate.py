@@ -38,6 +38,9 @@ from .worlds import WORLDS, World, get_world
 THRESHOLD = 0.5
 PSNR_CAP_DB = 100.0
 SUITE_DEFAULTS = {"n_literal": 16, "n_paraphrase": 8, "n_per_other": 3, "n_pairs": 8, "n_mixed": 8, "seed": 1234}
+# counted per target: several targets measured together get as many literal, paraphrase and mixed prompts each as one
+# target alone (each target's erasure is then judged on as many images as in its own run)
+PER_TARGET = ("n_literal", "n_paraphrase", "n_mixed")
 PARTS = ("literal", "paraphrase", "nontarget", "mixed")
 
 
@@ -261,7 +264,7 @@ def evaluate(base, scorer, membranes: Sequence, targets: Sequence[Sequence[str]]
     * ``metric``: the Facilitated Transport metric (default: the library's); ``transport=False`` applies every
       membrane at its weight to every prompt.
     * ``steps``/``cfg``: DDIM steps and guidance scale; ``suite``: overrides of :data:`SUITE_DEFAULTS`
-      (the arguments of :func:`harness.prompt_suite`).
+      (the arguments of :func:`harness.prompt_suite`; those in :data:`PER_TARGET` are per target).
     * ``each``: with several membranes, also measure each alone (key ``each``, plus the ``multi`` summary).
 
     Returns the metrics of all membranes together at the top level (see the module docstring), plus
@@ -313,7 +316,8 @@ def evaluate(base, scorer, membranes: Sequence, targets: Sequence[Sequence[str]]
     tr = transport
 
     def suite_for(ts: list[str]) -> dict:
-        return harness.prompt_suite(ts if len(ts) > 1 else ts[0], **sizes, world=world)
+        per = {k: int(v) * len(ts) if k in PER_TARGET else v for k, v in sizes.items()}
+        return harness.prompt_suite(ts if len(ts) > 1 else ts[0], **per, world=world)
 
     report: dict = {
         "world": world.name,
@@ -349,5 +353,5 @@ def evaluate(base, scorer, membranes: Sequence, targets: Sequence[Sequence[str]]
     return report
 
 
-__all__ = ["Generations", "NotToyModel", "SUITE_DEFAULTS", "check_toy_pipeline", "evaluate", "load_asset_folder", "measure",
+__all__ = ["Generations", "NotToyModel", "PER_TARGET", "SUITE_DEFAULTS", "check_toy_pipeline", "evaluate", "load_asset_folder", "measure",
            "normalise_targets"]
