@@ -502,6 +502,13 @@ def test_the_erasure_verdict_is_shown_when_the_trainer_gives_one(backend, tmp_pa
     assert jobs.erasure_text({"erased": True, "signal": 0.01, "threshold": 0.1, "message": ""}) == \
         "erased (signal 0.01, threshold 0.1)"
     assert jobs.erasure_text(None) == ""
+    # the trainer's own message opens with the verdict: the job's text says it once (real Forge: "not erased (…):
+    # not erased: with the membrane …")
+    assert jobs.erasure_text({"erased": False, "signal": 0.464, "threshold": 1.0,
+                              "message": "not erased: with the membrane the target's prediction closes only 46%"}) == \
+        "not erased (signal 0.464, threshold 1): with the membrane the target's prediction closes only 46%"
+    assert jobs.erasure_text({"erased": True, "signal": 1.2, "threshold": 1.0, "message": "erased: closes 120%"}) == \
+        "erased (signal 1.2, threshold 1): closes 120%"
     # stopped before any check (an Interrupt before step 1): no verdict and no "signal nan", only why
     assert jobs.erasure_text({"erased": False, "signal": float("nan"), "threshold": 1.0,
                               "message": "not measured: training stopped"}) == "not measured: training stopped"

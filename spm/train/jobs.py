@@ -387,6 +387,8 @@ def erasure_text(erasure: dict | None) -> str:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             nums.append(f"{key} {v:.3g}")
     text = verdict + (f" ({', '.join(nums)})" if nums else "")
+    if msg.startswith(verdict + ":"):  # the trainer's message opens with the verdict itself: say it once
+        msg = msg[len(verdict) + 1:].strip()
     return f"{text}: {msg}" if msg else text
 
 
