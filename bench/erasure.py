@@ -231,11 +231,12 @@ def summarise(objects: dict, multi: dict | None) -> dict:
     return s
 
 
-def multi_row(pipe, scorer, gen, objs: list[str], mems: dict, metric: str | None = None) -> dict:
+def multi_row(pipe, scorer, gen, objs: list[str], mems: dict, metric: str | None = None,
+              suite: dict | None = None) -> dict:
     from spm.toy import evaluate as ev
 
     r = ev.evaluate(pipe, scorer, [(mems[o], 1.0) for o in objs], [[o] for o in objs], each=False, metric=metric,
-                    generations=gen)
+                    generations=gen, suite=suite)
     lit = {p["target"]: p["erasure"] for p in r.get("literal_per_target", [])}
     par = {p["target"]: p["erasure"] for p in r.get("paraphrase_per_target", [])}
     vals = [lit.get(o) for o in objs]
@@ -251,8 +252,9 @@ def multi_row(pipe, scorer, gen, objs: list[str], mems: dict, metric: str | None
 
 
 def sweep_world(name: str, objects: list[str] | None, multi: list[str] | None, out: str, overrides: dict, reuse: bool,
-                threads: int, quiet: bool, metric: str | None = None) -> dict:
-    """The per-object sweep of one toy world (its base model ``name``) and its multi row."""
+                threads: int, quiet: bool, metric: str | None = None, suite_seed: int | None = None) -> dict:
+    """The per-object sweep of one toy world (its base model ``name``) and its multi row; ``suite_seed``: another
+    sample of the evaluation's prompts and seeds (default: the harness's)."""
     from spm import toy
     from spm.toy import evaluate as ev
     from spm.toy.scorer import load_scorer
@@ -273,6 +275,7 @@ def sweep_world(name: str, objects: list[str] | None, multi: list[str] | None, o
 
     pipe, scorer = toy.load(name), load_scorer(world=model.world)
     gen = ev.Generations()
+    suite = None if suite_seed is None else {"seed": int(suite_seed)}
     folder = Path(out) / name
     folder.mkdir(parents=True, exist_ok=True)
     rep: dict = {"model": name, "world": model.world, "objects": {}}
@@ -280,7 +283,7 @@ def sweep_world(name: str, objects: list[str] | None, multi: list[str] | None, o
     for obj in objs:
         m, rec = train_object(pipe, obj, folder, overrides, reuse, say)
         mems[obj] = m
-        r = ev.evaluate(pipe, scorer, [(m, 1.0)], [[obj]], metric=metric, generations=gen)
+        r = ev.evaluate(pipe, scorer, [(m, 1.0)], [[obj]], metric=metric, generations=gen, suite=suite)
         rep["objects"][obj] = object_row(r, rec)
         row = rep["objects"][obj]
         say(f"{obj}: erasure {row['erasure']}, paraphrase {row['paraphrase_erasure']}, "
@@ -294,7 +297,7 @@ def sweep_world(name: str, objects: list[str] | None, multi: list[str] | None, o
             if o not in mems:
                 mems[o] = train_object(pipe, o, folder, overrides, True, say)[0]
         say(f"multi: {', '.join(trio)} together")
-        rep["multi"] = multi_row(pipe, scorer, gen, trio, mems, metric)
+        rep["multi"] = multi_row(pipe, scorer, gen, trio, mems, metric, suite)
     rep["summary"] = summarise(rep["objects"], rep["multi"])
     rep["generated"] = dict(gen.generated)
     rep["seconds"] = round(time.time() - t0, 1)
@@ -340,7 +343,9 @@ def settings(args, overrides: dict) -> dict:
                               + "; python -m spm eval --model WORLD --membrane OBJECT.safetensors"
                               + (f" --metric {args.metric}" if args.metric else ""),
             "metric": args.metric or DEFAULT_METRIC, "default_metric": not args.metric, "steps": harness.DEFAULT_STEPS, "cfg": harness.DEFAULT_CFG,
-            "suite": dict(ev.SUITE_DEFAULTS), "goals": GOALS, "threads": args.threads, "parallel": bool(args.parallel)}
+            "suite": {**ev.SUITE_DEFAULTS, **({} if getattr(args, "suite_seed", None) is None
+                                              else {"seed": args.suite_seed})},
+            "goals": GOALS, "threads": args.threads, "parallel": bool(args.parallel)}
 
 
 def run(args) -> dict:
@@ -350,7 +355,8 @@ def run(args) -> dict:
     objects = [o.strip() for o in args.objects.split(",") if o.strip()] if args.objects else None
     multi = [o.strip() for o in args.multi.split(",") if o.strip()] if args.multi else None
     report: dict = {"settings": settings(args, overrides), "worlds": {}}
-    jobs = [(w, objects, multi, args.out, overrides, args.reuse, args.threads, args.quiet, args.metric) for w in worlds]
+    jobs = [(w, objects, multi, args.out, overrides, args.reuse, args.threads, args.quiet, args.metric, args.suite_seed)
+            for w in worlds]
     if args.parallel and len(worlds) > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
@@ -652,6 +658,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", action="store_true", help="reuse membranes already trained in --out with the same settings")
     p.add_argument("--metric", default=None,
                    help="evaluate with this transport metric instead of the default (an experiment; the JSON says so)")
+    p.add_argument("--suite-seed", type=int, default=None,
+                   help="seed of the evaluation's prompt suite: another sample of prompts and seeds (default: the "
+                        "harness's, 1234; recorded in the JSON)")
     p.add_argument("--out", default=str(RESULTS / "erasure_membranes"), help="where the trained membranes go")
     p.add_argument("--result", default=None, help="the JSON file (default: bench/results/erasure.json; "
                    "erasure_ablations.json with --ablations-only)")

@@ -215,3 +215,27 @@ def test_rows_split_the_images_found_after_into_kept_and_new(monkeypatch):
     multi = be.multi_row(None, None, None, ["a", "b"], {"a": None, "b": None})
     assert multi["literal_found_after"] == {"a": [1, 1], "b": [0, 0]}
     assert multi["paraphrase_found_after"] == {"a": [0, 0]} and multi["min_erasure"] == 0.5
+
+
+def test_suite_seed_draws_another_sample_for_every_row(monkeypatch, tmp_path):
+    """``--suite-seed S``: every evaluation of the sweep, the objects' and the multi row's, uses the suite seed S
+    (another sample of prompts and seeds), and the JSON's settings record it."""
+    from spm.toy import evaluate as ev
+
+    seen = []
+
+    def fake_evaluate(*a, suite=None, **k):
+        seen.append(suite)
+        return {"literal_per_target": [], "paraphrase_per_target": []}
+
+    monkeypatch.setattr(ev, "evaluate", fake_evaluate)
+    monkeypatch.setattr(be, "train_object", lambda pipe, obj, *a, **k: (obj, {"steps": 1, "erased": True, "seconds": 1.0}))
+    monkeypatch.setattr(be, "object_row", lambda r, rec: {"erasure": None, "paraphrase_erasure": None,
+                                                          "nontarget_identical": None, "training": rec})
+    be.sweep_world("toy2", ["sun", "moon"], None, str(tmp_path), {}, True, 1, True, None, 4321)
+    assert seen == [{"seed": 4321}] * 3  # two objects and the multi row
+    seen.clear()
+    be.sweep_world("toy2", ["sun"], None, str(tmp_path), {}, True, 1, True)
+    assert seen == [None]
+    st = be.settings(argparse.Namespace(metric=None, threads=1, parallel=False, suite_seed=4321), {})
+    assert st["suite"]["seed"] == 4321 and st["suite"]["n_literal"] == ev.SUITE_DEFAULTS["n_literal"]
