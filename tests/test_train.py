@@ -393,9 +393,10 @@ def test_the_trainer_erases_the_target_inside_other_words_and_checks_it_there(ba
     res = first.train()
     assert res.interrupted and res.steps == 3
     assert first.context_probe is not None and first.context_probe.rows == 2 * len(first.context_probe.levels)
-    # both probe sets are drawn in one count: the target's (its surrogate "" costs no call) and the context prompts'
-    # (one more call for the words around the surrogate)
-    total = ErasureProbe.calls(cfg.max_denoising_steps, 2, True) + ErasureProbe.calls(cfg.max_denoising_steps, 2, False)
+    # both probe sets are drawn in one count: the target's (its surrogate "" costs no call), the check of each context
+    # pair (one call each; none is left out on this model) and the context prompts' probes (one more call for the
+    # words around the surrogate)
+    total = ErasureProbe.calls(cfg.max_denoising_steps, 2, True) + 4 + ErasureProbe.calls(cfg.max_denoising_steps, 2, False)
     probes = [(p.done, p.total) for p in phases if p.name == "probes"]
     assert probes == [(k, total) for k in range(total + 1)]
     texts = load_membrane(out).info.training["context_prompts"]["circle"]
@@ -420,3 +421,33 @@ def test_the_trainer_erases_the_target_inside_other_words_and_checks_it_there(ba
     without = Trainer(backend, cfg.with_(contexts=0), progress_bar=False).train()
     assert without.membrane.info.training["context_prompts"] == {} and "signal_parts" not in without.erasure
     assert fresh.cost["ufe_per_iteration_steady"] - without.cost["ufe_per_iteration_steady"] == pytest.approx(4.0)
+
+
+def test_context_pairs_whose_words_alone_draw_the_target_are_left_out(backend, monkeypatch):
+    """A context pair whose words around the surrogate already predict nearer the target than the surrogate (on the
+    target's held-out probes) is left out: its erase goal would be the target itself.  With every pair left out,
+    the run trains as without contexts (no extra rows, no context probe), the probes count still ends at its total,
+    and the file records what was left out."""
+    from spm.train import loop
+    from spm.train.loop import Phase
+    from spm.train.signal import ErasureProbe
+
+    real = loop._nearer_target
+    monkeypatch.setattr(loop, "_nearer_target", lambda p, o, s: True)
+    cfg = TrainConfig(targets=["circle"], iterations=3, la_mode="off", synonyms="off", signal_checks=3,
+                      signal_trajectories=2, signal_levels=2, **{**FAST, "contexts": 3})
+    phases: list[Phase] = []
+    tr = Trainer(backend, cfg, progress_bar=False, on_phase=phases.append)
+    res = tr.train()
+    info = res.membrane.info.training
+    assert info["context_prompts"] == {} and len(info["context_dropped"]["circle"]) == 3
+    assert tr.context_probe is None and "signal_parts" not in res.erasure
+    without = Trainer(backend, cfg.with_(contexts=0), progress_bar=False).train()
+    assert res.cost["ufe_per_iteration_steady"] == pytest.approx(without.cost["ufe_per_iteration_steady"])
+    main = ErasureProbe.calls(cfg.max_denoising_steps, 2, True)
+    total = main + 3 + ErasureProbe.calls(cfg.max_denoising_steps, 2, False)
+    probes = [(p.done, p.total) for p in phases if p.name == "probes"]
+    assert probes == [(k, total) for k in range(main + 4)] + [(total, total)]
+    # the rule itself: nearer the target's prediction than the surrogate's
+    o, s = torch.zeros(2, 3), torch.ones(2, 3)
+    assert real(torch.full((2, 3), 0.4), o, s) and not real(torch.full((2, 3), 0.6), o, s)

@@ -50,7 +50,7 @@ from ..transport import VOCABULARY_PROGRESS, training_calibration, training_cand
 from .anchors import sample_anchors
 from .config import TrainConfig
 from .contexts import context_prompts
-from .objective import AnchorWeight, CostMeter, extra_erase_loss, objective_step
+from .objective import AnchorWeight, CostMeter, extra_erase_loss, objective_step, run_unet
 from .robust import make_robust
 from .sampling import LatentPool, ReferenceSchedule, image_grid, sample_images
 from .signal import ErasureProbe, StopRule, check_interval, min_steps, probe_levels, summary
@@ -158,6 +158,11 @@ class _StopRequested(Exception):
     """``should_stop()`` turned true inside the pool warm-up (raised from a UNet pre-hook, caught by the loop)."""
 
 
+def _nearer_target(p: torch.Tensor, o: torch.Tensor, s: torch.Tensor) -> bool:
+    """Whether the predictions ``p`` lie nearer the target's ``o`` than the surrogate's ``s`` (summed over rows)."""
+    return float(((p - o) ** 2).sum()) < float(((p - s) ** 2).sum())
+
+
 class Trainer:
     """Trains one membrane on ``backend`` (see the module docstring)."""
 
@@ -182,6 +187,7 @@ class Trainer:
         self.context_probe: ErasureProbe | None = None
         self.context_rows: dict = {}
         self.context_texts: dict[str, list[str]] = {}
+        self.context_dropped: dict[str, list[str]] = {}
         self.neighbour_rng: torch.Generator | None = None  # picks the erased neighbour of each step (resumable)
         self.context_rng: torch.Generator | None = None  # picks the context prompt of each step (resumable)
         interval = check_interval(config.iterations, config.signal_checks)
@@ -364,8 +370,9 @@ class Trainer:
             cfg = self.cfg
             alone_uncond = cfg.surrogate == ""
             calls = [ErasureProbe.calls(cfg.max_denoising_steps, cfg.signal_levels, alone_uncond)]
-            if self.context_rows:
-                calls.append(ErasureProbe.calls(cfg.max_denoising_steps, cfg.signal_levels, False))
+            if self.context_rows:  # the context pairs' check (a UNet call each), then their own probes
+                calls += [sum(len(r[1]) for r in self.context_rows.values()),
+                          ErasureProbe.calls(cfg.max_denoising_steps, cfg.signal_levels, False)]
             count, total = self._counted("probes", "denoising steps"), sum(calls)
 
             def part(offset: int):
@@ -377,12 +384,50 @@ class Trainer:
             probe = self._new_probe(stack, cond["targets"], cond["neutral"], cond["uncond"], cfg.seed, ac, part(0),
                                     surrogate_is_uncond=alone_uncond)
             if self.context_rows:
+                self._drop_target_like_contexts(stack, probe, ac, part(calls[0]))
+            if self.context_rows:
                 with_t = Conditioning.cat([r[0] for r in self.context_rows.values()])
                 with_s = Conditioning.cat([r[1] for r in self.context_rows.values()])
                 self.context_probe = self._new_probe(stack, with_t, with_s, cond["uncond"], cfg.seed + 1, ac,
-                                                     part(calls[0]), surrogate_per_row=True)
+                                                     part(calls[0] + calls[1]), surrogate_per_row=True)
+            elif len(calls) > 1:  # every pair dropped: the count ends here
+                count(total, total)
             self.probe = probe  # set once both are drawn (Interrupt in between leaves neither)
         return self.probe
+
+    def _drop_target_like_contexts(self, stack, probe: ErasureProbe, ac, progress) -> None:
+        """Keep only the context pairs whose words around the surrogate predict, on the target's own held-out probes
+        (membrane off), nearer the surrogate's prediction than the target's: the bisector, a property of the
+        geometry, not a number fitted on a model.  Where the words alone already draw the target (toy world 2's base
+        model draws a cloud for function words), the pair's erase goal is itself the target and its term would undo
+        the erasure.  ``progress(done, total)``: one UNet call per pair."""
+        from .synonyms import probe_rows
+
+        done = 0
+        for ti, (with_t, with_s) in sorted(self.context_rows.items()):
+            target = self.cfg.targets[ti]
+            rows = probe_rows(probe, ti)
+            x, t = probe.x_t[rows], probe.t[rows]
+            o, s = probe.o[rows].double(), probe.s[rows].double()
+            keep, dropped = [], []
+            for j in range(len(with_s)):
+                p = run_unet(self.backend, stack, x, t, with_s.rows([j] * len(rows)), [0.0] * len(rows),
+                             self.signal_meter, False, ac).double()
+                (dropped if _nearer_target(p, o, s) else keep).append(j)
+                done += 1
+                progress(done, 0)
+            texts = self.context_texts.get(target, [])
+            if dropped:
+                self.context_dropped[target] = [texts[j] for j in dropped]
+                log.info("SPM: %d of %d context prompts of %r left out: the words around the surrogate already predict "
+                         "nearer the target than the surrogate (e.g. %r)", len(dropped), len(with_s), target,
+                         self.context_dropped[target][0])
+            if keep:
+                self.context_rows[ti] = (with_t.rows(keep), with_s.rows(keep))
+                self.context_texts[target] = [texts[j] for j in keep]
+            else:
+                del self.context_rows[ti]
+                self.context_texts.pop(target, None)
 
     def _counted(self, phase: str, unit: str):
         """A ``progress(done, total)`` for a counted phase outside the steps (the vocabulary, the probes, the word
@@ -486,6 +531,7 @@ class Trainer:
             cond = {k: be.encode(v) for k, v in texts.items()}
             self.context_rows = {}  # target index -> (context prompts with the target, the same with the surrogate)
             self.context_texts = {}
+            self.context_dropped = {}  # target -> context prompts left out (their words alone draw the target)
             for ti, t in enumerate(cfg.targets if cfg.contexts > 0 else []):
                 pairs = context_prompts(t, cfg.surrogate, cfg.contexts, cfg.seed + ti)
                 if pairs:
@@ -666,7 +712,7 @@ class Trainer:
             (log.info if erasure["erased"] else log.warning)("SPM: %s", erasure["message"])
         extra = {"interrupted": interrupted, "cost": cost, "erasure": erasure, "signal_history": self.rule.checks,
                  "neighbour_words": self.neighbour_words, "synonym_words": self.synonym_words,
-                 "context_prompts": self.context_texts}
+                 "context_prompts": self.context_texts, "context_dropped": self.context_dropped}
         if self.synonym_skipped:
             extra["synonym_skipped"] = self.synonym_skipped
         if self.robust is not None:
