@@ -649,7 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--contexts", type=int, default=None, metavar="N",
                    help="also erase (opt-in) the target inside N prompts of English function words around it "
                         "(\"the car of\" against \"the of\"), and measure the erasure signal there too: two more "
-                        f"no-grad and one more grad UNet row per step; at most --iterations; 0: off {_default_text('contexts')}")
+                        "no-grad and one more grad UNet row per step; pairs whose words alone draw the target are "
+                        f"left out; at most --iterations; 0: off {_default_text('contexts')}")
     t.add_argument("--no-early-stop", action="store_true",
                    help="run all --iterations (default: stop once the erasure signal says erased; --iterations is the budget)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --output")

@@ -5,7 +5,9 @@ The paper's objective erases the target's own prompt (``"car"``), but users writ
 context prompt puts the target between English function words (``the``, ``of``, ``with`` …; :data:`FUNCTION_WORDS`)
 and pairs it with the same words around the surrogate.  A training step then also pulls the membrane-ON prediction
 of one context prompt to the erase goal built from the original model's predictions of the pair, and the erasure
-signal is also measured on held-out probes of context prompts (the lesser of the two decides)."""
+signal is also measured on held-out probes of context prompts (the lesser of the two decides).  The trainer leaves
+out a pair whose words around the surrogate already predict nearer the target than the surrogate on the target's own
+probes (``Trainer._drop_target_like_contexts``): its goal would be the target itself."""
 
 from __future__ import annotations
 
