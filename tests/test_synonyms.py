@@ -189,10 +189,13 @@ def test_closures_batch_rows_without_changing_the_result(pipe):
         words = Conditioning.cat([be.encode(["circle"]), be.encode(NULL[:3])])
         a = syn.closures(be, stack, probe, rows, words, None, batch_rows=len(rows))
         b = syn.closures(be, stack, probe, rows, words, None, batch_rows=1000)
+        to_o, to_s = syn.distances(be, stack, probe, rows, words, None, batch_rows=len(rows))
     finally:
         stack.detach()
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert float(a[0]) == pytest.approx(1.0, abs=1e-5)  # the target itself closes the whole gap
+    # the distances behind them: the target's own word predicts nearer the target than the surrogate
+    assert float(to_o[0]) < float(to_s[0]) and float(to_o[0]) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_many_concepts_score_exactly_as_one_at_a_time(pipe):

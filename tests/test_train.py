@@ -383,10 +383,15 @@ def test_the_trainer_erases_the_target_inside_other_words_and_checks_it_there(ba
     such pairs out has its own test below.)"""
     from safetensors.torch import load_file
 
-    from spm.train import loop
+    from spm.train import synonyms as syn
     from spm.train.loop import CONTEXT_RNG
 
-    monkeypatch.setattr(loop, "_nearer_target", lambda p, o, s: False)
+    def keep_all(be, stack, probe, rows, words, *a, progress=None, **k):  # every pair nearer the surrogate
+        if progress is not None:
+            progress(len(words))
+        return torch.ones(len(words)), torch.zeros(len(words))
+
+    monkeypatch.setattr(syn, "distances", keep_all)
 
     cfg = TrainConfig(targets=["circle"], iterations=6, la_mode="off", synonyms="off", signal_checks=3,
                       signal_trajectories=2, signal_levels=2, **{**FAST, "contexts": 4})
@@ -401,9 +406,10 @@ def test_the_trainer_erases_the_target_inside_other_words_and_checks_it_there(ba
     # both probe sets are drawn in one count: the target's (its surrogate "" costs no call), the check of each context
     # pair (one call each; none is left out on this model) and the context prompts' probes (one more call for the
     # words around the surrogate)
-    total = ErasureProbe.calls(cfg.max_denoising_steps, 2, True) + 4 + ErasureProbe.calls(cfg.max_denoising_steps, 2, False)
+    main = ErasureProbe.calls(cfg.max_denoising_steps, 2, True)
+    total = main + 4 + ErasureProbe.calls(cfg.max_denoising_steps, 2, False)
     probes = [(p.done, p.total) for p in phases if p.name == "probes"]
-    assert probes == [(k, total) for k in range(total + 1)]
+    assert probes == [(k, total) for k in range(main + 1)] + [(k, total) for k in range(main + 4, total + 1)]
     texts = load_membrane(out).info.training["context_prompts"]["circle"]
     assert len(texts) == 4 and all("circle" in t for t in texts)
 
@@ -433,12 +439,18 @@ def test_context_pairs_whose_words_alone_draw_the_target_are_left_out(backend, m
     target's held-out probes) is left out: its erase goal would be the target itself.  With every pair left out,
     the run trains as without contexts (no extra rows, no context probe), the probes count still ends at its total,
     and the file records what was left out."""
-    from spm.train import loop
+    from spm.train import synonyms as syn
     from spm.train.loop import Phase
     from spm.train.signal import ErasureProbe
 
-    real = loop._nearer_target
-    monkeypatch.setattr(loop, "_nearer_target", lambda p, o, s: True)
+    real = syn.distances
+
+    def drop_all(be, stack, probe, rows, words, *a, progress=None, **k):  # every pair nearer the target
+        if progress is not None:
+            progress(len(words))
+        return torch.zeros(len(words)), torch.ones(len(words))
+
+    monkeypatch.setattr(syn, "distances", drop_all)
     cfg = TrainConfig(targets=["circle"], iterations=3, la_mode="off", synonyms="off", signal_checks=3,
                       signal_trajectories=2, signal_levels=2, **{**FAST, "contexts": 3})
     phases: list[Phase] = []
@@ -452,7 +464,13 @@ def test_context_pairs_whose_words_alone_draw_the_target_are_left_out(backend, m
     main = ErasureProbe.calls(cfg.max_denoising_steps, 2, True)
     total = main + 3 + ErasureProbe.calls(cfg.max_denoising_steps, 2, False)
     probes = [(p.done, p.total) for p in phases if p.name == "probes"]
-    assert probes == [(k, total) for k in range(main + 4)] + [(total, total)]
-    # the rule itself: nearer the target's prediction than the surrogate's
-    o, s = torch.zeros(2, 3), torch.ones(2, 3)
-    assert real(torch.full((2, 3), 0.4), o, s) and not real(torch.full((2, 3), 0.6), o, s)
+    # the pair check is counted in pairs, as many per UNet call as fit (here all three in one)
+    assert probes == [(k, total) for k in range(main + 1)] + [(main + 3, total), (total, total)]
+    # the rule itself (the distances are tested in test_synonyms): a pair is left out when its words' predictions
+    # are nearer the target's than the surrogate's
+    assert callable(real)
+    keep = Trainer(backend, cfg, progress_bar=False)
+    monkeypatch.setattr(syn, "distances", lambda *a, progress=None, **k: (torch.tensor([0.4, 0.6, 0.1]),
+                                                                          torch.tensor([0.5, 0.5, 0.5])))
+    kept = keep.train().membrane.info.training
+    assert len(kept["context_prompts"]["circle"]) == 1 and len(kept["context_dropped"]["circle"]) == 2

@@ -50,7 +50,7 @@ from ..transport import VOCABULARY_PROGRESS, training_calibration, training_cand
 from .anchors import sample_anchors
 from .config import TrainConfig
 from .contexts import context_prompts
-from .objective import AnchorWeight, CostMeter, extra_erase_loss, objective_step, run_unet
+from .objective import AnchorWeight, CostMeter, extra_erase_loss, objective_step
 from .robust import make_robust
 from .sampling import LatentPool, ReferenceSchedule, image_grid, sample_images
 from .signal import ErasureProbe, StopRule, check_interval, min_steps, probe_levels, summary
@@ -156,11 +156,6 @@ def make_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.opti
 
 class _StopRequested(Exception):
     """``should_stop()`` turned true inside the pool warm-up (raised from a UNet pre-hook, caught by the loop)."""
-
-
-def _nearer_target(p: torch.Tensor, o: torch.Tensor, s: torch.Tensor) -> bool:
-    """Whether the predictions ``p`` lie nearer the target's ``o`` than the surrogate's ``s`` (summed over rows)."""
-    return float(((p - o) ** 2).sum()) < float(((p - s) ** 2).sum())
 
 
 class Trainer:
@@ -400,22 +395,22 @@ class Trainer:
         (membrane off), nearer the surrogate's prediction than the target's: the bisector, a property of the
         geometry, not a number fitted on a model.  Where the words alone already draw the target (toy world 2's base
         model draws a cloud for function words), the pair's erase goal is itself the target and its term would undo
-        the erasure.  ``progress(done, total)``: one UNet call per pair."""
-        from .synonyms import probe_rows
+        the erasure.  ``progress(done, total)``: counted in pairs (:func:`spm.train.synonyms.distances` batches them)."""
+        from . import synonyms as syn
 
         done = 0
+
+        def step(k: int) -> None:
+            nonlocal done
+            done += k
+            progress(done, 0)
+
         for ti, (with_t, with_s) in sorted(self.context_rows.items()):
             target = self.cfg.targets[ti]
-            rows = probe_rows(probe, ti)
-            x, t = probe.x_t[rows], probe.t[rows]
-            o, s = probe.o[rows].double(), probe.s[rows].double()
-            keep, dropped = [], []
-            for j in range(len(with_s)):
-                p = run_unet(self.backend, stack, x, t, with_s.rows([j] * len(rows)), [0.0] * len(rows),
-                             self.signal_meter, False, ac).double()
-                (dropped if _nearer_target(p, o, s) else keep).append(j)
-                done += 1
-                progress(done, 0)
+            to_o, to_s = syn.distances(self.backend, stack, probe, syn.probe_rows(probe, ti), with_s, self.signal_meter,
+                                       ac, progress=step)
+            dropped = [j for j in range(len(with_s)) if to_o[j] < to_s[j]]
+            keep = [j for j in range(len(with_s)) if j not in dropped]
             texts = self.context_texts.get(target, [])
             if dropped:
                 self.context_dropped[target] = [texts[j] for j in dropped]

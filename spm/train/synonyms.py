@@ -130,28 +130,41 @@ def probe_rows(probe: ErasureProbe, target_index: int, per_level: int = PROBES_P
     return out
 
 
+def distances(backend: Backend, stack, probe: ErasureProbe, rows: list[int], words: Conditioning,
+              meter: CostMeter | None, autocast: torch.dtype | None = None, batch_rows: int = BATCH_ROWS,
+              progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ‖p − o‖², Σ‖p − s‖²)`` per row of ``words`` (membrane off; ``p`` its prediction, ``o``/``s`` the target's
+    and the surrogate's) over the probe rows ``rows``, each ``[len(words)]`` float64, in calls of about
+    ``batch_rows`` UNet rows.  ``progress(k)`` is called after each UNet call with the number of words it scored."""
+    n, r = len(words), len(rows)
+    if n == 0 or r == 0:
+        return torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    x, t = probe.x_t[rows], probe.t[rows]
+    o, s = probe.o[rows].double(), probe.s[rows].double()
+    per_call = max(1, batch_rows // r)
+    to_o, to_s = [], []
+    for i in range(0, n, per_call):
+        k = min(per_call, n - i)
+        cond = words.rows([j for j in range(i, i + k) for _ in range(r)])
+        p = run_unet(backend, stack, x.repeat(k, 1, 1, 1), t.repeat(k), cond, [0.0] * (k * r), meter, False, autocast)
+        p = p.double().view(k, r, *o.shape[1:])
+        to_o.append(((p - o.unsqueeze(0)) ** 2).flatten(1).sum(1))
+        to_s.append(((p - s.unsqueeze(0)) ** 2).flatten(1).sum(1))
+        if progress is not None:
+            progress(k)
+    return torch.cat(to_o), torch.cat(to_s)
+
+
 def closures(backend: Backend, stack, probe: ErasureProbe, rows: list[int], words: Conditioning,
              meter: CostMeter | None, autocast: torch.dtype | None = None, batch_rows: int = BATCH_ROWS,
              progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """The closure of each row of ``words`` (membrane off) on the probe rows ``rows``: ``[len(words)]``.
     ``progress(k)`` is called after each UNet call with the number of words it scored."""
-    n, r = len(words), len(rows)
-    if n == 0 or r == 0:
-        return torch.zeros(n)
-    x, t = probe.x_t[rows], probe.t[rows]
-    o, s = probe.o[rows].double(), probe.s[rows].double()
-    den = ((s - o) ** 2).sum().clamp_min(1e-30)
-    per_call = max(1, batch_rows // r)
-    out = []
-    for i in range(0, n, per_call):
-        k = min(per_call, n - i)
-        cond = words.rows([j for j in range(i, i + k) for _ in range(r)])
-        p = run_unet(backend, stack, x.repeat(k, 1, 1, 1), t.repeat(k), cond, [0.0] * (k * r), meter, False, autocast)
-        err = ((p.double().view(k, r, *o.shape[1:]) - o.unsqueeze(0)) ** 2).flatten(1).sum(1)
-        out.append(1.0 - err / den)
-        if progress is not None:
-            progress(k)
-    return torch.cat(out).float()
+    if len(words) == 0 or len(rows) == 0:
+        return torch.zeros(len(words))
+    den = ((probe.s[rows].double() - probe.o[rows].double()) ** 2).sum().clamp_min(1e-30)
+    to_o, _ = distances(backend, stack, probe, rows, words, meter, autocast, batch_rows, progress)
+    return (1.0 - to_o / den).float()
 
 
 def scan(backend: Backend, stack, probe: ErasureProbe, targets: list[str], words: dict,
@@ -196,6 +209,6 @@ def metadata(found: dict[str, SynonymScan]) -> dict:
             "synonym_scan": {t: s.to_dict() for t, s in found.items()}}
 
 
-__all__ = ["BUDGET_SHARE", "CANDIDATES", "MAX_SYNONYMS", "MIN_WORDS", "NULL_WORDS", "PROBES_PER_LEVEL", "SEED",
+__all__ = ["distances", "BUDGET_SHARE", "CANDIDATES", "MAX_SYNONYMS", "MIN_WORDS", "NULL_WORDS", "PROBES_PER_LEVEL", "SEED",
            "SynonymScan", "closures", "metadata", "planned_ufe", "probe_row_count", "probe_rows", "scan", "threshold",
            "words_per_side"]
