@@ -40,6 +40,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .transport import EOS
+
 Judge = Callable[[list], list]
 
 
@@ -341,7 +343,7 @@ def embedding_attack(pipe, protect, loss: AttackLoss, budget: Budget, suffix: st
     # what a host's gate sees of such a prompt: its text's token ids (the suffix), and at the free positions
     # no token (a textual-inversion embedding with a harmless name; the host tokenizes the name, not the vectors)
     seen = ids_t.clone()
-    seen[0, pos] = ts.tok.eos_token_id
+    seen[0, pos] = EOS  # an id the transport's token metrics read as no content (spm.transport.content_tokens)
     w = ts.emb.weight.detach()
     scale = float(w.norm(dim=1).mean())
     e = w[torch.tensor(free)].clone()[None].requires_grad_(True)
