@@ -56,15 +56,16 @@ def _judge(scorer, target: str, world: str):
 
 
 def train_config(target: str, row: str, iterations: int | None, robust: str, quick: bool):
-    """The TrainConfig of a trained row: ``reference`` (the reference schedule), ``robust`` (robust training
+    """The TrainConfig of a trained row: ``reference`` (the reference schedule, no context prompts), ``robust`` (robust training
     ``robust``) or ``plain`` (robust training off); the trainer's defaults otherwise."""
     from spm.train import TrainConfig
 
     kw: dict = dict(QUICK_TRAIN) if quick else {}
     if iterations:
         kw["iterations"] = iterations
-    if row == "reference":
+    if row == "reference":  # the reference's schedule and objective: no context prompts (the paper has none)
         kw["schedule"] = "reference"
+        kw["contexts"] = 0
     elif row == "robust":
         kw["robust"] = robust
     elif row == "plain":

@@ -124,6 +124,11 @@ def _train_record(res, seconds: float) -> dict:
             "signal_checks": [(c["step"], round(c["signal"], 4)) for c in res.membrane.info.training.get("signal_history", [])]}
 
 
+# settings whose default changed after files stopped omitting them: the value a file that predates the setting was
+# trained with (``contexts`` came in off, and became the default later); any other missing setting: its default
+BEFORE_RECORDED = {"contexts": 0}
+
+
 def train_object(pipe, obj: str, folder: Path, overrides: dict, reuse: bool, say) -> tuple[object, dict]:
     """Train (or, with ``reuse``, load) the sweep's membrane for ``obj``; returns it and its training record."""
     from spm.checkpoint import load_membrane
@@ -136,8 +141,8 @@ def train_object(pipe, obj: str, folder: Path, overrides: dict, reuse: bool, say
     if reuse and path.exists() and side.exists():
         rec = {k: v for k, v in json.loads(side.read_text()).items() if not k.startswith("history")}
         m = load_membrane(path)
-        # a setting the file does not record is one added since, off by default then: its default
-        default, saved = training_config(obj).to_dict(), m.info.training or {}
+        # a setting the file does not record is one added since: the file was trained with its value of that time
+        default, saved = {**training_config(obj).to_dict(), **BEFORE_RECORDED}, m.info.training or {}
         if all(saved.get(k, default[k]) == v for k, v in cfg.to_dict().items()):
             say(f"{obj}: reusing {path}")
             return m, {**rec, "reused": True}

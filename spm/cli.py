@@ -647,10 +647,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "against random words). gate: the transport also opens the membrane for them; erase: that, "
                         f"and training erases them too; off: neither {_default_text('synonyms')}")
     t.add_argument("--contexts", type=int, default=None, metavar="N",
-                   help="also erase (opt-in) the target inside N prompts of English function words around it "
+                   help="also erase the target inside N prompts of English function words around it "
                         "(\"the car of\" against \"the of\"), and measure the erasure signal there too: two more "
                         "no-grad and one more grad UNet row per step; pairs whose words alone draw the target are "
-                        f"left out; at most --iterations; 0: off {_default_text('contexts')}")
+                        "left out; a run draws at most --iterations of them; 0: off (the paper's objective) "
+                        f"{_default_text('contexts')}")
     t.add_argument("--no-early-stop", action="store_true",
                    help="run all --iterations (default: stop once the erasure signal says erased; --iterations is the budget)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --output")

@@ -181,9 +181,10 @@ def test_signal_vs_scorer_merge_names_the_targets_not_run(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0
 
 
-def test_reuse_takes_a_setting_the_file_predates_as_its_default(tmp_path):
+def test_reuse_takes_a_setting_the_file_predates_as_its_value_of_that_time(tmp_path):
     """``--reuse``: a membrane trained before a setting existed (the file does not record it) is reused when the
-    sweep asks for that setting's default, and trained again when it asks for another value."""
+    sweep asks for the value the setting had then (``contexts`` came in off, its default now is on), and trained
+    again when it asks for another value, the current default included."""
     from spm.checkpoint import save_membrane
     from tests.helpers import random_membrane
     from tests.test_train_models import tiny_sd_pipe
@@ -192,15 +193,21 @@ def test_reuse_takes_a_setting_the_file_predates_as_its_default(tmp_path):
     folder.mkdir()
     m = random_membrane(tiny_sd_pipe().unet, name="circle", concepts=("circle",))
     cfg = be.training_config("circle").to_dict()
+    assert cfg["contexts"] > 0  # the default now
     m.info.training = {k: v for k, v in cfg.items() if k != "contexts"}  # as saved before ``contexts`` existed
     save_membrane(m, folder / "circle.safetensors")
     (folder / "circle.train.json").write_text(json.dumps({"steps": 7, "history": []}))
     said = []
-    got, rec = be.train_object(None, "circle", folder, {}, True, said.append)
+    got, rec = be.train_object(None, "circle", folder, {"contexts": 0}, True, said.append)
     assert rec == {"steps": 7, "reused": True} and said == [f"circle: reusing {folder / 'circle.safetensors'}"]
-    with pytest.raises(AttributeError):  # another value: it trains again (here on no pipeline at all)
-        be.train_object(None, "circle", folder, {"contexts": 4}, True, said.append)
-    assert said[-2] == "circle: circle.safetensors was trained with other settings; training again"
+    for over in ({}, {"contexts": 4}):  # another value: it trains again (here on no pipeline at all)
+        with pytest.raises(AttributeError):
+            be.train_object(None, "circle", folder, over, True, said.append)
+        assert said[-2] == "circle: circle.safetensors was trained with other settings; training again"
+    # a file that records it is reused at the value it records
+    m.info.training = dict(cfg)
+    save_membrane(m, folder / "circle.safetensors")
+    assert be.train_object(None, "circle", folder, {}, True, said.append)[1]["reused"]
 
 
 def test_rows_split_the_images_found_after_into_kept_and_new(monkeypatch):

@@ -33,8 +33,8 @@ def test_train_args_map_to_config():
     assert config_from_args(build_parser().parse_args(base)).neighbours == TrainConfig(targets=["c"]).neighbours
     assert config_from_args(build_parser().parse_args([*base, "--neighbours"])).neighbours is True
     assert config_from_args(build_parser().parse_args([*base, "--no-neighbours"])).neighbours is False
-    assert config_from_args(build_parser().parse_args(base)).contexts == 0
-    assert config_from_args(build_parser().parse_args([*base, "--contexts", "16"])).contexts == 16
+    assert config_from_args(build_parser().parse_args(base)).contexts == TrainConfig(targets=["c"]).contexts == 16
+    assert config_from_args(build_parser().parse_args([*base, "--contexts", "0"])).contexts == 0
     with pytest.raises(ValueError, match="contexts"):
         config_from_args(build_parser().parse_args([*base, "--contexts", "-1"]))
     bad = build_parser().parse_args(["train", "--model", "m", "--target", "c", "-o", "x.safetensors", "--precision", "fp8"])
@@ -92,14 +92,27 @@ def test_contexts_in_a_training_request():
     from spm.train.jobs import RequestError, parse_request
 
     assert parse_request({"name": "c", "target": "circle", "contexts": 8}).config().contexts == 8
-    assert parse_request({"name": "c", "target": "circle"}).config().contexts == 0
+    assert parse_request({"name": "c", "target": "circle"}).config().contexts == 16  # the default
+    assert parse_request({"name": "c", "target": "circle", "contexts": 0}).config().contexts == 0
     with pytest.raises(RequestError, match="contexts must be a whole number"):
         parse_request({"name": "c", "target": "circle", "contexts": 2.5})
     with pytest.raises(RequestError, match="contexts"):
         parse_request({"name": "c", "target": "circle", "contexts": -3}).config()
-    # each step draws one context prompt: more than the iteration budget are never used (and all are encoded up front)
-    with pytest.raises(RequestError, match=r"contexts=101 .*at most iterations \(100\)"):
-        parse_request({"name": "c", "target": "circle", "iterations": 100, "contexts": 101}).config()
+    # each step draws one context prompt: a run draws at most one per iteration, so a short job keeps the default
+    cfg = parse_request({"name": "c", "target": "circle", "iterations": 10}).config()
+    assert (cfg.contexts, cfg.context_count) == (16, 10)
+    cfg = parse_request({"name": "c", "target": "circle", "iterations": 100, "contexts": 101}).config()
+    assert (cfg.contexts, cfg.context_count) == (101, 100)
+    # the trainer tab's number field: its default is the trainer's, and 0 turns contexts off
+    from spm.train.jobs import preset_values
+    from spm.ui.trainer_tab import FORM, form_to_request
+
+    assert "contexts" in FORM and preset_values("object")["contexts"] == 16
+    for n in (0, 8):
+        req = form_to_request({**{k: None for k in FORM}, "name": "c", "target": "circle", "contexts": n})
+        assert parse_request(req).config().contexts == n
+    req = form_to_request({**{k: None for k in FORM}, "name": "c", "target": "circle"})  # left empty: the default
+    assert parse_request(req).config().contexts == 16
 
 
 def test_neighbours_in_a_training_request():

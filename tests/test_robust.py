@@ -103,7 +103,10 @@ def test_robust_run_records_itself_costs_more_and_leaves_the_anchor_draws_alone(
     # the trainer's generator (latent pool, anchors) is consumed exactly as without robust training
     st_off, st_rob = _state(out_off), _state(out_rob)
     assert torch.equal(st_off["rng"], st_rob["rng"])
-    assert not [k for k in st_off if k.startswith("x.")]
+    assert not [k for k in st_off if k.startswith("x.robust")]
+    from spm.train.loop import CONTEXT_RNG  # the context prompts' picks (the default) too
+
+    assert torch.equal(st_off[f"x.{CONTEXT_RNG}"], st_rob[f"x.{CONTEXT_RNG}"])
     assert len([k for k in st_rob if k.startswith("x.robust.bank.0.")]) == 4
     assert rob.membrane.info.training["anchor_weight"] > 0
 

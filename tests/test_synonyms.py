@@ -89,7 +89,8 @@ def test_off_asks_for_nothing_and_a_failing_scan_never_fails_training(pipe, capl
 
 
 def test_the_scan_is_sized_to_the_training_budget():
-    assert syn.planned_ufe(1200, 4, True) == 1200 * 18  # the pool schedule's 18 UFE per iteration at the defaults
+    assert syn.planned_ufe(1200, 4, True) == 1200 * 18  # the pool schedule's 18 UFE per iteration without contexts
+    assert syn.planned_ufe(1200, 4, True, True) == 1200 * 22  # and 22 with them (the defaults)
     rows = syn.PROBES_PER_LEVEL * 4
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(syn, "BUDGET_SHARE", 0.5)

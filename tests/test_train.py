@@ -142,7 +142,7 @@ def test_training_reduces_erase_error_and_touches_only_the_membrane(backend, tmp
     unet.requires_grad_(False)
     first = next(unet.parameters())
     first.requires_grad_(True)  # the trainer freezes the UNet, then must restore exactly this
-    cfg = TrainConfig(targets=["circle"], iterations=15, la_mode="off", **{**FAST, "lr": 3e-3})
+    cfg = TrainConfig(targets=["circle"], iterations=15, la_mode="off", contexts=0, **{**FAST, "lr": 3e-3})
     res = Trainer(backend, cfg, tmp_path / "c.safetensors", progress_bar=False).train()
     assert res.steps == 15 and not res.interrupted
     after = unet.state_dict()
@@ -225,7 +225,8 @@ def test_the_latent_pool_is_sized_to_the_job(backend):
     wasted UNet work.  The fill reports its progress in trajectory steps."""
     from spm.train.loop import Phase
 
-    cfg = TrainConfig(targets=["circle"], **{**FAST, "pool_size": 16, "max_denoising_steps": 6})
+    # (without context prompts: their pair check advances the probes count several pairs at a time)
+    cfg = TrainConfig(targets=["circle"], contexts=0, **{**FAST, "pool_size": 16, "max_denoising_steps": 6})
     phases: list[Phase] = []
     short = Trainer(backend, cfg.with_(iterations=2), progress_bar=False, on_phase=phases.append).train()
     goals = [1 + i * 5 // 2 for i in range(2)]  # 2 trajectories staggered over k = 1 .. S-1 = 5
@@ -246,7 +247,7 @@ def test_the_latent_pool_is_sized_to_the_job(backend):
 
 def test_cost_counter_reference_vs_pool(backend):
     n_anchor = 2 + 1  # two random anchors plus the empty prompt (anchor_empty)
-    cfg = TrainConfig(targets=["circle"], iterations=6, **{**FAST, "anchors": 2})
+    cfg = TrainConfig(targets=["circle"], iterations=6, contexts=0, **{**FAST, "anchors": 2})  # the paper's objective
     ref = Trainer(backend, cfg.with_(schedule="reference"), progress_bar=False).train()
     # reference: 2k rows to re-denoise, CFG pairs for positive and neutral (2+2), target pair with grad (2 × 2),
     # anchors ON with grad (2N) and OFF (N)
@@ -262,6 +263,14 @@ def test_cost_counter_reference_vs_pool(backend):
     assert restarts == int(restarts) and 0 <= restarts <= 6
     assert pool.cost["ufe_per_iteration_steady"] <= per_it + 2
     assert pool.cost["calls"] - ref.cost["calls"] < 0
+    # context prompts (the default) add two OFF rows and one ON row with grad per iteration, on either schedule
+    for sched in ("reference", "pool"):
+        with_c = Trainer(backend, cfg.with_(schedule=sched, contexts=16), progress_bar=False).train()
+        base = sum(2 * h["k"] + 4 + 4 + 3 * n_anchor for h in with_c.history) if sched == "reference" else None
+        if base is not None:
+            assert with_c.cost["ufe"] == base + 4 * 6
+        else:
+            assert with_c.cost["ufe_per_iteration_steady"] == pytest.approx(pool.cost["ufe_per_iteration_steady"] + 4)
 
 
 def test_ddim_timesteps_match_diffusers():
@@ -432,6 +441,9 @@ def test_the_trainer_erases_the_target_inside_other_words_and_checks_it_there(ba
     without = Trainer(backend, cfg.with_(contexts=0), progress_bar=False).train()
     assert without.membrane.info.training["context_prompts"] == {} and "signal_parts" not in without.erasure
     assert fresh.cost["ufe_per_iteration_steady"] - without.cost["ufe_per_iteration_steady"] == pytest.approx(4.0)
+    # more context prompts than iterations: the run draws one per iteration (each step erases one), no error
+    capped = Trainer(backend, cfg.with_(contexts=16), progress_bar=False).train()
+    assert len(capped.membrane.info.training["context_prompts"]["circle"]) == cfg.iterations == 6
 
 
 def test_context_pairs_whose_words_alone_draw_the_target_are_left_out(backend, monkeypatch):

@@ -123,7 +123,7 @@ def test_zero_membrane_is_not_erased_and_a_surrogate_membrane_is(backend):
     finally:
         stack.detach()
     # a few steps of training on the target move the signal towards erased
-    cfg = TrainConfig(targets=["circle"], iterations=8, la_mode="off", stop_when_erased=False, **FAST)
+    cfg = TrainConfig(targets=["circle"], iterations=8, la_mode="off", stop_when_erased=False, contexts=0, **FAST)
     res = Trainer(backend, cfg, progress_bar=False).train()
     stack, probe = _probe(backend, res.membrane)
     try:
@@ -265,7 +265,7 @@ def test_the_synonyms_are_measured_with_the_membrane_on(backend, monkeypatch):
 
     monkeypatch.setattr(LoopTrainer, "_synonyms", lambda self, stack, cond, ac: {"circle": ["circle"]})
     monkeypatch.setattr(sg.Check, "passed", property(lambda self: True))
-    cfg = TrainConfig(targets=["circle"], iterations=6, la_mode="off", stop_when_erased=False,
+    cfg = TrainConfig(targets=["circle"], iterations=6, la_mode="off", stop_when_erased=False, contexts=0,
                       signal_trajectories=syn.PROBES_PER_LEVEL, **{**FAST, "lr": 3e-2})
     res = Trainer(backend, cfg, progress_bar=False).train()
     assert min(res.erasure["level_ratio"]) > 0.05  # the membrane moved the prediction

@@ -274,7 +274,7 @@ def preset_values(name: str) -> dict[str, Any]:
     cfg = preset(name)
     return {"iterations": cfg.iterations, "lr": cfg.lr, "la_strength": cfg.la_strength, "la_mode": cfg.la_mode,
             "anchors": cfg.anchors, "robust": cfg.robust != "off", "neighbours": cfg.neighbours,
-            "synonyms": cfg.synonyms}
+            "synonyms": cfg.synonyms, "contexts": cfg.contexts}
 
 
 # --- jobs --------------------------------------------------------------------------------------------

@@ -318,7 +318,7 @@ class Trainer:
         cfg = self.cfg
         if getattr(self.backend, "transport_candidates", None) is None:
             return {}
-        planned = syn.planned_ufe(cfg.iterations, cfg.anchors, cfg.anchor_empty)
+        planned = syn.planned_ufe(cfg.iterations, cfg.anchors, cfg.anchor_empty, cfg.context_count > 0)
         rows = syn.probe_row_count(cfg.signal_trajectories, len(probe_levels(cfg.max_denoising_steps, cfg.signal_levels)),
                                    len(cfg.targets))
         n = syn.words_per_side(planned, rows, len(cfg.targets))
@@ -527,8 +527,8 @@ class Trainer:
             self.context_rows = {}  # target index -> (context prompts with the target, the same with the surrogate)
             self.context_texts = {}
             self.context_dropped = {}  # target -> context prompts left out (their words alone draw the target)
-            for ti, t in enumerate(cfg.targets if cfg.contexts > 0 else []):
-                pairs = context_prompts(t, cfg.surrogate, cfg.contexts, cfg.seed + ti)
+            for ti, t in enumerate(cfg.targets if cfg.context_count > 0 else []):
+                pairs = context_prompts(t, cfg.surrogate, cfg.context_count, cfg.seed + ti)
                 if pairs:
                     self.context_texts[t] = [p[0] for p in pairs]
                     enc, n = be.encode([p[0] for p in pairs] + [p[1] for p in pairs]), len(pairs)

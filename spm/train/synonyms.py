@@ -96,11 +96,12 @@ def threshold(null: torch.Tensor) -> tuple[float, float]:
     return q + (1.0 - q) / 2.0, q
 
 
-def planned_ufe(iterations: int, anchors: int, anchor_empty: bool) -> int:
+def planned_ufe(iterations: int, anchors: int, anchor_empty: bool, contexts: bool = False) -> int:
     """The training's planned UNet work in UNet-forward-equivalents: per iteration one no-grad and one grad row
-    (forward and backward) for the target and for each anchor, the pool schedule's steady cost (18 at the
-    defaults; the reference schedule spends more)."""
-    return int(iterations) * 3 * (1 + int(anchors) + int(bool(anchor_empty)))
+    (forward and backward) for the target and for each anchor, the pool schedule's steady cost (18 without context
+    prompts; the reference schedule spends more), and with ``contexts`` the context term's two no-grad rows and one
+    grad row (22 at the defaults)."""
+    return int(iterations) * (3 * (1 + int(anchors) + int(bool(anchor_empty))) + (4 if contexts else 0))
 
 
 def words_per_side(planned: int, rows_per_target: int, targets: int) -> int:
