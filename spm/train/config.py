@@ -8,10 +8,11 @@ Where we differ, it is selectable:
 
 * ``iterations=1200, lr=1e-3`` (reference 3000 at 1e-4).  ``iterations`` is a budget, not a length: training
   stops as soon as the erasure signal says erased (``stop_when_erased``), which on toy world 1 took 330–600
-  steps for 7 of 8 objects without context prompts, 420–1140 steps for 6 of 8 with them (the default since; the
-  signal inside other words is stricter, and on toy world 2 most runs use the whole budget).  A budget of 600 left three of toy world 2's objects not erased (moon, tree,
-  cloud: 0.60–0.83 of their literal images erased, and the trainer said "not erased"); with 1200 all three
-  were erased (tree stopped at 660).  Pass the reference values for the reference's schedule.
+  steps for 7 of 8 objects without context prompts, and 420–1140 steps for 6 of 8 with them (``contexts``, the
+  default since: the signal inside other words is stricter, and on toy world 2 most runs use the whole budget).
+  Without context prompts a budget of 600 left three of toy world 2's objects not erased (moon, tree, cloud:
+  0.60–0.83 of their literal images erased, and the trainer said "not erased"); with 1200 all three were erased
+  (tree stopped at 660).  Pass the reference values for the reference's schedule.
 
 * ``la_mode="adaptive"`` (default) adapts the anchor weight during training so that the measured anchor
   drift stays within ``la_budget`` of the concept's own signal (see :class:`spm.train.objective.AnchorWeight`);
