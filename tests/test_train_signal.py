@@ -279,3 +279,20 @@ def test_an_unpassed_target_measures_no_synonyms(backend, monkeypatch):
     monkeypatch.setattr(sg.ErasureProbe, "measure_words", lambda self, *a, **k: seen.append(a) or [1.0])
     res = Trainer(backend, TrainConfig(targets=["circle"], iterations=4, **FAST), progress_bar=False).train()
     assert seen == [] and "synonyms" not in res.erasure
+
+
+def test_a_verdict_decided_inside_other_words_says_the_target_alone_is_erased():
+    """With context probes, a run whose target alone passes but whose target inside other words does not says so,
+    and points at checking such prompts rather than only at training longer; a run where the target alone fails too
+    gets no such line."""
+    cfg = TrainConfig(targets=["sun"])
+
+    def check(alone: float, in_context: float) -> sg.Check:
+        return sg.Check(step=1200, signal=min(alone, in_context), per_level=[min(alone, in_context)], remaining=0.1,
+                        parts={"alone": alone, "in_context": in_context})
+
+    msg = sg.summary(check(1.29, 0.51), cfg, 1200, False, False, None, None)["message"]
+    assert msg.startswith("not erased:") and "(the target alone 129%, inside other words 51%; the lesser decides)" in msg
+    assert "the target's own prompt is erased" in msg and "spm eval" in msg
+    for alone, ctx in ((0.62, 0.5), (1.1, 1.05)):  # the target alone not erased either; both erased
+        assert "own prompt is erased" not in sg.summary(check(alone, ctx), cfg, 1200, False, False, None, None)["message"]

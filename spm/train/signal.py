@@ -344,6 +344,11 @@ def summary(check: Check | None, cfg, steps: int, stopped_early: bool, interrupt
     if check.parts is not None:  # with context probes: say which of the two the verdict comes from
         msg += (f" (the target alone {check.parts['alone']:.0%}, inside other words {check.parts['in_context']:.0%}; "
                 "the lesser decides)")
+        if not erased and check.parts["alone"] >= THRESHOLD:
+            # the stricter of the two checks: on the toy worlds most such runs gave erased images (README)
+            msg += ("; the target's own prompt is erased, and only inside other words is its direction not cancelled "
+                    "at every noise level yet: check prompts that wrap it (spm eval, or your own) before training "
+                    "longer")
     if erased and check.synonyms:
         left = sorted(((w, v) for w, v in check.synonyms.items() if v < THRESHOLD), key=lambda x: x[1])
         n = len(check.synonyms)
