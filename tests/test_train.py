@@ -384,6 +384,18 @@ def test_context_prompts_put_the_target_and_the_surrogate_inside_the_same_words(
     assert context_prompts("car", "", 0, seed=0) == [] and context_prompts("car", "", 5, 0, words=()) == []
 
 
+def _pairs_nearer(side: str):
+    """A stand-in for :func:`spm.train.synonyms.distances` that puts every context pair's words nearer ``side``
+    ("surrogate": every pair is kept; "target": every pair is left out), counting its words as the real one does."""
+    def distances(be, stack, probe, rows, words, *a, progress=None, **k):
+        if progress is not None:
+            progress(len(words))
+        near, far = torch.zeros(len(words)), torch.ones(len(words))
+        return (far, near) if side == "surrogate" else (near, far)  # (to the target, to the surrogate)
+
+    return distances
+
+
 def test_the_trainer_erases_the_target_inside_other_words_and_checks_it_there(backend, tmp_path, monkeypatch):
     """``contexts``: each step also erases one context prompt on the target's x_t (two more OFF rows and one more
     grad row: 4 UFE), the erasure check measures held-out probes of the context prompts too and reports the less erased
@@ -395,12 +407,7 @@ def test_the_trainer_erases_the_target_inside_other_words_and_checks_it_there(ba
     from spm.train import synonyms as syn
     from spm.train.loop import CONTEXT_RNG
 
-    def keep_all(be, stack, probe, rows, words, *a, progress=None, **k):  # every pair nearer the surrogate
-        if progress is not None:
-            progress(len(words))
-        return torch.ones(len(words)), torch.zeros(len(words))
-
-    monkeypatch.setattr(syn, "distances", keep_all)
+    monkeypatch.setattr(syn, "distances", _pairs_nearer("surrogate"))
 
     cfg = TrainConfig(targets=["circle"], iterations=6, la_mode="off", synonyms="off", signal_checks=3,
                       signal_trajectories=2, signal_levels=2, **{**FAST, "contexts": 4})
@@ -457,12 +464,7 @@ def test_context_pairs_whose_words_alone_draw_the_target_are_left_out(backend, m
 
     real = syn.distances
 
-    def drop_all(be, stack, probe, rows, words, *a, progress=None, **k):  # every pair nearer the target
-        if progress is not None:
-            progress(len(words))
-        return torch.zeros(len(words)), torch.ones(len(words))
-
-    monkeypatch.setattr(syn, "distances", drop_all)
+    monkeypatch.setattr(syn, "distances", _pairs_nearer("target"))
     cfg = TrainConfig(targets=["circle"], iterations=3, la_mode="off", synonyms="off", signal_checks=3,
                       signal_trajectories=2, signal_levels=2, **{**FAST, "contexts": 3})
     phases: list[Phase] = []
