@@ -56,8 +56,8 @@ def _judge(scorer, target: str, world: str):
 
 
 def train_config(target: str, row: str, iterations: int | None, robust: str, quick: bool):
-    """The TrainConfig of a trained row: ``reference`` (the reference schedule, no context prompts), ``robust`` (robust training
-    ``robust``) or ``plain`` (robust training off); the trainer's defaults otherwise."""
+    """The TrainConfig of a trained row: ``reference`` (the reference schedule, no context prompts), ``robust``
+    (robust training ``robust``) or ``plain`` (robust training off); the trainer's defaults otherwise."""
     from spm.train import TrainConfig
 
     kw: dict = dict(QUICK_TRAIN) if quick else {}

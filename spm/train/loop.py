@@ -409,8 +409,9 @@ class Trainer:
             target = self.cfg.targets[ti]
             to_o, to_s = syn.distances(self.backend, stack, probe, syn.probe_rows(probe, ti), with_s, self.signal_meter,
                                        ac, progress=step)
-            dropped = [j for j in range(len(with_s)) if to_o[j] < to_s[j]]
-            keep = [j for j in range(len(with_s)) if j not in dropped]
+            near_target = (to_o < to_s).tolist()
+            dropped = [j for j, d in enumerate(near_target) if d]
+            keep = [j for j, d in enumerate(near_target) if not d]
             texts = self.context_texts.get(target, [])
             if dropped:
                 self.context_dropped[target] = [texts[j] for j in dropped]

@@ -210,6 +210,6 @@ def metadata(found: dict[str, SynonymScan]) -> dict:
             "synonym_scan": {t: s.to_dict() for t, s in found.items()}}
 
 
-__all__ = ["distances", "BUDGET_SHARE", "CANDIDATES", "MAX_SYNONYMS", "MIN_WORDS", "NULL_WORDS", "PROBES_PER_LEVEL", "SEED",
-           "SynonymScan", "closures", "metadata", "planned_ufe", "probe_row_count", "probe_rows", "scan", "threshold",
-           "words_per_side"]
+__all__ = ["BUDGET_SHARE", "CANDIDATES", "MAX_SYNONYMS", "MIN_WORDS", "NULL_WORDS", "PROBES_PER_LEVEL", "SEED",
+           "SynonymScan", "closures", "distances", "metadata", "planned_ufe", "probe_row_count", "probe_rows", "scan",
+           "threshold", "words_per_side"]
