@@ -451,6 +451,8 @@ def test_the_trainer_erases_the_target_inside_other_words_and_checks_it_there(ba
     # more context prompts than iterations: the run draws one per iteration (each step erases one), no error
     capped = Trainer(backend, cfg.with_(contexts=16), progress_bar=False).train()
     assert len(capped.membrane.info.training["context_prompts"]["circle"]) == cfg.iterations == 6
+    assert capped.membrane.info.training["contexts"] == 16 and capped.membrane.info.training["contexts_drawn"] == 6
+    assert without.membrane.info.training["contexts_drawn"] == 0
 
 
 def test_context_pairs_whose_words_alone_draw_the_target_are_left_out(backend, monkeypatch):

@@ -708,7 +708,9 @@ class Trainer:
             (log.info if erasure["erased"] else log.warning)("SPM: %s", erasure["message"])
         extra = {"interrupted": interrupted, "cost": cost, "erasure": erasure, "signal_history": self.rule.checks,
                  "neighbour_words": self.neighbour_words, "synonym_words": self.synonym_words,
-                 "context_prompts": self.context_texts, "context_dropped": self.context_dropped}
+                 "context_prompts": self.context_texts, "context_dropped": self.context_dropped,
+                 # per target: drawn (at most one per iteration, TrainConfig.context_count), before the pair check
+                 "contexts_drawn": cfg.context_count if self.context_texts or self.context_dropped else 0}
         if self.synonym_skipped:
             extra["synonym_skipped"] = self.synonym_skipped
         if self.robust is not None:
