@@ -144,7 +144,7 @@ def run_target(pipe, scorer, target: str, args, work: Path, say) -> dict:
                           suite=suite, generations=args.gen)
         points.append({"step": step, "signal": c["signal"], "aggregate": c.get("aggregate"), "per_level": c["per_level"],
                        "level_ratio": c.get("level_ratio"), "per_seed": c.get("per_seed"),
-                       "remaining": c["remaining"], "erasure": rep.get("erasure"),
+                       "remaining": c["remaining"], "parts": c.get("parts"), "erasure": rep.get("erasure"),
                        "paraphrase_erasure": rep.get("paraphrase_erasure")})
         say(f"{target} step {step}: signal {c['signal']:.3f}  erasure {rep.get('erasure')}  "
             f"paraphrase {rep.get('paraphrase_erasure')}")
