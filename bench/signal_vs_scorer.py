@@ -191,6 +191,7 @@ def summarise(per: dict, thr: float | None = None) -> dict:
     # bound; the signal before the bound) and the least-closed single held-out seed of any level (the strictest)
     ratio_pts = [p for p in pts if p.get("level_ratio")]
     seed_pts = [p for p in pts if p.get("per_seed")]
+    part_pts = [p for p in pts if p.get("parts")]
 
     def agree(level: float, sig: list[float], thr: float = thr, ys: list[float] = ys) -> dict:
         tp = sum(1 for x, y in zip(sig, ys) if x >= thr and y >= level)
@@ -212,6 +213,9 @@ def summarise(per: dict, thr: float | None = None) -> dict:
                           "decision_vs_erasure_0.5": agree(0.5, xm), "decision_vs_erasure_0.9": agree(0.9, xm)},
             "aggregate_bisector_0.5": {"decision_vs_erasure_0.5": agree(0.5, xm, 0.5),
                                        "decision_vs_erasure_0.9": agree(0.9, xm, 0.5)},
+            # with context prompts (the trainer's default) the signal is the lesser of two parts: each alone, same points
+            "alone_only": rule(part_pts, lambda p: p["parts"]["alone"]) if part_pts else None,
+            "in_context_only": rule(part_pts, lambda p: p["parts"]["in_context"]) if part_pts else None,
             "level_ratio_min": rule(ratio_pts, lambda p: min(p["level_ratio"])) if ratio_pts else None,
             "single_seed_min": rule(seed_pts, lambda p: min(min(lv) for lv in p["per_seed"])) if seed_pts else None}
 

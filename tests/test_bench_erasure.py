@@ -246,3 +246,21 @@ def test_suite_seed_draws_another_sample_for_every_row(monkeypatch, tmp_path):
     assert seen == [None]
     st = be.settings(argparse.Namespace(metric=None, threads=1, parallel=False, suite_seed=4321), {})
     assert st["suite"]["seed"] == 4321 and st["suite"]["n_literal"] == ev.SUITE_DEFAULTS["n_literal"]
+
+
+def test_signal_summary_scores_each_part_of_the_in_context_signal_on_the_same_points():
+    def pt(alone, in_context, erasure):
+        return {"signal": min(alone, in_context), "aggregate": alone, "per_level": [min(alone, in_context)],
+                "parts": {"alone": alone, "in_context": in_context}, "erasure": erasure, "paraphrase_erasure": erasure}
+
+    per = {"x": {"points": [pt(1.2, 0.5, 1.0), pt(1.1, 1.05, 1.0), pt(0.4, 0.2, 0.1), pt(1.3, 0.9, 0.5)]}}
+    s = svs.summarise(per)
+    # the decision rule (the lesser part) misses the first point; the target alone calls the last one erased
+    assert s["decision_vs_erasure_0.9"]["scorer_erased_signal_not"] == 1
+    assert s["decision_vs_erasure_0.9"]["signal_erased_scorer_not"] == 0
+    assert s["alone_only"]["points"] == 4 and s["alone_only"]["decision_vs_erasure_0.9"]["signal_erased_scorer_not"] == 1
+    assert s["alone_only"]["decision_vs_erasure_0.9"]["scorer_erased_signal_not"] == 0
+    assert s["in_context_only"]["decision_vs_erasure_0.9"]["agree"] == 0.75
+    # points recorded before context prompts have no parts: no per-part rules
+    old = {"x": {"points": [{k: v for k, v in p.items() if k != "parts"} for p in per["x"]["points"]]}}
+    assert svs.summarise(old)["alone_only"] is None
