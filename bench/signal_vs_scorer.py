@@ -237,8 +237,10 @@ def plot(per: dict, summary: dict, path: Path, title: str, transport: bool = Fal
         b.plot([p["step"] for p in pts], [p["erasure"] for p in pts], "--", color=col, alpha=0.7, label=f"{name} scorer")
     a.axvline(THRESHOLD, color="k", lw=0.8, ls=":")
     bound = any(p.get("level_ratio") for r in per.values() for p in r["points"])
+    parts = any(p.get("parts") for r in per.values() for p in r["points"])
     a.set_xlabel("erasure signal: gap to the surrogate closed, least-closed noise level"
-                 + (",\n95% lower bound" if bound else ""))
+                 + (",\n95% lower bound" if bound else "") + ("; the lesser of the target alone and inside other words"
+                                                              if parts else ""), fontsize=8 if parts else None)
     a.set_ylabel("scorer: literal erasure (" + ("default transport)" if transport else "transport off)"))
     pe, sp = summary.get("pearson"), summary.get("spearman")
     a.set_title(f"Pearson {pe:.2f}, Spearman {sp:.2f}" if pe is not None and sp is not None else "signal vs scorer")
