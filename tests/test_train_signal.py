@@ -296,3 +296,24 @@ def test_a_verdict_decided_inside_other_words_says_the_target_alone_is_erased():
     assert "the target's own prompt is erased" in msg and "spm eval" in msg
     for alone, ctx in ((0.62, 0.5), (1.1, 1.05)):  # the target alone not erased either; both erased
         assert "own prompt is erased" not in sg.summary(check(alone, ctx), cfg, 1200, False, False, None, None)["message"]
+
+
+def test_a_verdict_short_only_by_its_confidence_bound_says_so():
+    """A run whose plain per-level ratio passes at every level while the lower bound over the held-out probes does
+    not says that the estimate itself is erased and points at looking at images; a plain ratio below the threshold,
+    or a single probe (no bound), gets no such line."""
+    cfg = TrainConfig(targets=["sun"])
+
+    def check(bound: float, plain: list[float] | None) -> sg.Check:
+        return sg.Check(step=600, signal=bound, per_level=[bound] * 2, remaining=0.1, level_ratio=plain)
+
+    class Probe:  # what summary reads of the held-out probes
+        trajectories, level_t, rows = 8, [900, 500], 16
+
+    msg = sg.summary(check(0.93, [1.08, 1.3]), cfg, 600, False, False, Probe(), None)["message"]
+    assert msg.startswith("not erased:") and "(plain ratio 108%), only the 95% bound is short" in msg
+    assert "before/after grid" in msg
+    for bound, plain in ((0.93, [0.97, 1.3]), (0.93, None), (1.02, [1.1, 1.2])):
+        assert "plain ratio" not in sg.summary(check(bound, plain), cfg, 600, False, False, Probe(), None)["message"]
+    Probe.trajectories = 1
+    assert "plain ratio" not in sg.summary(check(0.93, [1.08, 1.3]), cfg, 600, False, False, Probe(), None)["message"]
