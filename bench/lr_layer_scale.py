@@ -10,12 +10,14 @@ synonyms off, no early stop, a check every 60 steps) on:
 
 * ``original, fixed lr``: the shipped model, the shipped optimiser;
 * ``rescaled, fixed lr``: the rescaled model, the shipped optimiser;
-* ``rescaled, per-layer lr`` / ``original, per-layer lr``: each membrane layer's rate multiplied by
-  rms(W)·√(in features) of the layer it sits on, relative to PyTorch's default initialisation (1/√3) — the
-  candidate rule the README discusses.
+* ``rescaled, per-layer lr`` / ``original, per-layer lr``: each membrane layer's rate (``lora_down`` and
+  ``lora_up``) multiplied by the gain rms(W)·√(in features) of the layer it sits on, relative to PyTorch's default
+  initialisation (1/√3);
+* ``rescaled, per-side lr`` / ``original, per-side lr``: only ``lora_up``'s rate multiplied by that gain
+  (``lora_down`` acts on the layer's input, ``down·x``, and needs no factor; see :func:`_per_side`).
 
 The erasure signal of each check (the trainer's own, ``signal_history``) is reported: if the rate did not depend on
-the layer scale, the two fixed-lr runs would match; if the per-layer rule undid it, the two per-layer runs would.
+the layer scale, the two fixed-lr runs would match; a rule that undoes the dependence makes its two runs match.
 """
 
 from __future__ import annotations
@@ -90,7 +92,30 @@ def _per_layer(trainer: Trainer, stats: dict):
     return make
 
 
-def run(model: str, target: str, c: float, per_layer: bool, iterations: int) -> dict:
+def _per_side(trainer: Trainer, stats: dict):
+    """A ``make_optimizer`` that leaves ``lora_down`` at the rate and steps ``lora_up`` at rate × the layer's gain
+    rms(W)·√in / INIT.  ``lora_down``'s effect is ``down·x``, which scales with the input as the layer's own output
+    does, so it needs no factor; ``lora_up`` must grow with the layer's gain for ``up·down·x`` to keep its share of
+    the output (on a layer rescaled by c on either side, exactly the c that keeps the function)."""
+
+    def make(cfg, params, device):
+        unet = trainer.backend.unet
+        mods = dict(unet.named_modules())
+        where = {t.file_key: t.name for t in find_targets(unet)}
+        groups = []
+        for key, layer in trainer._spm_membrane.layers.items():
+            w = mods[where[key]].weight.detach().float().flatten(1)
+            gain = float(w.pow(2).mean().sqrt()) * math.sqrt(w.shape[1]) / INIT
+            groups.append({"params": [layer.lora_down.weight], "k": 1.0})
+            groups.append({"params": [layer.lora_up.weight], "k": gain})
+        ks = sorted(g["k"] for g in groups)
+        stats.update({"k_min": round(ks[0], 3), "k_median": round(ks[len(ks) // 2], 3), "k_max": round(ks[-1], 3)})
+        return _ScaledAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    return make
+
+
+def run(model: str, target: str, c: float, per_layer: bool | str, iterations: int) -> dict:
     pipe = toy.load(model)
     out: dict = {"scale": c, "per_layer_lr": per_layer}
     if c != 1:
@@ -112,7 +137,9 @@ def run(model: str, target: str, c: float, per_layer: bool, iterations: int) -> 
         return trainer._spm_membrane
 
     trainer._new_membrane = keep
-    if per_layer:
+    if per_layer == "side":
+        loop.make_optimizer = _per_side(trainer, out)
+    elif per_layer:
         loop.make_optimizer = _per_layer(trainer, out)
     t0 = time.time()
     try:
@@ -138,7 +165,8 @@ def main(argv=None) -> None:
     t0 = time.time()
     runs = {}
     for label, c, per_layer in (("original, fixed lr", 1.0, False), ("rescaled, fixed lr", args.scale, False),
-                                ("rescaled, per-layer lr", args.scale, True), ("original, per-layer lr", 1.0, True)):
+                                ("rescaled, per-layer lr", args.scale, True), ("original, per-layer lr", 1.0, True),
+                                ("rescaled, per-side lr", args.scale, "side"), ("original, per-side lr", 1.0, "side")):
         runs[label] = run(args.model, args.target, c, per_layer, args.iterations)
         print(f"[lr] {label}: {runs[label]['signal']}", file=sys.stderr, flush=True)
     res = {"what": "the trainer's signal on a function-identical model with rescaled layers (bench.lr_layer_scale)",
