@@ -73,46 +73,45 @@ class _ScaledAdamW(torch.optim.AdamW):
                 g["lr"] = lr
 
 
-def _per_layer(trainer: Trainer, stats: dict):
-    """A ``make_optimizer`` with one group per membrane layer at rate × rms(W)·√in / INIT of its module."""
+def _gains(trainer: Trainer) -> list[tuple[object, float]]:
+    """``(membrane layer, rms(W)·√in / INIT of the module it sits on)`` for every layer of the run's membrane."""
+    unet = trainer.backend.unet
+    mods = dict(unet.named_modules())
+    where = {t.file_key: t.name for t in find_targets(unet)}
+    out = []
+    for key, layer in trainer._spm_membrane.layers.items():
+        w = mods[where[key]].weight.detach().float().flatten(1)
+        out.append((layer, float(w.pow(2).mean().sqrt()) * math.sqrt(w.shape[1]) / INIT))
+    return out
+
+
+def _optimiser(trainer: Trainer, stats: dict, down_too: bool):
+    """A ``make_optimizer`` whose ``lora_up`` steps at rate × the layer's gain (:func:`_gains`), and ``lora_down`` too
+    with ``down_too`` (else at the rate)."""
 
     def make(cfg, params, device):
-        unet = trainer.backend.unet
-        mods = dict(unet.named_modules())
-        where = {t.file_key: t.name for t in find_targets(unet)}
         groups = []
-        for key, layer in trainer._spm_membrane.layers.items():
-            w = mods[where[key]].weight.detach().float().flatten(1)
-            k = float(w.pow(2).mean().sqrt()) * math.sqrt(w.shape[1]) / INIT
-            groups.append({"params": [p for p in layer.parameters() if p.requires_grad], "k": k})
-        ks = sorted(g["k"] for g in groups)
-        stats.update({"k_min": round(ks[0], 3), "k_median": round(ks[len(ks) // 2], 3), "k_max": round(ks[-1], 3)})
-        return _ScaledAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    return make
-
-
-def _per_side(trainer: Trainer, stats: dict):
-    """A ``make_optimizer`` that leaves ``lora_down`` at the rate and steps ``lora_up`` at rate × the layer's gain
-    rms(W)·√in / INIT.  ``lora_down``'s effect is ``down·x``, which scales with the input as the layer's own output
-    does, so it needs no factor; ``lora_up`` must grow with the layer's gain for ``up·down·x`` to keep its share of
-    the output (on a layer rescaled by c on either side, exactly the c that keeps the function)."""
-
-    def make(cfg, params, device):
-        unet = trainer.backend.unet
-        mods = dict(unet.named_modules())
-        where = {t.file_key: t.name for t in find_targets(unet)}
-        groups = []
-        for key, layer in trainer._spm_membrane.layers.items():
-            w = mods[where[key]].weight.detach().float().flatten(1)
-            gain = float(w.pow(2).mean().sqrt()) * math.sqrt(w.shape[1]) / INIT
-            groups.append({"params": [layer.lora_down.weight], "k": 1.0})
+        for layer, gain in _gains(trainer):
+            groups.append({"params": [layer.lora_down.weight], "k": gain if down_too else 1.0})
             groups.append({"params": [layer.lora_up.weight], "k": gain})
         ks = sorted(g["k"] for g in groups)
         stats.update({"k_min": round(ks[0], 3), "k_median": round(ks[len(ks) // 2], 3), "k_max": round(ks[-1], 3)})
         return _ScaledAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     return make
+
+
+def _per_layer(trainer: Trainer, stats: dict):
+    """Each membrane layer (``lora_down`` and ``lora_up``) at rate × the gain of its module."""
+    return _optimiser(trainer, stats, down_too=True)
+
+
+def _per_side(trainer: Trainer, stats: dict):
+    """``lora_down`` at the rate, ``lora_up`` at rate × the layer's gain rms(W)·√in / INIT.  ``lora_down``'s effect is
+    ``down·x``, which scales with the input as the layer's own output does, so it needs no factor; ``lora_up`` must
+    grow with the layer's gain for ``up·down·x`` to keep its share of the output (on a layer rescaled by c on either
+    side, exactly the c that keeps the function)."""
+    return _optimiser(trainer, stats, down_too=False)
 
 
 def run(model: str, target: str, c: float, per_layer: bool | str, iterations: int) -> dict:
