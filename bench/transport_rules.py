@@ -53,10 +53,11 @@ GENERIC = ["a photo of a woman in a red dress", "portrait of an old man, oil pai
            "a robot in a futuristic city", "a child playing with a ball", "a bird on a branch"]
 
 
-def _thresholds(q: float, band: float) -> tuple[float, float]:
-    head = 1.0 - q
-    lo = q + head / 2
-    return lo, max(min(q + 3 * head / 4, band), lo + head / 64)
+def _thresholds(null: torch.Tensor, band: float) -> tuple[float, float]:
+    """``(lo, hi)`` that :class:`spm.transport.Calibration` places for this null sample and band (an unusable one:
+    thresholds no similarity reaches)."""
+    cal = T.Calibration.from_scores("", (), null, band, 0)
+    return (cal.lo, cal.hi) if cal.usable else (2.0, 3.0)
 
 
 def measure_world(model: str, n_para: int = 60, n_lit: int = 40, n_random: int = 300) -> dict:
@@ -100,10 +101,10 @@ def measure_world(model: str, n_para: int = 60, n_lit: int = 40, n_random: int =
         rules = {}
         for label, L in LENGTHS.items():
             L = L(m)
-            pooled = torch.cat([by_len[n] for n in range(1, L + 1)]).sort(descending=True).values
-            rules[f"pooled:{label}"] = {n: _thresholds(float(pooled[T.NULL_RANK - 1]), band) for n in range(1, L + 1)}
-            rules[f"per_length:{label}"] = {n: _thresholds(float(by_len[n][T.NULL_RANK - 1]), band)
-                                            for n in range(1, L + 1)}
+            pooled = torch.cat([by_len[n] for n in range(1, L + 1)])
+            shared = _thresholds(pooled, band)
+            rules[f"pooled:{label}"] = {n: shared for n in range(1, L + 1)}
+            rules[f"per_length:{label}"] = {n: _thresholds(by_len[n], band) for n in range(1, L + 1)}
         sims = {p: [(len(w), sim(w)) for w in wins[p] if not set(w) & own] for p in prompts}
 
         def score(p: str, rule: dict) -> float:
