@@ -317,3 +317,12 @@ def test_a_verdict_short_only_by_its_confidence_bound_says_so():
         assert "plain ratio" not in sg.summary(check(bound, plain), cfg, 600, False, False, Probe(), None)["message"]
     Probe.trajectories = 1
     assert "plain ratio" not in sg.summary(check(0.93, [1.08, 1.3]), cfg, 600, False, False, Probe(), None)["message"]
+
+
+def test_both_hints_of_a_strict_verdict_share_one_before_training_longer():
+    cfg = TrainConfig(targets=["sun"])
+    check = sg.Check(step=1200, signal=0.9, per_level=[0.9, 1.2], remaining=0.1, level_ratio=[1.05, 1.4],
+                     parts={"alone": 1.2, "in_context": 0.9})
+    msg = sg.summary(check, cfg, 1200, False, False, None, None)["message"]
+    assert "own prompt is erased" in msg and "(plain ratio 105%)" in msg
+    assert msg.count("before training longer") == 1 and msg.endswith("to judge before training longer")

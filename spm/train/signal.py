@@ -344,20 +344,23 @@ def summary(check: Check | None, cfg, steps: int, stopped_early: bool, interrupt
     if check.parts is not None:  # with context probes: say which of the two the verdict comes from
         msg += (f" (the target alone {check.parts['alone']:.0%}, inside other words {check.parts['in_context']:.0%}; "
                 "the lesser decides)")
-        if not erased and check.parts["alone"] >= THRESHOLD:
-            # the stricter of the two checks: on the toy worlds most such runs gave erased images (README)
-            msg += ("; the target's own prompt is erased, and only inside other words is its direction not cancelled "
-                    "at every noise level yet: check prompts that wrap it (spm eval, or your own) before training "
-                    "longer")
+    # where the verdict may be stricter than the images: what to look at before training longer (said once)
+    hints = []
+    if not erased and check.parts is not None and check.parts["alone"] >= THRESHOLD:
+        # the stricter of the two checks: on the toy worlds most such runs gave erased images (README)
+        hints.append("the target's own prompt is erased, and only inside other words is its direction not cancelled "
+                     "at every noise level yet: check prompts that wrap it (spm eval, or your own)")
     plain = min(check.level_ratio) if check.level_ratio else None
     if not erased and plain is not None and plain >= THRESHOLD and seeds and seeds > 1:
         # the estimate itself says erased and only its confidence bound does not: on the toy worlds that rule (the
         # lesser part's plain ratio) agreed with the scorer at 77 of 80 points of world 1 and 35 of 80 of world 2, with
         # one false "erased" (README, "The erasure signal against the scorer"); so the images decide, not more steps
-        msg += (f"; on average over the held-out probes the target's direction is cancelled at every noise level "
-                f"(plain ratio {plain:.0%}), only the {CONFIDENCE:.0%} bound is short of it (some probes still keep "
-                "part of it): look at images of the target with the membrane (the before/after grid, spm generate) "
-                "to judge before training longer")
+        hints.append(f"on average over the held-out probes the target's direction is cancelled at every noise level "
+                     f"(plain ratio {plain:.0%}), only the {CONFIDENCE:.0%} bound is short of it (some probes still "
+                     "keep part of it): look at images of the target with the membrane (the before/after grid, "
+                     "spm generate) to judge")
+    if hints:
+        msg += "; " + "; ".join(hints) + " before training longer"
     if erased and check.synonyms:
         left = sorted(((w, v) for w, v in check.synonyms.items() if v < THRESHOLD), key=lambda x: x[1])
         n = len(check.synonyms)
