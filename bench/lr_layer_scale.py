@@ -160,6 +160,10 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
+    if not (math.isfinite(args.scale) and args.scale > 0 and args.scale != 1):
+        p.error(f"--scale {args.scale:g}: give a positive factor other than 1 (q, v × it, k, out ÷ it)")
+    if args.iterations < 60:
+        p.error(f"--iterations {args.iterations}: give at least 60 (the signal is checked every 60 steps)")
     torch.set_num_threads(args.threads)
     t0 = time.time()
     runs = {}

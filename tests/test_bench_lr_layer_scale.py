@@ -67,3 +67,11 @@ def test_the_per_side_rule_scales_only_lora_up_by_the_layers_gain():
         want = 4.0 if key.endswith(("to_q", "to_v")) else 0.25 if key.endswith(("to_k", "to_out_0")) else 1.0
         assert math.isclose(up4[key], want * k, rel_tol=1e-5), key
     assert any(k.endswith("to_out_0") for k in up1) and any(k.endswith("to_q") for k in up1)
+
+
+@pytest.mark.parametrize("argv", [["--scale", "0"], ["--scale", "-2"], ["--scale", "1"], ["--scale", "nan"],
+                                  ["--iterations", "10"]])
+def test_bad_arguments_get_a_message_before_any_training(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        ls.main(argv)
+    assert e.value.code == 2 and argv[0] in capsys.readouterr().err
