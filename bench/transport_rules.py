@@ -151,7 +151,13 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    worlds = {w: measure_world(w) for w in (args.world or ["toy", "toy2"])}
+    from spm import toy as shipped
+
+    names = args.world or ["toy", "toy2"]
+    for w in names:
+        if shipped.toy_model(w) is None:
+            p.error(f"--world {w}: not a shipped toy model; choose one of {', '.join(shipped.MODELS)}")
+    worlds = {w: measure_world(w) for w in names}
     res = {"what": "calibrated ngram rules on the toy encoders (bench.transport_rules)", "longest": LONGEST,
            "shipped": f"pooled, windows of 1 … m + {T.NGRAM_EXTRA}", "worlds": worlds, "totals": summary(worlds),
            "seconds": round(time.time() - t0, 1)}

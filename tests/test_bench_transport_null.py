@@ -36,3 +36,11 @@ def test_transport_rules_compares_the_shipped_pooled_null_with_a_null_per_length
     tot = rules.summary({"toy": out})
     assert tot["pooled:shipped"]["nontarget_open"] == 0
     assert tot["pooled:shipped"]["paraphrase"] == sum(r["pooled:shipped"]["paraphrase"] for r in out["objects"].values())
+
+
+def test_transport_rules_names_an_unknown_world(capsys):
+    from bench import transport_rules as rules
+
+    with pytest.raises(SystemExit) as e:
+        rules.main(["--world", "nope"])
+    assert e.value.code == 2 and "--world nope: not a shipped toy model" in capsys.readouterr().err
