@@ -1,4 +1,4 @@
-"""Does the trainer's fixed learning rate depend on how a model's layers are scaled, and would a per-layer rate undo it?
+"""Does the trainer's learning rate depend on how a model's layers are scaled, and does its per-layer rate undo it?
 
 ``python -m bench.lr_layer_scale --json`` prints one JSON object and writes ``bench/results/lr_layer_scale.json``.
 
@@ -8,13 +8,13 @@ through to_out) are unchanged, so the model computes exactly the same function (
 checked on random inputs). Then one membrane is trained for ``--iterations`` at the trainer's defaults (model
 synonyms off, no early stop, a check every 60 steps) on:
 
-* ``original, fixed lr``: the shipped model, the shipped optimiser;
-* ``rescaled, fixed lr``: the rescaled model, the shipped optimiser;
-* ``rescaled, per-layer lr`` / ``original, per-layer lr``: each membrane layer's rate (``lora_down`` and
-  ``lora_up``) multiplied by the gain rms(W)·√(in features) of the layer it sits on, relative to PyTorch's default
-  initialisation (1/√3);
-* ``rescaled, per-side lr`` / ``original, per-side lr``: only ``lora_up``'s rate multiplied by that gain
-  (``lora_down`` acts on the layer's input, ``down·x``, and needs no factor; see :func:`_per_side`).
+* ``original, fixed lr`` / ``rescaled, fixed lr``: every parameter at the rate (``TrainConfig.lr_layers="fixed"``);
+* ``rescaled, per-layer lr`` / ``original, per-layer lr``: a rejected variant, each membrane layer's rate
+  (``lora_down`` and ``lora_up``) multiplied by the gain rms(W)·√(in features) of the layer it sits on, relative to
+  PyTorch's default initialisation (1/√3) (:func:`_both_sides`);
+* ``rescaled, per-side lr`` / ``original, per-side lr``: the trainer's default, ``lr_layers="gain"``: only
+  ``lora_up``'s rate multiplied by that gain (``lora_down`` acts on the layer's input, ``down·x``, and needs no
+  factor; see :mod:`spm.train.lr`).
 
 The erasure signal of each check (the trainer's own, ``signal_history``) is reported: if the rate did not depend on
 the layer scale, the two fixed-lr runs would match; a rule that undoes the dependence makes its two runs match.
@@ -36,13 +36,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import spm.train.loop as loop  # noqa: E402
+import spm.train.lr as lr  # noqa: E402
 from spm import toy  # noqa: E402
 from spm.hosts.diffusers import DiffusersBackend  # noqa: E402
-from spm.naming import find_targets  # noqa: E402
 from spm.train import TrainConfig, Trainer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "lr_layer_scale.json"
-INIT = 1 / math.sqrt(3)  # rms(W)·√in of nn.Linear's default (kaiming-uniform, a = √5) initialisation
 
 
 def rescale(unet: torch.nn.Module, c: float) -> int:
@@ -59,59 +58,16 @@ def rescale(unet: torch.nn.Module, c: float) -> int:
     return n
 
 
-class _ScaledAdamW(torch.optim.AdamW):
-    """AdamW whose groups step at ``lr × group["k"]`` (the trainer sets ``lr`` on every group each step)."""
-
-    def step(self, closure=None):
-        saved = [g["lr"] for g in self.param_groups]
-        for g in self.param_groups:
-            g["lr"] *= g.get("k", 1.0)
-        try:
-            return super().step(closure)
-        finally:
-            for g, lr in zip(self.param_groups, saved):
-                g["lr"] = lr
+def _both_sides(layers: dict, gains: dict | None) -> list[dict]:
+    """The rejected variant: ``lora_down`` at rate × the layer's gain too (each layer's two weights in one group)."""
+    if gains is None:
+        return lr.param_groups(layers, None)
+    return [{"params": [layer.lora_down.weight, layer.lora_up.weight], "lr_gain": gains[k]} for k, layer in layers.items()]
 
 
-def _gains(trainer: Trainer) -> list[tuple[object, float]]:
-    """``(membrane layer, rms(W)·√in / INIT of the module it sits on)`` for every layer of the run's membrane."""
-    unet = trainer.backend.unet
-    mods = dict(unet.named_modules())
-    where = {t.file_key: t.name for t in find_targets(unet)}
-    out = []
-    for key, layer in trainer._spm_membrane.layers.items():
-        w = mods[where[key]].weight.detach().float().flatten(1)
-        out.append((layer, float(w.pow(2).mean().sqrt()) * math.sqrt(w.shape[1]) / INIT))
-    return out
-
-
-def _optimiser(trainer: Trainer, stats: dict, down_too: bool):
-    """A ``make_optimizer`` whose ``lora_up`` steps at rate × the layer's gain (:func:`_gains`), and ``lora_down`` too
-    with ``down_too`` (else at the rate)."""
-
-    def make(cfg, params, device):
-        groups = []
-        for layer, gain in _gains(trainer):
-            groups.append({"params": [layer.lora_down.weight], "k": gain if down_too else 1.0})
-            groups.append({"params": [layer.lora_up.weight], "k": gain})
-        ks = sorted(g["k"] for g in groups)
-        stats.update({"k_min": round(ks[0], 3), "k_median": round(ks[len(ks) // 2], 3), "k_max": round(ks[-1], 3)})
-        return _ScaledAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    return make
-
-
-def _per_layer(trainer: Trainer, stats: dict):
-    """Each membrane layer (``lora_down`` and ``lora_up``) at rate × the gain of its module."""
-    return _optimiser(trainer, stats, down_too=True)
-
-
-def _per_side(trainer: Trainer, stats: dict):
-    """``lora_down`` at the rate, ``lora_up`` at rate × the layer's gain rms(W)·√in / INIT.  ``lora_down``'s effect is
-    ``down·x``, which scales with the input as the layer's own output does, so it needs no factor; ``lora_up`` must
-    grow with the layer's gain for ``up·down·x`` to keep its share of the output (on a layer rescaled by c on either
-    side, exactly the c that keeps the function)."""
-    return _optimiser(trainer, stats, down_too=False)
+def _gain_stats(res) -> dict:
+    g = res.membrane.info.training.get("lr_gains") or {}
+    return {"k_min": g.get("min"), "k_median": g.get("median"), "k_max": g.get("max")} if g else {}
 
 
 def run(model: str, target: str, c: float, per_layer: bool | str, iterations: int) -> dict:
@@ -126,25 +82,19 @@ def run(model: str, target: str, c: float, per_layer: bool | str, iterations: in
             before = pipe.unet(x, t, ctx).sample
             out["attention_blocks"] = rescale(pipe.unet, c)
             out["max_output_change"] = float((pipe.unet(x, t, ctx).sample - before).abs().max())
+    mode = "fixed" if per_layer is False else "gain"
     cfg = TrainConfig(targets=[target], iterations=iterations, stop_when_erased=False,
-                      signal_checks=max(1, iterations // 60), synonyms="off")
+                      signal_checks=max(1, iterations // 60), synonyms="off", lr_layers=mode)
     trainer = Trainer(DiffusersBackend(pipe), cfg, None, progress_bar=False)
-    new_membrane, make = trainer._new_membrane, loop.make_optimizer
-
-    def keep():
-        trainer._spm_membrane = new_membrane()
-        return trainer._spm_membrane
-
-    trainer._new_membrane = keep
-    if per_layer == "side":
-        loop.make_optimizer = _per_side(trainer, out)
-    elif per_layer:
-        loop.make_optimizer = _per_layer(trainer, out)
+    groups = loop.param_groups
+    if per_layer is True:
+        loop.param_groups = _both_sides
     t0 = time.time()
     try:
         res = trainer.train()
     finally:
-        loop.make_optimizer = make
+        loop.param_groups = groups
+    out.update(_gain_stats(res))
     out["signal"] = [[h["step"], round(h["signal"], 4)] for h in res.membrane.info.training["signal_history"]]
     out["seconds"] = round(time.time() - t0, 1)
     return out

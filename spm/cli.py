@@ -202,6 +202,8 @@ _TRAIN_FLAGS = {  # flag → (TrainConfig field, type, help)
     "--la-budget": ("la_budget", finite_float, "adaptive mode: allowed anchor drift relative to the concept's own signal"),
     "--anchors": ("anchors", non_negative_int, "anchor conditionings per step (the reference's sampling_batch_size)"),
     "--optimizer": ("optimizer", str, "auto, adamw or adamw8bit"),
+    "--lr-layers": ("lr_layers", str, "gain: each layer's lora_up steps at lr × the gain rms(W)·√in of the layer it "
+                                      "sits on, so the model's weight scale does not set the speed; fixed: all at lr"),
     "--lr-scheduler": ("lr_scheduler", str, "cosine_with_restarts, cosine, constant or linear"),
     "--lr-warmup-steps": ("lr_warmup_steps", non_negative_int, "warm-up steps (capped at a sixth of the run)"),
     "--precision": ("precision", str, "fp32, fp16 or bf16 (autocast)"),

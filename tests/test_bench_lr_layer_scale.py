@@ -1,5 +1,4 @@
-"""``bench.lr_layer_scale``: its rescaled model computes the same function, and its per-layer optimiser steps each
-group at its own rate."""
+"""``bench.lr_layer_scale``: its rescaled model computes the same function, and its rejected variant's groups."""
 
 import pytest
 import torch
@@ -28,45 +27,17 @@ def test_rescaling_the_attention_layers_keeps_the_function():
     assert torch.equal(before, after)  # a power of two: bit for bit
 
 
-def test_the_scaled_optimiser_steps_each_group_at_its_own_rate():
-    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
-    opt = ls._ScaledAdamW([{"params": [a], "k": 1.0}, {"params": [b], "k": 3.0}], lr=0.01, weight_decay=0.0)
-    (a.sum() + b.sum()).backward()
-    opt.step()
-    # Adam's first step moves every parameter by lr (times k here), whatever its gradient's size
-    assert torch.allclose(a.detach(), torch.full((3,), -0.01)) and torch.allclose(b.detach(), torch.full((3,), -0.03))
-    assert [g["lr"] for g in opt.param_groups] == [0.01, 0.01]  # the trainer's schedule sets lr; k is applied per step
+def test_the_rejected_variant_puts_both_sides_of_each_layer_at_its_gain():
+    from spm.membrane import Membrane
+    from spm.naming import find_targets
+    from tests.test_train_models import tiny_sd_pipe
 
-
-def test_the_per_side_rule_scales_only_lora_up_by_the_layers_gain():
-    """On a membrane over the rescaled toy UNet: lora_down at the rate, lora_up at rate × rms(W)·√in / INIT; the q and v
-    layers' factors are 4 × the shipped model's and the k and out layers' a quarter of them."""
-    import math
-
-    from spm import toy
-    from spm.hosts.diffusers import DiffusersBackend
-    from spm.train import TrainConfig, Trainer
-
-    def factors(c):
-        pipe = toy.load("toy")
-        ls.rescale(pipe.unet, c)
-        tr = Trainer(DiffusersBackend(pipe), TrainConfig(targets=["circle"], iterations=2, synonyms="off"), None,
-                     progress_bar=False)
-        tr._spm_membrane = tr._new_membrane()
-        stats: dict = {}
-        opt = ls._per_side(tr, stats)(tr.cfg, None, "cpu")
-        keys = list(tr._spm_membrane.layers)
-        down = {k: g["k"] for k, g in zip(keys, opt.param_groups[0::2])}
-        up = {k: g["k"] for k, g in zip(keys, opt.param_groups[1::2])}
-        return down, up
-
-    down1, up1 = factors(1.0)
-    down4, up4 = factors(4.0)
-    assert set(down1.values()) == set(down4.values()) == {1.0}
-    for key, k in up1.items():
-        want = 4.0 if key.endswith(("to_q", "to_v")) else 0.25 if key.endswith(("to_k", "to_out_0")) else 1.0
-        assert math.isclose(up4[key], want * k, rel_tol=1e-5), key
-    assert any(k.endswith("to_out_0") for k in up1) and any(k.endswith("to_q") for k in up1)
+    mem = Membrane.for_targets(find_targets(tiny_sd_pipe().unet))
+    gains = {k: 1 + i for i, k in enumerate(mem.layers)}
+    groups = ls._both_sides(dict(mem.layers), gains)
+    assert [g["lr_gain"] for g in groups] == list(gains.values())
+    assert all(g["params"] == [layer.lora_down.weight, layer.lora_up.weight] for g, layer in zip(groups, mem.layers.values()))
+    assert len(ls._both_sides(dict(mem.layers), None)) == 1  # the fixed rate
 
 
 @pytest.mark.parametrize("argv", [["--scale", "0"], ["--scale", "-2"], ["--scale", "1"], ["--scale", "nan"],

@@ -41,6 +41,7 @@ LA_MODES = ("adaptive", "fixed", "off")
 SCHEDULES = ("pool", "reference")
 ROBUST_MODES = ("off", "embedding")
 SYNONYM_MODES = ("off", "gate", "erase")  # TrainConfig.synonyms
+LR_LAYER_MODES = ("gain", "fixed")  # TrainConfig.lr_layers (spm/train/lr.py)
 
 
 @dataclass
@@ -62,6 +63,10 @@ class TrainConfig:
     # optimisation
     iterations: int = 1200  # a budget (training stops when erased); reference: 3000 (at lr 1e-4)
     lr: float = 1e-3  # reference: 1e-4
+    # per-layer rates (spm/train/lr.py): "gain" steps each layer's lora_up at lr × the gain rms(W)·√in of the layer it
+    # sits on (relative to PyTorch's default initialisation), so that how a model's weights are scaled does not change
+    # how fast it trains; "fixed": every parameter at lr (files trained before this setting existed)
+    lr_layers: str = "gain"
     optimizer: str = "auto"  # auto: AdamW 8-bit when bitsandbytes is importable on CUDA, else AdamW
     weight_decay: float = 1e-2
     lr_scheduler: str = "cosine_with_restarts"
@@ -149,6 +154,8 @@ class TrainConfig:
             bad("robust", self.robust, ROBUST_MODES)
         if self.synonyms not in SYNONYM_MODES:
             bad("synonyms", self.synonyms, SYNONYM_MODES)
+        if self.lr_layers not in LR_LAYER_MODES:
+            bad("lr_layers", self.lr_layers, LR_LAYER_MODES)
         for name in ("iterations", "rank", "max_denoising_steps", "pool_size", "preview_seeds", "preview_steps",
                      "signal_checks", "signal_patience", "signal_trajectories", "signal_levels"):
             if int(getattr(self, name)) < 1:
@@ -206,5 +213,5 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
     return cfg
 
 
-__all__ = ["LA_MODES", "LR_SCHEDULERS", "OPTIMIZERS", "PRECISIONS", "PRESETS", "SCHEDULES", "SYNONYM_MODES", "TrainConfig",
+__all__ = ["LA_MODES", "LR_LAYER_MODES", "LR_SCHEDULERS", "OPTIMIZERS", "PRECISIONS", "PRESETS", "SCHEDULES", "SYNONYM_MODES", "TrainConfig",
            "preset"]

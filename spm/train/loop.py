@@ -50,11 +50,13 @@ from ..transport import VOCABULARY_PROGRESS, training_calibration, training_cand
 from .anchors import sample_anchors
 from .config import TrainConfig
 from .contexts import context_prompts
+from .lr import layer_gains, param_groups
+from .lr import summary as lr_summary
 from .objective import AnchorWeight, CostMeter, extra_erase_loss, objective_step
 from .robust import make_robust
 from .sampling import LatentPool, ReferenceSchedule, image_grid, sample_images
 from .signal import ErasureProbe, StopRule, check_interval, min_steps, probe_levels, summary
-from .state import load_state, save_state, state_path
+from .state import load_state, save_state, saved_lr_layers, state_path
 
 log = logging.getLogger("spm")
 
@@ -142,6 +144,8 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 
 
 def make_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (8-bit where ``cfg.optimizer`` asks or allows) over ``params``: tensors, or groups of
+    :func:`spm.train.lr.param_groups` (each with its ``lr_gain``)."""
     want8 = cfg.optimizer == "adamw8bit" or (cfg.optimizer == "auto" and torch.device(device).type == "cuda")
     if want8:
         try:
@@ -472,6 +476,13 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------------------------------
     def train(self) -> TrainResult:
+        if self.resume and self.output is not None:
+            saved = saved_lr_layers(state_path(self.output))
+            if saved is not None and saved != self.cfg.lr_layers:
+                # the optimiser's groups must match the saved state's: continue with the rates the run started with
+                log.warning("SPM: %s was started with lr_layers=%s; continuing with it (not %s)",
+                            self.output.name, saved, self.cfg.lr_layers)
+                self.cfg = self.cfg.with_(lr_layers=saved)
         cfg, be = self.cfg, self.backend
         unet = be.unet
         grad_state = {n: p.requires_grad for n, p in unet.named_parameters()}
@@ -487,7 +498,11 @@ class Trainer:
         self.synonym_ufe = 0
         self.synonym_skipped = ""
         aw = AnchorWeight.from_config(cfg)
-        optimizer = make_optimizer(cfg, [p for p in membrane.parameters() if p.requires_grad], be.device)
+        self.lr_gains = None
+        if cfg.lr_layers == "gain":
+            where = {t.file_key: t.name for t in find_targets(unet)}
+            self.lr_gains = layer_gains(unet, {k: where.get(k, "") for k in membrane.layers})
+        optimizer = make_optimizer(cfg, param_groups(dict(membrane.layers), self.lr_gains), be.device)
         if self.resume:
             if self.output is None or not self.output.exists():
                 raise MembraneFileError(f"cannot resume: {self.output} does not exist")
@@ -593,8 +608,9 @@ class Trainer:
                     fill_ufe = self.meter.ufe
                     t_loop = time.perf_counter()
                     self._phase("training", step, cfg.iterations, "steps")  # the steps' clock starts now
+                rate = cfg.lr * lr_factor(cfg, step)
                 for group in optimizer.param_groups:
-                    group["lr"] = cfg.lr * lr_factor(cfg, step)
+                    group["lr"] = rate * group.get("lr_gain", 1.0)  # lr_layers="gain": per-layer (spm/train/lr.py)
                 xs = source.draw(cond["targets"], cond["uncond"])
                 ti = xs.target_index
                 target = cond["targets"].rows([ti])
@@ -659,7 +675,7 @@ class Trainer:
                     done = step - start
                     ips = done / el if el > 0 else 0.0
                     self.callback(Progress(step, cfg.iterations, rec["loss"], out.erase, out.anchor, la_used,
-                                           optimizer.param_groups[0]["lr"], ips,
+                                           rate, ips,
                                            (cfg.iterations - step) / ips if ips > 0 else float("nan"),
                                            preview, preview_path))
                 if erased_stop:
@@ -711,6 +727,8 @@ class Trainer:
                  "context_prompts": self.context_texts, "context_dropped": self.context_dropped,
                  # per target: drawn (at most one per iteration, TrainConfig.context_count), before the pair check
                  "contexts_drawn": cfg.context_count if self.context_texts or self.context_dropped else 0}
+        if self.lr_gains is not None:  # lr_layers="gain": the range of the per-layer factors on lora_up
+            extra["lr_gains"] = lr_summary(self.lr_gains)
         if self.synonym_skipped:
             extra["synonym_skipped"] = self.synonym_skipped
         if self.robust is not None:

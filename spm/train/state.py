@@ -86,4 +86,20 @@ def load_state(path: str | Path, optimizer: torch.optim.Optimizer, generator: to
     return meta
 
 
-__all__ = ["SUFFIX", "load_state", "read_file", "save_state", "state_path"]
+def saved_lr_layers(path: str | Path) -> str | None:
+    """The ``lr_layers`` a saved state's run used (``"fixed"`` for states written before it existed); None where the
+    state is missing or unreadable (:func:`load_state` then says why)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = json.loads((f.metadata() or {}).get("spm_trainstate", "null"))
+    except Exception:
+        return None
+    if not isinstance(meta, dict):
+        return None
+    mode = (meta.get("config") or {}).get("lr_layers", "fixed")
+    return mode if isinstance(mode, str) else None
+
+
+__all__ = ["SUFFIX", "load_state", "read_file", "save_state", "saved_lr_layers", "state_path"]
