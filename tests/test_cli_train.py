@@ -37,6 +37,10 @@ def test_train_args_map_to_config():
     assert config_from_args(build_parser().parse_args([*base, "--contexts", "0"])).contexts == 0
     with pytest.raises(ValueError, match="contexts"):
         config_from_args(build_parser().parse_args([*base, "--contexts", "-1"]))
+    assert config_from_args(build_parser().parse_args(base)).lr_layers == "gain"  # the per-layer rates by default
+    assert config_from_args(build_parser().parse_args([*base, "--lr-layers", "fixed"])).lr_layers == "fixed"
+    with pytest.raises(ValueError, match="lr_layers"):
+        config_from_args(build_parser().parse_args([*base, "--lr-layers", "per-layer"]))
     bad = build_parser().parse_args(["train", "--model", "m", "--target", "c", "-o", "x.safetensors", "--precision", "fp8"])
     with pytest.raises(ValueError, match="precision"):
         config_from_args(bad)

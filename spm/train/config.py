@@ -14,6 +14,9 @@ Where we differ, it is selectable:
   0.60–0.83 of their literal images erased, and the trainer said "not erased"); with 1200 all three were erased
   (tree stopped at 660).  Pass the reference values for the reference's schedule.
 
+* ``lr_layers="gain"`` (default): each layer's ``lora_up`` steps at ``lr`` × the gain rms(W)·√in of the layer it
+  sits on (relative to PyTorch's default initialisation), so that the speed does not depend on how a model's
+  weights happen to be scaled (:mod:`spm.train.lr`; the reference: ``"fixed"``).
 * ``la_mode="adaptive"`` (default) adapts the anchor weight during training so that the measured anchor
   drift stays within ``la_budget`` of the concept's own signal (see :class:`spm.train.objective.AnchorWeight`);
   ``la_mode="fixed"`` is the reference's constant ``la_strength``; ``"off"`` disables anchoring.
