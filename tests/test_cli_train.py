@@ -119,6 +119,18 @@ def test_contexts_in_a_training_request():
     assert parse_request(req).config().contexts == 16
 
 
+def test_lr_layers_in_a_training_request():
+    """The API and ``--jobs`` files take ``lr_layers`` ("gain", the default, or "fixed")."""
+    from spm.train.jobs import RequestError, parse_request
+
+    assert parse_request({"name": "c", "target": "circle"}).config().lr_layers == "gain"
+    assert parse_request({"name": "c", "target": "circle", "lr_layers": "fixed"}).config().lr_layers == "fixed"
+    with pytest.raises(RequestError, match="lr_layers"):
+        parse_request({"name": "c", "target": "circle", "lr_layers": "per-layer"}).config()
+    with pytest.raises(RequestError, match="lr_layers"):
+        parse_request({"name": "c", "target": "circle", "lr_layers": 2})
+
+
 def test_neighbours_in_a_training_request():
     """The API and ``--jobs`` files take ``neighbours`` (true / false); anything else is a clear error."""
     from spm.train import TrainConfig

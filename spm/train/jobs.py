@@ -103,6 +103,7 @@ class TrainRequest:
     neighbours: bool | None = None  # also erase the words the transport opens for (TrainConfig.neighbours); None: default
     synonyms: str | None = None  # model synonyms: "off", "gate" or "erase" (TrainConfig.synonyms); None: the default
     contexts: int | None = None  # context prompts per target (TrainConfig.contexts; 0: off); None: the default
+    lr_layers: str | None = None  # "gain" or "fixed" (TrainConfig.lr_layers: per-layer rates); None: the default
 
     def config(self) -> TrainConfig:
         """The :class:`TrainConfig`: the preset's values with this request's overrides."""
@@ -119,6 +120,8 @@ class TrainRequest:
             over["neighbours"] = bool(self.neighbours)
         if self.synonyms is not None:
             over["synonyms"] = self.synonyms
+        if self.lr_layers is not None:
+            over["lr_layers"] = self.lr_layers
         cfg = preset(self.preset, **over)
         cfg.control_prompts = list(self.control_prompts)
         if self.preview_steps:
@@ -135,7 +138,7 @@ class TrainRequest:
 
 _INT = ("iterations", "anchors", "resolution", "seed", "save_every", "sample_every", "preview_steps", "contexts")
 _FLOAT = ("lr", "la_strength")
-_STR = ("surrogate", "preset", "precision", "la_mode", "synonyms")
+_STR = ("surrogate", "preset", "precision", "la_mode", "synonyms", "lr_layers")
 _BOOL = ("preview", "overwrite", "keep_state", "robust", "neighbours")
 KNOWN = {f.name for f in fields(TrainRequest)}
 
