@@ -75,7 +75,13 @@ def disk_steps(out) -> tuple[int, int | None]:
     m = load_membrane(out)
     if not state_path(out).exists():
         return m.info.training["steps_done"], None
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad])
+    params = [p for p in m.parameters() if p.requires_grad]
+    with safetensors.safe_open(str(state_path(out)), "pt") as f:  # the trainer's groups (per-layer rates)
+        sizes = [len(g["params"]) for g in json.loads(f.metadata()["spm_trainstate"])["param_groups"]]
+    assert sum(sizes) == len(params)
+    # groups of the saved sizes (which parameter is in which does not matter to this check: the state loads or not)
+    cuts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    opt = torch.optim.AdamW([{"params": params[a:b]} for a, b in zip(cuts, cuts[1:])])
     meta = load_state(state_path(out), opt, torch.Generator())
     return int(m.info.training["steps_done"]), int(meta["step"])
 
