@@ -49,9 +49,9 @@ def test_degenerate_layers_take_the_median_and_gains_stay_within_the_spread():
         net["l0"].weight.zero_()  # an untrained LDM proj_out
         net["l1"].weight.mul_(1e4)
         net["l2"].weight.fill_(float("nan"))
-    gains = L.layer_gains(net, {k: k for k in net} | {"gone": "no.such.module"})
+    gains = L.layer_gains(net, {k: k for k in net} | {"gone": "no.such.module", "none": None, "root": ""})
     med = sorted(L.weight_gain(net[k]) for k in ("l1", "l3", "l4"))[1]
-    assert gains["l0"] == gains["l2"] == gains["gone"] == pytest.approx(med)
+    assert gains["l0"] == gains["l2"] == gains["gone"] == gains["none"] == gains["root"] == pytest.approx(med)
     assert gains["l1"] == pytest.approx(med * L.SPREAD)
     assert L.layer_gains(nn.ModuleDict({"a": nn.Linear(2, 2, device="meta")}), {"a": "a"}) == {"a": 1.0}
 

@@ -501,7 +501,7 @@ class Trainer:
         self.lr_gains = None
         if cfg.lr_layers == "gain":
             where = {t.file_key: t.name for t in find_targets(unet)}
-            self.lr_gains = layer_gains(unet, {k: where.get(k, "") for k in membrane.layers})
+            self.lr_gains = layer_gains(unet, {k: where.get(k) for k in membrane.layers})
         optimizer = make_optimizer(cfg, param_groups(dict(membrane.layers), self.lr_gains), be.device)
         if self.resume:
             if self.output is None or not self.output.exists():

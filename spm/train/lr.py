@@ -47,10 +47,11 @@ def weight_gain(module: nn.Module) -> float:
     return rms * math.sqrt(w2.shape[1]) / INIT_GAIN
 
 
-def layer_gains(unet: nn.Module, names: dict[str, str]) -> dict[str, float]:
-    """``{membrane key: gain}`` for ``names`` (``{membrane key: module path in unet}``), guarded (module docstring)."""
+def layer_gains(unet: nn.Module, names: dict[str, str | None]) -> dict[str, float]:
+    """``{membrane key: gain}`` for ``names`` (``{membrane key: module path in unet}``; a path that is None or not
+    in ``unet`` counts as degenerate), guarded (module docstring)."""
     mods = dict(unet.named_modules())
-    raw = {k: weight_gain(mods[path]) if path in mods else float("nan") for k, path in names.items()}
+    raw = {k: weight_gain(mods[path]) if path and path in mods else float("nan") for k, path in names.items()}
     good = [g for g in raw.values() if math.isfinite(g) and g > 0]
     if not good:
         return dict.fromkeys(raw, 1.0)
