@@ -48,7 +48,7 @@ from ..naming import context_dim, find_targets
 from ..progress import tally
 from ..transport import VOCABULARY_PROGRESS, training_calibration, training_candidates, training_neighbours
 from .anchors import sample_anchors
-from .config import TrainConfig
+from .config import LR_LAYER_MODES, TrainConfig
 from .contexts import context_prompts
 from .lr import layer_gains, param_groups
 from .lr import summary as lr_summary
@@ -478,7 +478,7 @@ class Trainer:
     def train(self) -> TrainResult:
         if self.resume and self.output is not None:
             saved = saved_lr_layers(state_path(self.output))
-            if saved is not None and saved != self.cfg.lr_layers:
+            if saved in LR_LAYER_MODES and saved != self.cfg.lr_layers:
                 # the optimiser's groups must match the saved state's: continue with the rates the run started with
                 log.warning("SPM: %s was started with lr_layers=%s; continuing with it (not %s)",
                             self.output.name, saved, self.cfg.lr_layers)
