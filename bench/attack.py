@@ -63,9 +63,10 @@ def train_config(target: str, row: str, iterations: int | None, robust: str, qui
     kw: dict = dict(QUICK_TRAIN) if quick else {}
     if iterations:
         kw["iterations"] = iterations
-    if row == "reference":  # the reference's schedule and objective: no context prompts (the paper has none)
-        kw["schedule"] = "reference"
+    if row == "reference":  # the reference's schedule and objective: no context prompts (the paper has none), and
+        kw["schedule"] = "reference"  # one learning rate for every parameter (no per-layer rates)
         kw["contexts"] = 0
+        kw["lr_layers"] = "fixed"
     elif row == "robust":
         kw["robust"] = robust
     elif row == "plain":

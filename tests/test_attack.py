@@ -213,3 +213,18 @@ def test_bench_attack_quick_path_prints_the_contract(tmp_path, capsys):
     assert bench_attack.main(["--metric", "nope"]) == 2
     assert bench_attack.main(["--processes", "0", "--world", "toy"]) == 2
     assert capsys.readouterr().err.count("error:") == 5
+
+
+def test_bench_attack_trains_each_row_as_its_name_says():
+    """The reference row: the reference's schedule, no context prompts and one rate for every parameter; robust and
+    plain: the trainer's defaults (per-layer rates, context prompts) with robust training on or off."""
+    from bench import attack as bench_attack
+    from spm.train import TrainConfig
+
+    ref = bench_attack.train_config("circle", "reference", None, "embedding", False)
+    assert (ref.schedule, ref.contexts, ref.lr_layers) == ("reference", 0, "fixed")
+    default = TrainConfig(targets=["circle"])
+    for row, robust in (("robust", "embedding"), ("plain", "off")):
+        cfg = bench_attack.train_config("circle", row, None, "embedding", False)
+        assert cfg.robust == robust
+        assert (cfg.schedule, cfg.contexts, cfg.lr_layers) == (default.schedule, default.contexts, default.lr_layers)
