@@ -50,8 +50,7 @@ from ..transport import VOCABULARY_PROGRESS, training_calibration, training_cand
 from .anchors import sample_anchors
 from .config import LR_LAYER_MODES, TrainConfig
 from .contexts import context_prompts
-from .lr import layer_gains, param_groups
-from .lr import summary as lr_summary
+from .lr import gains_summary, layer_gains, param_groups
 from .objective import AnchorWeight, CostMeter, extra_erase_loss, objective_step
 from .robust import make_robust
 from .sampling import LatentPool, ReferenceSchedule, image_grid, sample_images
@@ -728,7 +727,7 @@ class Trainer:
                  # per target: drawn (at most one per iteration, TrainConfig.context_count), before the pair check
                  "contexts_drawn": cfg.context_count if self.context_texts or self.context_dropped else 0}
         if self.lr_gains is not None:  # lr_layers="gain": the range of the per-layer factors on lora_up
-            extra["lr_gains"] = lr_summary(self.lr_gains)
+            extra["lr_gains"] = gains_summary(self.lr_gains)
         if self.synonym_skipped:
             extra["synonym_skipped"] = self.synonym_skipped
         if self.robust is not None:

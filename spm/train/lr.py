@@ -83,12 +83,11 @@ def param_groups(layers: dict[str, nn.Module], gains: dict[str, float] | None) -
     return groups
 
 
-def summary(gains: dict[str, float]) -> dict:
+def gains_summary(gains: dict[str, float]) -> dict:
     """What the file records: the gains' range and median, rounded."""
     vs = sorted(gains.values())
     return {"min": round(vs[0], 3), "median": round(statistics.median(vs), 3), "max": round(vs[-1], 3),
             "layers": len(vs)}
 
 
-__all__ = ["BUCKETS", "INIT_GAIN", "SPREAD", "layer_gains", "param_groups", "rounded", "summary",
-           "weight_gain"]
+__all__ = ["BUCKETS", "INIT_GAIN", "SPREAD", "gains_summary", "layer_gains", "param_groups", "rounded", "weight_gain"]
