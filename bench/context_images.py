@@ -35,9 +35,13 @@ SEED0 = 424242  # image seeds: SEED0 + 97·prompt + seed (none of the suites' or
 
 def measure(pipe, scorer, world, membrane, seeds: int) -> dict:
     """Per concept of ``membrane``: its context prompts' images without and with it (see the module docstring)."""
+    from spm.checkpoint import resolve_targets
     from spm.hosts.diffusers import PipelineMembranes
+    from spm.naming import KeyMap, context_dim, describe_architecture
     from spm.toy import harness
 
+    ctx = context_dim(pipe.unet)  # a membrane for another model: IncompatibleMembrane before any image
+    resolve_targets(membrane, KeyMap.for_model(pipe.unet), describe_architecture(ctx), ctx)
     tr = membrane.info.training or {}
     er = tr.get("erasure") or {}
     out: dict = {}
@@ -46,6 +50,9 @@ def measure(pipe, scorer, world, membrane, seeds: int) -> dict:
         prompts = [p[0] if isinstance(p, (list, tuple)) else str(p) for p in pairs]
         row: dict = {"verdict": "erased" if er.get("erased") else "not erased", "signal": er.get("signal"),
                      "signal_parts": er.get("signal_parts"), "context_prompts": len(prompts)}
+        if concept not in harness.labels_of(world).OBJECTS:
+            out[concept] = {**row, "skipped": "not an object of this toy world's scorer"}
+            continue
         if not prompts:
             out[concept] = {**row, "skipped": "the file records no context prompts for it (trained with --contexts 0 "
                                               "or before they existed)"}
@@ -108,11 +115,10 @@ def main(argv=None) -> None:
     scorer = load_scorer(world=world)
     objects = {}
     for stem in stems:
-        try:
-            m = load_membrane(folder / f"{stem}.safetensors")
+        try:  # an unreadable file, or one for another model (IncompatibleMembrane, raised on attaching it)
+            objects[stem] = measure(pipe, scorer, world, load_membrane(folder / f"{stem}.safetensors"), args.seeds)
         except MembraneFileError as e:
-            p.error(str(e))
-        objects[stem] = measure(pipe, scorer, world, m, args.seeds)
+            p.error(f"{stem}: {e}")
         print(f"[context] {stem}: {json.dumps({c: {k: r.get(k) for k in ('verdict', 'base_drew', 'kept', 'new', 'erasure')} for c, r in objects[stem].items()})}",
               file=sys.stderr, flush=True)
     res = {"what": "images of the trainer's recorded context prompts without and with each membrane (bench.context_images)",

@@ -51,3 +51,10 @@ def test_a_missing_object_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ci.main(["--world", "toy", "--membranes", str(tmp_path), "--objects", "circle"])
     assert "circle" in capsys.readouterr().err
+
+
+def test_a_membrane_for_another_world_is_refused_with_a_message(tmp_path, capsys):
+    _membrane(tmp_path, "idle", [["this the circle", "this the"]])  # world 1's text width; toy2's is another
+    with pytest.raises(SystemExit) as e:
+        ci.main(["--world", "toy2", "--membranes", str(tmp_path), "--seeds", "1", "--out", str(tmp_path / "r.json")])
+    assert e.value.code == 2 and "idle:" in capsys.readouterr().err
