@@ -112,6 +112,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if not (math.isfinite(args.scale) and args.scale > 0 and args.scale != 1):
         p.error(f"--scale {args.scale:g}: give a positive factor other than 1 (q, v × it, k, out ÷ it)")
+    if toy.toy_model(args.model) is None:
+        p.error(f"--model {args.model}: not a shipped toy model; choose one of {', '.join(toy.MODELS)}")
     if args.iterations < 60:
         p.error(f"--iterations {args.iterations}: give at least 60 (the signal is checked every 60 steps)")
     torch.set_num_threads(args.threads)

@@ -41,7 +41,7 @@ def test_the_rejected_variant_puts_both_sides_of_each_layer_at_its_gain():
 
 
 @pytest.mark.parametrize("argv", [["--scale", "0"], ["--scale", "-2"], ["--scale", "1"], ["--scale", "nan"],
-                                  ["--iterations", "10"]])
+                                  ["--iterations", "10"], ["--model", "nope"]])
 def test_bad_arguments_get_a_message_before_any_training(argv, capsys):
     with pytest.raises(SystemExit) as e:
         ls.main(argv)
