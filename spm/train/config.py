@@ -45,7 +45,6 @@ SCHEDULES = ("pool", "reference")
 ROBUST_MODES = ("off", "embedding")
 SYNONYM_MODES = ("off", "gate", "erase")  # TrainConfig.synonyms
 LR_LAYER_MODES = ("gain", "fixed")  # TrainConfig.lr_layers (spm/train/lr.py)
-CONTEXT_PICKS = ("uniform", "hard")  # TrainConfig.context_pick (spm/train/contexts.py)
 
 
 @dataclass
@@ -114,9 +113,6 @@ class TrainConfig:
     # (bench/results/erasure.json, erasure_second_sample.json).  More than ``iterations`` are never drawn: the run
     # uses at most that many (so a short job keeps the default).  0: off (the paper's objective)
     contexts: int = 16
-    # which context prompt a step erases (spm/train/contexts.py, ContextPicker): "uniform", or "hard": more often
-    # the ones that lag behind the target alone (their erase loss against the target's on the same x_t)
-    context_pick: str = "uniform"
     # membrane
     rank: int = 1
     alpha: float = 1.0
@@ -161,8 +157,6 @@ class TrainConfig:
             bad("robust", self.robust, ROBUST_MODES)
         if self.synonyms not in SYNONYM_MODES:
             bad("synonyms", self.synonyms, SYNONYM_MODES)
-        if self.context_pick not in CONTEXT_PICKS:
-            bad("context_pick", self.context_pick, CONTEXT_PICKS)
         if self.lr_layers not in LR_LAYER_MODES:
             bad("lr_layers", self.lr_layers, LR_LAYER_MODES)
         for name in ("iterations", "rank", "max_denoising_steps", "pool_size", "preview_seeds", "preview_steps",
@@ -222,5 +216,5 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
     return cfg
 
 
-__all__ = ["CONTEXT_PICKS", "LA_MODES", "LR_LAYER_MODES", "LR_SCHEDULERS", "OPTIMIZERS", "PRECISIONS", "PRESETS", "SCHEDULES", "SYNONYM_MODES", "TrainConfig",
+__all__ = ["LA_MODES", "LR_LAYER_MODES", "LR_SCHEDULERS", "OPTIMIZERS", "PRECISIONS", "PRESETS", "SCHEDULES", "SYNONYM_MODES", "TrainConfig",
            "preset"]

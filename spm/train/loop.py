@@ -49,7 +49,7 @@ from ..progress import tally
 from ..transport import VOCABULARY_PROGRESS, training_calibration, training_candidates, training_neighbours
 from .anchors import sample_anchors
 from .config import LR_LAYER_MODES, TrainConfig
-from .contexts import ContextPicker, context_prompts
+from .contexts import context_prompts
 from .lr import gains_summary, layer_gains, param_groups
 from .objective import AnchorWeight, CostMeter, extra_erase_loss, objective_step
 from .robust import make_robust
@@ -69,7 +69,6 @@ class _Stopped(BaseException):
 
 NEIGHBOUR_RNG = "neighbours.rng"  # the .trainstate tensor of the neighbour picks' generator
 CONTEXT_RNG = "contexts.rng"  # the .trainstate tensor of the context prompt picks' generator
-CONTEXT_PICK = "contexts.pick"  # the .trainstate tensors' prefix of the context prompts' lags (ContextPicker)
 
 
 @dataclass
@@ -189,7 +188,6 @@ class Trainer:
         self.context_dropped: dict[str, list[str]] = {}
         self.neighbour_rng: torch.Generator | None = None  # picks the erased neighbour of each step (resumable)
         self.context_rng: torch.Generator | None = None  # picks the context prompt of each step (resumable)
-        self.context_picker: ContextPicker | None = None
         interval = check_interval(config.iterations, config.signal_checks)
         self.rule = StopRule(interval, min_steps(config.iterations, config.lr_warmup_steps, interval,
                                                  config.signal_patience), config.signal_patience,
@@ -228,8 +226,6 @@ class Trainer:
             tensors[NEIGHBOUR_RNG] = self.neighbour_rng.get_state()
         if self.context_rng is not None:
             tensors[CONTEXT_RNG] = self.context_rng.get_state()
-        if self.context_picker is not None:
-            tensors.update(self.context_picker.state_tensors(CONTEXT_PICK))
         save_state(state_path(self.output), optimizer, g, {"step": step, "anchor_weight": aw.state_dict(),
                                                             "config": self.cfg.to_dict(), "signal": self.rule.state_dict(),
                                                             **({"robust": rmeta} if rmeta is not None else {})}, tensors)
@@ -575,13 +571,6 @@ class Trainer:
             # each extra term picks its row per step from a generator of its own (apart from g), resumed from the state
             gc = _pick_generator(cfg.seed + 104729, resumed, CONTEXT_RNG)
             self.context_rng = gc if ctx_rows else None
-            picker = None
-            if ctx_rows:
-                picker = ContextPicker(cfg.context_pick, {ti: len(p[0]) for ti, p in ctx_rows.items()}, gc)
-                if resumed and not picker.load_tensors(CONTEXT_PICK, resumed.get("tensors", {})) \
-                        and cfg.context_pick != "uniform":
-                    log.info("SPM: the saved state has no context lags for these prompts; measuring them afresh")
-            self.context_picker = picker
             gn = _pick_generator(cfg.seed + 7919, resumed, NEIGHBOUR_RNG)
             self.neighbour_rng = gn if neigh_rows else None
             self.robust = robust = make_robust(cfg, cond, ac, self.meter)  # spm/train/robust.py (None: off)
@@ -639,12 +628,10 @@ class Trainer:
                     loss = loss + extra_erase_loss(be, stack, xs.x_t, xs.t, rows.rows([j]), out.eps_neutral_off,
                                                    cfg.guidance_scale, self.meter, ac)
                 pair = ctx_rows.get(ti)
-                if pair is not None and picker is not None:  # the target inside other words, on the target's x_t
-                    j = picker.pick(ti)
-                    ctx_loss = extra_erase_loss(be, stack, xs.x_t, xs.t, pair[0].rows([j]), pair[1].rows([j]),
-                                                cfg.guidance_scale, self.meter, ac)
-                    picker.record(ti, j, float(ctx_loss.detach()), out.erase)
-                    loss = loss + ctx_loss
+                if pair is not None:  # the target inside other words, on the target's x_t
+                    j = int(torch.randint(len(pair[0]), (1,), generator=gc))
+                    loss = loss + extra_erase_loss(be, stack, xs.x_t, xs.t, pair[0].rows([j]), pair[1].rows([j]),
+                                                   cfg.guidance_scale, self.meter, ac)
                 if robust is not None:  # adversarial text embeddings of this target: extra positives
                     adv = robust.loss(be, stack, step, xs.x_t, xs.t, ti, cond["positives"].rows([ti]), out.eps_neutral_off)
                     if adv is not None:
@@ -739,10 +726,6 @@ class Trainer:
                  "context_prompts": self.context_texts, "context_dropped": self.context_dropped,
                  # per target: drawn (at most one per iteration, TrainConfig.context_count), before the pair check
                  "contexts_drawn": cfg.context_count if self.context_texts or self.context_dropped else 0}
-        if self.context_picker is not None:  # how far each context prompt lagged behind the target alone
-            lags = self.context_picker.summary({ti: self.context_texts.get(cfg.targets[ti], [])
-                                                for ti in self.context_picker.lag})
-            extra["context_lags"] = {cfg.targets[ti]: v for ti, v in lags.items()}
         if self.lr_gains is not None:  # lr_layers="gain": the range of the per-layer factors on lora_up
             extra["lr_gains"] = gains_summary(self.lr_gains)
         if self.synonym_skipped:
