@@ -291,3 +291,25 @@ def test_a1111_neighbours_come_from_the_runtimes_transport(env, tokenizer, text_
     assert set(found) == {"a red circle"} and all(isinstance(w, str) and w for w in found["a red circle"])
     Trainer(backend, small_config().with_(neighbours=True), tmp_path / "n.safetensors", progress_bar=False).train()
     assert load_membrane(tmp_path / "n.safetensors").info.training["neighbour_words"] == found
+
+
+def test_both_hosts_answer_the_transport_hooks_with_their_loaded_model(monkeypatch):
+    """A1111 and Forge share one implementation of the trainer's transport hooks: each passes its own loaded model
+    (``sd_model``) and the arguments to :mod:`spm.webui.state`."""
+    from spm.webui import state
+    from spm.webui.train_backend_a1111 import A1111Backend, WebUITransport
+    from spm.webui.train_backend_forge import ForgeBackend
+
+    calls = []
+    monkeypatch.setattr(state, "training_transport_calibration", lambda m, c: calls.append(("cal", m, c)) or {"c": 1})
+    monkeypatch.setattr(state, "training_transport_neighbours", lambda m, c: calls.append(("nb", m, c)) or {})
+    monkeypatch.setattr(state, "training_transport_candidates",
+                        lambda m, c, k, n, s: calls.append(("cand", m, c, k, n, s)) or {"candidates": {}, "null": []})
+    for cls in (A1111Backend, ForgeBackend):
+        assert issubclass(cls, WebUITransport)
+        host = cls.__new__(cls)  # the hooks need nothing but the loaded model
+        host.sd_model = model = object()
+        assert host.transport_calibration(["x"]) == {"c": 1}
+        host.transport_neighbours(["x"])
+        host.transport_candidates(["x"], 4, 5, 6)
+        assert calls[-3:] == [("cal", model, ["x"]), ("nb", model, ["x"]), ("cand", model, ["x"], 4, 5, 6)]

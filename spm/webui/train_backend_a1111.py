@@ -80,7 +80,32 @@ def _autocast():
         return contextlib.nullcontext()
 
 
-class A1111Backend:
+class WebUITransport:
+    """The trainer's transport hooks, answered by the WebUI's loaded text encoder (``self.sd_model``): shared by the
+    A1111 and Forge backends."""
+
+    sd_model: Any
+
+    def transport_calibration(self, concepts: Sequence[str]) -> dict:
+        """The ``spm_transport`` metadata the trainer stores (see :func:`spm.webui.state.training_transport_calibration`)."""
+        from .state import training_transport_calibration
+
+        return training_transport_calibration(self.sd_model, concepts)
+
+    def transport_neighbours(self, concepts: Sequence[str]) -> dict[str, list[str]]:
+        """The words the trainer erases beside each concept (see :func:`spm.webui.state.training_transport_neighbours`)."""
+        from .state import training_transport_neighbours
+
+        return training_transport_neighbours(self.sd_model, concepts)
+
+    def transport_candidates(self, concepts: Sequence[str], k: int, null: int, seed: int) -> dict:
+        """The model-synonym scan's words (see :func:`spm.webui.state.training_transport_candidates`)."""
+        from .state import training_transport_candidates
+
+        return training_transport_candidates(self.sd_model, concepts, k, null, seed)
+
+
+class A1111Backend(WebUITransport):
     """:class:`spm.backend.Backend` over A1111's ``shared.sd_model`` (see the module docstring).
 
     Raises :class:`~spm.train.jobs.NoModelError` with the reason when the model cannot be trained against
@@ -119,24 +144,6 @@ class A1111Backend:
         self.latent = LatentSpec(4, ds, default_resolution(self.is_xl, param, ctx))
 
     # Backend protocol ------------------------------------------------------------------------------
-    def transport_calibration(self, concepts: Sequence[str]) -> dict:
-        """The ``spm_transport`` metadata the trainer stores (see :func:`spm.webui.state.training_transport_calibration`)."""
-        from .state import training_transport_calibration
-
-        return training_transport_calibration(self.sd_model, concepts)
-
-    def transport_neighbours(self, concepts: Sequence[str]) -> dict[str, list[str]]:
-        """The words the trainer erases beside each concept (see :func:`spm.webui.state.training_transport_neighbours`)."""
-        from .state import training_transport_neighbours
-
-        return training_transport_neighbours(self.sd_model, concepts)
-
-    def transport_candidates(self, concepts: Sequence[str], k: int, null: int, seed: int) -> dict:
-        """The model-synonym scan's words (see :func:`spm.webui.state.training_transport_candidates`)."""
-        from .state import training_transport_candidates
-
-        return training_transport_candidates(self.sd_model, concepts, k, null, seed)
-
     def encode(self, texts: Sequence[str]) -> Conditioning:
         texts = list(texts)
         with torch.no_grad(), _autocast():

@@ -34,7 +34,13 @@ from torch import nn
 from ..backend import Conditioning, LatentSpec
 from ..naming import context_dim, describe_architecture, param_device_dtype
 from ..train.jobs import NoModelError
-from .train_backend_a1111 import PARAMETERIZATIONS, default_resolution, split_conditioning, unrecorded_conditioning
+from .train_backend_a1111 import (
+    PARAMETERIZATIONS,
+    WebUITransport,
+    default_resolution,
+    split_conditioning,
+    unrecorded_conditioning,
+)
 
 NORMS = ("norm1", "norm2", "norm3")
 NOT_LOADED = ("no Stable Diffusion model is loaded yet; Forge loads it on the first generation — generate one image, "
@@ -99,7 +105,7 @@ def normal_tensors(module: nn.Module) -> Iterator[int]:
             store[name] = t
 
 
-class ForgeBackend:
+class ForgeBackend(WebUITransport):
     """:class:`spm.backend.Backend` over Forge's loaded model (see the module docstring)."""
 
     host = "forge"
@@ -168,24 +174,6 @@ class ForgeBackend:
                 h.remove()
 
     # Backend protocol ------------------------------------------------------------------------------
-    def transport_calibration(self, concepts: Sequence[str]) -> dict:
-        """The ``spm_transport`` metadata the trainer stores (see :func:`spm.webui.state.training_transport_calibration`)."""
-        from .state import training_transport_calibration
-
-        return training_transport_calibration(self.sd_model, concepts)
-
-    def transport_neighbours(self, concepts: Sequence[str]) -> dict[str, list[str]]:
-        """The words the trainer erases beside each concept (see :func:`spm.webui.state.training_transport_neighbours`)."""
-        from .state import training_transport_neighbours
-
-        return training_transport_neighbours(self.sd_model, concepts)
-
-    def transport_candidates(self, concepts: Sequence[str], k: int, null: int, seed: int) -> dict:
-        """The model-synonym scan's words (see :func:`spm.webui.state.training_transport_candidates`)."""
-        from .state import training_transport_candidates
-
-        return training_transport_candidates(self.sd_model, concepts, k, null, seed)
-
     def encode(self, texts: Sequence[str]) -> Conditioning:
         c = unrecorded_conditioning(self.sd_model)(list(texts))
         with torch.inference_mode(False):
