@@ -103,8 +103,9 @@ def test_missing_membrane_gets_a_command_line_hint(tmp_path, capsys):
 
 
 def test_wrong_model_paths(tmp_path, capsys, membrane_file):
-    _one_line(capsys, ["generate", "--model", str(tmp_path / "nope"), "--prompt", "x", "-o", str(tmp_path / "g.png")],
-              "no such file or folder")
+    err = _one_line(capsys, ["generate", "--model", str(tmp_path / "nope"), "--prompt", "x", "-o",
+                             str(tmp_path / "g.png")], "no such file or folder")
+    assert "not a shipped toy model (toy, toy-finetune, toy2, toy2-finetune)" in err  # a mistyped name: the names
     (tmp_path / "empty").mkdir()
     _one_line(capsys, ["generate", "--model", str(tmp_path / "empty"), "--prompt", "x", "-o", str(tmp_path / "g.png")],
               "not a diffusers pipeline")
