@@ -4,9 +4,9 @@ claims or denies?
 ``python -m bench.context_images --world toy2 --json`` prints one JSON object and writes
 ``bench/results/context_images_<world>.json``.
 
-The trainer measures its erasure signal on two parts, the target alone and the target inside function words (the
+The trainer measures its erasure signal on two parts, the target alone and the target inside other words (the
 context prompts it drew, recorded in the file as ``context_prompts``); the verdict takes the lesser.  The sweep's
-suites (``bench.erasure``) hold captions, not function-word contexts, so they cannot say whether a "not erased"
+suites (``bench.erasure``) hold captions, not the trainer's context prompts, so they cannot say whether a "not erased"
 that comes from the context part is right.  This does: for every membrane in ``--membranes`` (default: the
 sweep's, ``bench/results/erasure_membranes/<world>``) it generates each recorded context prompt of each concept
 with ``--seeds`` seeds, without and with the membrane (default transport, as in generation), and judges the

@@ -207,6 +207,9 @@ _TRAIN_FLAGS = {  # flag → (TrainConfig field, type, help)
     "--optimizer": ("optimizer", str, "auto, adamw or adamw8bit"),
     "--lr-layers": ("lr_layers", str, "gain: each layer's lora_up steps at lr × the gain rms(W)·√in of the layer it "
                                       "sits on, so the model's weight scale does not set the speed; fixed: all at lr"),
+    "--context-words": ("context_words", str, "the words around the target in the context prompts (--contexts): mixed "
+                                              "(English function words and random whole words of the CLIP vocabulary) "
+                                              "or function (function words only)"),
     "--lr-scheduler": ("lr_scheduler", str, "cosine_with_restarts, cosine, constant or linear"),
     "--lr-warmup-steps": ("lr_warmup_steps", non_negative_int, "warm-up steps (capped at a sixth of the run)"),
     "--precision": ("precision", str, "fp32, fp16 or bf16 (autocast)"),
@@ -652,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "against random words). gate: the transport also opens the membrane for them; erase: that, "
                         f"and training erases them too; off: neither {_default_text('synonyms')}")
     t.add_argument("--contexts", type=int, default=None, metavar="N",
-                   help="also erase the target inside N prompts of English function words around it "
+                   help="also erase the target inside N prompts of other words around it (--context-words) "
                         "(\"the car of\" against \"the of\"), and measure the erasure signal there too: two more "
                         "no-grad and one more grad UNet row per step; pairs whose words alone draw the target are "
                         "left out; a run draws at most --iterations of them; 0: off (the paper's objective) "

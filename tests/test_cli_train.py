@@ -41,6 +41,10 @@ def test_train_args_map_to_config():
     assert config_from_args(build_parser().parse_args([*base, "--lr-layers", "fixed"])).lr_layers == "fixed"
     with pytest.raises(ValueError, match="lr_layers"):
         config_from_args(build_parser().parse_args([*base, "--lr-layers", "per-layer"]))
+    assert config_from_args(build_parser().parse_args(base)).context_words == "mixed"
+    assert config_from_args(build_parser().parse_args([*base, "--context-words", "function"])).context_words == "function"
+    with pytest.raises(ValueError, match="context_words"):
+        config_from_args(build_parser().parse_args([*base, "--context-words", "any"]))
     bad = build_parser().parse_args(["train", "--model", "m", "--target", "c", "-o", "x.safetensors", "--precision", "fp8"])
     with pytest.raises(ValueError, match="precision"):
         config_from_args(bad)
@@ -129,6 +133,19 @@ def test_lr_layers_in_a_training_request():
         parse_request({"name": "c", "target": "circle", "lr_layers": "per-layer"}).config()
     with pytest.raises(RequestError, match="lr_layers"):
         parse_request({"name": "c", "target": "circle", "lr_layers": 2})
+
+
+def test_context_words_in_a_training_request():
+    """The API and ``--jobs`` files take ``context_words`` ("mixed", the default, or "function")."""
+    from spm.train.jobs import RequestError, parse_request
+
+    assert parse_request({"name": "c", "target": "circle"}).config().context_words == "mixed"
+    req = {"name": "c", "target": "circle", "context_words": "function"}
+    assert parse_request(req).config().context_words == "function"
+    with pytest.raises(RequestError, match="context_words"):
+        parse_request({"name": "c", "target": "circle", "context_words": "all"}).config()
+    with pytest.raises(RequestError, match="context_words"):
+        parse_request({"name": "c", "target": "circle", "context_words": 1})
 
 
 def test_neighbours_in_a_training_request():

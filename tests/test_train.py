@@ -490,3 +490,53 @@ def test_context_pairs_whose_words_alone_draw_the_target_are_left_out(backend, m
                                                                           torch.tensor([0.5, 0.5, 0.5])))
     kept = keep.train().membrane.info.training
     assert len(kept["context_prompts"]["circle"]) == 1 and len(kept["context_dropped"]["circle"]) == 2
+
+
+def test_mixed_context_words_put_vocabulary_words_around_the_target():
+    """``context_words="mixed"``: each word around the target is a function word or a random whole vocabulary word;
+    without other words the draw is exactly the function-word one."""
+    from spm.train.contexts import FUNCTION_WORDS, context_prompts, vocabulary_words
+
+    other = vocabulary_words(64, seed=1)
+    assert len(other) == 64 and other == vocabulary_words(64, seed=1) and other != vocabulary_words(64, seed=2)
+    assert all(w.isalpha() and len(w) >= 3 and w not in FUNCTION_WORDS for w in other)
+    pairs = context_prompts("red car", "", 40, seed=3, other=other)
+    words = [w for t, _ in pairs for w in t.replace("red car", "").replace(",", " ").split()]
+    assert any(w in other for w in words) and any(w in FUNCTION_WORDS for w in words)
+    assert all(w in other or w in FUNCTION_WORDS for w in words)
+    for with_t, with_s in pairs:
+        assert with_t.replace("red car", "").replace(",", "").split() == with_s.replace(",", "").split()
+    assert context_prompts("red car", "", 12, seed=3, other=()) == context_prompts("red car", "", 12, seed=3)
+    with pytest.raises(ValueError, match="context_words"):
+        TrainConfig(targets=["x"], context_words="any").validate()
+
+
+def test_a_resumed_run_keeps_the_context_words_it_started_with(backend, tmp_path, caplog, monkeypatch):
+    """The context prompts (and their probes) of a resumed run are the saved run's: a state written before
+    ``context_words`` existed resumes with function words, whatever the new request says."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from spm.train import synonyms as syn
+    from spm.train.state import saved_settings
+
+    monkeypatch.setattr(syn, "distances", _pairs_nearer("surrogate"))
+    out = tmp_path / "w.safetensors"
+    cfg = TrainConfig(targets=["circle"], iterations=2, la_mode="off", synonyms="off", signal_checks=2,
+                      signal_trajectories=2, signal_levels=2, **{**FAST, "contexts": 2, "context_words": "function"})
+    first = Trainer(backend, cfg, out, progress_bar=False, keep_state=True)
+    first.train()
+    path = state_path(out)
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["spm_trainstate"])
+    del meta["config"]["context_words"]  # as an older version left it
+    save_file(tensors, str(path), {"spm_trainstate": json.dumps(meta)})
+    assert saved_settings(path)["context_words"] == "function"
+    tr = Trainer(backend, cfg.with_(iterations=3, context_words="mixed"), out, resume=True, progress_bar=False)
+    assert tr.train().steps == 3 and "started with context_words=function" in caplog.text
+    assert load_membrane(out).info.training["context_words"] == "function"
+    assert tr.context_texts == first.context_texts  # the same prompts, so the same probes
+    assert saved_settings(tmp_path / "missing.trainstate") is None

@@ -2,8 +2,10 @@
 
 The paper's objective erases the target's own prompt (``"car"``), but users write the concept inside a prompt
 (``"white background, a car"``), where a causal text encoder gives the concept's tokens other states.  Each
-context prompt puts the target between English function words (``the``, ``of``, ``with`` …; :data:`FUNCTION_WORDS`)
-and pairs it with the same words around the surrogate.  A training step then also pulls the membrane-ON prediction
+context prompt puts the target between other words and pairs it with the same words around the surrogate.  The
+words are English function words (``the``, ``of``, ``with`` …; :data:`FUNCTION_WORDS`) and, by default
+(``TrainConfig.context_words`` "mixed"), as often random whole words of the CLIP vocabulary
+(:func:`vocabulary_words`): content words of any kind, as prompts have them and as an adversarial prefix has them.  A training step then also pulls the membrane-ON prediction
 of one context prompt to the erase goal built from the original model's predictions of the pair, and the erasure
 signal is also measured on held-out probes of context prompts (the lesser of the two decides).  The trainer leaves
 out a pair whose words around the surrogate already predict nearer the target than the surrogate on the target's own
@@ -30,9 +32,32 @@ def _around(pre: str, mid: str, post: str, comma: bool) -> str:
     return f"{head} {post}".strip() if post else head
 
 
+def vocabulary_words(n: int, seed: int) -> tuple[str, ...]:
+    """``n`` whole words of the CLIP vocabulary (three or more ASCII letters, not function words), drawn with
+    ``seed``: content words of any kind around the target (``TrainConfig.context_words`` "mixed"); () without a
+    vocabulary."""
+    from ..tokenizer import clip_tokenizer
+    from ..transport import _whole_words
+
+    ids = _whole_words()
+    if not ids or n <= 0:
+        return ()
+    inv = {i: t for t, i in clip_tokenizer().get_vocab().items()}
+    g = torch.Generator().manual_seed(int(seed) + 32452843)
+    out: list[str] = []
+    for j in torch.randperm(len(ids), generator=g).tolist():
+        w = inv[ids[j]][:-4]
+        if w not in FUNCTION_WORDS:
+            out.append(w)
+        if len(out) >= n:
+            break
+    return tuple(out)
+
+
 def context_prompts(target: str, surrogate: str, n: int, seed: int,
-                    words: tuple[str, ...] = FUNCTION_WORDS) -> list[tuple[str, str]]:
-    """``n`` pairs ``(words around target, the same words around surrogate)``, seeded; each has at least one word."""
+                    words: tuple[str, ...] = FUNCTION_WORDS, other: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """``n`` pairs ``(words around target, the same words around surrogate)``, seeded; each has at least one word.
+    With ``other`` words, each word around the target is one of them or of ``words``, even odds."""
     if n <= 0 or not words:
         return []
     g = torch.Generator().manual_seed(int(seed) + 15485863)
@@ -42,10 +67,14 @@ def context_prompts(target: str, surrogate: str, n: int, seed: int,
         if a + b == 0:
             continue
         pick = [words[int(i)] for i in torch.randint(0, len(words), (a + b,), generator=g)]
+        if other:
+            alt = [other[int(i)] for i in torch.randint(0, len(other), (a + b,), generator=g)]
+            coin = torch.rand(a + b, generator=g) < 0.5
+            pick = [o if c else w for w, o, c in zip(pick, alt, coin.tolist())]
         comma = bool(torch.rand((), generator=g) < 0.5)
         pre, post = " ".join(pick[:a]), " ".join(pick[a:])
         out.append((_around(pre, target, post, comma), _around(pre, surrogate, post, comma)))
     return out
 
 
-__all__ = ["FUNCTION_WORDS", "context_prompts"]
+__all__ = ["FUNCTION_WORDS", "context_prompts", "vocabulary_words"]

@@ -104,6 +104,7 @@ class TrainRequest:
     synonyms: str | None = None  # model synonyms: "off", "gate" or "erase" (TrainConfig.synonyms); None: the default
     contexts: int | None = None  # context prompts per target (TrainConfig.contexts; 0: off); None: the default
     lr_layers: str | None = None  # "gain" or "fixed" (TrainConfig.lr_layers: per-layer rates); None: the default
+    context_words: str | None = None  # "mixed" or "function" (TrainConfig.context_words); None: the default
 
     def config(self) -> TrainConfig:
         """The :class:`TrainConfig`: the preset's values with this request's overrides."""
@@ -122,6 +123,8 @@ class TrainRequest:
             over["synonyms"] = self.synonyms
         if self.lr_layers is not None:
             over["lr_layers"] = self.lr_layers
+        if self.context_words is not None:
+            over["context_words"] = self.context_words
         cfg = preset(self.preset, **over)
         cfg.control_prompts = list(self.control_prompts)
         if self.preview_steps:
@@ -138,7 +141,7 @@ class TrainRequest:
 
 _INT = ("iterations", "anchors", "resolution", "seed", "save_every", "sample_every", "preview_steps", "contexts")
 _FLOAT = ("lr", "la_strength")
-_STR = ("surrogate", "preset", "precision", "la_mode", "synonyms", "lr_layers")
+_STR = ("surrogate", "preset", "precision", "la_mode", "synonyms", "lr_layers", "context_words")
 _BOOL = ("preview", "overwrite", "keep_state", "robust", "neighbours")
 KNOWN = {f.name for f in fields(TrainRequest)}
 

@@ -48,14 +48,14 @@ from ..naming import context_dim, find_targets
 from ..progress import tally
 from ..transport import VOCABULARY_PROGRESS, training_calibration, training_candidates, training_neighbours
 from .anchors import sample_anchors
-from .config import LR_LAYER_MODES, TrainConfig
-from .contexts import context_prompts
+from .config import CONTEXT_WORDS, LR_LAYER_MODES, TrainConfig
+from .contexts import context_prompts, vocabulary_words
 from .lr import gains_summary, layer_gains, param_groups
 from .objective import AnchorWeight, CostMeter, extra_erase_loss, objective_step
 from .robust import make_robust
 from .sampling import LatentPool, ReferenceSchedule, image_grid, sample_images
 from .signal import ErasureProbe, StopRule, check_interval, min_steps, probe_levels, summary
-from .state import load_state, save_state, saved_lr_layers, state_path
+from .state import load_state, save_state, saved_settings, state_path
 
 log = logging.getLogger("spm")
 
@@ -69,6 +69,7 @@ class _Stopped(BaseException):
 
 NEIGHBOUR_RNG = "neighbours.rng"  # the .trainstate tensor of the neighbour picks' generator
 CONTEXT_RNG = "contexts.rng"  # the .trainstate tensor of the context prompt picks' generator
+VOCABULARY_WORDS = 256  # context_words="mixed": the vocabulary words one target's context prompts draw from
 
 
 @dataclass
@@ -476,12 +477,15 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         if self.resume and self.output is not None:
-            saved = saved_lr_layers(state_path(self.output))
-            if saved in LR_LAYER_MODES and saved != self.cfg.lr_layers:
-                # the optimiser's groups must match the saved state's: continue with the rates the run started with
-                log.warning("SPM: %s was started with lr_layers=%s; continuing with it (not %s)",
-                            self.output.name, saved, self.cfg.lr_layers)
-                self.cfg = self.cfg.with_(lr_layers=saved)
+            # the optimiser's groups (lr_layers) and the context prompts and their probes (context_words) must be the
+            # saved run's: continue with the settings it started with
+            saved = saved_settings(state_path(self.output)) or {}
+            for name, known in (("lr_layers", LR_LAYER_MODES), ("context_words", CONTEXT_WORDS)):
+                value = saved.get(name)
+                if value in known and value != getattr(self.cfg, name):
+                    log.warning("SPM: %s was started with %s=%s; continuing with it (not %s)", self.output.name, name,
+                                value, getattr(self.cfg, name))
+                    self.cfg = self.cfg.with_(**{name: value})
         cfg, be = self.cfg, self.backend
         unet = be.unet
         grad_state = {n: p.requires_grad for n, p in unet.named_parameters()}
@@ -543,7 +547,10 @@ class Trainer:
             self.context_texts = {}
             self.context_dropped = {}  # target -> context prompts left out (their words alone draw the target)
             for ti, t in enumerate(cfg.targets if cfg.context_count > 0 else []):
-                pairs = context_prompts(t, cfg.surrogate, cfg.context_count, cfg.seed + ti)
+                other = vocabulary_words(VOCABULARY_WORDS, cfg.seed + ti) if cfg.context_words == "mixed" else ()
+                if cfg.context_words == "mixed" and not other and ti == 0:
+                    log.warning("SPM: no CLIP vocabulary for the context prompts' other words; function words only")
+                pairs = context_prompts(t, cfg.surrogate, cfg.context_count, cfg.seed + ti, other=other)
                 if pairs:
                     self.context_texts[t] = [p[0] for p in pairs]
                     enc, n = be.encode([p[0] for p in pairs] + [p[1] for p in pairs]), len(pairs)

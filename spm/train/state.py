@@ -86,9 +86,14 @@ def load_state(path: str | Path, optimizer: torch.optim.Optimizer, generator: to
     return meta
 
 
-def saved_lr_layers(path: str | Path) -> str | None:
-    """The ``lr_layers`` a saved state's run used (``"fixed"`` for states written before it existed); None where the
-    state is missing or unreadable (:func:`load_state` then says why)."""
+# settings a resumed run keeps from its saved state (the value a state from before the setting means)
+RESUMED_SETTINGS = {"lr_layers": "fixed", "context_words": "function"}
+
+
+def saved_settings(path: str | Path) -> dict[str, str] | None:
+    """The :data:`RESUMED_SETTINGS` a saved state's run used (a state written before a setting existed: its value of
+    then); None where the state is missing or unreadable (:func:`load_state` then says why).  A value that is not a
+    string is left out."""
     from safetensors import safe_open
 
     try:
@@ -98,8 +103,16 @@ def saved_lr_layers(path: str | Path) -> str | None:
         return None
     if not isinstance(meta, dict):
         return None
-    mode = (meta.get("config") or {}).get("lr_layers", "fixed")
-    return mode if isinstance(mode, str) else None
+    cfg = meta.get("config") or {}
+    out = {k: cfg.get(k, before) for k, before in RESUMED_SETTINGS.items()}
+    return {k: v for k, v in out.items() if isinstance(v, str)}
 
 
-__all__ = ["SUFFIX", "load_state", "read_file", "save_state", "saved_lr_layers", "state_path"]
+def saved_lr_layers(path: str | Path) -> str | None:
+    """The ``lr_layers`` a saved state's run used (``"fixed"`` for states written before it existed); None where the
+    state is missing or unreadable."""
+    return (saved_settings(path) or {}).get("lr_layers")
+
+
+__all__ = ["RESUMED_SETTINGS", "SUFFIX", "load_state", "read_file", "save_state", "saved_lr_layers", "saved_settings",
+           "state_path"]

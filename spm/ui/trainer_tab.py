@@ -238,8 +238,8 @@ def build_trainer_tab(backend_provider: Callable[[], Any] | None = None, membran
                                     elem_id=f"{p}_synonyms")
                 contexts = gr.Number(label="Context prompts per target (0 = off)", value=defaults["contexts"],
                                      precision=0,
-                                     info="Also erases the target inside short prompts of function words around it "
-                                          "(\"the car of\") and checks the erasure there too; pairs whose words alone "
+                                     info="Also erases the target inside short prompts of other words around it "
+                                          "(\"the car of\", \"harbor car with\") and checks the erasure there too; pairs whose words alone "
                                           "draw the target are left out. About a fifth more UNet work per step",
                                      elem_id=f"{p}_contexts")
                 overwrite = gr.Checkbox(label="Overwrite an existing file of the same name", value=False,

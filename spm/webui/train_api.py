@@ -5,7 +5,7 @@ Routes (:func:`add_routes`, host-agnostic, testable with FastAPI's ``TestClient`
 * ``POST /spm/v1/train`` — JSON ``{"name": …, "target": "a, b", "surrogate": "", "iterations": …, "lr": …,
   "la_strength": …, "anchors": …, "resolution": …, "seed": 0, "precision": "fp32", "save_every": 0}``
   (every field but ``name`` and ``target`` has a default; also ``preset``, ``la_mode``, ``control_prompts``,
-  ``preview``, ``preview_steps``, ``overwrite``, ``keep_state``, ``lr_layers``) → ``{"id": …, "status": "queued"}``.  Bad
+  ``preview``, ``preview_steps``, ``overwrite``, ``keep_state``, ``lr_layers``, ``context_words``) → ``{"id": …, "status": "queued"}``.  Bad
   input → 400 with ``{"detail": message}``; an existing file without ``"overwrite": true`` → 409.
 * ``GET /spm/v1/train/{id}`` — ``status`` (queued / running / done / failed / interrupted), ``step``,
   ``total``, ``loss``, ``output``, ``preview``, ``error``, ``message``, the current ``phase`` with
