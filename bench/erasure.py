@@ -126,8 +126,9 @@ def _train_record(res, seconds: float) -> dict:
 
 # settings whose default changed after files stopped omitting them: the value a file that predates the setting was
 # trained with (``contexts`` came in off, and became the default later; ``lr_layers`` came in as the default, and
-# files before it stepped every parameter at one rate); any other missing setting: its default
-BEFORE_RECORDED = {"contexts": 0, "lr_layers": "fixed"}
+# files before it stepped every parameter at one rate; ``context_words`` came in as "mixed", and files before it
+# drew function words only); any other missing setting: its default
+BEFORE_RECORDED = {"contexts": 0, "lr_layers": "fixed", "context_words": "function"}
 
 
 def train_object(pipe, obj: str, folder: Path, overrides: dict, reuse: bool, say) -> tuple[object, dict]:

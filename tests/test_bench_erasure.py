@@ -208,6 +208,12 @@ def test_reuse_takes_a_setting_the_file_predates_as_its_value_of_that_time(tmp_p
     m.info.training = dict(cfg)
     save_membrane(m, folder / "circle.safetensors")
     assert be.train_object(None, "circle", folder, {}, True, said.append)[1]["reused"]
+    # context_words came in as "mixed": a file without it drew function words only
+    m.info.training = {k: v for k, v in cfg.items() if k != "context_words"}
+    save_membrane(m, folder / "circle.safetensors")
+    assert be.train_object(None, "circle", folder, {"context_words": "function"}, True, said.append)[1]["reused"]
+    with pytest.raises(AttributeError):
+        be.train_object(None, "circle", folder, {}, True, said.append)
 
 
 def test_rows_split_the_images_found_after_into_kept_and_new(monkeypatch):
