@@ -540,3 +540,21 @@ def test_a_resumed_run_keeps_the_context_words_it_started_with(backend, tmp_path
     assert load_membrane(out).info.training["context_words"] == "function"
     assert tr.context_texts == first.context_texts  # the same prompts, so the same probes
     assert saved_settings(tmp_path / "missing.trainstate") is None
+
+
+def test_mixed_context_words_fall_back_to_function_words_without_a_vocabulary(backend, monkeypatch, caplog):
+    from spm import transport
+    from spm.train import synonyms as syn
+    from spm.train.contexts import FUNCTION_WORDS, vocabulary_words
+
+    monkeypatch.setattr(transport, "_whole_words", lambda: ())
+    monkeypatch.setattr(syn, "distances", _pairs_nearer("surrogate"))
+    assert vocabulary_words(16, 0) == ()
+    cfg = TrainConfig(targets=["circle"], iterations=2, la_mode="off", synonyms="off", signal_checks=2,
+                      signal_trajectories=2, signal_levels=2, **{**FAST, "contexts": 2})
+    assert cfg.context_words == "mixed"
+    tr = Trainer(backend, cfg, progress_bar=False)
+    tr.train()
+    assert "no CLIP vocabulary for the context prompts' other words; function words only" in caplog.text
+    words = [w for t in tr.context_texts["circle"] for w in t.replace("circle", "").replace(",", " ").split()]
+    assert words and all(w in FUNCTION_WORDS for w in words)
