@@ -353,7 +353,7 @@ def summary(check: Check | None, cfg, steps: int, stopped_early: bool, interrupt
     plain = min(check.level_ratio) if check.level_ratio else None
     if not erased and plain is not None and plain >= THRESHOLD and seeds and seeds > 1:
         # the estimate itself says erased and only its confidence bound does not: on the toy worlds that rule (the
-        # lesser part's plain ratio) agreed with the scorer at 77 of 80 points of world 1 and 35 of 80 of world 2, with
+        # lesser part's plain ratio) agreed with the scorer at 76 of 80 points of world 1 and 39 of 80 of world 2, with
         # one false "erased" (README, "The erasure signal against the scorer"); so the images decide, not more steps
         hints.append(f"on average over the held-out probes the target's direction is cancelled at every noise level "
                      f"(plain ratio {plain:.0%}), only the {CONFIDENCE:.0%} bound is short of it (some probes still "
