@@ -16,7 +16,7 @@ from spm.membrane import Membrane
 from spm.naming import find_targets
 from spm.train import TrainConfig, Trainer
 from spm.train import lr as L
-from spm.train.state import saved_lr_layers, state_path
+from spm.train.state import saved_settings, state_path
 from tests.test_train_models import tiny_sd_pipe
 
 FAST = dict(anchors=1, pool_size=2, max_denoising_steps=4, lr=3e-3, lr_scheduler="constant", lr_warmup_steps=0,
@@ -149,7 +149,7 @@ def test_a_run_resumes_with_the_rates_it_started_with(backend, tmp_path, caplog)
     cfg = TrainConfig(targets=["circle"], iterations=2, lr_layers="fixed", **FAST)
     Trainer(backend, cfg, out, progress_bar=False, keep_state=True).train()
     _drop_lr_layers(state_path(out))  # as an older version left it
-    assert saved_lr_layers(state_path(out)) == "fixed"
+    assert saved_settings(state_path(out))["lr_layers"] == "fixed"
     res = Trainer(backend, cfg.with_(iterations=4, lr_layers="gain"), out, resume=True, progress_bar=False,
                   keep_state=True).train()
     assert res.steps == 4 and "started with lr_layers=fixed" in caplog.text
@@ -159,4 +159,4 @@ def test_a_run_resumes_with_the_rates_it_started_with(backend, tmp_path, caplog)
     Trainer(backend, cfg.with_(lr_layers="gain"), out2, progress_bar=False, keep_state=True).train()
     res = Trainer(backend, cfg.with_(iterations=3), out2, resume=True, progress_bar=False).train()
     assert res.steps == 3 and load_membrane(out2).info.training["lr_layers"] == "gain"
-    assert saved_lr_layers(tmp_path / "missing.trainstate") is None
+    assert saved_settings(tmp_path / "missing.trainstate") is None

@@ -42,16 +42,10 @@ def vocabulary_words(n: int, seed: int) -> tuple[str, ...]:
     ids = _whole_words()
     if not ids or n <= 0:
         return ()
-    inv = {i: t for t, i in clip_tokenizer().get_vocab().items()}
     g = torch.Generator().manual_seed(int(seed) + 32452843)
-    out: list[str] = []
-    for j in torch.randperm(len(ids), generator=g).tolist():
-        w = inv[ids[j]][:-4]
-        if w not in FUNCTION_WORDS:
-            out.append(w)
-        if len(out) >= n:
-            break
-    return tuple(out)
+    order = torch.randperm(len(ids), generator=g)[:n + len(FUNCTION_WORDS)].tolist()  # enough past any skipped
+    words = [t[:-len("</w>")] for t in clip_tokenizer().convert_ids_to_tokens([ids[j] for j in order])]
+    return tuple([w for w in words if w not in FUNCTION_WORDS][:n])
 
 
 def context_prompts(target: str, surrogate: str, n: int, seed: int,

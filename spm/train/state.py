@@ -108,11 +108,4 @@ def saved_settings(path: str | Path) -> dict[str, str] | None:
     return {k: v for k, v in out.items() if isinstance(v, str)}
 
 
-def saved_lr_layers(path: str | Path) -> str | None:
-    """The ``lr_layers`` a saved state's run used (``"fixed"`` for states written before it existed); None where the
-    state is missing or unreadable."""
-    return (saved_settings(path) or {}).get("lr_layers")
-
-
-__all__ = ["RESUMED_SETTINGS", "SUFFIX", "load_state", "read_file", "save_state", "saved_lr_layers", "saved_settings",
-           "state_path"]
+__all__ = ["RESUMED_SETTINGS", "SUFFIX", "load_state", "read_file", "save_state", "saved_settings", "state_path"]
