@@ -194,9 +194,7 @@ def bake(model: str, items: Sequence[tuple], output: str | os.PathLike, *, overw
     src = None if toy.toy_model(model) else Path(model)
     if src is not None:
         if not src.exists():
-            raise FileNotFoundError(f"--model {model}: no such file or folder, and not a shipped toy model "
-                                    f"({', '.join(toy.MODELS)}); give a diffusers folder or a single-file .safetensors "
-                                    "checkpoint")
+            raise FileNotFoundError(toy.missing_model(model, "single-file .safetensors checkpoint"))
         if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
             raise BakeError(f"-o {out}: write the baked model somewhere else than the input {src} (it is never modified)")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -152,9 +152,6 @@ def load_model(spec: str, config: str | None = None, device: str | None = None, 
         pipe = toy.load(spec, dtype)
         pipe.to(device)
         return pipe
-    if not Path(spec).exists():
-        raise FileNotFoundError(f"--model {spec}: no such file or folder, and not a shipped toy model "
-                                f"({', '.join(toy.MODELS)}); give a diffusers folder or a .safetensors checkpoint")
     from .hosts.diffusers import load_pipeline
 
     return load_pipeline(spec, config=config, device=device, dtype=dtype)

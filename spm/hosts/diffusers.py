@@ -506,7 +506,9 @@ def load_pipeline(model: str, *, config: str | None = None, device: str | None =
 
     p = Path(model)
     if not p.exists():
-        raise FileNotFoundError(f"--model {model}: no such file or folder (a diffusers folder or a .safetensors checkpoint)")
+        from ..toy import missing_model
+
+        raise FileNotFoundError(missing_model(str(model)))
     if p.is_dir():
         pipe = load_folder_pipeline(p, dtype, xl)
     else:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["MODELS", "ToyModel", "concepts", "load", "toy_model", "worlds"]
+__all__ = ["MODELS", "ToyModel", "concepts", "load", "missing_model", "toy_model", "worlds"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,12 @@ MODELS: dict[str, ToyModel] = {
 def toy_model(spec: str | None) -> ToyModel | None:
     """The shipped toy model called ``spec``, or None when ``spec`` is not one of their names (e.g. a path)."""
     return MODELS.get(spec) if spec else None
+
+
+def missing_model(spec: str, single_file: str = ".safetensors checkpoint") -> str:
+    """The message for a ``--model`` that is neither an existing path nor a shipped toy model's name."""
+    return (f"--model {spec}: no such file or folder, and not a shipped toy model ({', '.join(MODELS)}); give a "
+            f"diffusers folder or a {single_file}")
 
 
 def concepts(world: str) -> tuple[str, ...]:

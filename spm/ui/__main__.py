@@ -102,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from spm import toy
 
     if args.model is not None and toy.toy_model(args.model) is None and not Path(args.model).exists():
-        ap.exit(2, f"{ap.prog}: error: --model {args.model}: no such file or folder, and not a shipped toy model "
-                   f"({', '.join(toy.MODELS)})\n")
+        ap.exit(2, f"{ap.prog}: error: {toy.missing_model(args.model)}\n")
 
     from .trainer_tab import build_trainer_tab
 
