@@ -71,6 +71,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spm.train.config import PREDATING
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SINGLE = "circle"
 MULTI = ("circle", "heart", "arrow")  # the ablations' multi row (world 1: objects the base model draws reliably)
@@ -124,11 +126,8 @@ def _train_record(res, seconds: float) -> dict:
             "signal_checks": [(c["step"], round(c["signal"], 4)) for c in res.membrane.info.training.get("signal_history", [])]}
 
 
-# settings whose default changed after files stopped omitting them: the value a file that predates the setting was
-# trained with (``contexts`` came in off, and became the default later; ``lr_layers`` came in as the default, and
-# files before it stepped every parameter at one rate; ``context_words`` came in as "mixed", and files before it
-# drew function words only); any other missing setting: its default
-BEFORE_RECORDED = {"contexts": 0, "lr_layers": "fixed", "context_words": "function"}
+# a membrane file that predates a setting was trained with that setting's value of then (spm.train.config.PREDATING)
+BEFORE_RECORDED = PREDATING
 
 
 def train_object(pipe, obj: str, folder: Path, overrides: dict, reuse: bool, say) -> tuple[object, dict]:

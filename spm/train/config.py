@@ -46,6 +46,11 @@ ROBUST_MODES = ("off", "embedding")
 SYNONYM_MODES = ("off", "gate", "erase")  # TrainConfig.synonyms
 LR_LAYER_MODES = ("gain", "fixed")  # TrainConfig.lr_layers (spm/train/lr.py)
 CONTEXT_WORDS = ("mixed", "function")  # TrainConfig.context_words (spm/train/contexts.py)
+# settings whose default changed after files and states began to record the config: the value a file or state that
+# predates the setting was trained with (``contexts`` came in off and became the default later; ``lr_layers`` came in
+# as the default, and runs before it stepped every parameter at one rate; ``context_words`` came in as "mixed", and
+# runs before it drew function words only); any other missing setting: its default
+PREDATING = {"contexts": 0, "lr_layers": "fixed", "context_words": "function"}
 
 
 @dataclass
@@ -227,5 +232,5 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
     return cfg
 
 
-__all__ = ["CONTEXT_WORDS", "LA_MODES", "LR_LAYER_MODES", "LR_SCHEDULERS", "OPTIMIZERS", "PRECISIONS", "PRESETS", "SCHEDULES", "SYNONYM_MODES", "TrainConfig",
+__all__ = ["CONTEXT_WORDS", "LA_MODES", "LR_LAYER_MODES", "LR_SCHEDULERS", "OPTIMIZERS", "PRECISIONS", "PREDATING", "PRESETS", "SCHEDULES", "SYNONYM_MODES", "TrainConfig",
            "preset"]

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import MembraneFileError, atomic_save, read_file
+from .config import PREDATING
 
 SUFFIX = ".trainstate"
 
@@ -86,8 +87,9 @@ def load_state(path: str | Path, optimizer: torch.optim.Optimizer, generator: to
     return meta
 
 
-# settings a resumed run keeps from its saved state (the value a state from before the setting means)
-RESUMED_SETTINGS = {"lr_layers": "fixed", "context_words": "function"}
+# settings a resumed run keeps from its saved state (the optimiser's groups and the context prompts must be the saved
+# run's), with the value a state from before the setting means
+RESUMED_SETTINGS = {k: PREDATING[k] for k in ("lr_layers", "context_words")}
 
 
 def saved_settings(path: str | Path) -> dict[str, str] | None:
