@@ -216,6 +216,8 @@ def summarise(per: dict, thr: float | None = None) -> dict:
             # with context prompts (the trainer's default) the signal is the lesser of two parts: each alone, same points
             "alone_only": rule(part_pts, lambda p: p["parts"]["alone"]) if part_pts else None,
             "in_context_only": rule(part_pts, lambda p: p["parts"]["in_context"]) if part_pts else None,
+            # the rule until 2026-12-07: the worst noise level's lower bound (each level judged alone)
+            "level_bound_min": rule(pts, lambda p: min(p["per_level"])),
             "level_ratio_min": rule(ratio_pts, lambda p: min(p["level_ratio"])) if ratio_pts else None,
             "single_seed_min": rule(seed_pts, lambda p: min(min(lv) for lv in p["per_seed"])) if seed_pts else None}
 

@@ -103,6 +103,35 @@ def test_each_level_is_judged_by_its_lower_confidence_bound_over_the_held_out_se
     assert bound[0] > sg.THRESHOLD
 
 
+def test_the_signal_pools_each_trajectory_over_its_levels_and_bounds_over_trajectories():
+    """The signal is the lower bound over held-out trajectories of each trajectory's ratio pooled over its noise
+    levels (weighted by the concept's effect there), not the worst level: a level that carries little of the
+    concept's effect and is left half-closed does not decide, one trajectory left open does pull the bound down."""
+
+    class P:  # 2 levels x 4 trajectories, rows ordered level by level (as the probe builds them)
+        levels = [2, 7]
+        level_of = [2] * 4 + [7] * 4
+        trajectories = 4
+        o = torch.zeros(8, 1, 1, 1)
+        s = -torch.cat([torch.full((4, 1, 1, 1), 3.0), torch.full((4, 1, 1, 1), 0.5)])  # |u|: 3 at level 2, 0.5 at 7
+
+    def measure(closed_per_row):
+        p = P()
+        u = P.o - P.s
+        m = P.o - torch.tensor(closed_per_row).reshape(8, 1, 1, 1) * u  # closed_i = <o - m, u> / |u|^2
+        closed, bound, _, ratio = sg.ErasureProbe.statistic.__get__(p)(m)
+        return p.last_pooled, closed, bound, ratio
+
+    # the noisy level is cancelled (1.3 in every trajectory), the quiet one only half (0.5): pooled 1.3*9+0.5*0.25 / 9.25
+    (r, lb), closed, bound, ratio = measure([1.3] * 4 + [0.5] * 4)
+    assert r == pytest.approx((1.3 * 9 + 0.5 * 0.25) / 9.25) == pytest.approx(closed)
+    assert lb == pytest.approx(r) and lb >= sg.THRESHOLD  # every trajectory alike: no spread
+    assert min(bound) < sg.THRESHOLD  # the old rule, the worst level's bound, said not erased
+    # one trajectory left open at the level that matters: its pooled ratio is low and the bound falls under 1
+    (r2, lb2), *_ = measure([1.3, 1.3, 1.3, 0.2] + [0.5] * 4)
+    assert r2 > sg.THRESHOLD > lb2
+
+
 def test_levels_interval_and_earliest_stop_follow_the_run():
     assert sg.probe_levels(30, 4) == [5, 12, 19, 26] and sg.probe_levels(4, 4) == [1, 2, 3]
     assert all(1 <= k <= 29 for k in sg.probe_levels(30, 7))
@@ -269,7 +298,7 @@ def test_the_synonyms_are_measured_with_the_membrane_on(backend, monkeypatch):
                       signal_trajectories=syn.PROBES_PER_LEVEL, **{**FAST, "lr": 3e-2})
     res = Trainer(backend, cfg, progress_bar=False).train()
     assert min(res.erasure["level_ratio"]) > 0.05  # the membrane moved the prediction
-    assert res.erasure["synonyms"]["circle"] == pytest.approx(min(res.erasure["level_ratio"]), abs=1e-3)
+    assert res.erasure["synonyms"]["circle"] == pytest.approx(res.erasure["aggregate"], abs=1e-3)
 
 
 def test_an_unpassed_target_measures_no_synonyms(backend, monkeypatch):
@@ -299,29 +328,28 @@ def test_a_verdict_decided_inside_other_words_says_the_target_alone_is_erased():
 
 
 def test_a_verdict_short_only_by_its_confidence_bound_says_so():
-    """A run whose plain per-level ratio passes at every level while the lower bound over the held-out probes does
-    not says that the estimate itself is erased and points at looking at images; a plain ratio below the threshold,
+    """A run whose plain pooled ratio passes while its lower bound over the held-out probes does not says that the estimate itself is erased and points at looking at images; a plain ratio below the threshold,
     or a single probe (no bound), gets no such line."""
     cfg = TrainConfig(targets=["sun"])
 
-    def check(bound: float, plain: list[float] | None) -> sg.Check:
-        return sg.Check(step=600, signal=bound, per_level=[bound] * 2, remaining=0.1, level_ratio=plain)
+    def check(bound: float, plain: float | None) -> sg.Check:
+        return sg.Check(step=600, signal=bound, per_level=[bound] * 2, remaining=0.1, aggregate=plain)
 
     class Probe:  # what summary reads of the held-out probes
         trajectories, level_t, rows = 8, [900, 500], 16
 
-    msg = sg.summary(check(0.93, [1.08, 1.3]), cfg, 600, False, False, Probe(), None)["message"]
+    msg = sg.summary(check(0.93, 1.08), cfg, 600, False, False, Probe(), None)["message"]
     assert msg.startswith("not erased:") and "(plain ratio 108%), only the 95% bound is short" in msg
     assert "before/after grid" in msg
-    for bound, plain in ((0.93, [0.97, 1.3]), (0.93, None), (1.02, [1.1, 1.2])):
+    for bound, plain in ((0.93, 0.97), (0.93, None), (1.02, 1.1)):
         assert "plain ratio" not in sg.summary(check(bound, plain), cfg, 600, False, False, Probe(), None)["message"]
     Probe.trajectories = 1
-    assert "plain ratio" not in sg.summary(check(0.93, [1.08, 1.3]), cfg, 600, False, False, Probe(), None)["message"]
+    assert "plain ratio" not in sg.summary(check(0.93, 1.08), cfg, 600, False, False, Probe(), None)["message"]
 
 
 def test_both_hints_of_a_strict_verdict_share_one_before_training_longer():
     cfg = TrainConfig(targets=["sun"])
-    check = sg.Check(step=1200, signal=0.9, per_level=[0.9, 1.2], remaining=0.1, level_ratio=[1.05, 1.4],
+    check = sg.Check(step=1200, signal=0.9, per_level=[0.9, 1.2], remaining=0.1, aggregate=1.05, level_ratio=[1.05, 1.4],
                      parts={"alone": 1.2, "in_context": 0.9})
     msg = sg.summary(check, cfg, 1200, False, False, None, None)["message"]
     assert "own prompt is erased" in msg and "(plain ratio 105%)" in msg

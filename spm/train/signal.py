@@ -31,22 +31,33 @@ as close to the mirror image of the original through the surrogate, ``2s − o``
 bisector between original and surrogate (``closed ≥ ½``: closer to the surrogate than to the original) was the
 first choice; on the toy world it said erased long before the scorer saw any erasure (``bench/signal_vs_scorer.py``).
 
-The argument holds at every sampling step, so it is applied per noise level: ``closed`` is computed for each
-level over its probes (a ratio of sums, so probes where the concept changes the prediction more weigh more), and
-**the signal is the minimum over the levels** of that ratio's lower confidence bound (below).  A level where the target's direction survives is a step at which
-guidance still draws it, and the high-noise steps decide what is drawn: well-erased low-noise levels cannot make up
-for them.  The ratio over all probes together is reported as ``aggregate`` (on the toy world it called
-four points erased where the scorer still found the target in up to 44 % of the images; ``bench/signal_vs_scorer.py``).
+The probes sit at several noise levels of each held-out trajectory.  Each trajectory's ``closed`` is pooled over
+its levels (a ratio of sums, so the levels where the concept changes the prediction most weigh most), and **the
+signal is the lower confidence bound of that ratio over the trajectories** (below): "erased" means the images of
+those seeds, each taken as a whole trajectory, have the target's direction cancelled.
+
+Until 2026-12-07 the signal was the *minimum over the levels* of a per-level bound, on the argument that a level
+where the target's direction survives is a step at which guidance still draws it.  But the probes lie on the
+*original* model's trajectories (membrane OFF), and with the membrane on, generation does not pass through them:
+once the levels that carry most of the concept's effect are cancelled, a level where the membrane leaves part of
+the direction on the original's path is a state the erased sampler never reaches.  Measured against the scorer
+(``bench/signal_vs_scorer.py``, 80 points per world, the recorded per-level values): the minimum agreed at 64 of
+80 points on world 1 and 33 of 80 on world 2 (cloud: levels at 1.48, 0.94, −0.06, 0.88 with no cloud left in any
+image; sun: 0.35 at the noisiest level with none left either), the pooled plain ratio at 76 and 80 of 80 but with
+3 false "erased" on world 1 (the plain ratio has no confidence bound; heart at 180 steps: 1.03, the scorer still
+finding the target in 31 % of the images).  The per-level values stay in the check (``per_level``,
+``level_ratio``) and the README's table compares both rules.
 
 Held-out seeds, not their average
 ---------------------------------
 Erasure is judged per image, and a seed whose target survives is a failed image however well the others are
-erased.  The ratio over a level's probes is an estimate from ``trajectories`` held-out seeds, so the decision uses
-its one-sided lower confidence bound (:data:`CONFIDENCE`; the ratio estimator's standard error over the seeds,
-Student's t with ``trajectories − 1`` degrees of freedom): "erased" means the level is erased with that
-confidence over seeds, not just on average.  On toy world 2 the plain ratio said "erased" at step 180 for
-"car" (1.09 at its worst level from 8 seeds, two of them below 1) while the scorer still found a car in half the
-images; the bound there is 0.99, and 1.13 on the same probes after 600 steps, when the scorer found none.
+erased.  The pooled ratio is an estimate from ``trajectories`` held-out seeds, so the decision uses its one-sided
+lower confidence bound (:data:`CONFIDENCE`; the ratio estimator's standard error over the seeds, Student's t with
+``trajectories − 1`` degrees of freedom): "erased" means erased with that confidence over seeds, not just on
+average (``per_level`` reports the same bound for each level alone).  Under the per-level rule, on toy world 2 the
+plain ratio said "erased" at step 180 for "car" (1.09 at its worst level from 8 seeds, two of them below 1) while
+the scorer still found a car in half the images; the bound there was 0.99, and 1.13 on the same probes after 600
+steps, when the scorer found none.
 With one trajectory there is no spread to measure and the bound is the ratio itself.
 
 Cost: building the probes runs ``trajectories`` CFG trajectories of the original model up to the lowest noise
@@ -131,10 +142,10 @@ class Check:
     signal: float
     per_level: list[float]
     remaining: float  # ‖m − s‖ / ‖o − s‖ (1 for the original model, 0 at the surrogate)
-    aggregate: float | None = None  # closed over all probes together (the signal is the minimum over levels)
+    aggregate: float | None = None  # closed over all probes together: the plain ratio whose lower bound is the signal
     level_ratio: list[float] | None = None  # closed per level, the plain ratio (per_level: its lower bound)
     per_seed: list[list[float]] | None = None  # closed per level and held-out seed (each probe alone)
-    # the model synonyms' closure with the membrane ON (word -> least level's ratio): set at the end of a run that
+    # the model synonyms' closure with the membrane ON (word -> pooled ratio): set at the end of a run that
     # passed (the summary reports it; the stop rule's history does not keep it)
     synonyms: dict[str, float] | None = None
     # with context probes (TrainConfig.contexts): the signal of the target alone and inside other words (the check is
@@ -224,7 +235,8 @@ class ErasureProbe:
     def statistic(self, m: torch.Tensor) -> tuple[float, list[float], float, list[float]]:
         """``(closed, lower bound of closed per level, remaining gap ratio, closed per level)`` for membrane-ON
         predictions ``m`` of the probes (the bound: :func:`ratio_lower_bound` over the level's held-out seeds).
-        Each probe's own ratio is left in :attr:`last_per_seed` (per level, in seed order)."""
+        Each probe's own ratio is left in :attr:`last_per_seed` (per level, in seed order), and the signal, ``(ratio,
+        lower bound)`` of each trajectory pooled over its levels, in :attr:`last_pooled`."""
         o, s, m = self.o.double(), self.s.double(), m.double()
         u = (o - s).flatten(1)
         d = (o - m).flatten(1)
@@ -237,6 +249,13 @@ class ErasureProbe:
             bound.append(lb)
             seeds.append([float(v) for v in num[idx] / den[idx].clamp_min(1e-30)])
         self.last_per_seed = seeds
+        # each held-out trajectory pooled over its noise levels (a ratio of sums: the levels where the concept moves
+        # the prediction most weigh most), then the lower bound over the trajectories: the signal
+        n = int(getattr(self, "trajectories", 0) or max(1, len(self.level_of) // max(1, len(self.levels))))
+        traj = torch.tensor([i % n for i in range(len(self.level_of))])
+        pooled_num = torch.zeros(n, dtype=num.dtype).index_add_(0, traj, num)
+        pooled_den = torch.zeros(n, dtype=den.dtype).index_add_(0, traj, den)
+        self.last_pooled = ratio_lower_bound(pooled_num, pooled_den)
         closed = float(num.sum() / den.sum().clamp_min(1e-30))
         remaining = float((m - s).flatten().norm() / (o - s).flatten().norm().clamp_min(1e-30))
         return closed, bound, remaining, ratio
@@ -246,14 +265,14 @@ class ErasureProbe:
         m = run_unet(self.backend, self.stack, self.x_t, self.t, self.cond, [float(strength)] * self.rows, self.meter,
                      False, self.autocast)
         closed, bound, remaining, ratio = self.statistic(m)
-        return Check(step, min(bound), bound, remaining, closed, ratio, self.last_per_seed)
+        return Check(step, self.last_pooled[1], bound, remaining, closed, ratio, self.last_per_seed)
 
     def measure_words(self, rows: list[int], words: Conditioning, strength: float = 1.0,
                       batch_rows: int = 64, progress: Callable[[int], None] | None = None) -> list[float]:
         """How far the membrane (ON at ``strength``) cancels the target's direction for other prompts: for each row
         of ``words``, on the probe rows ``rows`` (one target's), the same share of the gap closed as the signal's,
-        ``⟨o − ε'(x_t, word), u⟩ / ‖u‖²`` with the *target's* ``u = o − s``, per noise level (a ratio of sums over
-        the level's probes), and its minimum over the levels.  ``1 − closed`` is the component of the word's
+        ``⟨o − ε'(x_t, word), u⟩ / ‖u‖²`` with the *target's* ``u = o − s``, a ratio of sums over the rows (all their
+        noise levels pooled, as the signal pools them).  ``1 − closed`` is the component of the word's
         prediction towards the target: at ``closed ≥ 1`` no guidance scale draws the target for that word either
         (the argument of the module docstring, applied to the word's prompt).  ``len(rows)`` rows per word, in UNet
         calls of about ``batch_rows`` rows, counted in :attr:`meter`; ``progress(k)`` after each call (k words)."""
@@ -264,8 +283,7 @@ class ErasureProbe:
         o, s = self.o[rows].double(), self.s[rows].double()
         u = (o - s).flatten(1)
         den = (u * u).sum(1)
-        levels = [self.level_of[i] for i in rows]
-        groups = [[j for j, v in enumerate(levels) if v == lv] for lv in sorted(set(levels))]  # rows per level
+        total = den.sum().clamp_min(1e-30)
         per_call = max(1, batch_rows // r)
         out: list[float] = []
         for i in range(0, n, per_call):
@@ -274,7 +292,7 @@ class ErasureProbe:
             m = run_unet(self.backend, self.stack, x.repeat(k, 1, 1, 1), t.repeat(k), cond, [float(strength)] * (k * r),
                          self.meter, False, self.autocast).double().view(k, r, -1)
             num = ((o.flatten(1).unsqueeze(0) - m) * u.unsqueeze(0)).sum(2)  # [k, r]
-            out.extend(min(float(row[g].sum() / den[g].sum().clamp_min(1e-30)) for g in groups) for row in num)
+            out.extend(float(row.sum() / total) for row in num)
             if progress is not None:
                 progress(k)
         return out
@@ -333,13 +351,13 @@ def summary(check: Check | None, cfg, steps: int, stopped_early: bool, interrupt
     conf = f" ({CONFIDENCE:.0%} lower bound over {seeds} held-out seeds)" if seeds and seeds > 1 else ""
     if erased:
         how = f"stopped at step {steps} of {cfg.iterations}" if stopped_early else f"after {steps} steps"
-        msg = (f"erased: with the membrane the target's prediction closes {pct}{conf} of its gap to the surrogate at "
-               f"every noise level (erased from {THRESHOLD:.0%}: no guidance scale pushes towards the target any "
-               f"more); {how}")
+        msg = (f"erased: with the membrane the target's prediction closes {pct}{conf} of its gap to the surrogate "
+               f"over the sampling trajectory (erased from {THRESHOLD:.0%}: no guidance scale pushes towards the "
+               f"target any more); {how}")
     else:
         why = "interrupted" if interrupted else f"the budget of {cfg.iterations} iterations ran out"
         msg = (f"not erased: with the membrane the target's prediction closes only {pct}{conf} of its gap to the "
-               f"surrogate at its least erased noise level (erased from {THRESHOLD:.0%}) after {steps} steps ({why}); "
+               f"surrogate over the sampling trajectory (erased from {THRESHOLD:.0%}) after {steps} steps ({why}); "
                f"{advice(cfg, steps)}")
     if check.parts is not None:  # with context probes: say which of the two the verdict comes from
         msg += (f" (the target alone {check.parts['alone']:.0%}, inside other words {check.parts['in_context']:.0%}; "
@@ -349,16 +367,14 @@ def summary(check: Check | None, cfg, steps: int, stopped_early: bool, interrupt
     if not erased and check.parts is not None and check.parts["alone"] >= THRESHOLD:
         # the stricter of the two checks: on the toy worlds most such runs gave erased images (README)
         hints.append("the target's own prompt is erased, and only inside other words is its direction not cancelled "
-                     "at every noise level yet: check prompts that wrap it (spm eval, or your own)")
-    plain = min(check.level_ratio) if check.level_ratio else None
+                     "yet: check prompts that wrap it (spm eval, or your own)")
+    plain = check.aggregate
     if not erased and plain is not None and plain >= THRESHOLD and seeds and seeds > 1:
-        # the estimate itself says erased and only its confidence bound does not: on the toy worlds that rule (the
-        # lesser part's plain ratio) agreed with the scorer at 76 of 80 points of world 1 and 39 of 80 of world 2, with
-        # one false "erased" (README, "The erasure signal against the scorer"); so the images decide, not more steps
-        hints.append(f"on average over the held-out probes the target's direction is cancelled at every noise level "
-                     f"(plain ratio {plain:.0%}), only the {CONFIDENCE:.0%} bound is short of it (some probes still "
-                     "keep part of it): look at images of the target with the membrane (the before/after grid, "
-                     "spm generate) to judge")
+        # the estimate itself says erased and only its confidence bound does not (README, "The erasure signal
+        # against the scorer": how often that plain ratio agreed with the scorer); so the images decide, not more steps
+        hints.append(f"on average over the held-out probes the target's direction is cancelled (plain ratio "
+                     f"{plain:.0%}), only the {CONFIDENCE:.0%} bound is short of it (some probes still keep part of "
+                     "it): look at images of the target with the membrane (the before/after grid, spm generate) to judge")
     if hints:
         msg += "; " + "; ".join(hints) + " before training longer"
     if erased and check.synonyms:
