@@ -276,6 +276,9 @@ class PhraseCache:
         self.prepared: set[tuple] = set()  # (row ids, m) whose windows are all encoded
         self.calibrations: dict[tuple, "Calibration"] = {}  # (concept text, concept ids) -> its calibration
         self.fingerprint: dict | None = None  # this encoder's fingerprint (see encoder_fingerprint)
+        # (concept text, concept ids, word ids or None for the default vocabulary) -> each word's similarity to the
+        # concept (vocabulary_similarity): a training job's neighbour scan and synonym scan read the vocabulary once
+        self.vocabulary_sims: dict[tuple, torch.Tensor] = {}
 
     def _encode(self, seqs: list[tuple[int, ...]], encode_ids: PhraseEncoder) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []
@@ -359,6 +362,7 @@ class PhraseCache:
         self.best.clear()
         self.prepared.clear()
         self.calibrations.clear()
+        self.vocabulary_sims.clear()
         self.fingerprint = None
         self.center = None
         self.eos_center = None
@@ -798,16 +802,20 @@ def vocabulary_similarity(concepts: Sequence[ConceptEmbedding], phrases: PhraseC
     """``(word ids, [one tensor of similarities per concept])``: the ``phrase_similarity`` of every whole word of the
     vocabulary (``words``; default the CLIP vocabulary's whole words of three or more letters, about 32 000) alone,
     as a one-token window, to each concept; ``None`` for a concept without content tokens.  The words are encoded
-    once for all concepts, in batches, and not cached."""
+    once for all concepts, in batches; the words' states are not kept, each concept's similarities are
+    (``phrases.vocabulary_sims``, until :meth:`PhraseCache.clear`), so a second scan for the same concept encodes
+    nothing."""
     phrases.ensure_center(encode_ids)
     ids = [int(w) for w in (words if words is not None else _whole_words())]
+    words_key = None if words is None else tuple(ids)
+    keys = [(c.text, tuple(int(t) for t in c.tokens), words_key) for c in concepts]
     todo = []
-    for concept in concepts:
+    for concept, key in zip(concepts, keys):
         m = content_positions(concept.tokens, concept.embedding.shape[0])
-        todo.append(phrases.concept_states(concept, m) if m else None)
+        todo.append(phrases.concept_states(concept, m) if m and key not in phrases.vocabulary_sims else None)
     parts: list[list[torch.Tensor]] = [[] for _ in concepts]
     if not any(t is not None for t in todo):
-        return ids, [None] * len(concepts)
+        return ids, [phrases.vocabulary_sims.get(k) for k in keys]
     progress = VOCABULARY_PROGRESS.get()
     for i in range(0, len(ids), batch):
         chunk = ids[i:i + batch]
@@ -826,7 +834,10 @@ def vocabulary_similarity(concepts: Sequence[ConceptEmbedding], phrases: PhraseC
             if e is not None and ce is not None:
                 sim = 0.5 * (sim + e @ ce)
             parts[k].append(sim)
-    return ids, [torch.cat(p) if t is not None else None for p, t in zip(parts, todo)]
+    for key, p, t in zip(keys, parts, todo):
+        if t is not None:
+            phrases.vocabulary_sims[key] = torch.cat(p)
+    return ids, [phrases.vocabulary_sims.get(k) for k in keys]
 
 
 def vocabulary_scan(pairs: Sequence[tuple[ConceptEmbedding, Calibration]], phrases: PhraseCache,

@@ -140,3 +140,34 @@ def test_webui_transport_escapes_prompt_syntax():
     assert tr.phrase_text("a (b) [c] \\ d") == "a \\(b\\) \\[c\\] \\\\ d"
     assert tr.lazy_phrases is False
 
+
+
+def test_a_second_vocabulary_scan_for_the_same_concept_encodes_nothing():
+    """A training job's neighbour scan and its model-synonym scan both read the vocabulary's similarities to the
+    concept: the second reads them from the phrase cache (a real WebUI read 32 000 words twice, minutes each), with
+    the same values; another word list, another concept or a cleared cache encodes again."""
+    from spm.transport import similar_words, vocabulary_similarity
+
+    g = torch.Generator().manual_seed(0)
+    table = {i: torch.randn(4, generator=g) for i in range(20, 40)}
+    calls: list = []
+    enc = _fake_encoder(table, calls)
+    pc = PhraseCache(bank=0)
+    ce = _concept("c", table[20], 20)
+    words = list(range(21, 40))
+    ids, first = vocabulary_similarity([ce], pc, enc, words)
+    n = len(calls)
+    assert n > 0 and ids == words
+    ids2, again = vocabulary_similarity([ce], pc, enc, words)
+    assert len(calls) == n and torch.equal(first[0], again[0])  # nothing encoded the second time
+    picked, _ = similar_words([ce], pc, enc, k=3, null=2, words=words)
+    assert len(calls) == n and picked[0] == [words[j] for j in first[0].argsort(descending=True)[:3].tolist()]
+    vocabulary_similarity([ce], pc, enc, words[:5])  # another word list
+    assert len(calls) > n
+    m = len(calls)
+    vocabulary_similarity([_concept("d", table[21], 21)], pc, enc, words)  # another concept
+    assert len(calls) > m
+    pc.clear()
+    m = len(calls)
+    vocabulary_similarity([ce], pc, enc, words)
+    assert len(calls) > m
