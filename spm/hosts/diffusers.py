@@ -125,26 +125,28 @@ def pipeline_transport(pipe, metric: str = DEFAULT_METRIC, factor: float = 1.0) 
                      fast_encode_ids=phrase_encoder(pipe))
 
 
-def transport_calibration(pipe, concepts: Sequence[str]) -> dict:
-    """``spm_transport`` metadata for a membrane erasing ``concepts``, calibrated on ``pipe``'s text encoder."""
+def transport_calibration(pipe, concepts: Sequence[str], transport: Transport | None = None) -> dict:
+    """``spm_transport`` metadata for a membrane erasing ``concepts``, calibrated on ``pipe``'s text encoder
+    (through ``transport``, default a fresh :func:`pipeline_transport`)."""
     from ..transport import calibration_metadata
 
-    tr = pipeline_transport(pipe)
+    tr = transport or pipeline_transport(pipe)
     return calibration_metadata(tr.concepts.get(list(concepts), tr.encode, tr.encoder_key), tr.phrases, tr.encode_ids)
 
 
-def transport_neighbours(pipe, concepts: Sequence[str]) -> dict[str, list[str]]:
+def transport_neighbours(pipe, concepts: Sequence[str], transport: Transport | None = None) -> dict[str, list[str]]:
     """The words ``pipe``'s default transport opens each concept's membrane for (:func:`spm.explain.neighbour_words`)."""
     from ..explain import neighbour_words
 
-    return neighbour_words(pipeline_transport(pipe), concepts)
+    return neighbour_words(transport or pipeline_transport(pipe), concepts)
 
 
-def transport_candidates(pipe, concepts: Sequence[str], k: int, null: int, seed: int) -> dict:
+def transport_candidates(pipe, concepts: Sequence[str], k: int, null: int, seed: int,
+                         transport: Transport | None = None) -> dict:
     """The model-synonym scan's candidate and null words on ``pipe``'s encoder (:func:`spm.explain.synonym_candidates`)."""
     from ..explain import synonym_candidates
 
-    return synonym_candidates(pipeline_transport(pipe), concepts, k, null, seed)
+    return synonym_candidates(transport or pipeline_transport(pipe), concepts, k, null, seed)
 
 
 class PipelineMembranes:
@@ -227,17 +229,24 @@ class DiffusersBackend:
         self.architecture = "SDXL" if self.is_xl else describe_architecture(ctx)
         self.time_ids_base: tuple[int, int] | None = None  # (H, W) override for SDXL time ids
 
+    def _transport(self) -> Transport:
+        """One transport for the trainer's calls on this pipeline (as a WebUI's runtime keeps one per model): its
+        phrase cache, centring bank and vocabulary similarities serve the calibration and both word scans."""
+        if getattr(self, "_training_transport", None) is None:
+            self._training_transport = pipeline_transport(self.pipe)
+        return self._training_transport
+
     def transport_calibration(self, concepts: Sequence[str]) -> dict:
         """The ``spm_transport`` metadata the trainer stores (see :func:`transport_calibration`)."""
-        return transport_calibration(self.pipe, concepts)
+        return transport_calibration(self.pipe, concepts, self._transport())
 
     def transport_neighbours(self, concepts: Sequence[str]) -> dict[str, list[str]]:
         """The words the trainer erases beside each concept (see :func:`transport_neighbours`)."""
-        return transport_neighbours(self.pipe, concepts)
+        return transport_neighbours(self.pipe, concepts, self._transport())
 
     def transport_candidates(self, concepts: Sequence[str], k: int, null: int, seed: int) -> dict:
         """The model-synonym scan's words (see :func:`transport_candidates`)."""
-        return transport_candidates(self.pipe, concepts, k, null, seed)
+        return transport_candidates(self.pipe, concepts, k, null, seed, self._transport())
 
     # Backend protocol ------------------------------------------------------------------------------
     def encode(self, texts: Sequence[str]):
