@@ -109,6 +109,22 @@ def test_robust_run_records_itself_costs_more_and_leaves_the_anchor_draws_alone(
     assert torch.equal(st_off[f"x.{CONTEXT_RNG}"], st_rob[f"x.{CONTEXT_RNG}"])
     assert len([k for k in st_rob if k.startswith("x.robust.bank.0.")]) == 4
     assert rob.membrane.info.training["anchor_weight"] > 0
+    # "erased" with robust training includes its adversaries: they are a part of the check, the least decides
+    parts = rob.erasure["signal_parts"]
+    assert "adversaries" in parts and rob.erasure["signal"] == pytest.approx(min(parts.values()))
+    assert "adversaries" not in (off.erasure.get("signal_parts") or {})
+    assert "the adversaries robust training found" in rob.erasure["message"]
+
+
+def test_a_verdict_short_only_on_the_adversaries_says_so():
+    from spm.train import signal as sg
+
+    check = sg.Check(step=600, signal=0.8, per_level=[1.2], remaining=0.1,
+                     parts={"alone": 1.3, "in_context": 1.1, "adversaries": 0.8})
+    msg = sg.summary(check, TrainConfig(targets=["sun"]), 600, False, False, None, None)["message"]
+    assert msg.startswith("not erased:") and "the adversaries robust training found 80%; the lesser decides" in msg
+    assert "only the adversarial embeddings robust training found still draw it" in msg
+    assert "only inside other words" not in msg
 
 
 def _state(out) -> dict:

@@ -19,6 +19,12 @@ In the spirit of AdvUnlearn's and Receler's adversarial prompt learning, with ``
   (``ε_neu − g · (ε_pos − ε_neu)``, the surrogate as before): one extra membrane-OFF row (``ε_pos``) and one
   back-propagated membrane-ON row per step.
 
+* **stop** — "erased" includes the adversaries: each erasure check also measures every banked adversary with the
+  membrane ON on its target's probe rows, as the model synonyms are measured
+  (:meth:`~spm.train.signal.ErasureProbe.measure_words`), and the least of them is a part of the check
+  (``signal_parts["adversaries"]``; the least part decides), so a robust run does not stop while the adversaries
+  it has found still draw the target.
+
 The bank, the search generator and the counters are resumable state (saved in the ``.trainstate``); a summary
 is stored as ``spm_training.robust_stats``. Everything here talks to the model through the :class:`~spm.backend.Backend`
 rows only, so it runs on every host the trainer runs on (diffusers, A1111, Forge; SDXL's pooled row is kept).
