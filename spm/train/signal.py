@@ -79,6 +79,8 @@ from ..backend import Backend, Conditioning
 from .objective import CostMeter, run_unet
 from .sampling import _noise, cfg_out, ddim_step, ddim_timesteps
 
+PART_NAMES = {"alone": "the target alone", "in_context": "inside other words",
+              "adversaries": "the adversaries robust training found"}
 THRESHOLD = 1.0  # the target's direction cancelled: no guidance scale brings it back (see the module docstring)
 CONFIDENCE = 0.95  # one-sided confidence of the per-level lower bound over held-out seeds (a convention, not a fit)
 
@@ -148,8 +150,8 @@ class Check:
     # the model synonyms' closure with the membrane ON (word -> pooled ratio): set at the end of a run that
     # passed (the summary reports it; the stop rule's history does not keep it)
     synonyms: dict[str, float] | None = None
-    # with context probes (TrainConfig.contexts): the signal of the target alone and inside other words (the check is
-    # the lesser of the two)
+    # with context probes (TrainConfig.contexts): the signal of the target alone and inside other words; with robust
+    # training, the least closure of its banked adversaries (the check is the least of them)
     parts: dict[str, float] | None = None
 
     @property
@@ -359,15 +361,19 @@ def summary(check: Check | None, cfg, steps: int, stopped_early: bool, interrupt
         msg = (f"not erased: with the membrane the target's prediction closes only {pct}{conf} of its gap to the "
                f"surrogate over the sampling trajectory (erased from {THRESHOLD:.0%}) after {steps} steps ({why}); "
                f"{advice(cfg, steps)}")
-    if check.parts is not None:  # with context probes: say which of the two the verdict comes from
-        msg += (f" (the target alone {check.parts['alone']:.0%}, inside other words {check.parts['in_context']:.0%}; "
-                "the lesser decides)")
+    parts = check.parts or {}
+    if len(parts) > 1:  # context probes and/or robust training's adversaries: say which part the verdict comes from
+        msg += " (" + ", ".join(f"{PART_NAMES.get(k, k)} {v:.0%}" for k, v in parts.items()) + "; the lesser decides)"
     # where the verdict may be stricter than the images: what to look at before training longer (said once)
     hints = []
-    if not erased and check.parts is not None and check.parts["alone"] >= THRESHOLD:
+    short = [k for k, v in parts.items() if v < THRESHOLD]
+    if not erased and short == ["in_context"]:
         # the stricter of the two checks: on the toy worlds most such runs gave erased images (README)
         hints.append("the target's own prompt is erased, and only inside other words is its direction not cancelled "
                      "yet: check prompts that wrap it (spm eval, or your own)")
+    if not erased and short == ["adversaries"]:
+        hints.append("the target's prompts are erased, and only the adversarial embeddings robust training found "
+                     "still draw it: more iterations give the adversary search more rounds")
     plain = check.aggregate
     if not erased and plain is not None and plain >= THRESHOLD and seeds and seeds > 1:
         # the estimate itself says erased and only its confidence bound does not (README, "The erasure signal
