@@ -125,28 +125,15 @@ def pipeline_transport(pipe, metric: str = DEFAULT_METRIC, factor: float = 1.0) 
                      fast_encode_ids=phrase_encoder(pipe))
 
 
-def transport_calibration(pipe, concepts: Sequence[str], transport: Transport | None = None) -> dict:
-    """``spm_transport`` metadata for a membrane erasing ``concepts``, calibrated on ``pipe``'s text encoder
-    (through ``transport``, default a fresh :func:`pipeline_transport`)."""
+def transport_calibration(pipe, concepts: Sequence[str]) -> dict:
+    """``spm_transport`` metadata for a membrane erasing ``concepts``, calibrated on ``pipe``'s text encoder."""
+    return _calibration(pipeline_transport(pipe), concepts)
+
+
+def _calibration(tr: Transport, concepts: Sequence[str]) -> dict:
     from ..transport import calibration_metadata
 
-    tr = transport or pipeline_transport(pipe)
     return calibration_metadata(tr.concepts.get(list(concepts), tr.encode, tr.encoder_key), tr.phrases, tr.encode_ids)
-
-
-def transport_neighbours(pipe, concepts: Sequence[str], transport: Transport | None = None) -> dict[str, list[str]]:
-    """The words ``pipe``'s default transport opens each concept's membrane for (:func:`spm.explain.neighbour_words`)."""
-    from ..explain import neighbour_words
-
-    return neighbour_words(transport or pipeline_transport(pipe), concepts)
-
-
-def transport_candidates(pipe, concepts: Sequence[str], k: int, null: int, seed: int,
-                         transport: Transport | None = None) -> dict:
-    """The model-synonym scan's candidate and null words on ``pipe``'s encoder (:func:`spm.explain.synonym_candidates`)."""
-    from ..explain import synonym_candidates
-
-    return synonym_candidates(transport or pipeline_transport(pipe), concepts, k, null, seed)
 
 
 class PipelineMembranes:
@@ -228,25 +215,32 @@ class DiffusersBackend:
         ctx = context_dim(pipe.unet)
         self.architecture = "SDXL" if self.is_xl else describe_architecture(ctx)
         self.time_ids_base: tuple[int, int] | None = None  # (H, W) override for SDXL time ids
+        self._training_transport: Transport | None = None  # see _transport
 
     def _transport(self) -> Transport:
         """One transport for the trainer's calls on this pipeline (as a WebUI's runtime keeps one per model): its
         phrase cache, centring bank and vocabulary similarities serve the calibration and both word scans."""
-        if getattr(self, "_training_transport", None) is None:
+        if self._training_transport is None:
             self._training_transport = pipeline_transport(self.pipe)
         return self._training_transport
 
     def transport_calibration(self, concepts: Sequence[str]) -> dict:
         """The ``spm_transport`` metadata the trainer stores (see :func:`transport_calibration`)."""
-        return transport_calibration(self.pipe, concepts, self._transport())
+        return _calibration(self._transport(), concepts)
 
     def transport_neighbours(self, concepts: Sequence[str]) -> dict[str, list[str]]:
-        """The words the trainer erases beside each concept (see :func:`transport_neighbours`)."""
-        return transport_neighbours(self.pipe, concepts, self._transport())
+        """The words the trainer erases beside each concept: those the default transport opens each concept's
+        membrane for (:func:`spm.explain.neighbour_words`)."""
+        from ..explain import neighbour_words
+
+        return neighbour_words(self._transport(), concepts)
 
     def transport_candidates(self, concepts: Sequence[str], k: int, null: int, seed: int) -> dict:
-        """The model-synonym scan's words (see :func:`transport_candidates`)."""
-        return transport_candidates(self.pipe, concepts, k, null, seed, self._transport())
+        """The model-synonym scan's candidate and null words on the pipeline's encoder
+        (:func:`spm.explain.synonym_candidates`)."""
+        from ..explain import synonym_candidates
+
+        return synonym_candidates(self._transport(), concepts, k, null, seed)
 
     # Backend protocol ------------------------------------------------------------------------------
     def encode(self, texts: Sequence[str]):
