@@ -454,31 +454,13 @@ class Trainer:
             log.info("SPM: step %d: erasure signal %.3f alone, %.3f inside other words", step, check.signal, other.signal)
             check = other if other.signal < check.signal else check
             check.parts = parts
-        adversaries = self._adversary_closure(probe)
+        adversaries = self.robust.closure(probe) if self.robust is not None else None
         if adversaries is not None:
             # robust training: erased means its adversaries so far are erased too (each measured as a synonym is)
             log.info("SPM: step %d: the adversaries found so far close %.3f", step, adversaries)
             check.parts = {**(check.parts or {"alone": check.signal}), "adversaries": adversaries}
             check.signal = min(check.signal, adversaries)
         return check
-
-    def _adversary_closure(self, probe) -> float | None:
-        """Robust training: the least share of its target's gap that a banked adversary closes with the membrane ON
-        (:meth:`ErasureProbe.measure_words` on the target's probe rows), or None without robust training or before
-        the first search."""
-        from . import synonyms as syn
-
-        robust = self.robust
-        if robust is None or not any(robust.bank.values()):
-            return None
-        worst = None
-        for ti, deltas in sorted(robust.bank.items()):
-            if not deltas:
-                continue
-            rows = Conditioning.cat([robust._row(ti, d) for d in deltas])
-            closed = probe.measure_words(syn.probe_rows(probe, ti), rows)
-            worst = min([*closed, *([] if worst is None else [worst])])
-        return worst
 
     def _synonym_closures(self, stack, cond: dict[str, Conditioning], ac) -> dict[str, float]:
         """The model synonyms that the transport opens the membrane for, measured with the membrane ON on the scan's

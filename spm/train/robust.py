@@ -172,6 +172,16 @@ class RobustTraining:
         return F.mse_loss(out, goal)
 
     # --- state and metadata -----------------------------------------------------------------------------------
+    def closure(self, probe) -> float | None:
+        """The least share of its target's gap that a banked adversary closes with the membrane ON, on the target's
+        probe rows (:meth:`~spm.train.signal.ErasureProbe.measure_words`, as the model synonyms are measured); None
+        before the first search."""
+        from .synonyms import probe_rows
+
+        closed = [c for ti, deltas in sorted(self.bank.items()) if deltas
+                  for c in probe.measure_words(probe_rows(probe, ti), Conditioning.cat([self._row(ti, d) for d in deltas]))]
+        return min(closed) if closed else None
+
     def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """(JSON part, tensors) for the ``.trainstate``."""
         tensors = {"robust.rng": self.generator.get_state()}
