@@ -44,6 +44,7 @@ def test_statistic_is_the_share_of_the_gap_closed_and_the_rule_is_the_bisector()
     class P:  # the statistic only needs o, s and the level of each probe row
         levels = [1, 2]
         level_of = [1, 1, 2, 2]
+        trajectories = 2
         o = torch.randn(4, 4, 3, 3)
         s = torch.randn(4, 4, 3, 3)
 
@@ -85,6 +86,7 @@ def test_each_level_is_judged_by_its_lower_confidence_bound_over_the_held_out_se
     class P:  # one level, 8 seeds: a ratio above 1 on average with two seeds below is not erased
         levels = [3]
         level_of = [3] * 8
+        trajectories = 8
         o = torch.zeros(8, 1, 1, 1)
         s = -torch.ones(8, 1, 1, 1)  # u = o - s = 1 for every seed
 

@@ -253,11 +253,8 @@ class ErasureProbe:
         self.last_per_seed = seeds
         # each held-out trajectory pooled over its noise levels (a ratio of sums: the levels where the concept moves
         # the prediction most weigh most), then the lower bound over the trajectories: the signal
-        n = int(getattr(self, "trajectories", 0) or max(1, len(self.level_of) // max(1, len(self.levels))))
-        traj = torch.tensor([i % n for i in range(len(self.level_of))])
-        pooled_num = torch.zeros(n, dtype=num.dtype).index_add_(0, traj, num)
-        pooled_den = torch.zeros(n, dtype=den.dtype).index_add_(0, traj, den)
-        self.last_pooled = ratio_lower_bound(pooled_num, pooled_den)
+        # (rows are level by level, the same trajectories in the same order at each: [levels, trajectories])
+        self.last_pooled = ratio_lower_bound(num.view(-1, self.trajectories).sum(0), den.view(-1, self.trajectories).sum(0))
         closed = float(num.sum() / den.sum().clamp_min(1e-30))
         remaining = float((m - s).flatten().norm() / (o - s).flatten().norm().clamp_min(1e-30))
         return closed, bound, remaining, ratio
