@@ -126,10 +126,6 @@ def _train_record(res, seconds: float) -> dict:
             "signal_checks": [(c["step"], round(c["signal"], 4)) for c in res.membrane.info.training.get("signal_history", [])]}
 
 
-# a membrane file that predates a setting was trained with that setting's value of then (spm.train.config.PREDATING)
-BEFORE_RECORDED = PREDATING
-
-
 def train_object(pipe, obj: str, folder: Path, overrides: dict, reuse: bool, say) -> tuple[object, dict]:
     """Train (or, with ``reuse``, load) the sweep's membrane for ``obj``; returns it and its training record."""
     from spm.checkpoint import load_membrane
@@ -143,7 +139,7 @@ def train_object(pipe, obj: str, folder: Path, overrides: dict, reuse: bool, say
         rec = {k: v for k, v in json.loads(side.read_text()).items() if not k.startswith("history")}
         m = load_membrane(path)
         # a setting the file does not record is one added since: the file was trained with its value of that time
-        default, saved = {**training_config(obj).to_dict(), **BEFORE_RECORDED}, m.info.training or {}
+        default, saved = {**training_config(obj).to_dict(), **PREDATING}, m.info.training or {}
         if all(saved.get(k, default[k]) == v for k, v in cfg.to_dict().items()):
             say(f"{obj}: reusing {path}")
             return m, {**rec, "reused": True}
