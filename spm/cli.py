@@ -633,8 +633,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-parallel", action="store_true",
                    help="with --jobs under several processes: train each membrane on all of them (gradients averaged)")
     t.add_argument("--preset", default="object", help="object, style or nudity (default: object)")
-    for flag, (field, typ, hlp) in _TRAIN_FLAGS.items():
-        t.add_argument(flag, type=typ, default=None, help=f"{hlp} {_default_text(field)}")
+    from .train.config import CHOICES
+
+    for flag, (field, typ, hlp) in _TRAIN_FLAGS.items():  # a wrong word is argparse's error, naming the flag
+        t.add_argument(flag, type=typ, default=None, choices=CHOICES.get(field), help=f"{hlp} {_default_text(field)}")
     t.add_argument("--control", action="append", help="control prompt for the preview grids (repeatable)")
     t.add_argument("--dynamic-resolution", action="store_true", help="vary the training resolution")
     t.add_argument("--reference-schedule", action="store_true",
@@ -647,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also erase (opt-in) the vocabulary words the membrane's transport opens for (trained synonyms; "
                         "`spm explain --vocabulary` lists them): one more UNet row pair per step "
                         f"{_default_text('neighbours')}")
-    t.add_argument("--synonyms", choices=("off", "gate", "erase"), default=None,
+    t.add_argument("--synonyms", choices=CHOICES["synonyms"], default=None,
                    help="model synonyms: the words the model itself draws as the target (measured on held-out noise "
                         "against random words). gate: the transport also opens the membrane for them; erase: that, "
                         f"and training erases them too; off: neither {_default_text('synonyms')}")

@@ -129,7 +129,7 @@ def test_wrong_model_paths(tmp_path, capsys, membrane_file):
     (("--anchors", "-1"), "argument --anchors: -1 is negative"),
     (("--threads", "0"), "argument --threads: 0 is not positive"),
     (("--preset", "nope"), "unknown preset"),
-    (("--la-mode", "nope"), "la_mode"),
+    (("--la-mode", "nope"), "argument --la-mode: invalid choice: 'nope' (choose from 'adaptive', 'fixed', 'off')"),
 ])
 def test_train_bad_arguments(tmp_path, capsys, extra, expect):
     _one_line(capsys, ["train", "--model", "toy", "--target", "circle", "-o", str(tmp_path / "o.safetensors"), *extra], expect)

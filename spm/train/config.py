@@ -46,6 +46,10 @@ ROBUST_MODES = ("off", "embedding")
 SYNONYM_MODES = ("off", "gate", "erase")  # TrainConfig.synonyms
 LR_LAYER_MODES = ("gain", "fixed")  # TrainConfig.lr_layers (spm/train/lr.py)
 CONTEXT_WORDS = ("mixed", "function")  # TrainConfig.context_words (spm/train/contexts.py)
+# the settings that take one of a fixed set of words: TrainConfig.validate checks them, the CLI offers them as choices
+CHOICES = {"precision": PRECISIONS, "lr_scheduler": LR_SCHEDULERS, "optimizer": OPTIMIZERS, "la_mode": LA_MODES,
+           "schedule": SCHEDULES, "robust": ROBUST_MODES, "synonyms": SYNONYM_MODES, "context_words": CONTEXT_WORDS,
+           "lr_layers": LR_LAYER_MODES}
 # settings whose default changed after files and states began to record the config: the value a file or state that
 # predates the setting was trained with (``contexts`` came in off and became the default later; ``lr_layers`` came in
 # as the default, and runs before it stepped every parameter at one rate; ``context_words`` came in as "mixed", and
@@ -157,24 +161,9 @@ class TrainConfig:
             bad("targets", self.targets, "one or more non-empty concept prompts")
         if len(self.positives) != len(self.targets):
             bad("positive", self.positive, f"{len(self.targets)} prompts (one per target)")
-        if self.precision not in PRECISIONS:
-            bad("precision", self.precision, PRECISIONS)
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            bad("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
-        if self.optimizer not in OPTIMIZERS:
-            bad("optimizer", self.optimizer, OPTIMIZERS)
-        if self.la_mode not in LA_MODES:
-            bad("la_mode", self.la_mode, LA_MODES)
-        if self.schedule not in SCHEDULES:
-            bad("schedule", self.schedule, SCHEDULES)
-        if self.robust not in ROBUST_MODES:
-            bad("robust", self.robust, ROBUST_MODES)
-        if self.synonyms not in SYNONYM_MODES:
-            bad("synonyms", self.synonyms, SYNONYM_MODES)
-        if self.context_words not in CONTEXT_WORDS:
-            bad("context_words", self.context_words, CONTEXT_WORDS)
-        if self.lr_layers not in LR_LAYER_MODES:
-            bad("lr_layers", self.lr_layers, LR_LAYER_MODES)
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                bad(name, getattr(self, name), allowed)
         for name in ("iterations", "rank", "max_denoising_steps", "pool_size", "preview_seeds", "preview_steps",
                      "signal_checks", "signal_patience", "signal_trajectories", "signal_levels"):
             if int(getattr(self, name)) < 1:

@@ -24,7 +24,7 @@ import html
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..train.config import LA_MODES, PRECISIONS, PRESETS, SYNONYM_MODES
+from ..train.config import CONTEXT_WORDS, LA_MODES, PRECISIONS, PRESETS, SYNONYM_MODES, TrainConfig
 from ..train.jobs import DEFAULT_CONTROLS, RequestError, TrainJob, TrainService, loss_plot, preset_values
 
 PREFIX = "spm_train"
@@ -32,7 +32,7 @@ PREFIX = "spm_train"
 # the form, in input order (after the hidden task id in WebUI mode)
 FORM = ("name", "target", "surrogate", "preset", "iterations", "lr", "la_mode", "la_strength", "anchors",
         "resolution", "seed", "precision", "save_every", "sample_every", "control_prompts", "preview_steps",
-        "overwrite", "keep_state", "robust", "neighbours", "synonyms", "contexts")
+        "overwrite", "keep_state", "robust", "neighbours", "synonyms", "contexts", "context_words")
 
 START_JS = """(...args) => {
     var status = gradioApp().getElementById('%(p)s_status');
@@ -242,6 +242,11 @@ def build_trainer_tab(backend_provider: Callable[[], Any] | None = None, membran
                                           "(\"the car of\", \"harbor car with\") and checks the erasure there too; pairs whose words alone "
                                           "draw the target are left out. About a fifth more UNet work per step",
                                      elem_id=f"{p}_contexts")
+                context_words = gr.Radio(label="Words around the target in the context prompts",
+                                         choices=list(CONTEXT_WORDS), value=TrainConfig.context_words,
+                                         info="mixed: English function words and random whole words of the CLIP "
+                                              "vocabulary; function: function words only (the earlier default)",
+                                         elem_id=f"{p}_context_words")
                 overwrite = gr.Checkbox(label="Overwrite an existing file of the same name", value=False,
                                         elem_id=f"{p}_overwrite")
                 with gr.Row():
@@ -258,7 +263,7 @@ def build_trainer_tab(backend_provider: Callable[[], Any] | None = None, membran
                 saved = gr.Textbox(label="Saved file", value="", interactive=False, elem_id=f"{p}_file")
         form = [name, target, surrogate, preset, iterations, lr, la_mode, la_strength, anchors, resolution, seed,
                 precision, save_every, sample_every, control, preview_steps, overwrite, keep_state, robust, neighbours,
-                synonyms, contexts]
+                synonyms, contexts, context_words]
         outputs = [progress, plot, image, saved, status]
         preset.change(fn=apply_preset, inputs=[preset], outputs=[iterations, lr, la_mode, la_strength, anchors])
         if webui:
