@@ -286,6 +286,13 @@ def test_the_end_reports_the_model_synonyms_and_training_does_not_wait_for_them(
     found["disc"] = 1.1
     res = Trainer(backend, cfg, progress_bar=False).train()
     assert res.erasure["synonyms_erased"] and "so are the 2 words the model draws as the target" in res.erasure["message"]
+    # one word: singular, as a sentence should read
+    monkeypatch.setattr(LoopTrainer, "_synonym_closures", lambda self, stack, cond, ac: {"disc": 1.1})
+    res = Trainer(backend, cfg, progress_bar=False).train()
+    assert "so is the word the model draws as the target" in res.erasure["message"]
+    monkeypatch.setattr(LoopTrainer, "_synonym_closures", lambda self, stack, cond, ac: {"disc": 0.3})
+    res = Trainer(backend, cfg, progress_bar=False).train()
+    assert "but the word the model draws as the target (it opens the membrane) still draws it: disc 30%" in res.erasure["message"]
 
 
 def test_the_synonyms_are_measured_with_the_membrane_on(backend, monkeypatch):

@@ -385,10 +385,13 @@ def summary(check: Check | None, cfg, steps: int, stopped_early: bool, interrupt
         n = len(check.synonyms)
         if left:
             shown = ", ".join(f"{w} {v:.0%}" for w, v in left[:5]) + (", …" if len(left) > 5 else "")
-            msg += (f"; but {len(left)} of the {n} words the model draws as the target (which open the membrane) "
-                    f"still draw it: {shown} closed; {advice(cfg, steps)}")
+            which = ("the word the model draws as the target (it opens the membrane) still draws" if n == 1 else
+                     f"{len(left)} of the {n} words the model draws as the target (which open the membrane) still "
+                     f"draw{'s' if len(left) == 1 else ''}")
+            msg += f"; but {which} it: {shown} closed; {advice(cfg, steps)}"
         else:
-            msg += f"; so are the {n} words the model draws as the target"
+            msg += "; so is the word the model draws as the target" if n == 1 else \
+                f"; so are the {n} words the model draws as the target"
     out = {"erased": bool(erased), "signal": float(check.signal), "threshold": THRESHOLD, "message": msg,
            "step": check.step, "per_level": check.per_level, "level_ratio": check.level_ratio,
            "confidence": CONFIDENCE, "aggregate": check.aggregate,
