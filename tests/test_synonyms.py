@@ -275,3 +275,30 @@ def test_interrupt_stops_the_vocabulary_and_the_word_scan(pipe, monkeypatch, pha
     assert 0 < seen[-1][0] < seen[-1][1]  # stopped part-way through the phase
     after = [p.name for p in phases][[p.name for p in phases].index(phase):]
     assert not {"pool", "training", "gate"} & set(after)
+
+
+def test_the_neighbour_scans_vocabulary_pass_is_counted_and_interruptible(pipe, monkeypatch):
+    """``neighbours``: the vocabulary pass behind "finding the words the transport opens for" (about 100 s in a CPU
+    Forge, where the phase sat at 0/1 with no count) reports the words read and polls Interrupt after each batch."""
+    from spm.transport import VOCABULARY_PROGRESS
+
+    be = AliasBackend(pipe)
+
+    def neighbours(concepts):  # a host that reads its vocabulary reports it as it goes
+        report = VOCABULARY_PROGRESS.get()
+        for done in range(0, 101, 10):
+            report(done, 100)
+        return {c: [] for c in concepts}
+
+    monkeypatch.setattr(be, "transport_neighbours", neighbours)
+    cfg = TrainConfig(targets=["circle"], iterations=2, la_mode="off", neighbours=True, synonyms="off", **FAST)
+    phases = []
+    res = Trainer(be, cfg, progress_bar=False, on_phase=phases.append).train()
+    seen = [(p.done, p.total, p.unit) for p in phases if p.name == "neighbours"]
+    assert (50, 100, "words") in seen and seen[-1][:2] == (1, 1) and res.steps == 2 and not res.interrupted
+    phases.clear()
+    stop = lambda: any(p.name == "neighbours" and p.done > 0 for p in phases)  # noqa: E731
+    res = Trainer(be, cfg, progress_bar=False, on_phase=phases.append, should_stop=stop).train()
+    assert res.interrupted and res.steps == 0
+    seen = [(p.done, p.total) for p in phases if p.name == "neighbours"]
+    assert 0 < seen[-1][0] < seen[-1][1] == 100  # stopped part-way through the vocabulary

@@ -258,7 +258,13 @@ class Trainer:
         shown = getattr(self.backend, "transport_neighbours", None) is not None
         if shown:
             self._phase("neighbours", 0, 1)  # encodes every whole vocabulary word once (for all targets)
-        found = training_neighbours(self.backend, self.cfg.targets)
+        # the vocabulary pass (minutes on a CPU WebUI) counts its words and polls Interrupt, as the synonym scan's does;
+        # a concept whose similarities the phrase cache already holds reads nothing, and the phase stays 0/1 … 1/1
+        token = VOCABULARY_PROGRESS.set(self._counted("neighbours", "words") if shown else None)
+        try:
+            found = training_neighbours(self.backend, self.cfg.targets)
+        finally:
+            VOCABULARY_PROGRESS.reset(token)
         self.neighbour_words = {t: found.get(t, []) for t in self.cfg.targets}
         for t, ws in self.neighbour_words.items():
             if ws:
