@@ -837,6 +837,8 @@ def vocabulary_similarity(concepts: Sequence[ConceptEmbedding], phrases: PhraseC
     for key, p, t in zip(keys, parts, todo):
         if t is not None:
             phrases.vocabulary_sims[key] = torch.cat(p)
+    if progress is not None:  # the whole vocabulary read: the count ends at its total, not at the last batch's start
+        progress(len(ids), len(ids))
     return ids, [phrases.vocabulary_sims.get(k) for k in keys]
 
 

@@ -171,3 +171,23 @@ def test_a_second_vocabulary_scan_for_the_same_concept_encodes_nothing():
     m = len(calls)
     vocabulary_similarity([ce], pc, enc, words)
     assert len(calls) > m
+
+
+def test_the_vocabulary_pass_reports_its_count_to_the_total():
+    """``VOCABULARY_PROGRESS`` sees the words read before each batch and, once all are read, the total (a real Forge
+    showed 32000/32230 as the neighbour scan's last count); a pass the cache answers reports nothing."""
+    from spm.transport import VOCABULARY_PROGRESS, vocabulary_similarity
+
+    g = torch.Generator().manual_seed(0)
+    table = {i: torch.randn(4, generator=g) for i in range(20, 40)}
+    pc, ce, words = PhraseCache(bank=0), _concept("c", table[20], 20), list(range(21, 40))
+    seen: list = []
+    token = VOCABULARY_PROGRESS.set(lambda done, total: seen.append((done, total)))
+    try:
+        vocabulary_similarity([ce], pc, _fake_encoder(table, []), words, batch=8)
+        assert seen == [(0, 19), (8, 19), (16, 19), (19, 19)]
+        seen.clear()
+        vocabulary_similarity([ce], pc, _fake_encoder(table, []), words, batch=8)
+        assert seen == []
+    finally:
+        VOCABULARY_PROGRESS.reset(token)
