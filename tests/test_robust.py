@@ -125,6 +125,10 @@ def test_a_verdict_short_only_on_the_adversaries_says_so():
     assert msg.startswith("not erased:") and "the adversaries robust training found 80%; the lesser decides" in msg
     assert "only the adversarial embeddings robust training found still draw it" in msg
     assert "only inside other words" not in msg
+    # the target's probes pass on their plain ratio too: that is not "only the bound is short", the adversaries are
+    check.aggregate = 1.1
+    msg = sg.summary(check, TrainConfig(targets=["sun"]), 600, False, False, None, None)["message"]
+    assert "only the adversarial embeddings robust training found still draw it" in msg and "plain ratio" not in msg
 
 
 def _state(out) -> dict:

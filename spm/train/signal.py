@@ -371,7 +371,8 @@ def summary(check: Check | None, cfg, steps: int, stopped_early: bool, interrupt
     if not erased and short == ["adversaries"]:
         hints.append("the target's prompts are erased, and only the adversarial embeddings robust training found "
                      "still draw it: more iterations give the adversary search more rounds")
-    plain = check.aggregate
+    # the plain ratio is the probes' estimate; the adversaries' part has none, so a verdict short there is not a bound's
+    plain = check.aggregate if "adversaries" not in short else None
     if not erased and plain is not None and plain >= THRESHOLD and seeds and seeds > 1:
         # the estimate itself says erased and only its confidence bound does not (README, "The erasure signal
         # against the scorer": how often that plain ratio agreed with the scorer); so the images decide, not more steps
