@@ -4,15 +4,15 @@ Facilitated Transport's open limit (multi-word paraphrases the calibrated ``ngra
 ``python -m bench.prompt_direction --json`` prints one JSON object and writes ``bench/results/prompt_direction.json``.
 
 For each target, on the erasure signal's held-out probes (``x_t`` on the original model's own trajectories for the
-target, 4 noise levels, 8 seeds; :class:`spm.train.signal.ErasureProbe`), with ``o`` the target's prediction and
+target, at the trainer's default noise levels and seeds; :class:`spm.train.signal.ErasureProbe`), with ``o`` the target's prediction and
 ``s`` the unconditional one, every prompt ``P`` of the world's captions gets its prediction ``p`` (no membrane) and
 the **share of the target's direction it carries**::
 
     a(P) = ⟨p − s, o − s⟩ / ‖o − s‖²          1: predicts as the target does,  0: adds nothing along it
 
-(sums over all probe rows).  A host could compute it per new prompt with one UNet call of those rows; the question
+(sums over all probe rows; the probes are the trainer's defaults: :class:`spm.train.TrainConfig`).  A host could compute it per new prompt with one UNet call of those rows; the question
 is whether it separates what the text-side metric cannot.  Reported per target, for paraphrases, literal prompts,
-other objects' captions, target-and-other prompts and random whole-word text: min / median / max, the AUC of
+other objects' captions, target-and-other prompts and random whole-word text (``bench.gate``'s prompts of 3 … 12 words): min / median / max, the AUC of
 paraphrases against other objects, and the paraphrases the default transport metric (``ngram_tokenuni``, calibrated
 on the target alone, no model synonyms) leaves at 0 with their ``a`` against the other objects' highest ``a``.
 """
@@ -32,16 +32,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.gate import random_prompts  # noqa: E402
+from bench.transport_null import _membrane  # noqa: E402
 from spm import toy  # noqa: E402
 from spm.attach import MembraneStack  # noqa: E402
 from spm.hosts.diffusers import DiffusersBackend, pipeline_transport  # noqa: E402
-from spm.membrane import Membrane, MembraneInfo  # noqa: E402
+from spm.membrane import Membrane  # noqa: E402
 from spm.naming import find_targets  # noqa: E402
 from spm.toy import harness  # noqa: E402
 from spm.toy.evaluate import world_of  # noqa: E402
+from spm.train import TrainConfig  # noqa: E402
 from spm.train import synonyms as syn  # noqa: E402
 from spm.train.signal import ErasureProbe  # noqa: E402
-from spm.transport import _whole_words  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "prompt_direction.json"
 TARGETS = {"toy": ("circle", "square", "star"), "toy2": ("sun", "flower", "cloud")}
@@ -64,18 +66,17 @@ def measure(model: str, targets: tuple[str, ...], seed: int = 7) -> dict:
     be = DiffusersBackend(pipe)
     tr = pipeline_transport(pipe)
     cap = harness.labels_of(world_of(pipe))
-    tok, words = pipe.tokenizer, _whole_words()
-    g = np.random.default_rng(seed)
-    rand = [" ".join(tok.decode([words[i]]).strip() for i in g.integers(0, len(words), int(g.integers(1, 9))))
-            for _ in range(100)]
+    rand = random_prompts(100)
+    cfg = TrainConfig(targets=list(targets))  # the trainer's own probes: its steps, guidance, seeds and levels
     stack = MembraneStack(pipe.unet)
     stack.add(Membrane.for_targets(find_targets(pipe.unet)))  # attached at strength 0: the original model
     out: dict = {"world": world_of(pipe).name, "targets": {}}
     try:
         for t in targets:
             cond = be.encode([t, ""])
-            probe = ErasureProbe(be, stack, cond.rows([0]), cond.rows([1]), cond.rows([1]), steps=30, guidance=3.0,
-                                 resolution=be.latent.resolution, trajectories=8, levels=4, surrogate_is_uncond=True)
+            probe = ErasureProbe(be, stack, cond.rows([0]), cond.rows([1]), cond.rows([1]), steps=cfg.max_denoising_steps,
+                                 guidance=cfg.xt_guidance, resolution=be.latent.resolution,
+                                 trajectories=cfg.signal_trajectories, levels=cfg.signal_levels, surrogate_is_uncond=True)
             rows = list(range(probe.rows))
             den = float(((probe.o.double() - probe.s.double()) ** 2).sum())
             rng = np.random.default_rng(seed)
@@ -94,9 +95,8 @@ def measure(model: str, targets: tuple[str, ...], seed: int = 7) -> dict:
                 a = ((to_s - to_o + den) / (2 * den)).tolist()
                 share[name] = dict(zip(prompts, a))
                 row[name] = _stats(a)
-            membrane = Membrane({}, MembraneInfo(concepts=[t]), name=t)
             ctx, toks = tr.encode(groups["paraphrase"])
-            strength = tr.scores(ctx, [membrane], toks)[:, 0].tolist()
+            strength = tr.scores(ctx, [_membrane(t)], toks)[:, 0].tolist()
             missed = {p: round(share["paraphrase"][p], 3) for p, s in zip(groups["paraphrase"], strength) if s <= 0}
             top_other = max(share["other_objects"].values())
             row["auc_paraphrase_vs_other_objects"] = round(_auc(list(share["paraphrase"].values()),
