@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -260,11 +261,8 @@ class Trainer:
             self._phase("neighbours", 0, 1)  # encodes every whole vocabulary word once (for all targets)
         # the vocabulary pass (minutes on a CPU WebUI) counts its words and polls Interrupt, as the synonym scan's does;
         # a concept whose similarities the phrase cache already holds reads nothing, and the phase stays 0/1 … 1/1
-        token = VOCABULARY_PROGRESS.set(self._counted("neighbours", "words") if shown else None)
-        try:
+        with self._reading_vocabulary("neighbours"):
             found = training_neighbours(self.backend, self.cfg.targets)
-        finally:
-            VOCABULARY_PROGRESS.reset(token)
         self.neighbour_words = {t: found.get(t, []) for t in self.cfg.targets}
         for t, ws in self.neighbour_words.items():
             if ws:
@@ -339,11 +337,8 @@ class Trainer:
             log.warning("SPM: model synonyms %s", self.synonym_skipped)  # the WebUI's console shows warnings only
             return {}
         # first the vocabulary, in the host's text encoder (minutes on a CPU WebUI): counted in vocabulary words
-        token = VOCABULARY_PROGRESS.set(self._counted("vocabulary", "words"))
-        try:
+        with self._reading_vocabulary("vocabulary"):
             words = training_candidates(self.backend, cfg.targets, n, n, syn.SEED)
-        finally:
-            VOCABULARY_PROGRESS.reset(token)
         if not words:
             return {}
         probe = self._probe(stack, cond, ac)
@@ -434,6 +429,16 @@ class Trainer:
             else:
                 del self.context_rows[ti]
                 self.context_texts.pop(target, None)
+
+    @contextmanager
+    def _reading_vocabulary(self, phase: str):
+        """While a backend call inside it reads the host's vocabulary (:data:`spm.transport.VOCABULARY_PROGRESS`), count
+        the words read in ``phase`` and poll Interrupt after each batch."""
+        token = VOCABULARY_PROGRESS.set(self._counted(phase, "words"))
+        try:
+            yield
+        finally:
+            VOCABULARY_PROGRESS.reset(token)
 
     def _counted(self, phase: str, unit: str):
         """A ``progress(done, total)`` for a counted phase outside the steps (the vocabulary, the probes, the word
