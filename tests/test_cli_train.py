@@ -135,6 +135,20 @@ def test_lr_layers_in_a_training_request():
         parse_request({"name": "c", "target": "circle", "lr_layers": 2})
 
 
+def test_a_request_refuses_every_unknown_choice_in_its_own_words():
+    """Each fixed-choice setting a request takes (``CHOICES``) is refused naming the field and listing the allowed
+    words, before the trainer's config is built."""
+    from spm.train.config import CHOICES
+    from spm.train.jobs import KNOWN, RequestError, parse_request
+
+    taken = [k for k in CHOICES if k in KNOWN and k != "robust"]  # the request's robust is true/false
+    assert {"precision", "la_mode", "synonyms", "lr_layers", "context_words"} <= set(taken)
+    for key in taken:
+        with pytest.raises(RequestError) as e:
+            parse_request({"name": "c", "target": "circle", key: "bogus"})
+        assert str(e.value) == f"{key} 'bogus' is unknown; choose one of {', '.join(CHOICES[key])}"
+
+
 def test_context_words_in_a_training_request():
     """The API and ``--jobs`` files take ``context_words`` ("mixed", the default, or "function")."""
     from spm.train.jobs import RequestError, parse_request

@@ -40,7 +40,7 @@ from typing import Any, Callable
 import torch
 
 from ..tags import name_problem
-from .config import LA_MODES, PRECISIONS, PRESETS, SYNONYM_MODES, TrainConfig, preset
+from .config import CHOICES, PRESETS, TrainConfig, preset
 
 log = logging.getLogger("spm")
 
@@ -265,12 +265,10 @@ def parse_request(data: dict[str, Any]) -> TrainRequest:
                            "leave it empty for the model's default")
     if req.preset not in PRESETS:
         raise RequestError(f"preset {req.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
-    if req.precision not in PRECISIONS:
-        raise RequestError(f"precision {req.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
-    if req.la_mode is not None and req.la_mode not in LA_MODES:
-        raise RequestError(f"la_mode {req.la_mode!r} is unknown; choose one of {', '.join(LA_MODES)}")
-    if req.synonyms is not None and req.synonyms not in SYNONYM_MODES:
-        raise RequestError(f"synonyms {req.synonyms!r} is unknown; choose one of {', '.join(SYNONYM_MODES)}")
+    for key, allowed in CHOICES.items():  # the request's words for the config's fixed-choice settings
+        v = getattr(req, key, None)
+        if isinstance(v, str) and v not in allowed:
+            raise RequestError(f"{key} {v!r} is unknown; choose one of {', '.join(allowed)}")
     req.config()  # the trainer's own checks, as a RequestError
     return req
 
