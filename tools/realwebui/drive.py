@@ -190,7 +190,9 @@ class Page:
         self.url, self.shots, self.webui = url, shots, webui
         self.console: list[str] = []
         self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"[:300]))
-        self.page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"[:300]))
+        # where the error was thrown (the first frames of its stack), so that a report names the script at fault
+        self.page.on("pageerror", lambda e: self.console.append(
+            (f"pageerror: {e}" + " @ " + " | ".join((e.stack or "").splitlines()[1:4]).strip())[:600]))
 
     def load(self, timeout_s: float = 300) -> float:
         t0 = time.monotonic()
