@@ -325,10 +325,53 @@ def _check_size(pipe, width: int | None, height: int | None) -> None:
                            f"(e.g. {max(factor, v // factor * factor)})")
 
 
+def _prompt_membranes(prompts: list[str], items: list, folder: str | None) -> list[tuple[str, list]]:
+    """Each prompt without its ``<spm:NAME[:WEIGHT]>`` tags, with the membranes it runs with: the ``--membrane``
+    files at their weights, a tag's weight replacing a file's (its name is the file's stem) or adding a membrane
+    from the ``--spm-dir`` folder (weight 1 without one), as in the WebUI.  :class:`CliError` for a malformed tag or
+    a name found nowhere, before anything is generated."""
+    from .library import Library, LibraryError
+    from .tags import parse_tags, strip_tags
+
+    names = [m.name for m, _ in items]
+    library = Library(folder) if folder else None
+    if library is not None:
+        library.refresh()
+    plans = []
+    for prompt in prompts:
+        tags, problems = parse_tags(prompt)
+        if problems:
+            raise CliError(f"--prompt {prompt!r}: " + "; ".join(pr.message.replace(" ignored", "") for pr in problems))
+        chosen = list(items)
+        slot: dict[str, int] = {}  # a folder membrane's place in chosen (a later tag of the same name wins)
+        for t in tags:
+            weight = 1.0 if t.weight is None else t.weight
+            hits = [i for i, n in enumerate(names) if n == t.name]
+            if len(hits) > 1:
+                raise CliError(f"{t.text}: {len(hits)} --membrane files are named {t.name!r}; rename one")
+            if hits:
+                chosen[hits[0]] = (items[hits[0]][0], weight)
+            elif library is not None:
+                try:
+                    membrane = library.load(t.name)
+                except LibraryError as e:
+                    raise CliError(f"{t.text}: {e}") from None
+                at = slot.setdefault(membrane.name, len(chosen))  # its listed name: "square" = "shapes/square"
+                chosen[at:at + 1] = [(membrane, weight)]
+            else:
+                known = f" (given: {', '.join(sorted(set(names)))})" if names else ""
+                raise CliError(f"{t.text}: no membrane of that name{known}; give its file with --membrane FILE or its "
+                               "folder with --spm-dir DIR")
+        # the tags' text never reaches the text encoder; a prompt without tags is passed on exactly as given
+        plans.append((" ".join(strip_tags(prompt).split()) if tags else prompt, chosen))
+    return plans
+
+
 def _cmd_generate(args) -> int:
     _threads(args.threads)
     try:
         items = _load_membranes(args.membrane)
+        plans = _prompt_membranes(list(args.prompt), items, args.spm_dir)  # a bad tag fails before the model loads
         pipe = _load_pipe(args)
         _check_size(pipe, args.width, args.height)
     except _model_errors() as e:
@@ -339,12 +382,14 @@ def _cmd_generate(args) -> int:
     from .hosts.diffusers import PipelineMembranes
     from .train.sampling import image_grid
 
-    prompts = list(args.prompt)
     seeds = [args.seed + i for i in range(args.n)]
     images = []
     try:
-        with PipelineMembranes(pipe, items, metric=args.metric, factor=args.factor, transport=not args.no_transport):
-            for p in prompts:
+        with PipelineMembranes(pipe, items, metric=args.metric, factor=args.factor, transport=not args.no_transport) as pm:
+            for _, chosen in plans:  # every prompt's membranes fit the model before any image is made
+                pm.stack.set_membranes(chosen)
+            for p, chosen in plans:
+                pm.stack.set_membranes(chosen)
                 gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
                 out = pipe(prompt=[p] * len(seeds), negative_prompt=[args.negative] * len(seeds),
                            num_inference_steps=args.steps, guidance_scale=args.cfg, generator=gens,
@@ -352,7 +397,7 @@ def _cmd_generate(args) -> int:
                 images.append(out.images.float().cpu())
     except (ValueError, MembraneFileError) as e:
         return _fail(e)
-    grid = image_grid(torch.cat(images), len(prompts))
+    grid = image_grid(torch.cat(images), len(plans))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     grid.save(args.output)
     print(args.output)
@@ -668,7 +713,12 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=toy_help, formatter_class=raw)
     _add_model_args(g)
     g.add_argument("--membrane", action="append", help="FILE[:weight] (repeatable; weight default 1)")
-    g.add_argument("--prompt", action="append", required=True, help="prompt (repeatable: one grid row each)")
+    g.add_argument("--prompt", action="append", required=True,
+                   help="prompt (repeatable: one grid row each); <spm:NAME> or <spm:NAME:WEIGHT> in it adds a membrane "
+                        "for that prompt, or sets the weight of a --membrane file of that name (its file name without "
+                        ".safetensors), as in the WebUI")
+    g.add_argument("--spm-dir", help="membrane folder the prompts' <spm:NAME> tags are looked up in (as the WebUI's "
+                                     "models/spm); --membrane files are found by name without it")
     g.add_argument("--negative", default="", help="negative prompt (default: none)")
     g.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
     g.add_argument("-n", type=positive_int, default=1, help="images per prompt (seeds seed, seed+1, …; default: 1)")
