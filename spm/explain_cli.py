@@ -13,7 +13,7 @@ import sys
 def cmd_explain(args: argparse.Namespace) -> int:
     """Print each membrane's concepts, scores, windows and calibrations for every ``--prompt``."""
     from .checkpoint import MembraneFileError, load_membrane
-    from .cli import load_model
+    from .cli import CliError, _prompt_membranes, load_model
     from .transport import METRICS
 
     def fail(msg: str) -> int:
@@ -35,6 +35,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
         membranes = [load_membrane(f) for f in args.membrane]
     except (MembraneFileError, FileNotFoundError) as e:
         return fail(str(e))
+    try:  # the prompts' <spm:NAME> tags, as in generate: stripped, their membranes explained too
+        plans = _prompt_membranes(args.prompt, [(m, 1.0) for m in membranes], args.spm_dir)
+    except CliError as e:
+        return fail(str(e))
+    membranes = list({id(m): m for _, chosen in plans for m, _ in chosen}.values()) or membranes
     model = {"base": "toy", "finetune": "toy-finetune"}.get(args.model, args.model)
     try:
         pipe = load_model(model, args.config, "cpu")
@@ -64,7 +69,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if not args.prompt:
             return 0
         print()
-    results = [explain(transport, membranes, p) for p in args.prompt]
+    results = [explain(transport, [m for m, _ in chosen], p) for p, chosen in plans]
     if args.json:
         print(json.dumps(results if len(results) > 1 else results[0], indent=2, ensure_ascii=False))
     else:
@@ -78,7 +83,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", help="why a prompt gets its Facilitated Transport strength from each membrane")
     p.add_argument("--membrane", action="append", required=True, help="membrane file (repeatable)")
-    p.add_argument("--prompt", action="append", help="prompt (repeatable)")
+    p.add_argument("--prompt", action="append",
+                   help="prompt (repeatable); its <spm:NAME[:WEIGHT]> tags are removed and their membranes explained too, "
+                        "as in generate")
+    p.add_argument("--spm-dir", help="membrane folder the prompts' <spm:NAME> tags are looked up in")
     p.add_argument("--vocabulary", action="store_true",
                    help="list the single vocabulary words that open each membrane (calibrated metrics; encodes ~32 000 words)")
     p.add_argument("--limit", type=int, default=50, help="--vocabulary: words listed per concept (default 50; the count is full)")

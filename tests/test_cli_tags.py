@@ -107,3 +107,21 @@ def test_a_bad_tag_fails_in_one_line_before_the_model_loads(files, tmp_path, cap
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "<spm:circle:x>" in err, err
     assert not out.exists()
+
+
+def test_explain_strips_the_tags_and_explains_their_membranes(files, capsys):
+    """``spm explain`` reads a prompt's tags as ``generate`` does: the strengths are those of the prompt without them,
+    for the --membrane files and the folder's tagged membranes."""
+    import json
+
+    rc = main(["explain", "--membrane", str(files["circle"]), "--spm-dir", str(files["lib"]), "--json",
+               "--prompt", "a circle <spm:square:0.5>", "--prompt", "a circle"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    tagged, plain = json.loads(out)
+    assert tagged["prompt"] == plain["prompt"] == "a circle"
+    assert [m["name"] for m in tagged["membranes"]] == ["circle", "shapes/square"]
+    assert [m["name"] for m in plain["membranes"]] == ["circle"]
+    assert tagged["membranes"][0] == plain["membranes"][0]
+    rc = main(["explain", "--membrane", str(files["circle"]), "--prompt", "a <spm:square> circle"])
+    assert rc == 2 and "--spm-dir" in capsys.readouterr().err
