@@ -245,6 +245,9 @@ def config_from_args(args):
     from .train.config import PRESETS, TrainConfig, preset
 
     targets = [t.strip() for raw in args.target for t in raw.split(",") if t.strip()]
+    if not targets:
+        raise ValueError(f"--target {', '.join(map(repr, args.target))}: name the concept to erase, e.g. --target "
+                         "'Van Gogh' (commas separate several)")
     over: dict = {"targets": targets}
     for flag, (name, _, _) in _TRAIN_FLAGS.items():
         v = getattr(args, flag[2:].replace("-", "_"))

@@ -158,3 +158,10 @@ def test_standalone_tab_wrong_model_is_one_line(tmp_path, capsys):
         ui_main(["--model", str(tmp_path / "nope"), "--membranes", str(tmp_path / "m")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "not a shipped toy model" in err
+
+
+@pytest.mark.parametrize("target", ["", " , "])
+def test_train_with_an_empty_target_names_the_flag(tmp_path, capsys, target):
+    out = tmp_path / "m.safetensors"
+    _one_line(capsys, ["train", "--model", "toy", "--target", target, "-o", str(out)], "--target")
+    assert not out.exists()
