@@ -370,6 +370,11 @@ def _prompt_membranes(prompts: list[str], items: list, folder: str | None) -> li
     return plans
 
 
+def _distinct_membranes(plans: list[tuple[str, list]]) -> list:
+    """Every membrane the prompts of :func:`_prompt_membranes` use, once each, in order of first use."""
+    return list({id(m): m for _, chosen in plans for m, _ in chosen}.values())
+
+
 def _cmd_generate(args) -> int:
     _threads(args.threads)
     try:
@@ -389,8 +394,8 @@ def _cmd_generate(args) -> int:
     images = []
     try:
         with PipelineMembranes(pipe, items, metric=args.metric, factor=args.factor, transport=not args.no_transport) as pm:
-            for _, chosen in plans:  # every prompt's membranes fit the model before any image is made
-                pm.stack.set_membranes(chosen)
+            # every prompt's membranes fit the model before any image is made (one check of each file)
+            pm.stack.set_membranes([(m, 1.0) for m in _distinct_membranes(plans)])
             for p, chosen in plans:
                 pm.stack.set_membranes(chosen)
                 gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]

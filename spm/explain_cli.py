@@ -13,7 +13,7 @@ import sys
 def cmd_explain(args: argparse.Namespace) -> int:
     """Print each membrane's concepts, scores, windows and calibrations for every ``--prompt``."""
     from .checkpoint import MembraneFileError, load_membrane
-    from .cli import CliError, _prompt_membranes, load_model
+    from .cli import CliError, _distinct_membranes, _prompt_membranes, load_model
     from .transport import METRICS
 
     def fail(msg: str) -> int:
@@ -39,7 +39,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         plans = _prompt_membranes(args.prompt, [(m, 1.0) for m in membranes], args.spm_dir)
     except CliError as e:
         return fail(str(e))
-    membranes = list({id(m): m for _, chosen in plans for m, _ in chosen}.values()) or membranes
+    # the files, then the tags' membranes from --spm-dir (--vocabulary without a prompt: the files)
+    membranes = _distinct_membranes(plans) or membranes
     model = {"base": "toy", "finetune": "toy-finetune"}.get(args.model, args.model)
     try:
         pipe = load_model(model, args.config, "cpu")
