@@ -337,7 +337,9 @@ def _prompt_membranes(prompts: list[str], items: list, folder: str | None) -> li
     from .tags import parse_tags, strip_tags
 
     names = [m.name for m, _ in items]
-    library = Library(folder) if folder else None
+    if folder and not Path(folder).is_dir():
+        raise CliError(f"--spm-dir {folder}: no such folder (give the folder the membranes are in, e.g. models/spm)")
+    library = Library(folder, unknown_hint="") if folder else None  # scanned once, now: no "press refresh"
     if library is not None:
         library.refresh()
     plans = []

@@ -173,9 +173,11 @@ def describe_file(path: Path, name: str, st: os.stat_result | None = None) -> En
 class Library:
     """A membrane folder.  Thread-safe; :meth:`refresh` rescans, :meth:`load` caches."""
 
-    def __init__(self, folder: str | os.PathLike, cache_size: int = 16):
+    def __init__(self, folder: str | os.PathLike, cache_size: int = 16,
+                 unknown_hint: str = "press refresh after adding files"):
         self.folder = Path(folder)
         self.cache_size = cache_size
+        self.unknown_hint = unknown_hint  # what an unknown name's error suggests ("" for none: a command-line scan)
         self._entries: dict[str, Entry] = {}
         self._cache: OrderedDict[Path, tuple[tuple[int, int], Membrane]] = OrderedDict()
         self._described: dict[Path, tuple[tuple[int, int], Entry]] = {}
@@ -280,7 +282,8 @@ class Library:
                 raise LibraryError(f"membrane name {name!r} is ambiguous: use one of {', '.join(sorted(e.name for e in hits))}")
         near = sorted(n for n in entries if name.lower() in n.lower())[:5]
         hint = f"; similar: {', '.join(near)}" if near else ""
-        raise LibraryError(f"no membrane named {name!r} in {self.folder}{hint} (press refresh after adding files)")
+        after = f" ({self.unknown_hint})" if self.unknown_hint else ""
+        raise LibraryError(f"no membrane named {name!r} in {self.folder}{hint}{after}")
 
     def canonical_name(self, name: str) -> str:
         """The listed name for ``name`` (``van_gogh`` → ``styles/van_gogh``), after :meth:`resolve`."""

@@ -125,3 +125,11 @@ def test_explain_strips_the_tags_and_explains_their_membranes(files, capsys):
     assert tagged["membranes"][0] == plain["membranes"][0]
     rc = main(["explain", "--membrane", str(files["circle"]), "--prompt", "a <spm:square> circle"])
     assert rc == 2 and "--spm-dir" in capsys.readouterr().err
+
+
+def test_a_missing_folder_and_an_unknown_name_say_so_in_command_line_words(files, tmp_path):
+    with pytest.raises(CliError, match="--spm-dir .*nope: no such folder"):
+        _prompt_membranes(["a <spm:square> x"], [], str(tmp_path / "nope"))
+    with pytest.raises(CliError) as e:
+        _prompt_membranes(["a <spm:nothere> x"], [], str(files["lib"]))
+    assert "no membrane named 'nothere'" in str(e.value) and "refresh" not in str(e.value)
