@@ -31,6 +31,7 @@ activations ``D x`` (``[B, tokens, R]``) instead and adds ``U`` with one GEMM, c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ from .transport import (
     needs_phrases,
     phrase_lengths,
     uses_gate,
+    uses_response,
     windows,
 )
 
@@ -145,6 +147,10 @@ class Transport:
         from .gate import GateCache
 
         self.gates = GateCache()  # the membrane gates (metrics with uses_gate), calibrated once per membrane
+        # the response gate (metrics with uses_response): a host that can run its UNet inside the hooks sets a
+        # spm.response.Responder here; without one those metrics are their words part alone (warned once)
+        self.responder = None
+        self._warned_responder = False
 
     def _decode_and_encode(self, seqs: list[tuple[int, ...]]) -> list[torch.Tensor]:
         """Default phrase encoder: token ids → text (the CLIP vocabulary) → ``encode`` → content states and the EOS
@@ -245,7 +251,19 @@ class Transport:
         out = torch.stack(cols, 1) if cols else torch.zeros(context.shape[0], 0)
         if gated and membranes:
             out = torch.maximum(out, self.gate_scores(context, membranes))
+        if uses_response(self.metric) and membranes:
+            out = torch.maximum(out, self.response_scores(context, membranes))
         return out
+
+    def response_scores(self, context: torch.Tensor, membranes: Sequence[Membrane]) -> torch.Tensor:
+        """``[B, M]`` response-gate scores (:mod:`spm.response`); 0 without a host responder."""
+        if self.responder is None:
+            if not self._warned_responder:
+                self._warned_responder = True
+                log.warning("SPM: the %r transport metric needs a host that runs its UNet for the response gate; "
+                            "this host has none, so only its words part applies", self.metric)
+            return torch.zeros(context.shape[0], len(membranes))
+        return self.responder.scores(context, membranes)
 
     def _scores_batched(self, context: torch.Tensor, membranes: Sequence[Membrane],
                         row_tokens: Sequence[Sequence[int] | None], use_cos: bool, use_tok: bool) -> torch.Tensor | None:
@@ -464,6 +482,18 @@ class MembraneStack:
         self._last_sig = None
 
     _manual = False
+    _bypass = False
+
+    @contextlib.contextmanager
+    def bypassed(self):
+        """UNet calls inside this block compute as without membranes, and leave the stack's state as it was: for
+        calls made from inside the stack's own hook (the response gate, :mod:`spm.response`)."""
+        saved = (self._strengths, self._bypass)
+        self._strengths, self._bypass = None, True
+        try:
+            yield self
+        finally:
+            self._strengths, self._bypass = saved
 
     @property
     def current_strengths(self) -> torch.Tensor | None:
@@ -519,7 +549,7 @@ class MembraneStack:
         return flat.index_select(1, idx).float().cpu().numpy().tobytes()
 
     def _unet_pre_hook(self, module, args, kwargs):
-        if self._manual or not self._slots:
+        if self._manual or self._bypass or not self._slots:
             return None
         ctx = self.context_getter(args, kwargs)
         batch = None

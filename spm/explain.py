@@ -28,6 +28,7 @@ from .transport import (
     similar_words,
     tokenuni,
     uses_gate,
+    uses_response,
     vocabulary_scan,
     windows,
 )
@@ -109,6 +110,9 @@ def explain(transport: Transport, membranes: Sequence[Membrane], prompt: str) ->
         if uses_gate(metric) and ces:
             entry["gate"] = _gate_entry(transport, m, ctx, row)
             raw = max(raw, entry["gate"]["score"])
+        if uses_response(metric) and ces:
+            entry["response"] = _response_entry(transport, m, ctx)
+            raw = max([raw] + [r["score"] for r in entry["response"]])
         entry["strength"] = round(transport.factor * min(max(raw, 0.0), 1.0), 6)
         out["membranes"].append(entry)
     return out
@@ -189,6 +193,23 @@ def _gate_entry(transport: Transport, membrane: Membrane, ctx: torch.Tensor, row
                             "modules": len(gate.stems), "usable": gate.usable, "source": gate.source, "reason": gate.reason}}
 
 
+def _response_entry(transport: Transport, membrane: Membrane, ctx: torch.Tensor) -> list[dict[str, Any]]:
+    """Per concept of ``membrane``: the response gate's closure of the prompt, its score and its calibration
+    (see :mod:`spm.response`); an empty list where the host runs no UNet for it."""
+    responder = transport.responder
+    if responder is None:
+        return []
+    out = []
+    for concept in membrane.info.concepts:
+        gate = responder.gate(concept)
+        if gate is None:
+            continue
+        closure = float(responder.closures(gate, ctx.detach())[0])
+        out.append({"concept": concept, "closure": round(closure, 6),
+                    "score": round(float(gate.map(torch.tensor([closure]))[0]), 6), "calibration": gate.to_dict()})
+    return out
+
+
 def format_explanation(ex: dict[str, Any]) -> str:
     """The text form of :func:`explain`'s dict."""
     n = ex["tokens"]
@@ -227,6 +248,15 @@ def format_explanation(ex: dict[str, Any]) -> str:
                          f"modules; null of {c['samples']} prompts: median {q.get('0.5', 0):.3f}, q99 {q.get('0.99', 0):.3f}, "
                          f"top {c['q']:.3f}; concept's literal prompts from {c['top']:.3f}"
                          + ("" if c["usable"] else "  [unusable: the concept does not drive the membrane beyond random text]"))
+        if "response" in m and not m["response"]:
+            lines.append("  response gate: not available on this host (the words part alone applies)")
+        for r in m.get("response") or []:
+            c = r["calibration"]
+            lines.append(f"  response gate {r['concept']!r}: score {r['score']:.3f} = clamp((closure {r['closure']:.3f} - "
+                         f"{c['lo']:.3f}) / ({c['hi']:.3f} - {c['lo']:.3f}))")
+            lines.append(f"    on {c['probe_rows']} probes of the model's own {r['concept']!r} trajectories: random words close up to "
+                         f"{c['q']:.3f} (second-largest), the literal prompts from {c['top']:.3f}"
+                         + ("" if c["usable"] else "  [unusable: the literal prompts do not rise above random words]"))
     return "\n".join(lines)
 
 

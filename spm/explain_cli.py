@@ -56,6 +56,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
             return fail(f"{m.name}.safetensors is for context width {m.info.context_dim}; the model {args.model!r} has {ctx} "
                         "(pass the model the membrane was made for with --model)")
     transport = pipeline_transport(pipe, metric=args.metric, factor=args.factor)
+    from .transport import uses_response
+
+    if uses_response(args.metric):  # no membrane is attached here: the UNet is the original model's
+        from .hosts.diffusers import DiffusersBackend
+        from .response import Responder
+
+        transport.responder = Responder(DiffusersBackend(pipe))
     if args.vocabulary:
         from .explain import format_vocabulary, vocabulary
 

@@ -922,10 +922,18 @@ def _m_robust(ctx, toks, ce, phrases=None):
     return _m_ngram_tokenuni(ctx, toks, ce, phrases)
 
 
-for _fn in (_m_ngram, _m_ngram_tokenuni, _m_ngram_fixed, _m_ngram_fixed_tokenuni, _m_robust):
+def _m_response(ctx, toks, ce, phrases=None):
+    """``response``: the default words metric (``ngram_tokenuni``) here; Transport takes its maximum with the
+    response gate (:mod:`spm.response`), which asks the UNet whether the row draws the concept."""
+    return _m_ngram_tokenuni(ctx, toks, ce, phrases)
+
+
+for _fn in (_m_ngram, _m_ngram_tokenuni, _m_ngram_fixed, _m_ngram_fixed_tokenuni, _m_robust, _m_response):
     _fn.needs_phrases = True  # type: ignore[attr-defined]
 _m_ngram.calibrated = _m_ngram_tokenuni.calibrated = _m_robust.calibrated = True  # type: ignore[attr-defined]
+_m_response.calibrated = True  # type: ignore[attr-defined]
 _m_membrane.gate = _m_robust.gate = True  # type: ignore[attr-defined]
+_m_response.response = True  # type: ignore[attr-defined]
 
 
 def needs_phrases(metric: str) -> bool:
@@ -942,6 +950,12 @@ def uses_gate(metric: str) -> bool:
     """Whether ``metric`` adds the membrane gate (:mod:`spm.gate`): each membrane's strength is then at least its
     gate's score of the row, whatever words the row has."""
     return bool(getattr(METRICS.get(metric), "gate", False))
+
+
+def uses_response(metric: str) -> bool:
+    """Whether ``metric`` adds the response gate (:mod:`spm.response`): it runs the host's UNet on each new row,
+    so only hosts that set :attr:`spm.attach.Transport.responder` can use it (the diffusers host; not the WebUI)."""
+    return bool(getattr(METRICS.get(metric), "response", False))
 
 
 def phrase_lengths(metric: str, m: int) -> set[int]:
@@ -963,6 +977,7 @@ METRICS: dict[str, MetricFn] = {
     "ngram_fixed_tokenuni": _m_ngram_fixed_tokenuni,
     "membrane": _m_membrane,
     "robust": _m_robust,
+    "response": _m_response,
     "off": _m_off,
 }
 DEFAULT_METRIC = "ngram_tokenuni"
@@ -1120,6 +1135,6 @@ __all__ = [
     "ngram_tokenuni_many", "VOCABULARY_PROGRESS",
     "content_ids", "content_tokens", "encoder_fingerprint", "fingerprint_distance", "is_calibrated", "needs_phrases",
     "frequent_words", "ngram", "ngram_calibrated", "null_windows", "phrase_lengths", "phrase_similarity", "register_metric",
-    "similar_words", "tokenuni", "training_calibration", "training_candidates", "training_neighbours", "uses_gate",
+    "similar_words", "tokenuni", "training_calibration", "training_candidates", "training_neighbours", "uses_gate", "uses_response",
     "vocabulary_matches", "vocabulary_scan", "vocabulary_similarity", "window_lengths", "windows",
 ]

@@ -148,6 +148,10 @@ class PipelineMembranes:
         if transport:
             self.stack.set_transport(self.transport)
         pipe.encode_prompt = _record_wrapper(pipe, self.transport.registry)
+        # the response gate (the ``response`` metric) runs this UNet from inside the stack's hook, membranes bypassed
+        from ..response import Responder
+
+        self.transport.responder = Responder(DiffusersBackend(pipe), self.stack.bypassed)
 
     def set_metric(self, metric: str, factor: float | None = None) -> None:
         self.transport.metric = metric

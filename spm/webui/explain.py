@@ -21,7 +21,7 @@ import logging
 from typing import Any, Callable
 
 from ..tags import format_number, strip_tags
-from ..transport import DEFAULT_METRIC, METRICS
+from ..transport import DEFAULT_METRIC, METRICS, uses_response
 from . import state
 from .panel import option, panel_weights
 from .runtime import derived_texts
@@ -72,6 +72,9 @@ def explain_prompt(prompt: Any, enabled: Any = True, selected: Any = None, weigh
     metric = str(metric or DEFAULT_METRIC)
     if metric not in METRICS:
         raise ExplainError(f"unknown transport metric {metric!r}; choose one of {', '.join(sorted(METRICS))}")
+    if uses_response(metric):
+        raise ExplainError(f"the transport metric {metric!r} is not available in the WebUI yet (it runs the UNet on every "
+                           "new prompt; use python -m spm explain --metric response)")
     try:
         factor = float(factor)
     except (TypeError, ValueError):

@@ -1,0 +1,230 @@
+"""The response gate: a Facilitated Transport score from what the *UNet* does with a row, not from its words.
+
+Why
+---
+The word metrics (``ngram_tokenuni``) and the membrane gate (:mod:`spm.gate`) read the text side. A prompt that
+avoids the concept's words but makes the model draw the concept anyway — the free-tokens placement of the
+discrete attack (``bench.attack``: "roar zl allocated francesco" draws a circle on toy world 1 in 4 of 4 images),
+a multi-word paraphrase the encoder does not place near the concept — scores 0 there, and the membrane stays
+shut. Whether a row draws the concept is the UNet's decision, so this gate asks the UNet.
+
+What it measures
+----------------
+Per concept, held-out probes of the original model (no membrane): ``x_t`` on the model's own trajectories for
+the concept at :data:`LEVELS` noise levels, :data:`SEEDS` seeds each (:class:`spm.train.signal.ErasureProbe`,
+the trainer's probes), with ``o`` the concept's prediction and ``s`` the empty prompt's. A row ``c`` of
+conditioning gets its prediction ``p`` on the same probes (membranes off) and its **closure**::
+
+    closure(c) = 1 − Σ‖p − o‖² / Σ‖s − o‖²       1: predicts as the concept does,  0: as the empty prompt
+
+(the model-synonym scan's measure, :mod:`spm.train.synonyms`).
+
+Calibration (per concept and model, nothing fitted on one model): a seeded null of random whole vocabulary
+words plus the empty prompt gives ``q`` (its second-largest closure, as every other null in SPM); the concept's
+literal prompts (:data:`spm.gate.CONCEPT_FORMS`) give ``top`` (their least closure).  ``lo`` and ``hi`` sit at
+the membrane gate's fractions of the headroom between them (:data:`spm.gate.LO_FRAC`, :data:`spm.gate.HI_FRAC`),
+``lo`` never below the empty prompt's own closure, and ``score = clamp((closure − lo) / (hi − lo), 0, 1)``: a
+row at or below ``lo`` gets exactly 0, so its image stays bit-identical.  A concept whose literal prompts do not
+rise above ``lo`` is *unusable* (its gate scores 0).
+
+Cost: building a concept's gate draws its probes (the trajectories down to the lowest level: about 25 UNet calls
+of ``2 × SEEDS`` rows) and scores the null and the literal forms (``(NULL_WORDS + 5) × SEEDS × LEVELS`` rows);
+scoring a row the gate has not seen is one UNet pass of ``SEEDS × LEVELS`` rows, then cached by the row's
+bytes.  It is opt-in (the ``response`` metric) and needs a host that can run its UNet from inside the sampling
+hooks: the diffusers host (``spm generate``, ``spm eval``, ``spm attack``, ``spm explain``).  The WebUI does not
+offer it yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager, Sequence
+
+import torch
+
+log = logging.getLogger("spm")
+
+SEEDS = 4  # held-out trajectories per concept (synonyms.PROBES_PER_LEVEL: the scan's measure, as many rows)
+LEVELS = 4  # noise levels (the trainer's default signal_levels)
+NULL_WORDS = 128  # random whole words of the null (the model-synonym scan's size)
+NULL_RANK = 2  # the null's second-largest closure is q (one random word that draws the concept cannot move it)
+SEED = 4127  # the null's draw, apart from every other null and training draw
+PROBE_SEED = 11  # the probes' trajectories, apart from the trainer's (its seed 0)
+BATCH_ROWS = 64  # UNet rows per call while scoring
+
+
+class _NoStack:
+    """``run_unet`` sets per-row membrane strengths on its stack; the gate's calls run with every membrane
+    bypassed (the host's :meth:`spm.attach.MembraneStack.bypassed`), so there is nothing to set."""
+
+    def set_strengths(self, strengths) -> None:
+        return None
+
+
+def null_words(n: int = NULL_WORDS, seed: int = SEED) -> list[str]:
+    """``n`` random whole words of the CLIP vocabulary (prompt syntax left out), seeded."""
+    from .gate import _pools
+
+    _, words = _pools()
+    g = torch.Generator().manual_seed(int(seed))
+    return [words[i] for i in torch.randperm(len(words), generator=g)[:n].tolist()]
+
+
+@dataclass
+class ResponseGate:
+    """One concept's probes and calibration on one model (see the module docstring)."""
+
+    concept: str
+    x_t: torch.Tensor
+    t: torch.Tensor
+    o: torch.Tensor
+    s: torch.Tensor
+    q: float = 0.0
+    top: float = 1.0
+    empty: float = 0.0
+    lo: float = 0.0
+    hi: float = 1.0
+    usable: bool = True
+    seen: dict = field(default_factory=dict, repr=False)  # row digest -> closure
+
+    @property
+    def rows(self) -> int:
+        return int(self.x_t.shape[0])
+
+    def closures(self, backend, cond, batch_rows: int = BATCH_ROWS) -> torch.Tensor:
+        """Closure of each row of ``cond`` (a :class:`spm.backend.Conditioning`), ``[len(cond)]`` float32.  The
+        caller runs it with every membrane off."""
+        from .train.objective import run_unet
+
+        n, r = len(cond), self.rows
+        if n == 0:
+            return torch.zeros(0)
+        o, s = self.o.double(), self.s.double()
+        den = float(((s - o) ** 2).sum().clamp_min(1e-30))
+        per_call = max(1, batch_rows // r)
+        out = []
+        for i in range(0, n, per_call):
+            k = min(per_call, n - i)
+            rows = cond.rows([j for j in range(i, i + k) for _ in range(r)])
+            p = run_unet(backend, _NoStack(), self.x_t.repeat(k, 1, 1, 1), self.t.repeat(k), rows, [0.0] * (k * r),
+                         None, False)
+            p = p.double().view(k, r, *o.shape[1:])
+            out.append(1.0 - ((p - o.unsqueeze(0)) ** 2).flatten(1).sum(1) / den)
+        return torch.cat(out).float()
+
+    def map(self, closure: torch.Tensor) -> torch.Tensor:
+        """Scores in [0, 1]; exactly 0 at or below ``lo`` (and always 0 for an unusable gate)."""
+        if not self.usable:
+            return torch.zeros_like(closure)
+        return ((closure - self.lo) / max(self.hi - self.lo, 1e-12)).clamp(0.0, 1.0)
+
+    def to_dict(self) -> dict:
+        return {"concept": self.concept, "q": round(self.q, 4), "top": round(self.top, 4),
+                "empty": round(self.empty, 4), "lo": round(self.lo, 4), "hi": round(self.hi, 4),
+                "usable": self.usable, "probe_rows": self.rows}
+
+
+def build_gate(backend, concept: str, *, steps: int, guidance: float, levels: int = LEVELS, seeds: int = SEEDS,
+               null: Sequence[str] | None = None) -> ResponseGate:
+    """Draw ``concept``'s probes and calibrate its gate on ``backend``'s model.  Run it with every membrane off
+    (:meth:`spm.attach.MembraneStack.bypassed`)."""
+    from .gate import CONCEPT_FORMS, HI_FRAC, LO_FRAC
+    from .train.signal import ErasureProbe
+
+    cond = backend.encode([concept, ""])
+    probe = ErasureProbe(backend, _NoStack(), cond.rows([0]), cond.rows([1]), cond.rows([1]), steps=steps,
+                         guidance=guidance, resolution=backend.latent.resolution, trajectories=seeds, levels=levels,
+                         seed=PROBE_SEED, surrogate_is_uncond=True)
+    gate = ResponseGate(concept, probe.x_t, probe.t, probe.o.float(), probe.s.float())
+    words = list(null) if null is not None else null_words()
+    nul = gate.closures(backend, backend.encode(words + [""]))
+    gate.empty = float(nul[-1])
+    top = nul.double().sort(descending=True).values
+    gate.q = float(top[min(NULL_RANK, len(top)) - 1])
+    gate.top = float(gate.closures(backend, backend.encode([f.format(concept) for f in CONCEPT_FORMS])).min())
+    head = gate.top - gate.q
+    gate.lo = max(gate.q + head * LO_FRAC, gate.empty)
+    gate.hi = max(gate.q + head * HI_FRAC, gate.lo + 1e-6)
+    gate.usable = head > 0 and gate.top > gate.lo
+    if not gate.usable:
+        log.warning("SPM: the response gate of %r is unusable on this model: its literal prompts close %.2f of the gap, "
+                    "random words up to %.2f (it scores 0; the words metric still applies)", concept, gate.top, gate.q)
+    return gate
+
+
+def _digest(row: torch.Tensor) -> bytes:
+    return hashlib.blake2b(row.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+
+
+class Responder:
+    """The response gates of a host's model: built once per concept, scoring each new row once.
+
+    ``backend``: a :class:`spm.backend.Backend` of the host's UNet (``predict``, ``encode``, ``latent``, the
+    schedule); ``bypass()``: a context manager under which the UNet computes as without membranes (the host's
+    :meth:`spm.attach.MembraneStack.bypassed`), so that the gate may run inside the sampling hooks."""
+
+    def __init__(self, backend, bypass: Callable[[], ContextManager] | None = None, *, steps: int | None = None,
+                 guidance: float | None = None):
+        from .train.config import TrainConfig
+
+        d = TrainConfig(targets=["x"])  # the trainer's probe settings (its defaults)
+        self.backend = backend
+        self.bypass = bypass or contextlib.nullcontext
+        self.steps = int(steps or d.max_denoising_steps)
+        self.guidance = float(guidance if guidance is not None else d.xt_guidance)
+        self.gates: dict[str, ResponseGate] = {}
+        self._supported = not getattr(backend, "is_xl", False)
+        self._warned = False
+
+    @property
+    def supported(self) -> bool:
+        """False on models whose UNet needs more than the text states per row (SDXL's pooled embedding)."""
+        return self._supported
+
+    def gate(self, concept: str) -> ResponseGate | None:
+        if not self._supported:
+            if not self._warned:
+                self._warned = True
+                log.warning("SPM: the response gate needs a UNet conditioned on text states alone (SD1.x/SD2.x); "
+                            "on this model it scores 0 and the words metric applies")
+            return None
+        g = self.gates.get(concept)
+        if g is None:
+            with self.bypass(), torch.no_grad():
+                g = self.gates[concept] = build_gate(self.backend, concept, steps=self.steps, guidance=self.guidance)
+            log.info("SPM: response gate of %r: %s", concept, g.to_dict())
+        return g
+
+    def closures(self, gate: ResponseGate, context: torch.Tensor) -> torch.Tensor:
+        """Closures ``[B]`` of the rows of ``context`` (each distinct row measured once, then remembered)."""
+        from .backend import Conditioning
+
+        keys = [_digest(context[i]) for i in range(context.shape[0])]
+        todo: dict[bytes, int] = {}
+        for i, k in enumerate(keys):
+            if k not in gate.seen and k not in todo:
+                todo[k] = i
+        if todo:
+            rows = context.detach()[list(todo.values())]
+            with self.bypass(), torch.no_grad():
+                c = gate.closures(self.backend, Conditioning(rows.to(self.backend.device)))
+            gate.seen.update(zip(todo, c.tolist()))
+        return torch.tensor([gate.seen[k] for k in keys], dtype=torch.float32)
+
+    def scores(self, context: torch.Tensor, membranes: Sequence) -> torch.Tensor:
+        """``[B, M]``: each membrane's score is the highest of its concepts' gates."""
+        cols = []
+        for m in membranes:
+            best = torch.zeros(context.shape[0])
+            for concept in m.info.concepts:
+                g = self.gate(concept)
+                if g is not None and g.usable:
+                    best = torch.maximum(best, g.map(self.closures(g, context)))
+            cols.append(best)
+        return torch.stack(cols, 1) if cols else torch.zeros(context.shape[0], 0)
+
+
+__all__ = ["LEVELS", "NULL_WORDS", "Responder", "ResponseGate", "SEEDS", "build_gate", "null_words"]

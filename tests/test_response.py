@@ -1,0 +1,188 @@
+"""The response gate (``response`` = ngram_tokenuni and the gate, :mod:`spm.response`): it asks the UNet whether a
+row draws the concept, gives exactly 0 at the level of random words (those images stay bit-identical), measures
+each distinct row once, runs inside the stack's own hook without disturbing it, and is refused where no host runs
+the UNet for it (the WebUI)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from spm.attach import MembraneStack, Transport
+from spm.transport import METRICS, uses_response
+from tests.helpers import random_membrane
+from tests.test_webui_lifecycle import world  # noqa: F401  (the stub WebUI with the extension loaded)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from spm.toy.model import load_toy_pipeline
+
+    return load_toy_pipeline("base")
+
+
+@pytest.fixture(scope="module")
+def responder(pipe):
+    from spm.hosts.diffusers import DiffusersBackend
+    from spm.response import Responder
+
+    return Responder(DiffusersBackend(pipe))
+
+
+def _membrane(pipe, concept="circle", std=0.05):
+    m = random_membrane(pipe.unet, concept, concepts=(concept,), std=std)
+    m.info.context_dim = 64
+    return m
+
+
+def test_response_is_a_metric_of_its_own():
+    assert "response" in METRICS and uses_response("response")
+    assert not any(uses_response(m) for m in METRICS if m != "response")
+
+
+def test_gate_is_one_for_the_concept_and_zero_for_random_words_and_other_objects(pipe, responder):
+    from spm.response import NULL_RANK, null_words
+
+    g = responder.gate("circle")
+    assert g.usable and g.rows == 16
+    assert g.q < g.lo < g.hi <= g.top
+    be = responder.backend
+    concept = g.map(responder.closures(g, be.encode(["circle", "a circle", "the circle"]).context))
+    assert torch.equal(concept, torch.ones(3))
+    # the null itself: at most NULL_RANK - 1 random words above q, so at most that many above lo
+    words = null_words()
+    assert (g.map(responder.closures(g, be.encode(words).context)) > 0).sum() <= NULL_RANK - 1
+    others = ["a red square on a white background", "a yellow star", "a blue triangle, black background", ""]
+    assert torch.equal(g.map(responder.closures(g, be.encode(others).context)), torch.zeros(len(others)))
+
+
+def test_each_distinct_row_is_measured_once(pipe, responder):
+    be = responder.backend
+    g = responder.gate("circle")
+    calls = []
+    predict = be.predict
+
+    def counting(x, t, cond):
+        calls.append(x.shape[0])
+        return predict(x, t, cond)
+
+    be.predict = counting
+    try:
+        ctx = be.encode(["a green heart", "a green heart", "an orange ring"]).context
+        first = responder.closures(g, ctx)
+        assert sum(calls) == 2 * g.rows  # two distinct rows, each on every probe
+        assert first[0] == first[1]
+        again = responder.closures(g, ctx[[2, 0]])
+        assert sum(calls) == 2 * g.rows and torch.equal(again, first[[2, 0]])
+    finally:
+        del be.predict
+
+
+def test_bypass_runs_the_original_model_and_keeps_the_stack_as_it_was(pipe):
+    unet = pipe.unet
+    x = torch.randn(2, unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500, 500])
+    ctx = torch.randn(2, 77, 64, generator=torch.Generator().manual_seed(1))
+
+    def run():
+        with torch.no_grad():
+            return unet(x, t, encoder_hidden_states=ctx).sample
+
+    base = run()
+    stack = MembraneStack(unet)
+    try:
+        stack.add(_membrane(pipe, std=0.5))
+        stack.set_strengths([1.0])
+        on = run()
+        assert not torch.equal(on, base)
+        with stack.bypassed():
+            assert torch.equal(run(), base)
+        assert torch.equal(run(), on) and stack.current_strengths is not None
+    finally:
+        stack.detach()
+
+
+def test_response_metric_opens_for_text_the_model_draws_and_leaves_other_images_bit_identical(pipe):
+    from spm.hosts.diffusers import PipelineMembranes
+
+    m = _membrane(pipe, std=0.5)
+    # the discrete attack's free placement found this text for the circle (bench.attack): no concept word, and the
+    # model draws a circle for it; the words metric gives it 0
+    prompts = ["roar zl allocated francesco", "a red square on a white background"]
+
+    def images(metric):
+        with PipelineMembranes(pipe, [(m, 1.0)], metric=metric) as pm:
+            out = pipe(prompts, num_inference_steps=4, generator=[torch.Generator().manual_seed(i) for i in range(2)],
+                       output_type="pt").images
+            return out, pm.stack.current_strengths
+
+    with torch.no_grad():
+        base = pipe(prompts, num_inference_steps=4, generator=[torch.Generator().manual_seed(i) for i in range(2)],
+                    output_type="pt").images
+    words, s_words = images("ngram_tokenuni")
+    resp, s_resp = images("response")
+    assert torch.equal(words, base)  # the words metric leaves both alone
+    assert torch.equal(resp[1], base[1])  # another object: bit-identical under the response gate too
+    assert not torch.equal(resp[0], base[0])  # the text that draws a circle now gets the membrane
+    assert float(s_resp.max()) > 0.5 and float(s_words.max()) == 0.0
+
+
+def test_without_a_host_responder_the_metric_is_its_words_part(encode, caplog):
+    from spm.membrane import Membrane, MembraneInfo, MembraneLayer
+
+    mem = Membrane({"lora_unet_x_attn2_to_k": MembraneLayer("linear", 768, 320)}, MembraneInfo(["cat"]), "cat")
+    a, b = Transport(encode, metric="response"), Transport(encode, metric="ngram_tokenuni")
+    ctx, toks = encode(["a photo of a cat", "a red car"])
+    with caplog.at_level(logging.WARNING, logger="spm"):
+        sa = a.scores(ctx, [mem], toks)
+        a.scores(ctx, [mem], toks)
+    assert torch.equal(sa, b.scores(ctx, [mem], toks))
+    assert sum("needs a host that runs its UNet" in r.message for r in caplog.records) == 1
+
+
+def test_sdxl_backends_get_no_gate(caplog):
+    from types import SimpleNamespace
+
+    from spm.response import Responder
+
+    r = Responder(SimpleNamespace(is_xl=True))
+    with caplog.at_level(logging.WARNING, logger="spm"):
+        assert r.gate("cat") is None and r.gate("dog") is None
+    assert sum("text states alone" in rec.message for rec in caplog.records) == 1
+    assert torch.equal(r.scores(torch.zeros(2, 77, 8), [SimpleNamespace(info=SimpleNamespace(concepts=["cat"]))]),
+                       torch.zeros(2, 1))
+
+
+def test_explain_cli_prints_the_response_gate(pipe, tmp_path, capsys):
+    import json
+
+    from spm.checkpoint import save_membrane
+    from spm.cli import main
+
+    path = tmp_path / "circle.safetensors"
+    save_membrane(_membrane(pipe), path)
+    assert main(["explain", "--membrane", str(path), "--metric", "response", "--prompt", "a circle",
+                 "--prompt", "a yellow star", "--json", "--threads", "1"]) == 0
+    circle, star = json.loads(capsys.readouterr().out)
+    r = circle["membranes"][0]["response"][0]
+    assert r["concept"] == "circle" and r["score"] == 1.0 and r["calibration"]["usable"]
+    assert star["membranes"][0]["response"][0]["score"] == 0.0 and star["membranes"][0]["strength"] == 0.0
+    assert main(["explain", "--membrane", str(path), "--metric", "response", "--prompt", "a circle"]) == 0
+    text = capsys.readouterr().out
+    assert "response gate 'circle': score 1.000" in text and "random words close up to" in text
+
+
+def test_the_webui_refuses_the_metric_visibly_and_generates_with_the_default(world):  # noqa: F811
+    from spm.webui.explain import ExplainError, explain_prompt
+
+    world.add_membrane("m")
+    default = world.run(["a cat <spm:m>"], args=(False, [], "", "ngram_tokenuni", 1.0))
+    out = world.run(["a cat <spm:m>"], args=(False, [], "", "response", 1.0))
+    assert torch.equal(out.images[0], default.images[0])
+    assert any("'response' is not available in the WebUI" in c and "using ngram_tokenuni" in c for c in world.p.comments)
+    with pytest.raises(ExplainError, match="not available in the WebUI"):
+        explain_prompt("a cat", True, ["m"], "", "response", 1.0)
