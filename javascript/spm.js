@@ -25,7 +25,9 @@
         spm_weights: "name:weight for each membrane, separated by commas (1.0 = trained strength, 0 = off). A " +
             "<spm:name:weight> tag in a prompt overrides its membrane's weight here.",
         spm_metric: "Facilitated Transport: each membrane acts on a prompt only as far as the prompt resembles the " +
-            "membrane's concepts. 'off' applies the weight alone, to every prompt.",
+            "membrane's concepts. 'response' also asks the model whether the prompt draws a concept, so prompts " +
+            "that avoid its words are caught too (slower: the first generation with a membrane builds its probes). " +
+            "'off' applies the weight alone, to every prompt.",
         spm_factor: "Multiplies every membrane's strength (weight × factor × transport score).",
         spm_explain: "Show, per membrane and concept, the transport score this prompt gets, the window of the " +
             "prompt that matched and the calibration behind it (computed with the loaded model's text encoder)."

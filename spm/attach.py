@@ -263,7 +263,14 @@ class Transport:
                 log.warning("SPM: the %r transport metric needs a host that runs its UNet for the response gate; "
                             "this host has none, so only its words part applies", self.metric)
             return torch.zeros(context.shape[0], len(membranes))
-        return self.responder.scores(context, membranes)
+        try:
+            return self.responder.scores(context, membranes)
+        except Exception as e:  # e.g. another extension's UNet patch that does not expect a second call: never fail
+            if not self._warned_responder:  # a generation for it; the words part still applies
+                self._warned_responder = True
+                log.warning("SPM: the response gate failed (%s: %s); only the words part of %r applies",
+                            type(e).__name__, e, self.metric)
+            return torch.zeros(context.shape[0], len(membranes))
 
     def _scores_batched(self, context: torch.Tensor, membranes: Sequence[Membrane],
                         row_tokens: Sequence[Sequence[int] | None], use_cos: bool, use_tok: bool) -> torch.Tensor | None:

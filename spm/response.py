@@ -167,7 +167,7 @@ class Responder:
     :meth:`spm.attach.MembraneStack.bypassed`), so that the gate may run inside the sampling hooks."""
 
     def __init__(self, backend, bypass: Callable[[], ContextManager] | None = None, *, steps: int | None = None,
-                 guidance: float | None = None):
+                 guidance: float | None = None, lazy: bool = True):
         from .train.config import TrainConfig
 
         d = TrainConfig(targets=["x"])  # the trainer's probe settings (its defaults)
@@ -175,7 +175,10 @@ class Responder:
         self.bypass = bypass or contextlib.nullcontext
         self.steps = int(steps or d.max_denoising_steps)
         self.guidance = float(guidance if guidance is not None else d.xt_guidance)
-        self.gates: dict[str, ResponseGate] = {}
+        self.gates: dict[str, ResponseGate | None] = {}
+        # lazy: a gate missing when a row is scored is built there (building encodes text); hosts whose text encoder
+        # may be offloaded while the UNet samples (the WebUI) build before sampling and pass False
+        self.lazy = lazy
         self._supported = not getattr(backend, "is_xl", False)
         self._warned = False
 
@@ -184,18 +187,37 @@ class Responder:
         """False on models whose UNet needs more than the text states per row (SDXL's pooled embedding)."""
         return self._supported
 
+    def _unsupported(self) -> bool:
+        if not self._supported and not self._warned:
+            self._warned = True
+            log.warning("SPM: the response gate needs a UNet conditioned on text states alone (SD1.x/SD2.x); "
+                        "on this model it scores 0 and the words metric applies")
+        return not self._supported
+
     def gate(self, concept: str) -> ResponseGate | None:
-        if not self._supported:
-            if not self._warned:
-                self._warned = True
-                log.warning("SPM: the response gate needs a UNet conditioned on text states alone (SD1.x/SD2.x); "
-                            "on this model it scores 0 and the words metric applies")
+        """``concept``'s gate: built here when missing if ``lazy``, else None until :meth:`build`."""
+        if self._unsupported():
             return None
-        g = self.gates.get(concept)
-        if g is None:
+        if concept in self.gates:
+            return self.gates[concept]
+        return self.build(concept) if self.lazy else None
+
+    def build(self, concept: str) -> ResponseGate | None:
+        """Build (or return) ``concept``'s gate; a failure is logged and leaves the concept without one."""
+        if self._unsupported():
+            return None
+        if concept in self.gates:
+            return self.gates[concept]
+        try:
             with self.bypass(), torch.no_grad():
-                g = self.gates[concept] = build_gate(self.backend, concept, steps=self.steps, guidance=self.guidance)
+                g = build_gate(self.backend, concept, steps=self.steps, guidance=self.guidance)
+        except Exception as e:  # never fail a generation for it: the words part still applies
+            log.warning("SPM: building the response gate of %r failed (%s: %s); only the words part applies to it",
+                        concept, type(e).__name__, e)
+            g = None
+        else:
             log.info("SPM: response gate of %r: %s", concept, g.to_dict())
+        self.gates[concept] = g
         return g
 
     def closures(self, gate: ResponseGate, context: torch.Tensor) -> torch.Tensor:

@@ -176,13 +176,54 @@ def test_explain_cli_prints_the_response_gate(pipe, tmp_path, capsys):
     assert "response gate 'circle': score 1.000" in text and "random words close up to" in text
 
 
-def test_the_webui_refuses_the_metric_visibly_and_generates_with_the_default(world):  # noqa: F811
-    from spm.webui.explain import ExplainError, explain_prompt
+def _open_every_row(responder):
+    """Make every built gate give every row full strength (its closure is still measured in the hook)."""
+    for g in responder.gates.values():
+        g.usable, g.lo, g.hi = True, -1e30, -1e30 + 1.0
+
+
+@pytest.mark.parametrize("forge", [False, True])
+def test_the_webui_builds_gates_before_sampling_and_scores_rows_inside_the_hook(tmp_path, tokenizer, text_encoder, forge,
+                                                                               monkeypatch):
+    from spm.webui import train_backend_a1111, train_backend_forge
+    from tests import webui_stub as stub
+    from tests import webui_stub_train as tstub
+    from tests.test_webui_lifecycle import World
+
+    for mod in (train_backend_a1111, train_backend_forge):  # the stub's tiny UNet at 16 px, not a native 512
+        monkeypatch.setattr(mod, "default_resolution", lambda *a, **k: 16)
+    w = World(tmp_path, tokenizer, text_encoder, forge=forge)
+    try:
+        if forge:  # the schedule a loaded Forge model carries (KModel.predictor), on every copy of forge_objects
+            for fo in (w.model.forge_objects, w.model.forge_objects_original):
+                fo.unet.model.predictor = tstub.Prediction("epsilon")
+        else:
+            w.model = tstub.A1111Model(w.unet, stub.HijackedCLIP(tokenizer, text_encoder))
+            w.env.shared.sd_model = w.model
+            stub.fire("model_loaded", w.model)
+        w.add_membrane("m", concepts=("cat",))
+        words = w.run(["a red car <spm:m>"], args=(False, [], "", "ngram_tokenuni", 1.0))
+        assert all(s is None or float(s.max()) == 0.0 for s in w.strengths)  # the words part leaves the car alone
+        first = w.run(["a red car <spm:m>"], args=(False, [], "", "response", 1.0))
+        r = w.state.runtime().attachment.transport.responder
+        assert r is not None and not r.lazy and set(r.gates) == {"cat"} and r.gates["cat"] is not None
+        assert not w.p.comments
+        if not r.gates["cat"].usable:  # a random tiny model may draw nothing like the concept: then it scores 0
+            assert torch.equal(first.images[0], words.images[0])
+        _open_every_row(r)
+        out = w.run(["a blue house <spm:m>"], args=(False, [], "", "response", 1.0))
+        base = w.run(["a blue house <spm:m>"], args=(False, [], "", "ngram_tokenuni", 1.0))
+        assert r.gates["cat"].seen  # rows were measured inside the UNet hook (a reentrant call, membranes bypassed)
+        assert not torch.equal(out.images[0], base.images[0])
+        assert max(float(s.max()) for s in w.strengths if s is not None) == 0.0  # (the base run's strengths)
+    finally:
+        w.close()
+
+
+def test_the_webui_explains_the_response_gate(world):  # noqa: F811
+    from spm.webui.explain import explain_prompt
 
     world.add_membrane("m")
-    default = world.run(["a cat <spm:m>"], args=(False, [], "", "ngram_tokenuni", 1.0))
-    out = world.run(["a cat <spm:m>"], args=(False, [], "", "response", 1.0))
-    assert torch.equal(out.images[0], default.images[0])
-    assert any("'response' is not available in the WebUI" in c and "using ngram_tokenuni" in c for c in world.p.comments)
-    with pytest.raises(ExplainError, match="not available in the WebUI"):
-        explain_prompt("a cat", True, ["m"], "", "response", 1.0)
+    text, _ = explain_prompt("a cat", True, ["m"], "", "response", 1.0)
+    # the lifecycle stub's model has no noise schedule: the gate cannot run there, which is said, and words still apply
+    assert "membrane m: strength 1.000" in text and "response gate: not available on this host" in text

@@ -21,7 +21,7 @@ import logging
 from typing import Any, Callable
 
 from ..tags import format_number, strip_tags
-from ..transport import DEFAULT_METRIC, METRICS, uses_response
+from ..transport import DEFAULT_METRIC, METRICS
 from . import state
 from .panel import option, panel_weights
 from .runtime import derived_texts
@@ -72,9 +72,6 @@ def explain_prompt(prompt: Any, enabled: Any = True, selected: Any = None, weigh
     metric = str(metric or DEFAULT_METRIC)
     if metric not in METRICS:
         raise ExplainError(f"unknown transport metric {metric!r}; choose one of {', '.join(sorted(METRICS))}")
-    if uses_response(metric):
-        raise ExplainError(f"the transport metric {metric!r} is not available in the WebUI yet (it runs the UNet on every "
-                           "new prompt; use python -m spm explain --metric response)")
     try:
         factor = float(factor)
     except (TypeError, ValueError):
@@ -106,6 +103,7 @@ def explain_prompt(prompt: Any, enabled: Any = True, selected: Any = None, weigh
         saved = (tr.metric, tr.factor)
         tr.metric, tr.factor = metric, factor
         try:
+            att.prepare_response(list(plan.membranes.values()))  # the response metric: its gates, as a generation builds them
             for text in texts:
                 if len(texts) > 1:
                     lines.append(f"--- the text {text!r} (one of the {len(texts)} texts this prompt is encoded as)")

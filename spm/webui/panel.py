@@ -13,7 +13,7 @@ from ..tags import format_weight_list, parse_weight_list
 from ..transport import DEFAULT_METRIC, METRICS
 
 TITLE = "SPM concept erasing"
-METRIC_CHOICES = ["ngram_tokenuni", "robust", "clipcos_tokenuni", "clipcos", "tokenuni", "ngram", "ngram_fixed_tokenuni", "tokenwin",
+METRIC_CHOICES = ["ngram_tokenuni", "response", "robust", "clipcos_tokenuni", "clipcos", "tokenuni", "ngram", "ngram_fixed_tokenuni", "tokenwin",
                   "membrane", "off"]
 XYZ_WEIGHT = "spm_xyz_weight"
 XYZ_FACTOR = "spm_xyz_factor"

@@ -18,7 +18,7 @@ from typing import Any
 from modules import scripts, shared
 
 from ..tags import format_number
-from ..transport import DEFAULT_METRIC, METRICS, uses_response
+from ..transport import DEFAULT_METRIC, METRICS
 from . import state
 from .panel import METRIC_CHOICES, TITLE, XYZ_FACTOR, XYZ_WEIGHT, panel_weights, parse_transport_infotext, sync_weights
 from .runtime import derived_groups
@@ -77,10 +77,6 @@ class SpmScript(scripts.Script):
         metric = str(metric or DEFAULT_METRIC)
         if metric not in METRICS:
             problems.append(f"SPM: unknown transport metric {metric!r}; using {DEFAULT_METRIC}")
-            metric = DEFAULT_METRIC
-        elif uses_response(metric):
-            problems.append(f"SPM: the transport metric {metric!r} is not available in the WebUI yet (it runs the UNet "
-                            f"on every new prompt; use it from the command line); using {DEFAULT_METRIC}")
             metric = DEFAULT_METRIC
         try:
             factor = float(factor)
