@@ -128,7 +128,7 @@ class ResponseGate:
 
 
 def build_gate(backend, concept: str, *, steps: int, guidance: float, levels: int = LEVELS, seeds: int = SEEDS,
-               null: Sequence[str] | None = None) -> ResponseGate:
+               null: Sequence[str] | None = None, resolution: int | None = None) -> ResponseGate:
     """Draw ``concept``'s probes and calibrate its gate on ``backend``'s model.  Run it with every membrane off
     (:meth:`spm.attach.MembraneStack.bypassed`)."""
     from .gate import CONCEPT_FORMS, HI_FRAC, LO_FRAC
@@ -136,7 +136,8 @@ def build_gate(backend, concept: str, *, steps: int, guidance: float, levels: in
 
     cond = backend.encode([concept, ""])
     probe = ErasureProbe(backend, _NoStack(), cond.rows([0]), cond.rows([1]), cond.rows([1]), steps=steps,
-                         guidance=guidance, resolution=backend.latent.resolution, trajectories=seeds, levels=levels,
+                         guidance=guidance, resolution=int(resolution or backend.latent.resolution),
+                         trajectories=seeds, levels=levels,
                          seed=PROBE_SEED, surrogate_is_uncond=True)
     gate = ResponseGate(concept, probe.x_t, probe.t, probe.o.float(), probe.s.float())
     words = list(null) if null is not None else null_words()
@@ -167,7 +168,7 @@ class Responder:
     :meth:`spm.attach.MembraneStack.bypassed`), so that the gate may run inside the sampling hooks."""
 
     def __init__(self, backend, bypass: Callable[[], ContextManager] | None = None, *, steps: int | None = None,
-                 guidance: float | None = None, lazy: bool = True):
+                 guidance: float | None = None, lazy: bool = True, resolution: int | None = None):
         from .train.config import TrainConfig
 
         d = TrainConfig(targets=["x"])  # the trainer's probe settings (its defaults)
@@ -179,6 +180,9 @@ class Responder:
         # lazy: a gate missing when a row is scored is built there (building encodes text); hosts whose text encoder
         # may be offloaded while the UNet samples (the WebUI) build before sampling and pass False
         self.lazy = lazy
+        # the probes' image size in pixels (None: the model's native one); each new row costs SEEDS x LEVELS UNet rows
+        # at this size, so a CPU host may choose a smaller one
+        self.resolution = int(resolution) if resolution else None
         self._supported = not getattr(backend, "is_xl", False)
         self._warned = False
 
@@ -210,7 +214,8 @@ class Responder:
             return self.gates[concept]
         try:
             with self.bypass(), torch.no_grad():
-                g = build_gate(self.backend, concept, steps=self.steps, guidance=self.guidance)
+                g = build_gate(self.backend, concept, steps=self.steps, guidance=self.guidance,
+                               resolution=self.resolution)
         except Exception as e:  # never fail a generation for it: the words part still applies
             log.warning("SPM: building the response gate of %r failed (%s: %s); only the words part applies to it",
                         concept, type(e).__name__, e)

@@ -183,17 +183,15 @@ def _open_every_row(responder):
 
 
 @pytest.mark.parametrize("forge", [False, True])
-def test_the_webui_builds_gates_before_sampling_and_scores_rows_inside_the_hook(tmp_path, tokenizer, text_encoder, forge,
-                                                                               monkeypatch):
-    from spm.webui import train_backend_a1111, train_backend_forge
+def test_the_webui_builds_gates_before_sampling_and_scores_rows_inside_the_hook(tmp_path, tokenizer, text_encoder, forge):
     from tests import webui_stub as stub
     from tests import webui_stub_train as tstub
     from tests.test_webui_lifecycle import World
 
-    for mod in (train_backend_a1111, train_backend_forge):  # the stub's tiny UNet at 16 px, not a native 512
-        monkeypatch.setattr(mod, "default_resolution", lambda *a, **k: 16)
     w = World(tmp_path, tokenizer, text_encoder, forge=forge)
     try:
+        assert w.env.shared.opts.data_labels["spm_response_resolution"].default == 0  # 0: the model's native size
+        w.env.shared.opts.data["spm_response_resolution"] = 16  # Settings -> SPM: the stub's tiny UNet at 16 px
         if forge:  # the schedule a loaded Forge model carries (KModel.predictor), on every copy of forge_objects
             for fo in (w.model.forge_objects, w.model.forge_objects_original):
                 fo.unet.model.predictor = tstub.Prediction("epsilon")
@@ -207,6 +205,7 @@ def test_the_webui_builds_gates_before_sampling_and_scores_rows_inside_the_hook(
         first = w.run(["a red car <spm:m>"], args=(False, [], "", "response", 1.0))
         r = w.state.runtime().attachment.transport.responder
         assert r is not None and not r.lazy and set(r.gates) == {"cat"} and r.gates["cat"] is not None
+        assert r.resolution == 16 and tuple(r.gates["cat"].x_t.shape[-2:]) == (16 // r.backend.latent.downscale,) * 2
         assert not w.p.comments
         if not r.gates["cat"].usable:  # a random tiny model may draw nothing like the concept: then it scores 0
             assert torch.equal(first.images[0], words.images[0])

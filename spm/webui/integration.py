@@ -84,6 +84,9 @@ def on_ui_settings() -> None:
     opts.add_option("spm_write_infotext", shared.OptionInfo(
         True, "Write SPM membranes and transport to the generation parameters (infotext)", section=SECTION,
         category_id=CATEGORY))
+    opts.add_option("spm_response_resolution", shared.OptionInfo(
+        0, "Response transport: probe size in pixels (0 = the model's native size; smaller is faster, e.g. on a CPU)",
+        slider, {"minimum": 0, "maximum": 1024, "step": 64}, section=SECTION, category_id=CATEGORY))
 
 
 def names_payload() -> dict:

@@ -418,8 +418,9 @@ class Attachment:
         tr = self.transport
         if not uses_response(tr.metric) or not membranes:
             return
-        if tr.responder is None:
-            tr.responder = self._responder()
+        size = response_resolution()
+        if tr.responder is None or tr.responder.resolution != size:  # the setting changed: new probes
+            tr.responder = self._responder(size)
             if tr.responder is None:
                 return
         load = getattr(tr.responder.backend, "_load", None)  # Forge: the UNet on its device before it runs
@@ -429,7 +430,7 @@ class Attachment:
             for concept in m.info.concepts:
                 tr.responder.build(concept)
 
-    def _responder(self):
+    def _responder(self, resolution: int | None = None):
         """A :class:`spm.response.Responder` on this model (the trainer's backend of this host), or None with a
         warning where the model cannot run it."""
         from ..response import Responder
@@ -444,7 +445,7 @@ class Attachment:
         except (NoModelError, ImportError, AttributeError, TypeError) as e:
             log.warning("SPM: the response gate cannot run on this model (%s); only the words part of the metric applies", e)
             return None
-        return Responder(backend, self.stack.bypassed, lazy=False)
+        return Responder(backend, self.stack.bypassed, lazy=False, resolution=resolution)
 
     def clear(self) -> None:
         """Remove every UNet hook (the model computes exactly as without SPM); keep the recorder."""
@@ -464,6 +465,17 @@ class Attachment:
         self.transport.registry.clear()
         self.transport.concepts.clear()
         self._seen.clear()
+
+
+def response_resolution() -> int | None:
+    """Settings → SPM's probe size of the response gate in pixels (None: the model's native size)."""
+    from .panel import option
+
+    try:
+        v = int(float(option("spm_response_resolution", 0) or 0))
+    except (TypeError, ValueError):
+        return None
+    return v if v > 0 else None
 
 
 def _conditioning_list(texts: Sequence[str], negative: bool) -> list[str]:
