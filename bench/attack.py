@@ -7,11 +7,12 @@ one run, under the same fixed budget (``spm.attack.Budget``, stated in the JSON)
   the target at all);
 * ``reference``: a membrane trained with the reference schedule (``--reference-schedule``), used with the
   reference's transport metric (``clipcos_tokenuni``);
-* ``robust``: a membrane trained with the robust defaults (``--robust-training``, default ``embedding``:
-  :mod:`spm.train.robust`), used with ``spm.transport.ROBUST_METRIC`` where the library defines one, else the
-  default metric (``--metric`` overrides; the JSON's ``metrics`` says which);
+* ``robust``: the robust defaults — a membrane trained at the trainer defaults (robust training as
+  ``--robust-training``, default ``off``: on the toy worlds it cost erasure and bought nothing measurable once the
+  response gate is on, see the README), used with ``spm.transport.RESPONSE_METRIC`` (the response gate,
+  :mod:`spm.response`; ``--metric`` overrides; the JSON's ``metrics`` says which);
 * ``plain`` (only with ``--rows``): a membrane trained with ``robust="off"``, used with the robust row's metric —
-  what robust training itself buys.
+  what robust training itself buys when ``--robust-training`` is on.
 
 Per row: ``asr_discrete`` (gradient-guided token swaps, mean over placements and restarts), ``asr_embedding``
 (continuous token embeddings, the upper bound), ``asr_cheap`` (synonyms, misspellings, split words, other
@@ -98,7 +99,7 @@ def _synonyms(target: str, world: str) -> list[str]:
 
 
 def run(worlds: list[str], targets: dict[str, list[str]], budget, *, quick: bool, reuse: bool, iterations: int | None,
-        out: Path, say, rows: tuple[str, ...] = ROWS, metric: str | None = None, robust: str = "embedding") -> dict:
+        out: Path, say, rows: tuple[str, ...] = ROWS, metric: str | None = None, robust: str = "off") -> dict:
     from spm import attack, transport
     from spm.hosts.diffusers import PipelineMembranes
     from spm.toy import evaluate as ev
@@ -109,7 +110,7 @@ def run(worlds: list[str], targets: dict[str, list[str]], budget, *, quick: bool
     suite = ({"n_literal": 2, "n_paraphrase": 2, "n_per_other": 1, "n_pairs": 1, "n_mixed": 0} if quick else
              {"n_literal": 8, "n_paraphrase": 4, "n_per_other": 1, "n_pairs": 4, "n_mixed": 0})
     eval_steps = budget.steps_sample
-    robust_metric = metric or getattr(transport, "ROBUST_METRIC", transport.DEFAULT_METRIC)
+    robust_metric = metric or transport.RESPONSE_METRIC
     metrics = {"reference": REFERENCE_METRIC, "robust": robust_metric, "plain": robust_metric}
     report: dict = {"budget": budget.as_dict(), "suite": suite, "eval_steps": eval_steps, "quick": quick,
                     "rows": list(rows), "metrics": {r: metrics[r] for r in rows if r in metrics},
@@ -239,10 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world", action="append", help="toy model name(s) (default: every shipped base model; quick: the first)")
     p.add_argument("--rows", default=",".join(ROWS),
                    help=f"comma-separated rows to measure, of {', '.join(ALL_ROWS)} (default: {','.join(ROWS)})")
-    p.add_argument("--metric", help="transport metric of the robust (and plain) row (default: spm.transport.ROBUST_METRIC "
-                                    "where defined, else the default metric)")
-    p.add_argument("--robust-training", default="embedding", choices=ROBUST_MODES,
-                   help="TrainConfig.robust of the robust row (default: embedding)")
+    p.add_argument("--metric", help="transport metric of the robust (and plain) row (default: spm.transport.RESPONSE_METRIC, "
+                                    "the response gate)")
+    p.add_argument("--robust-training", default="off", choices=ROBUST_MODES,
+                   help="TrainConfig.robust of the robust row (default: off, the trainer's default)")
     p.add_argument("--budget", action="append", metavar="KEY=VALUE", help="override a field of the attack budget (repeatable)")
     p.add_argument("--target", action="append", help="target concept(s) (default: the first two concepts of each world)")
     p.add_argument("--iterations", type=int, help="training iterations of the membranes (default: the trainer's)")

@@ -21,10 +21,10 @@ conditioning gets its prediction ``p`` on the same probes (membranes off) and it
 
 Calibration (per concept and model, nothing fitted on one model): a seeded null of random whole vocabulary
 words plus the empty prompt gives ``q`` (its second-largest closure, as every other null in SPM); the concept's
-literal prompts (:data:`spm.gate.CONCEPT_FORMS`) give ``top`` (their least closure).  ``lo`` and ``hi`` sit at
-the membrane gate's fractions of the headroom between them (:data:`spm.gate.LO_FRAC`, :data:`spm.gate.HI_FRAC`),
-``lo`` never below the empty prompt's own closure, and ``score = clamp((closure − lo) / (hi − lo), 0, 1)``: a
-row at or below ``lo`` gets exactly 0, so its image stays bit-identical.  A concept whose literal prompts do not
+literal prompts (:data:`spm.gate.CONCEPT_FORMS`) give ``top`` (their least closure).  ``lo = q`` and ``hi`` a
+quarter of the headroom above it (:data:`LO_FRAC`, :data:`HI_FRAC`), ``lo`` never below the empty prompt's own
+closure, and ``score = clamp((closure − lo) / (hi − lo), 0, 1)``: a row at or below ``lo`` — every random word
+but the null's largest — gets exactly 0, so its image stays bit-identical.  A concept whose literal prompts do not
 rise above ``lo`` is *unusable* (its gate scores 0).
 
 Cost: building a concept's gate draws its probes (the trajectories down to the lowest level: about 25 UNet calls
@@ -54,6 +54,15 @@ NULL_RANK = 2  # the null's second-largest closure is q (one random word that dr
 SEED = 4127  # the null's draw, apart from every other null and training draw
 PROBE_SEED = 11  # the probes' trajectories, apart from the trainer's (its seed 0)
 BATCH_ROWS = 64  # UNet rows per call while scoring
+# the ramp, as fractions of the headroom between the null's top q (0) and the literal prompts (1): a row opens once
+# the model draws the concept from it more than from every random word but one, at full strength a quarter of the
+# headroom on.  The text gates start at the midpoint instead (spm.gate.LO_FRAC), because sibling concepts share
+# much of their text states; here other objects' prompts close far below q (toy worlds: every other object's
+# caption below 0 with q at 0.1-0.7).  Measured against the midpoint on both toy worlds (bench/results/
+# attack_response_midpoint.json): the discrete and embedding attacks' success fell on both, and every non-target
+# image stayed bit-identical under either rule
+LO_FRAC = 0.0
+HI_FRAC = 0.25
 
 
 class _NoStack:
@@ -131,7 +140,7 @@ def build_gate(backend, concept: str, *, steps: int, guidance: float, levels: in
                null: Sequence[str] | None = None, resolution: int | None = None) -> ResponseGate:
     """Draw ``concept``'s probes and calibrate its gate on ``backend``'s model.  Run it with every membrane off
     (:meth:`spm.attach.MembraneStack.bypassed`)."""
-    from .gate import CONCEPT_FORMS, HI_FRAC, LO_FRAC
+    from .gate import CONCEPT_FORMS
     from .train.signal import ErasureProbe
 
     cond = backend.encode([concept, ""])

@@ -983,6 +983,9 @@ METRICS: dict[str, MetricFn] = {
 DEFAULT_METRIC = "ngram_tokenuni"
 # the metric that also opens for prompts without the concept's words: max(ngram_tokenuni, the membrane gate)
 ROBUST_METRIC = "robust"
+# the metric that asks the UNet whether a row draws the concept: max(ngram_tokenuni, the response gate, spm.response);
+# the robust defaults' transport (bench.attack's robust row)
+RESPONSE_METRIC = "response"
 
 
 def register_metric(name: str, fn: MetricFn) -> None:
@@ -1129,7 +1132,7 @@ class RowRegistry:
 
 
 __all__ = [
-    "DEFAULT_METRIC", "METRICS", "ROBUST_METRIC", "Calibration", "ConceptCache", "ConceptEmbedding", "Encoder", "PhraseCache",
+    "DEFAULT_METRIC", "METRICS", "RESPONSE_METRIC", "ROBUST_METRIC", "Calibration", "ConceptCache", "ConceptEmbedding", "Encoder", "PhraseCache",
     "PhraseEncoder", "RowRegistry", "all_windows", "best_window", "calibrate", "calibration_metadata",
     "causal_phrase_encoder", "checked_phrase_encoder", "clipcos", "compute_calibration", "concept_scores",
     "ngram_tokenuni_many", "VOCABULARY_PROGRESS",

@@ -190,9 +190,8 @@ def test_bench_attack_quick_path_prints_the_contract(tmp_path, capsys):
     assert rep["train_seconds"] > 0 and rep["seconds"] > 0
     from spm import transport
 
-    assert rep["metrics"] == {"reference": "clipcos_tokenuni",
-                              "robust": getattr(transport, "ROBUST_METRIC", transport.DEFAULT_METRIC)}
-    assert rep["robust_training"] == "embedding"
+    assert rep["metrics"] == {"reference": "clipcos_tokenuni", "robust": transport.RESPONSE_METRIC}
+    assert rep["robust_training"] == "off"
     keys = ("asr_discrete", "asr_embedding", "asr_cheap", "asr_random", "literal_erasure", "paraphrase_erasure",
             "nontarget_drop_pt")
     for row, d in rep["worlds"]["toy"].items():
@@ -204,7 +203,7 @@ def test_bench_attack_quick_path_prints_the_contract(tmp_path, capsys):
     tr = rep["train"]["toy"]
     assert set(tr) == {"reference", "robust"}
     (target,) = tr["robust"]
-    assert tr["robust"][target]["robust"] == "embedding" and tr["reference"][target]["schedule"] == "reference"
+    assert tr["robust"][target]["robust"] == "off" and tr["reference"][target]["schedule"] == "reference"
     assert tr["robust"][target]["seconds_per_iteration"] > 0
     # bad input: one line, exit 2
     assert bench_attack.main(["--rows", "robust,nope"]) == 2

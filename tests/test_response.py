@@ -49,7 +49,7 @@ def test_gate_is_one_for_the_concept_and_zero_for_random_words_and_other_objects
 
     g = responder.gate("circle")
     assert g.usable and g.rows == 16
-    assert g.q < g.lo < g.hi <= g.top
+    assert g.q <= g.lo < g.hi <= g.top and g.lo == max(g.q, g.empty)
     be = responder.backend
     concept = g.map(responder.closures(g, be.encode(["circle", "a circle", "the circle"]).context))
     assert torch.equal(concept, torch.ones(3))

@@ -24,6 +24,7 @@ from ..tags import format_number, strip_tags
 from ..transport import DEFAULT_METRIC, METRICS
 from . import state
 from .panel import option, panel_weights
+from .response import prepare_response
 from .runtime import derived_texts
 
 log = logging.getLogger("spm")
@@ -103,7 +104,7 @@ def explain_prompt(prompt: Any, enabled: Any = True, selected: Any = None, weigh
         saved = (tr.metric, tr.factor)
         tr.metric, tr.factor = metric, factor
         try:
-            att.prepare_response(list(plan.membranes.values()))  # the response metric: its gates, as a generation builds them
+            prepare_response(att, list(plan.membranes.values()))  # the response metric: its gates, as a generation builds them
             for text in texts:
                 if len(texts) > 1:
                     lines.append(f"--- the text {text!r} (one of the {len(texts)} texts this prompt is encoded as)")

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..attach import MembraneStack, Transport
 from ..membrane import Membrane
-from ..transport import DEFAULT_METRIC, METRICS, RowRegistry, uses_response
+from ..transport import DEFAULT_METRIC, METRICS, RowRegistry
 from .plan import BatchPlan
 
 log = logging.getLogger("spm")
@@ -409,43 +409,6 @@ class Attachment:
                 tr.prepare_phrases(rows, tr._lengths(concepts))
             else:
                 tr.prepare_phrases()  # windows of every recorded prompt, for the ngram metrics
-        self.prepare_response(membranes)
-
-    def prepare_response(self, membranes: Sequence[Membrane]) -> None:
-        """With the ``response`` metric: the response gates of ``membranes``' concepts (:mod:`spm.response`), built
-        before sampling, since building one encodes text (random words, the concept's forms) and draws the concept's
-        probes with the UNet.  Scoring a new row later runs only the UNet, inside the hook, membranes bypassed."""
-        tr = self.transport
-        if not uses_response(tr.metric) or not membranes:
-            return
-        size = response_resolution()
-        if tr.responder is None or tr.responder.resolution != size:  # the setting changed: new probes
-            tr.responder = self._responder(size)
-            if tr.responder is None:
-                return
-        load = getattr(tr.responder.backend, "_load", None)  # Forge: the UNet on its device before it runs
-        if load is not None:
-            load()
-        for m in membranes:
-            for concept in m.info.concepts:
-                tr.responder.build(concept)
-
-    def _responder(self, resolution: int | None = None):
-        """A :class:`spm.response.Responder` on this model (the trainer's backend of this host), or None with a
-        warning where the model cannot run it."""
-        from ..response import Responder
-        from ..train.jobs import NoModelError
-
-        try:
-            if self.host == "forge":
-                from .train_backend_forge import ForgeBackend as HostBackend
-            else:
-                from .train_backend_a1111 import A1111Backend as HostBackend
-            backend = HostBackend(self.sd_model)
-        except (NoModelError, ImportError, AttributeError, TypeError) as e:
-            log.warning("SPM: the response gate cannot run on this model (%s); only the words part of the metric applies", e)
-            return None
-        return Responder(backend, self.stack.bypassed, lazy=False, resolution=resolution)
 
     def clear(self) -> None:
         """Remove every UNet hook (the model computes exactly as without SPM); keep the recorder."""
@@ -465,17 +428,6 @@ class Attachment:
         self.transport.registry.clear()
         self.transport.concepts.clear()
         self._seen.clear()
-
-
-def response_resolution() -> int | None:
-    """Settings → SPM's probe size of the response gate in pixels (None: the model's native size)."""
-    from .panel import option
-
-    try:
-        v = int(float(option("spm_response_resolution", 0) or 0))
-    except (TypeError, ValueError):
-        return None
-    return v if v > 0 else None
 
 
 def _conditioning_list(texts: Sequence[str], negative: bool) -> list[str]:

@@ -21,6 +21,7 @@ from ..tags import format_number
 from ..transport import DEFAULT_METRIC, METRICS
 from . import state
 from .panel import METRIC_CHOICES, TITLE, XYZ_FACTOR, XYZ_WEIGHT, panel_weights, parse_transport_infotext, sync_weights
+from .response import prepare_response
 from .runtime import derived_groups
 
 log = logging.getLogger("spm")
@@ -175,6 +176,7 @@ class SpmScript(scripts.Script):
             texts = [t for prompt, _ in plan.prompts for g in groups_of(prompt) for t in g]
             texts += [t for n in dict.fromkeys(negatives) for g in groups_of(n) for t in g]
             att.prepare_concepts(list(plan.membranes.values()), texts)
+            prepare_response(att, list(plan.membranes.values()))  # the response metric's gates, before sampling
         except Exception as e:  # incompatible membrane (e.g. SD1 membrane on SDXL): warn, generate without
             runtime.clear()
             _warn(p, [f"SPM: membranes not applied: {e}"])
