@@ -924,7 +924,8 @@ def _m_robust(ctx, toks, ce, phrases=None):
 
 def _m_response(ctx, toks, ce, phrases=None):
     """``response``: the default words metric (``ngram_tokenuni``) here; Transport takes its maximum with the
-    response gate (:mod:`spm.response`), which asks the UNet whether the row draws the concept."""
+    membrane gate (:mod:`spm.gate`, as ``robust``) and the response gate (:mod:`spm.response`), which asks the UNet
+    whether the row draws the concept."""
     return _m_ngram_tokenuni(ctx, toks, ce, phrases)
 
 
@@ -933,7 +934,7 @@ for _fn in (_m_ngram, _m_ngram_tokenuni, _m_ngram_fixed, _m_ngram_fixed_tokenuni
 _m_ngram.calibrated = _m_ngram_tokenuni.calibrated = _m_robust.calibrated = True  # type: ignore[attr-defined]
 _m_response.calibrated = True  # type: ignore[attr-defined]
 _m_membrane.gate = _m_robust.gate = True  # type: ignore[attr-defined]
-_m_response.response = True  # type: ignore[attr-defined]
+_m_response.response = _m_response.gate = True  # type: ignore[attr-defined]
 
 
 def needs_phrases(metric: str) -> bool:
@@ -983,8 +984,8 @@ METRICS: dict[str, MetricFn] = {
 DEFAULT_METRIC = "ngram_tokenuni"
 # the metric that also opens for prompts without the concept's words: max(ngram_tokenuni, the membrane gate)
 ROBUST_METRIC = "robust"
-# the metric that asks the UNet whether a row draws the concept: max(ngram_tokenuni, the response gate, spm.response);
-# the robust defaults' transport (bench.attack's robust row)
+# the metric that also asks the UNet whether a row draws the concept: max(ngram_tokenuni, the membrane gate, the
+# response gate of spm.response); the robust defaults' transport (bench.attack's robust row)
 RESPONSE_METRIC = "response"
 
 
