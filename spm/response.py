@@ -30,9 +30,10 @@ rise above ``lo`` is *unusable* (its gate scores 0).
 Cost: building a concept's gate draws its probes (the trajectories down to the lowest level: about 25 UNet calls
 of ``2 × SEEDS`` rows) and scores the null and the literal forms (``(NULL_WORDS + 5) × SEEDS × LEVELS`` rows);
 scoring a row the gate has not seen is one UNet pass of ``SEEDS × LEVELS`` rows, then cached by the row's
-bytes.  It is opt-in (the ``response`` metric) and needs a host that can run its UNet from inside the sampling
-hooks: the diffusers host (``spm generate``, ``spm eval``, ``spm attack``, ``spm explain``).  The WebUI does not
-offer it yet.
+bytes.  It is opt-in (the ``response`` metric, which also takes the membrane gate of :mod:`spm.gate`) and needs a
+host that can run its UNet from inside the sampling hooks (:meth:`spm.attach.MembraneStack.bypassed`): the
+diffusers host (``spm generate``, ``spm eval``, ``spm attack``, ``spm explain``) and the WebUI
+(:mod:`spm.webui.response`, which builds the gates before sampling).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""The response gate (``response`` = ngram_tokenuni and the gate, :mod:`spm.response`): it asks the UNet whether a
+"""The response gate (:mod:`spm.response`; ``response`` = max(ngram_tokenuni, membrane gate, response gate)): it asks the UNet whether a
 row draws the concept, gives exactly 0 at the level of random words (those images stay bit-identical), measures
-each distinct row once, runs inside the stack's own hook without disturbing it, and is refused where no host runs
-the UNet for it (the WebUI)."""
+each distinct row once, runs inside the stack's own hook without disturbing it, falls back to its words part where
+no host runs the UNet for it, and runs in the WebUI (A1111 and Forge stubs) with its gates built before sampling."""
 
 from __future__ import annotations
 
