@@ -235,11 +235,13 @@ class Responder:
         self.gates[concept] = g
         return g
 
-    def closures(self, gate: ResponseGate, context: torch.Tensor) -> torch.Tensor:
-        """Closures ``[B]`` of the rows of ``context`` (each distinct row measured once, then remembered)."""
+    def closures(self, gate: ResponseGate, context: torch.Tensor, keys: Sequence[bytes] | None = None) -> torch.Tensor:
+        """Closures ``[B]`` of the rows of ``context`` (each distinct row measured once, then remembered by its
+        bytes; ``keys``: the rows' digests where the caller has them)."""
         from .backend import Conditioning
 
-        keys = [_digest(context[i]) for i in range(context.shape[0])]
+        if keys is None:
+            keys = [_digest(context[i]) for i in range(context.shape[0])]
         todo: dict[bytes, int] = {}
         for i, k in enumerate(keys):
             if k not in gate.seen and k not in todo:
@@ -254,12 +256,15 @@ class Responder:
     def scores(self, context: torch.Tensor, membranes: Sequence) -> torch.Tensor:
         """``[B, M]``: each membrane's score is the highest of its concepts' gates."""
         cols = []
+        keys: list[bytes] | None = None  # each row hashed once per call, whatever the number of concepts
         for m in membranes:
             best = torch.zeros(context.shape[0])
             for concept in m.info.concepts:
                 g = self.gate(concept)
                 if g is not None and g.usable:
-                    best = torch.maximum(best, g.map(self.closures(g, context)))
+                    if keys is None:
+                        keys = [_digest(context[i]) for i in range(context.shape[0])]
+                    best = torch.maximum(best, g.map(self.closures(g, context, keys)))
             cols.append(best)
         return torch.stack(cols, 1) if cols else torch.zeros(context.shape[0], 0)
 
