@@ -11,7 +11,7 @@ shut. Whether a row draws the concept is the UNet's decision, so this gate asks 
 What it measures
 ----------------
 Per concept, held-out probes of the original model (no membrane): ``x_t`` on the model's own trajectories for
-the concept at :data:`LEVELS` noise levels, :data:`SEEDS` seeds each (:class:`spm.train.signal.ErasureProbe`,
+the concept at the trainer's noise levels (``signal_levels``), :data:`SEEDS` seeds each (:class:`spm.train.signal.ErasureProbe`,
 the trainer's probes), with ``o`` the concept's prediction and ``s`` the empty prompt's. A row ``c`` of
 conditioning gets its prediction ``p`` on the same probes (membranes off) and its **closure**::
 
@@ -28,8 +28,8 @@ but the null's largest — gets exactly 0, so its image stays bit-identical.  A 
 rise above ``lo`` is *unusable* (its gate scores 0).
 
 Cost: building a concept's gate draws its probes (the trajectories down to the lowest level: about 25 UNet calls
-of ``2 × SEEDS`` rows) and scores the null and the literal forms (``(NULL_WORDS + 5) × SEEDS × LEVELS`` rows);
-scoring a row the gate has not seen is one UNet pass of ``SEEDS × LEVELS`` rows, then cached by the row's
+of ``2 × SEEDS`` rows) and scores the null and the literal forms (``(NULL_WORDS + 5) × SEEDS × levels`` rows);
+scoring a row the gate has not seen is one UNet pass of ``SEEDS × levels`` rows, then cached by the row's
 bytes.  It is opt-in (the ``response`` metric, which also takes the membrane gate of :mod:`spm.gate`) and needs a
 host that can run its UNet from inside the sampling hooks (:meth:`spm.attach.MembraneStack.bypassed`): the
 diffusers host (``spm generate``, ``spm eval``, ``spm attack``, ``spm explain``) and the WebUI
@@ -46,15 +46,20 @@ from typing import Callable, ContextManager, Sequence
 
 import torch
 
+from .train.synonyms import NULL_RANK as SCAN_NULL_RANK
+from .train.synonyms import NULL_WORDS as SCAN_NULL_WORDS
+from .train.synonyms import PROBES_PER_LEVEL
+from .train.synonyms import closures as probe_closures
+
 log = logging.getLogger("spm")
 
-SEEDS = 4  # held-out trajectories per concept (synonyms.PROBES_PER_LEVEL: the scan's measure, as many rows)
-LEVELS = 4  # noise levels (the trainer's default signal_levels)
-NULL_WORDS = 128  # random whole words of the null (the model-synonym scan's size)
-NULL_RANK = 2  # the null's second-largest closure is q (one random word that draws the concept cannot move it)
+# held-out trajectories per concept, the null's size and rank: the model-synonym scan's (the same measure, as many
+# probe rows; q is the null's second-largest closure, so one random word that draws the concept cannot move it)
+SEEDS = PROBES_PER_LEVEL
+NULL_WORDS = SCAN_NULL_WORDS
+NULL_RANK = SCAN_NULL_RANK
 SEED = 4127  # the null's draw, apart from every other null and training draw
 PROBE_SEED = 11  # the probes' trajectories, apart from the trainer's (its seed 0)
-BATCH_ROWS = 64  # UNet rows per call while scoring
 # the ramp, as fractions of the headroom between the null's top q (0) and the literal prompts (1): a row opens once
 # the model draws the concept from it more than from every random word but one, at full strength a quarter of the
 # headroom on.  The text gates start at the midpoint instead (spm.gate.LO_FRAC), because sibling concepts share
@@ -104,26 +109,10 @@ class ResponseGate:
     def rows(self) -> int:
         return int(self.x_t.shape[0])
 
-    def closures(self, backend, cond, batch_rows: int = BATCH_ROWS) -> torch.Tensor:
-        """Closure of each row of ``cond`` (a :class:`spm.backend.Conditioning`), ``[len(cond)]`` float32.  The
-        caller runs it with every membrane off."""
-        from .train.objective import run_unet
-
-        n, r = len(cond), self.rows
-        if n == 0:
-            return torch.zeros(0)
-        o, s = self.o.double(), self.s.double()
-        den = float(((s - o) ** 2).sum().clamp_min(1e-30))
-        per_call = max(1, batch_rows // r)
-        out = []
-        for i in range(0, n, per_call):
-            k = min(per_call, n - i)
-            rows = cond.rows([j for j in range(i, i + k) for _ in range(r)])
-            p = run_unet(backend, _NoStack(), self.x_t.repeat(k, 1, 1, 1), self.t.repeat(k), rows, [0.0] * (k * r),
-                         None, False)
-            p = p.double().view(k, r, *o.shape[1:])
-            out.append(1.0 - ((p - o.unsqueeze(0)) ** 2).flatten(1).sum(1) / den)
-        return torch.cat(out).float()
+    def closures(self, backend, cond) -> torch.Tensor:
+        """Closure of each row of ``cond`` (a :class:`spm.backend.Conditioning`), ``[len(cond)]`` float32: the
+        model-synonym scan's measure on this gate's probes.  The caller runs it with every membrane off."""
+        return probe_closures(backend, _NoStack(), self, list(range(self.rows)), cond, None)
 
     def map(self, closure: torch.Tensor) -> torch.Tensor:
         """Scores in [0, 1]; exactly 0 at or below ``lo`` (and always 0 for an unusable gate)."""
@@ -137,7 +126,7 @@ class ResponseGate:
                 "usable": self.usable, "probe_rows": self.rows}
 
 
-def build_gate(backend, concept: str, *, steps: int, guidance: float, levels: int = LEVELS, seeds: int = SEEDS,
+def build_gate(backend, concept: str, *, steps: int, guidance: float, levels: int, seeds: int = SEEDS,
                null: Sequence[str] | None = None, resolution: int | None = None) -> ResponseGate:
     """Draw ``concept``'s probes and calibrate its gate on ``backend``'s model.  Run it with every membrane off
     (:meth:`spm.attach.MembraneStack.bypassed`)."""
@@ -186,22 +175,19 @@ class Responder:
         self.bypass = bypass or contextlib.nullcontext
         self.steps = int(steps or d.max_denoising_steps)
         self.guidance = float(guidance if guidance is not None else d.xt_guidance)
+        self.levels = int(d.signal_levels)
         self.gates: dict[str, ResponseGate | None] = {}
         # lazy: a gate missing when a row is scored is built there (building encodes text); hosts whose text encoder
         # may be offloaded while the UNet samples (the WebUI) build before sampling and pass False
         self.lazy = lazy
-        # the probes' image size in pixels (None: the model's native one); each new row costs SEEDS x LEVELS UNet rows
+        # the probes' image size in pixels (None: the model's native one); each new row costs SEEDS x levels UNet rows
         # at this size, so a CPU host may choose a smaller one
         self.resolution = int(resolution) if resolution else None
         self._supported = not getattr(backend, "is_xl", False)
         self._warned = False
 
-    @property
-    def supported(self) -> bool:
-        """False on models whose UNet needs more than the text states per row (SDXL's pooled embedding)."""
-        return self._supported
-
     def _unsupported(self) -> bool:
+        """True (warned once) on models whose UNet needs more than the text states per row (SDXL's pooled vector)."""
         if not self._supported and not self._warned:
             self._warned = True
             log.warning("SPM: the response gate needs a UNet conditioned on text states alone (SD1.x/SD2.x); "
@@ -224,7 +210,7 @@ class Responder:
             return self.gates[concept]
         try:
             with self.bypass(), torch.no_grad():
-                g = build_gate(self.backend, concept, steps=self.steps, guidance=self.guidance,
+                g = build_gate(self.backend, concept, steps=self.steps, guidance=self.guidance, levels=self.levels,
                                resolution=self.resolution)
         except Exception as e:  # never fail a generation for it: the words part still applies
             log.warning("SPM: building the response gate of %r failed (%s: %s); only the words part applies to it",
@@ -269,4 +255,4 @@ class Responder:
         return torch.stack(cols, 1) if cols else torch.zeros(context.shape[0], 0)
 
 
-__all__ = ["LEVELS", "NULL_WORDS", "Responder", "ResponseGate", "SEEDS", "build_gate", "null_words"]
+__all__ = ["NULL_WORDS", "Responder", "ResponseGate", "SEEDS", "build_gate", "null_words"]
