@@ -59,10 +59,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .transport import uses_response
 
     if uses_response(args.metric):  # no membrane is attached here: the UNet is the original model's
-        from .hosts.diffusers import DiffusersBackend
-        from .response import Responder
+        from .hosts.diffusers import pipeline_responder
 
-        transport.responder = Responder(DiffusersBackend(pipe))
+        transport.responder = pipeline_responder(pipe)
     if args.vocabulary:
         from .explain import format_vocabulary, vocabulary
 

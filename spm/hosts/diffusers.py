@@ -15,7 +15,7 @@ import torch
 
 from ..attach import MembraneStack, Transport
 from ..membrane import Membrane
-from ..transport import DEFAULT_METRIC
+from ..transport import DEFAULT_METRIC, uses_response
 
 
 def _as_list(p: Any) -> list[str]:
@@ -125,6 +125,14 @@ def pipeline_transport(pipe, metric: str = DEFAULT_METRIC, factor: float = 1.0) 
                      fast_encode_ids=phrase_encoder(pipe))
 
 
+def pipeline_responder(pipe, bypass=None):
+    """The :class:`spm.response.Responder` of ``pipe``'s UNet; ``bypass``: the attached stack's
+    :meth:`~spm.attach.MembraneStack.bypassed` (None where no membrane is attached)."""
+    from ..response import Responder
+
+    return Responder(DiffusersBackend(pipe), bypass)
+
+
 def transport_calibration(pipe, concepts: Sequence[str]) -> dict:
     """``spm_transport`` metadata for a membrane erasing ``concepts``, calibrated on ``pipe``'s text encoder."""
     return _calibration(pipeline_transport(pipe), concepts)
@@ -148,15 +156,19 @@ class PipelineMembranes:
         if transport:
             self.stack.set_transport(self.transport)
         pipe.encode_prompt = _record_wrapper(pipe, self.transport.registry)
-        # the response gate (the ``response`` metric) runs this UNet from inside the stack's hook, membranes bypassed
-        from ..response import Responder
+        self._responder_for_metric()
 
-        self.transport.responder = Responder(DiffusersBackend(pipe), self.stack.bypassed)
+    def _responder_for_metric(self) -> None:
+        """The response gate (metrics with :func:`~spm.transport.uses_response`) runs this UNet from inside the
+        stack's hook, membranes bypassed; set up only for those metrics."""
+        if uses_response(self.transport.metric) and self.transport.responder is None:
+            self.transport.responder = pipeline_responder(self.pipe, self.stack.bypassed)
 
     def set_metric(self, metric: str, factor: float | None = None) -> None:
         self.transport.metric = metric
         if factor is not None:
             self.transport.factor = float(factor)
+        self._responder_for_metric()
         self.stack.set_transport(self.transport)
 
     def close(self) -> None:
