@@ -53,15 +53,20 @@ def prepare_response(att: Any, membranes: Sequence[Membrane]) -> None:
         return
     size = response_resolution()
     if tr.responder is None or tr.responder.resolution != size:  # first use, or the setting changed: new probes
+        if getattr(att, "_no_responder", False):  # this model cannot run it: said once, not at every generation
+            return
         tr.responder = make_responder(att, size)
         if tr.responder is None:
+            att._no_responder = True
             return
+    todo = [c for m in membranes for c in m.info.concepts if c not in tr.responder.gates]
+    if not todo:  # every gate built in an earlier generation
+        return
     load = getattr(tr.responder.backend, "_load", None)  # Forge: the UNet on its device before it runs
     if load is not None:
         load()
-    for m in membranes:
-        for concept in m.info.concepts:
-            tr.responder.build(concept)
+    for concept in dict.fromkeys(todo):
+        tr.responder.build(concept)
 
 
 __all__ = ["make_responder", "prepare_response", "response_resolution"]
