@@ -73,11 +73,13 @@ def _cmd_attack(args) -> int:
     from . import toy
     from .checkpoint import MembraneFileError, load_membrane
     from .hosts.diffusers import PipelineMembranes, load_pipeline
-    from .transport import DEFAULT_METRIC, METRICS
+    from .transport import DEFAULT_METRIC, check_metric
 
     metric = args.metric or DEFAULT_METRIC
-    if metric not in METRICS:
-        return fail(f"--metric {metric}: unknown; choose one of {', '.join(METRICS)}")
+    try:
+        check_metric(metric)
+    except ValueError as e:
+        return fail(f"--metric: {e}")
     try:
         membrane = load_membrane(args.membrane)
         tm = toy.toy_model(args.model)

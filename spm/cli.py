@@ -379,6 +379,12 @@ def _distinct_membranes(plans: list[tuple[str, list]]) -> list:
 
 def _cmd_generate(args) -> int:
     _threads(args.threads)
+    from .transport import check_metric
+
+    try:
+        check_metric(args.metric)  # before the model loads, with or without a membrane
+    except ValueError as e:
+        return _fail(f"--metric: {e}")
     try:
         items = _load_membranes(args.membrane)
         plans = _prompt_membranes(list(args.prompt), items, args.spm_dir)  # a bad tag fails before the model loads

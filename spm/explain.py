@@ -21,6 +21,7 @@ from .transport import (
     METRICS,
     best_window,
     calibrate,
+    check_metric,
     content_ids,
     content_positions,
     is_calibrated,
@@ -67,9 +68,7 @@ def explain(transport: Transport, membranes: Sequence[Membrane], prompt: str) ->
     call it while the text encoder is available.  ``strength`` is ``factor × clamp(max over concepts)``,
     before the user's weight.
     """
-    metric = transport.metric
-    if metric not in METRICS:
-        raise ValueError(f"unknown transport metric {metric!r}; choose one of {sorted(METRICS)}")
+    metric = check_metric(transport.metric)
     ctx, toks = transport.encode([prompt])
     row = list(toks[0])
     out: dict[str, Any] = {"prompt": prompt, "metric": metric, "factor": transport.factor,

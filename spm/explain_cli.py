@@ -14,14 +14,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
     """Print each membrane's concepts, scores, windows and calibrations for every ``--prompt``."""
     from .checkpoint import MembraneFileError, load_membrane
     from .cli import CliError, _distinct_membranes, _prompt_membranes, load_model
-    from .transport import METRICS
+    from .transport import check_metric
 
     def fail(msg: str) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 2
 
-    if args.metric not in METRICS:
-        return fail(f"--metric {args.metric}: unknown; choose one of {', '.join(sorted(METRICS))}")
+    try:
+        check_metric(args.metric)
+    except ValueError as e:
+        return fail(f"--metric: {e}")
     args.prompt = args.prompt or []
     if not args.prompt and not args.vocabulary:
         return fail("give at least one --prompt, or --vocabulary")

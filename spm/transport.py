@@ -953,6 +953,13 @@ def uses_gate(metric: str) -> bool:
     return bool(getattr(METRICS.get(metric), "gate", False))
 
 
+def check_metric(metric: str) -> str:
+    """``metric`` if it is a transport metric, else ValueError naming every choice (one message for every host)."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown transport metric {metric!r}; choose one of {', '.join(sorted(METRICS))}")
+    return metric
+
+
 def uses_response(metric: str) -> bool:
     """Whether ``metric`` adds the response gate (:mod:`spm.response`): it runs the host's UNet on each new row,
     so only hosts that set :attr:`spm.attach.Transport.responder` can use it (the diffusers host; not the WebUI)."""
@@ -1028,10 +1035,7 @@ def concept_scores(
 
     ``phrases`` is required by the metrics that read phrase states (:func:`needs_phrases`).
     """
-    try:
-        fn = METRICS[metric]
-    except KeyError:
-        raise ValueError(f"unknown transport metric {metric!r}; choose one of {sorted(METRICS)}") from None
+    fn = METRICS[check_metric(metric)]
     if not concepts or metric == "off":
         return torch.ones(context.shape[0])
     if fn in (_m_ngram_tokenuni, _m_robust) and len(concepts) > 1:
@@ -1134,7 +1138,7 @@ class RowRegistry:
 
 __all__ = [
     "DEFAULT_METRIC", "METRICS", "RESPONSE_METRIC", "ROBUST_METRIC", "Calibration", "ConceptCache", "ConceptEmbedding", "Encoder", "PhraseCache",
-    "PhraseEncoder", "RowRegistry", "all_windows", "best_window", "calibrate", "calibration_metadata",
+    "PhraseEncoder", "RowRegistry", "all_windows", "best_window", "calibrate", "calibration_metadata", "check_metric",
     "causal_phrase_encoder", "checked_phrase_encoder", "clipcos", "compute_calibration", "concept_scores",
     "ngram_tokenuni_many", "VOCABULARY_PROGRESS",
     "content_ids", "content_tokens", "encoder_fingerprint", "fingerprint_distance", "is_calibrated", "needs_phrases",

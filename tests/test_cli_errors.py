@@ -90,6 +90,15 @@ def test_generate_size_not_a_multiple_of_the_latent_factor(tmp_path, capsys):
     assert not (tmp_path / "g.png").exists()
 
 
+def test_generate_unknown_metric_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from spm import cli
+
+    monkeypatch.setattr(cli, "_load_pipe", lambda args: pytest.fail("the model was loaded"))
+    err = _one_line(capsys, _gen(tmp_path, "--metric", "bogus"), "unknown transport metric 'bogus'")
+    assert "--metric" in err and "response" in err  # names the flag and the choices
+    assert not (tmp_path / "g.png").exists()
+
+
 def test_missing_membrane_gets_a_command_line_hint(tmp_path, capsys):
     err = _one_line(capsys, _gen(tmp_path, "--membrane", str(tmp_path / "gone.safetensors")), "no such file")
     assert "press refresh" not in err and ".safetensors membrane" in err

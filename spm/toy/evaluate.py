@@ -273,7 +273,7 @@ def evaluate(base, scorer, membranes: Sequence, targets: Sequence[Sequence[str]]
     :class:`NotToyModel` and :class:`spm.checkpoint.IncompatibleMembrane` before generating anything.
     """
     from spm.hosts.diffusers import PipelineMembranes
-    from spm.transport import DEFAULT_METRIC, METRICS
+    from spm.transport import DEFAULT_METRIC, check_metric
 
     t0 = time.time()
     say = progress or (lambda msg: None)
@@ -293,9 +293,7 @@ def evaluate(base, scorer, membranes: Sequence, targets: Sequence[Sequence[str]]
     all_targets = list(dict.fromkeys(t for ts in per_targets for t in ts))
     if len(all_targets) == len(objects):
         raise ValueError("every toy-world object is a target: no non-target prompts are left to measure preservation")
-    metric = metric or DEFAULT_METRIC
-    if metric not in METRICS:
-        raise ValueError(f"unknown transport metric {metric!r}; choose one of {', '.join(METRICS)}")
+    metric = check_metric(metric or DEFAULT_METRIC)
     if steps < 1 or cfg < 0:
         raise ValueError(f"steps must be >= 1 and cfg >= 0 (got {steps}, {cfg})")
     sizes = {**SUITE_DEFAULTS, **(suite or {})}

@@ -21,7 +21,7 @@ import logging
 from typing import Any, Callable
 
 from ..tags import format_number, strip_tags
-from ..transport import DEFAULT_METRIC, METRICS
+from ..transport import DEFAULT_METRIC, check_metric
 from . import state
 from .panel import option, panel_weights
 from .response import prepare_response
@@ -71,8 +71,10 @@ def explain_prompt(prompt: Any, enabled: Any = True, selected: Any = None, weigh
     if not prompt.strip():
         raise ExplainError(NO_PROMPT)
     metric = str(metric or DEFAULT_METRIC)
-    if metric not in METRICS:
-        raise ExplainError(f"unknown transport metric {metric!r}; choose one of {', '.join(sorted(METRICS))}")
+    try:
+        check_metric(metric)
+    except ValueError as e:
+        raise ExplainError(str(e)) from None
     try:
         factor = float(factor)
     except (TypeError, ValueError):

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..attach import MembraneStack, Transport
 from ..membrane import Membrane
-from ..transport import DEFAULT_METRIC, METRICS, RowRegistry
+from ..transport import DEFAULT_METRIC, RowRegistry, check_metric
 from .plan import BatchPlan
 
 log = logging.getLogger("spm")
@@ -356,8 +356,7 @@ class Attachment:
         if not plan.active:
             self.clear()
             return
-        if metric not in METRICS:
-            raise ValueError(f"unknown transport metric {metric!r}; choose one of {sorted(METRICS)}")
+        check_metric(metric)
         table: dict[str, dict[str, float]] = {}
         for prompt, weights in plan.prompts:
             for text in texts_of(prompt):
