@@ -17,6 +17,7 @@ import torch
 
 from .attach import Transport
 from .membrane import Membrane
+from .response import stored_calibration
 from .transport import (
     METRICS,
     best_window,
@@ -200,12 +201,13 @@ def _response_entry(transport: Transport, membrane: Membrane, ctx: torch.Tensor)
         return []
     out = []
     for concept in membrane.info.concepts:
-        gate = responder.gate(concept)
+        gate = responder.gate(concept, stored_calibration(membrane, concept))
         if gate is None:
             continue
         closure = float(responder.closures(gate, ctx.detach())[0])
         out.append({"concept": concept, "closure": round(closure, 6),
-                    "score": round(float(gate.map(torch.tensor([closure]))[0]), 6), "calibration": gate.to_dict()})
+                    "score": round(float(gate.map(torch.tensor([closure]))[0]), 6),
+                    "calibration": {**gate.to_dict(), "reason": gate.reason}})
     return out
 
 
@@ -256,6 +258,8 @@ def format_explanation(ex: dict[str, Any]) -> str:
             lines.append(f"    on {c['probe_rows']} probes of the model's own {r['concept']!r} trajectories: random words close up to "
                          f"{c['q']:.3f} (second-largest), the literal prompts from {c['top']:.3f}"
                          + ("" if c["usable"] else "  [unusable: the literal prompts do not rise above random words]"))
+            if c.get("reason"):
+                lines.append(f"    calibration: {'stored in the file' if c.get('source') == 'file' else 'computed here'}: {c['reason']}")
     return "\n".join(lines)
 
 

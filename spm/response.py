@@ -30,7 +30,10 @@ rise above ``lo`` is *unusable* (its gate scores 0).
 Cost: building a concept's gate draws its probes (the trajectories down to the lowest level: about 25 UNet calls
 of ``2 × SEEDS`` rows) and scores the null and the literal forms (``(NULL_WORDS + 5) × SEEDS × levels`` rows);
 scoring a row the gate has not seen is one UNet pass of ``SEEDS × levels`` rows, then cached by the row's
-bytes.  It is opt-in (the ``response`` metric, which also takes the membrane gate of :mod:`spm.gate`) and needs a
+bytes.  The trainer stores each target's calibration (``q``, ``top``, the empty prompt's closure) in the membrane's
+``spm_transport["response"]`` with a fingerprint of the probes (:func:`training_response`); a host whose probes
+match it (same probe settings, the concept's predictions within :data:`FINGERPRINT_RTOL`: the same UNet) only
+draws the probes and skips the null (about a tenth of the rows); on another UNet (a fine-tune) it recomputes.  It is opt-in (the ``response`` metric, which also takes the membrane gate of :mod:`spm.gate`) and needs a
 host that can run its UNet from inside the sampling hooks (:meth:`spm.attach.MembraneStack.bypassed`): the
 diffusers host (``spm generate``, ``spm eval``, ``spm attack``, ``spm explain``) and the WebUI
 (:mod:`spm.webui.response`, which builds the gates before sampling).
@@ -69,6 +72,16 @@ PROBE_SEED = 11  # the probes' trajectories, apart from the trainer's (its seed 
 # image stayed bit-identical under either rule
 LO_FRAC = 0.0
 HI_FRAC = 0.25
+# the trainer stores the calibration only where it costs at most this share of the training's planned UNet work (the
+# same bound as the model-synonym scan's, spm.train.synonyms.BUDGET_SHARE, kept apart so that lifting one in a test
+# leaves the other): a smoke test of a few iterations must not spend minutes on it (a cost bound, not a fit)
+BUDGET_SHARE = 0.5
+CALIBRATION_VERSION = 1  # of the stored calibration (spm_transport["response"]); another version is recomputed
+# a stored calibration applies when the host's probe predictions of the concept are within this relative distance of
+# the ones it was made on: above fp16-versus-fp32 rounding along a sampled trajectory, far below what fine-tuning the
+# UNet moves (bench: toy against its fine-tune; tests/test_response.py)
+FINGERPRINT_RTOL = 5e-2
+FINGERPRINT_DIMS = 4  # seeded random directions each probe row's prediction is projected on
 
 
 class _NoStack:
@@ -103,16 +116,21 @@ class ResponseGate:
     lo: float = 0.0
     hi: float = 1.0
     usable: bool = True
+    params: dict = field(default_factory=dict)  # what the probes and the null were drawn with (calibration_params)
+    fingerprint: dict = field(default_factory=dict)  # the probes' predictions of the concept (probe_fingerprint)
+    source: str = "computed"  # "file": q/top/empty from the membrane's stored calibration
+    reason: str = ""  # why a stored calibration was or was not used
     seen: dict = field(default_factory=dict, repr=False)  # row digest -> closure
 
     @property
     def rows(self) -> int:
         return int(self.x_t.shape[0])
 
-    def closures(self, backend, cond) -> torch.Tensor:
+    def closures(self, backend, cond, stack=None, progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Closure of each row of ``cond`` (a :class:`spm.backend.Conditioning`), ``[len(cond)]`` float32: the
-        model-synonym scan's measure on this gate's probes.  The caller runs it with every membrane off."""
-        return probe_closures(backend, _NoStack(), self, list(range(self.rows)), cond, None)
+        model-synonym scan's measure on this gate's probes.  The caller runs it with every membrane off (or passes
+        its ``stack``, whose strengths are then set to 0)."""
+        return probe_closures(backend, stack or _NoStack(), self, list(range(self.rows)), cond, None, progress=progress)
 
     def map(self, closure: torch.Tensor) -> torch.Tensor:
         """Scores in [0, 1]; exactly 0 at or below ``lo`` (and always 0 for an unusable gate)."""
@@ -123,36 +141,160 @@ class ResponseGate:
     def to_dict(self) -> dict:
         return {"concept": self.concept, "q": round(self.q, 4), "top": round(self.top, 4),
                 "empty": round(self.empty, 4), "lo": round(self.lo, 4), "hi": round(self.hi, 4),
-                "usable": self.usable, "probe_rows": self.rows}
+                "usable": self.usable, "probe_rows": self.rows, "source": self.source}
+
+    def calibration(self) -> dict:
+        """The entry a membrane file stores for this concept (``spm_transport["response"]["concepts"]``)."""
+        return {"params": self.params, "fingerprint": self.fingerprint, "q": self.q, "top": self.top,
+                "empty": self.empty}
+
+    def _place(self) -> None:
+        """``lo``, ``hi`` and ``usable`` from ``q``, ``top`` and ``empty``."""
+        head = self.top - self.q
+        self.lo = max(self.q + head * LO_FRAC, self.empty)
+        self.hi = max(self.q + head * HI_FRAC, self.lo + 1e-6)
+        self.usable = head > 0 and self.top > self.lo
+
+
+def calibration_params(steps: int, guidance: float, levels: int, seeds: int, resolution: int) -> dict:
+    """What a stored calibration depends on besides the UNet: the probes' and the null's settings."""
+    from .gate import CONCEPT_FORMS
+
+    return {"version": CALIBRATION_VERSION, "probe_seed": PROBE_SEED, "seeds": int(seeds), "levels": int(levels),
+            "steps": int(steps), "guidance": float(guidance), "resolution": int(resolution), "null": NULL_WORDS,
+            "null_seed": SEED, "rank": NULL_RANK, "forms": list(CONCEPT_FORMS), "lo_frac": LO_FRAC, "hi_frac": HI_FRAC}
+
+
+def probe_fingerprint(o: torch.Tensor) -> dict:
+    """What identifies the UNet a calibration was made on: each probe row's prediction of the concept projected on
+    :data:`FINGERPRINT_DIMS` seeded random directions (the probes are drawn anyway; this costs no UNet call)."""
+    x = o.detach().double().cpu().flatten(1)
+    g = torch.Generator().manual_seed(0)
+    proj = x @ torch.randn(x.shape[1], FINGERPRINT_DIMS, generator=g, dtype=torch.float64) / x.shape[1] ** 0.5
+    return {"dim": int(x.shape[1]), "probe": [int(x.shape[0]), PROBE_SEED],
+            "proj": [float(f"{v:.6g}") for v in proj.reshape(-1).tolist()]}
+
+
+def stored_calibration(membrane, concept: str) -> dict | None:
+    """``membrane``'s stored response calibration of ``concept`` (``spm_transport["response"]``), or None."""
+    entry = (((getattr(getattr(membrane, "info", None), "transport", None) or {}).get("response") or {})
+             .get("concepts") or {}).get(concept)
+    return entry if isinstance(entry, dict) else None
+
+
+def _apply_stored(gate: ResponseGate, stored: dict | None) -> bool:
+    """Take ``q``/``top``/``empty`` from ``stored`` where it was made with these settings on this UNet; sets
+    ``gate.reason`` either way."""
+    from .transport import fingerprint_distance
+
+    if not stored:
+        gate.reason = "no stored calibration"
+        return False
+    if stored.get("params") != gate.params:
+        gate.reason = "the stored calibration was made with other probe settings"
+        return False
+    dist = fingerprint_distance(stored.get("fingerprint"), gate.fingerprint)
+    if dist > FINGERPRINT_RTOL:
+        what = "another size" if dist == float("inf") else f"relative distance {dist:.3g} > {FINGERPRINT_RTOL:g}"
+        gate.reason = f"this UNet predicts the concept otherwise than the one the file was calibrated on ({what})"
+        return False
+    try:
+        gate.q, gate.top, gate.empty = float(stored["q"]), float(stored["top"]), float(stored["empty"])
+    except (KeyError, TypeError, ValueError):
+        gate.reason = "the stored calibration is unreadable"
+        return False
+    gate.source = "file"
+    gate.reason = f"the file's calibration (probe predictions within {dist:.2g} <= {FINGERPRINT_RTOL:g})"
+    return True
 
 
 def build_gate(backend, concept: str, *, steps: int, guidance: float, levels: int, seeds: int = SEEDS,
-               null: Sequence[str] | None = None, resolution: int | None = None) -> ResponseGate:
-    """Draw ``concept``'s probes and calibrate its gate on ``backend``'s model.  Run it with every membrane off
-    (:meth:`spm.attach.MembraneStack.bypassed`)."""
+               null: Sequence[str] | None = None, resolution: int | None = None, stored: dict | None = None,
+               stack=None, progress: Callable[[int, int], None] | None = None) -> ResponseGate:
+    """Draw ``concept``'s probes and calibrate its gate on ``backend``'s model, or take the calibration from
+    ``stored`` (:func:`stored_calibration`) where it applies.  Run it with every membrane off
+    (:meth:`spm.attach.MembraneStack.bypassed`), or pass the ``stack`` whose strengths are then set to 0 (the
+    trainer).  ``progress(done, total)`` counts the null's and the forms' rows scored (a caller may raise in it)."""
     from .gate import CONCEPT_FORMS
+    from .progress import tally
     from .train.signal import ErasureProbe
 
+    stack = stack or _NoStack()
+    size = int(resolution or backend.latent.resolution)
     cond = backend.encode([concept, ""])
-    probe = ErasureProbe(backend, _NoStack(), cond.rows([0]), cond.rows([1]), cond.rows([1]), steps=steps,
-                         guidance=guidance, resolution=int(resolution or backend.latent.resolution),
-                         trajectories=seeds, levels=levels,
+    probe = ErasureProbe(backend, stack, cond.rows([0]), cond.rows([1]), cond.rows([1]), steps=steps,
+                         guidance=guidance, resolution=size, trajectories=seeds, levels=levels,
                          seed=PROBE_SEED, surrogate_is_uncond=True)
-    gate = ResponseGate(concept, probe.x_t, probe.t, probe.o.float(), probe.s.float())
-    words = list(null) if null is not None else null_words()
-    nul = gate.closures(backend, backend.encode(words + [""]))
-    gate.empty = float(nul[-1])
-    top = nul.double().sort(descending=True).values
-    gate.q = float(top[min(NULL_RANK, len(top)) - 1])
-    gate.top = float(gate.closures(backend, backend.encode([f.format(concept) for f in CONCEPT_FORMS])).min())
-    head = gate.top - gate.q
-    gate.lo = max(gate.q + head * LO_FRAC, gate.empty)
-    gate.hi = max(gate.q + head * HI_FRAC, gate.lo + 1e-6)
-    gate.usable = head > 0 and gate.top > gate.lo
+    gate = ResponseGate(concept, probe.x_t, probe.t, probe.o.float(), probe.s.float(),
+                        params=calibration_params(steps, guidance, levels, seeds, size),
+                        fingerprint=probe_fingerprint(probe.o))
+    if not _apply_stored(gate, stored):
+        words = list(null) if null is not None else null_words()
+        forms = [f.format(concept) for f in CONCEPT_FORMS]
+        step = tally(progress, len(words) + 1 + len(forms))
+        nul = gate.closures(backend, backend.encode(words + [""]), stack, step)
+        gate.empty = float(nul[-1])
+        top = nul.double().sort(descending=True).values
+        gate.q = float(top[min(NULL_RANK, len(top)) - 1])
+        gate.top = float(gate.closures(backend, backend.encode(forms), stack, step).min())
+    gate._place()
     if not gate.usable:
         log.warning("SPM: the response gate of %r is unusable on this model: its literal prompts close %.2f of the gap, "
                     "random words up to %.2f (it scores 0; the words metric still applies)", concept, gate.top, gate.q)
     return gate
+
+
+def calibration_rows(steps: int, levels: int, seeds: int = SEEDS) -> int:
+    """UNet rows of one concept's calibration: the probes' trajectories (a CFG pair per step down to the lowest
+    level) and the null, the empty prompt and the literal forms on every probe."""
+    from .train.signal import probe_levels
+
+    lv = probe_levels(steps, levels)
+    return 2 * seeds * (max(lv) + 1) + (NULL_WORDS + 1 + len(_forms())) * seeds * len(lv)
+
+
+def training_response(backend, stack, targets: Sequence[str], *, steps: int, guidance: float, levels: int,
+                      progress: Callable[[int, int], None] | None = None, planned: int | None = None,
+                      train_resolution: int | None = None) -> dict:
+    """The ``spm_transport["response"]`` entry a trainer stores: each target's response-gate calibration on the
+    original model (``stack``'s strengths set to 0), so that a host on the same UNet skips the null.  The probes are
+    drawn at ``backend.response_resolution`` where the host sets one (the WebUI's Settings), else at the model's
+    native size, as the host's gate will draw them.  ``{}`` on SDXL (no response gate there), when it would cost more
+    than :data:`BUDGET_SHARE` of ``planned`` (the training's UNet rows at ``train_resolution``; None: no bound), or
+    when it fails (best effort: the host then calibrates on first use).  ``progress(done, total)``: texts scored, reported after each
+    target; an exception raised in it propagates (the trainer's Interrupt)."""
+    if getattr(backend, "is_xl", False) or not targets:
+        return {}
+    from .progress import tally
+
+    size = getattr(backend, "response_resolution", None) or None
+    if planned is not None:
+        native = int(backend.latent.resolution)
+        cost = calibration_rows(steps, levels) * len(set(targets)) * ((size or native) / (train_resolution or native)) ** 2
+        if cost > BUDGET_SHARE * planned:
+            log.info("SPM: the response gate's calibration is not stored: about %d UNet rows, more than %.0f%% of this "
+                     "run's %d (it is computed on first use of --metric response)", cost, 100 * BUDGET_SHARE, planned)
+            return {}
+    per = NULL_WORDS + 1 + len(_forms())
+    step = tally(progress, per * len(targets))
+    out = {}
+    for t in dict.fromkeys(targets):
+        try:
+            with torch.no_grad():
+                g = build_gate(backend, t, steps=steps, guidance=guidance, levels=levels, stack=stack, resolution=size)
+        except Exception as e:  # never fail a training run for it
+            log.warning("SPM: response-gate calibration of %r at training time failed (%s); it will be computed on "
+                        "first use", t, e)
+            continue
+        step(per)
+        out[t] = g.calibration()
+    return {"concepts": out} if out else {}
+
+
+def _forms() -> tuple[str, ...]:
+    from .gate import CONCEPT_FORMS
+
+    return tuple(CONCEPT_FORMS)
 
 
 def _digest(row: torch.Tensor) -> bytes:
@@ -194,30 +336,37 @@ class Responder:
                         "on this model it scores 0 and the words metric applies")
         return not self._supported
 
-    def gate(self, concept: str) -> ResponseGate | None:
-        """``concept``'s gate: built here when missing if ``lazy``, else None until :meth:`build`."""
+    def gate(self, concept: str, stored: dict | None = None) -> ResponseGate | None:
+        """``concept``'s gate: built here when missing if ``lazy``, else None until :meth:`build`.  ``stored``: a
+        membrane's stored calibration of it (:func:`stored_calibration`), used where it applies."""
         if self._unsupported():
             return None
         if concept in self.gates:
             return self.gates[concept]
-        return self.build(concept) if self.lazy else None
+        return self.build(concept, stored) if self.lazy else None
 
-    def build(self, concept: str) -> ResponseGate | None:
+    def build(self, concept: str, stored: dict | None = None) -> ResponseGate | None:
         """Build (or return) ``concept``'s gate; a failure is logged and leaves the concept without one."""
         if self._unsupported():
             return None
         if concept in self.gates:
             return self.gates[concept]
+        steps, guidance, levels = self.steps, self.guidance, self.levels
+        try:  # a stored calibration's probes are drawn as the trainer drew them (its run may have set other values)
+            p = (stored or {}).get("params") or {}
+            steps, guidance, levels = int(p.get("steps", steps)), float(p.get("guidance", guidance)), int(p.get("levels", levels))
+        except (TypeError, ValueError, AttributeError):
+            pass
         try:
             with self.bypass(), torch.no_grad():
-                g = build_gate(self.backend, concept, steps=self.steps, guidance=self.guidance, levels=self.levels,
-                               resolution=self.resolution)
+                g = build_gate(self.backend, concept, steps=steps, guidance=guidance, levels=levels,
+                               resolution=self.resolution, stored=stored)
         except Exception as e:  # never fail a generation for it: the words part still applies
             log.warning("SPM: building the response gate of %r failed (%s: %s); only the words part applies to it",
                         concept, type(e).__name__, e)
             g = None
         else:
-            log.info("SPM: response gate of %r: %s", concept, g.to_dict())
+            log.info("SPM: response gate of %r: %s (%s)", concept, g.to_dict(), g.reason)
         self.gates[concept] = g
         return g
 
@@ -246,7 +395,7 @@ class Responder:
         for m in membranes:
             best = torch.zeros(context.shape[0])
             for concept in m.info.concepts:
-                g = self.gate(concept)
+                g = self.gate(concept, stored_calibration(m, concept))
                 if g is not None and g.usable:
                     if keys is None:
                         keys = [_digest(context[i]) for i in range(context.shape[0])]
@@ -255,4 +404,5 @@ class Responder:
         return torch.stack(cols, 1) if cols else torch.zeros(context.shape[0], 0)
 
 
-__all__ = ["NULL_WORDS", "Responder", "ResponseGate", "SEEDS", "build_gate", "null_words"]
+__all__ = ["FINGERPRINT_RTOL", "NULL_WORDS", "Responder", "ResponseGate", "SEEDS", "build_gate", "calibration_params",
+           "calibration_rows", "null_words", "probe_fingerprint", "stored_calibration", "training_response"]

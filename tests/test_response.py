@@ -6,6 +6,7 @@ no host runs the UNet for it, and runs in the WebUI (A1111 and Forge stubs) with
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -174,6 +175,121 @@ def test_explain_cli_prints_the_response_gate(pipe, tmp_path, capsys):
     assert main(["explain", "--membrane", str(path), "--metric", "response", "--prompt", "a circle"]) == 0
     text = capsys.readouterr().out
     assert "response gate 'circle': score 1.000" in text and "random words close up to" in text
+
+
+def _counting_rows(backend):
+    """Count the UNet rows ``backend`` runs: ``(counter list, restore())``."""
+    calls = []
+    predict = backend.predict
+
+    def counting(x, t, cond):
+        calls.append(x.shape[0])
+        return predict(x, t, cond)
+
+    backend.predict = counting
+    return calls, lambda: setattr(backend, "predict", predict)
+
+
+@pytest.fixture(scope="module")
+def trained(pipe, tmp_path_factory):
+    """A membrane trained for a few steps on the toy model: its file holds the response calibration."""
+    import spm.response
+    from spm.hosts.diffusers import DiffusersBackend
+    from spm.train import TrainConfig, Trainer
+    from tests.test_train import FAST
+
+    out = tmp_path_factory.mktemp("trained") / "circle.safetensors"
+    # FAST's 4 denoising steps: the host's responder draws this concept's probes as the trainer did, not with its own
+    # default 30 (a run with other settings would otherwise never match)
+    cfg = TrainConfig(targets=["circle"], iterations=2, la_mode="off", synonyms="off", **FAST)
+    phases = []
+    with pytest.MonkeyPatch.context() as mp:  # 2 iterations pay for no calibration: lift the bound here
+        mp.setattr(spm.response, "BUDGET_SHARE", 1e9)
+        Trainer(DiffusersBackend(pipe), cfg, out, progress_bar=False, on_phase=phases.append).train()
+    # counted in prompts scored (null, empty prompt, literal forms), reported after each target
+    assert [(p.done, p.total) for p in phases if p.name == "response"] == [(0, 133), (133, 133)]
+    return out
+
+
+def test_the_trainer_stores_the_calibration_and_a_host_on_the_same_unet_skips_the_null(pipe, trained):
+    from spm.checkpoint import load_membrane
+    from spm.hosts.diffusers import DiffusersBackend
+    from spm.response import FINGERPRINT_RTOL, Responder, stored_calibration
+
+    m = load_membrane(trained)
+    stored = stored_calibration(m, "circle")
+    assert stored is not None and stored["params"]["probe_seed"] and len(stored["fingerprint"]["proj"]) > 0
+    assert stored_calibration(m, "square") is None
+    fresh_be = DiffusersBackend(pipe)
+    calls, restore = _counting_rows(fresh_be)
+    try:
+        fresh = Responder(fresh_be, steps=stored["params"]["steps"]).build("circle")  # computed as the trainer did
+        computed_rows = sum(calls)
+        calls.clear()
+        from_file = Responder(fresh_be).build("circle", stored)
+        file_rows = sum(calls)
+    finally:
+        restore()
+    assert fresh.source == "computed" and from_file.source == "file" and "within" in from_file.reason
+    assert (from_file.q, from_file.top, from_file.empty) == (stored["q"], stored["top"], stored["empty"])
+    assert (from_file.q, from_file.top, from_file.lo, from_file.hi) == pytest.approx((fresh.q, fresh.top, fresh.lo, fresh.hi))
+    assert torch.equal(from_file.x_t, fresh.x_t)  # the trainer's probe settings, not the host's default 30 steps
+    # the null (NULL_WORDS random words, "" and the literal forms, each on every probe row) is not scored again
+    assert computed_rows - file_rows >= 100 * fresh.rows and file_rows < computed_rows / 5
+    assert FINGERPRINT_RTOL < 1
+
+
+def test_a_calibration_from_another_unet_or_other_probe_settings_is_recomputed(pipe, trained):
+    import copy
+
+    from spm.checkpoint import load_membrane
+    from spm.hosts.diffusers import DiffusersBackend
+    from spm.response import Responder, stored_calibration
+
+    stored = stored_calibration(load_membrane(trained), "circle")
+    moved = copy.deepcopy(stored)
+    moved["fingerprint"]["proj"] = [v * 1.2 for v in moved["fingerprint"]["proj"]]  # another UNet (a fine-tune)
+    moved["q"] = 0.9
+    g = Responder(DiffusersBackend(pipe)).build("circle", moved)
+    assert g.source == "computed" and "otherwise" in g.reason and g.q != pytest.approx(0.9)
+    other = copy.deepcopy(stored)
+    other["params"]["resolution"] = 16
+    g = Responder(DiffusersBackend(pipe)).build("circle", other)
+    assert g.source == "computed" and "other probe settings" in g.reason
+    broken = {**stored, "q": "not a number"}
+    g = Responder(DiffusersBackend(pipe)).build("circle", broken)
+    assert g.source == "computed" and "unreadable" in g.reason
+
+
+def test_a_short_run_stores_no_calibration_and_the_host_size_is_the_webuis(pipe, monkeypatch):
+    import spm.response
+    from spm.hosts.diffusers import DiffusersBackend
+    from spm.response import build_gate, calibration_rows, training_response
+
+    be = DiffusersBackend(pipe)
+    kw = dict(steps=4, guidance=3.0, levels=4)
+    rows = calibration_rows(4, 4)
+    gate = build_gate(be, "circle", steps=4, guidance=3.0, levels=4)
+    assert rows > 133 * gate.rows  # the null, "" and the forms on every probe, and the probes' trajectories
+    # more than BUDGET_SHARE of the training's planned rows: not stored (computed on first use)
+    assert training_response(be, None, ["circle"], planned=int(rows / spm.response.BUDGET_SHARE) - 1, **kw) == {}
+    # the WebUI sets the probe size of its Settings on the training backend: the stored calibration is made at it
+    be.response_resolution = 16
+    native = be.latent.resolution
+    assert native > 16
+    # at a smaller probe size it costs less: (16 / native)^2 of the rows, within the same budget
+    got = training_response(be, None, ["circle"], planned=int(rows * (16 / native) ** 2 / spm.response.BUDGET_SHARE) + 1,
+                            **kw)
+    assert got["concepts"]["circle"]["params"]["resolution"] == 16
+    assert got["concepts"]["circle"]["fingerprint"]["dim"] == math.prod(be.latent.shape(1, 16, 16))
+
+
+def test_explain_says_where_the_calibration_came_from(trained, capsys):
+    from spm.cli import main
+
+    assert main(["explain", "--membrane", str(trained), "--metric", "response", "--prompt", "a circle",
+                 "--threads", "1"]) == 0
+    assert "calibration: stored in the file" in capsys.readouterr().out
 
 
 def _open_every_row(responder):

@@ -631,5 +631,6 @@ def test_interrupt_during_the_gate_calibration_skips_it_and_the_check(backend, t
     assert "check" not in [p for p, *_ in seen] and job.preview_file is None
     m = load_membrane(tmp_path / "circle.safetensors")
     assert m.info.training["steps_done"] == 3 and "gate" not in (m.info.transport or {})
-    assert job.outcome == "done" and "(Interrupt skipped the membrane gate's calibration and the before/after check)" \
-        in job.message
+    assert "response" not in (m.info.transport or {}) and "response" not in [p for p, *_ in seen]
+    assert job.outcome == "done" and ("(Interrupt skipped the membrane gate's calibration, the response gate's "
+                                      "calibration and the before/after check)") in job.message

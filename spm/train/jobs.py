@@ -52,10 +52,10 @@ PHASES = {"queued": "queued", "loading": "loading the model", "calibration": "ca
           "neighbours": "finding the words the transport opens for",
           "synonyms": "finding the words the model draws as the target",
           "vocabulary": "finding the words the model draws as the target: reading the vocabulary",
-          "gate": "calibrating the membrane gate",
+          "gate": "calibrating the membrane gate", "response": "calibrating the response gate",
           "pool": "filling the latent pool", "probes": "drawing the erasure signal's held-out probes",
           "training": "training step", "signal": "measuring the erasure", "check": "before/after check", "saving": "saving"}
-UNITS = {"pool": "denoising steps", "probes": "denoising steps", "gate": "prompts", "training": "steps",
+UNITS = {"pool": "denoising steps", "probes": "denoising steps", "gate": "prompts", "response": "prompts", "training": "steps",
          "check": "sampling steps", "synonyms": "words", "vocabulary": "words"}  # what a phase counts
 CONSOLE_LINES = 10  # about this many progress lines per job in the console
 # the before/after check, when preview_steps is left to the service: as many DDIM steps as the training's own
@@ -632,7 +632,8 @@ class TrainService:
             if skipped and req.preview and req.control_prompts is not None:
                 skipped.append("the before/after check")
             if skipped:  # Interrupt after the last step: the membrane is complete, what came after it is not
-                message += f" (Interrupt skipped {' and '.join(skipped)})"
+                listed = skipped[0] if len(skipped) == 1 else f"{', '.join(skipped[:-1])} and {skipped[-1]}"
+                message += f" (Interrupt skipped {listed})"
             verdict = erasure_text(job.erasure)
             if verdict:
                 message += f"; {verdict}"

@@ -47,6 +47,7 @@ from ..gate import training_gate
 from ..membrane import Membrane, MembraneInfo
 from ..naming import context_dim, find_targets
 from ..progress import tally
+from ..response import training_response
 from ..transport import VOCABULARY_PROGRESS, training_calibration, training_candidates, training_neighbours
 from .anchors import sample_anchors
 from .config import CONTEXT_WORDS, LR_LAYER_MODES, TrainConfig
@@ -771,6 +772,26 @@ class Trainer:
                             "calibrated on first use)")
             if gate:
                 membrane.info.transport = {**membrane.info.transport, "gate": gate}
+            # spm_transport["response"], the response gate's calibration on the original model (the stack is detached
+            # by now; spm.response): a host on the same UNet then only draws the probes; Interrupt skips it
+            try:
+                if skipped:  # Interrupt came during the gate: what follows is skipped too, not started
+                    raise _Stopped
+                from .synonyms import planned_ufe
+
+                response = training_response(self.backend, None, list(cfg.targets),
+                                             steps=cfg.max_denoising_steps, guidance=cfg.xt_guidance,
+                                             levels=cfg.signal_levels, progress=self._counted("response", "prompts"),
+                                             planned=planned_ufe(cfg.iterations, cfg.anchors, cfg.anchor_empty,
+                                                                 cfg.context_count > 0),
+                                             train_resolution=cfg.resolution)
+            except _Stopped:
+                response = {}
+                skipped.append("the response gate's calibration")
+                log.warning("SPM: interrupted while calibrating the response gate; saving without it (it is "
+                            "calibrated on first use)")
+            if response:
+                membrane.info.transport = {**membrane.info.transport, "response": response}
         self._phase("saving", 0, 1)
         self._save(membrane, optimizer, g, step, aw, extra,
                    state=interrupted or step < cfg.iterations or self.keep_state)

@@ -10,6 +10,7 @@ import logging
 from typing import Any, Sequence
 
 from ..membrane import Membrane
+from ..response import stored_calibration
 from ..transport import uses_response
 
 log = logging.getLogger("spm")
@@ -65,8 +66,13 @@ def prepare_response(att: Any, membranes: Sequence[Membrane]) -> None:
     load = getattr(tr.responder.backend, "_load", None)  # Forge: the UNet on its device before it runs
     if load is not None:
         load()
+    stored = {}  # a concept's first membrane with a stored calibration of it
+    for m in membranes:
+        for c in m.info.concepts:
+            if c not in stored or stored[c] is None:
+                stored[c] = stored_calibration(m, c)
     for concept in dict.fromkeys(todo):
-        tr.responder.build(concept)
+        tr.responder.build(concept, stored.get(concept))
 
 
 __all__ = ["make_responder", "prepare_response", "response_resolution"]

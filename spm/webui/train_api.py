@@ -95,10 +95,19 @@ def webui_backend():
         if is_placeholder(sd_model):  # Forge's stand-in until the first generation loads the real model
             raise NoModelError(NOT_LOADED)
         if getattr(sd_model, "forge_objects", None) is not None:
-            return ForgeBackend(sd_model)
+            return _with_response_size(ForgeBackend(sd_model))
     from .train_backend_a1111 import A1111Backend
 
-    return A1111Backend(sd_model)
+    return _with_response_size(A1111Backend(sd_model))
+
+
+def _with_response_size(backend):
+    """The trainer stores the response gate's calibration at the probe size this WebUI's gate uses (Settings → SPM),
+    so that generation here finds it applicable (spm.response.training_response)."""
+    from .response import response_resolution
+
+    backend.response_resolution = response_resolution()
+    return backend
 
 
 class WebUIReporter(Reporter):
