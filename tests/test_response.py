@@ -64,14 +64,7 @@ def test_gate_is_one_for_the_concept_and_zero_for_random_words_and_other_objects
 def test_each_distinct_row_is_measured_once(pipe, responder):
     be = responder.backend
     g = responder.gate("circle")
-    calls = []
-    predict = be.predict
-
-    def counting(x, t, cond):
-        calls.append(x.shape[0])
-        return predict(x, t, cond)
-
-    be.predict = counting
+    calls, restore = _counting_rows(be)
     try:
         ctx = be.encode(["a green heart", "a green heart", "an orange ring"]).context
         first = responder.closures(g, ctx)
@@ -80,7 +73,7 @@ def test_each_distinct_row_is_measured_once(pipe, responder):
         again = responder.closures(g, ctx[[2, 0]])
         assert sum(calls) == 2 * g.rows and torch.equal(again, first[[2, 0]])
     finally:
-        del be.predict
+        restore()
 
 
 def test_bypass_runs_the_original_model_and_keeps_the_stack_as_it_was(pipe):
@@ -186,8 +179,16 @@ def _counting_rows(backend):
         calls.append(x.shape[0])
         return predict(x, t, cond)
 
+    own = "predict" in vars(backend)
     backend.predict = counting
-    return calls, lambda: setattr(backend, "predict", predict)
+
+    def restore() -> None:
+        if own:
+            backend.predict = predict
+        else:
+            del backend.predict
+
+    return calls, restore
 
 
 @pytest.fixture(scope="module")

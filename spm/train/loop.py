@@ -454,6 +454,22 @@ class Trainer:
 
         return progress
 
+    def _stored_part(self, membrane: Membrane, key: str, what: str, skipped: list[str],
+                     compute: Callable[[Callable[[int, int], None]], dict]) -> None:
+        """After the steps: ``compute(progress)`` one part of ``spm_transport`` (``key``) in a phase of its own,
+        counted in prompts; Interrupt there (or in an earlier part, which leaves ``skipped`` non-empty: this one is
+        then not started) saves the membrane without it, and the host computes it on first use."""
+        value: dict = {}
+        try:
+            if skipped:
+                raise _Stopped
+            value = compute(self._counted(key, "prompts"))
+        except _Stopped:
+            skipped.append(what)
+            log.warning("SPM: interrupted before %s was done; saving without it (it is computed on first use)", what)
+        if value:
+            membrane.info.transport = {**membrane.info.transport, key: value}
+
     def _check(self, stack, cond: dict[str, Conditioning], step: int, ac):
         """Measure the erasure signal now (building the held-out probes on the first call); with context probes,
         the less erased of the two."""
@@ -760,38 +776,21 @@ class Trainer:
             extra["robust_stats"] = self.robust.summary()
         membrane.eval()
         skipped: list[str] = []
-        if not interrupted:  # an interrupted run is saved at once; its gate is calibrated on first use, if ever
-            # spm_transport["gate"], the membrane gate's calibration: minutes on a CPU WebUI, so a phase of its own,
-            # counted in prompts encoded; Interrupt there skips it (the gate is then calibrated on first use)
-            try:
-                gate = training_gate(self.backend, membrane, progress=self._counted("gate", "prompts"))
-            except _Stopped:
-                gate = {}
-                skipped.append("the membrane gate's calibration")
-                log.warning("SPM: interrupted while calibrating the membrane gate; saving without it (it is "
-                            "calibrated on first use)")
-            if gate:
-                membrane.info.transport = {**membrane.info.transport, "gate": gate}
-            # spm_transport["response"], the response gate's calibration on the original model (the stack is detached
-            # by now; spm.response): a host on the same UNet then only draws the probes; Interrupt skips it
-            try:
-                if skipped:  # Interrupt came during the gate: what follows is skipped too, not started
-                    raise _Stopped
-                from .synonyms import planned_ufe
+        if not interrupted:  # an interrupted run is saved at once; its gates are calibrated on first use, if ever
+            from .synonyms import planned_ufe
 
-                response = training_response(self.backend, None, list(cfg.targets),
-                                             steps=cfg.max_denoising_steps, guidance=cfg.xt_guidance,
-                                             levels=cfg.signal_levels, progress=self._counted("response", "prompts"),
-                                             planned=planned_ufe(cfg.iterations, cfg.anchors, cfg.anchor_empty,
-                                                                 cfg.context_count > 0),
-                                             train_resolution=cfg.resolution)
-            except _Stopped:
-                response = {}
-                skipped.append("the response gate's calibration")
-                log.warning("SPM: interrupted while calibrating the response gate; saving without it (it is "
-                            "calibrated on first use)")
-            if response:
-                membrane.info.transport = {**membrane.info.transport, "response": response}
+            # spm_transport["gate"], the membrane gate's calibration: minutes on a CPU WebUI, so a phase of its own,
+            # counted in prompts encoded
+            self._stored_part(membrane, "gate", "the membrane gate's calibration", skipped,
+                              lambda progress: training_gate(self.backend, membrane, progress=progress))
+            # spm_transport["response"], the response gate's calibration on the original model (the stack is detached
+            # by now; spm.response): a host on the same UNet then only draws the probes
+            self._stored_part(membrane, "response", "the response gate's calibration", skipped,
+                              lambda progress: training_response(
+                                  self.backend, None, list(cfg.targets), steps=cfg.max_denoising_steps,
+                                  guidance=cfg.xt_guidance, levels=cfg.signal_levels, progress=progress,
+                                  planned=planned_ufe(cfg.iterations, cfg.anchors, cfg.anchor_empty, cfg.context_count > 0),
+                                  train_resolution=cfg.resolution))
         self._phase("saving", 0, 1)
         self._save(membrane, optimizer, g, step, aw, extra,
                    state=interrupted or step < cfg.iterations or self.keep_state)
