@@ -302,3 +302,40 @@ def test_the_neighbour_scans_vocabulary_pass_is_counted_and_interruptible(pipe, 
     assert res.interrupted and res.steps == 0
     seen = [(p.done, p.total) for p in phases if p.name == "neighbours"]
     assert 0 < seen[-1][0] < seen[-1][1] == 100  # stopped part-way through the vocabulary
+
+
+def test_a_call_that_runs_out_of_memory_is_retried_with_fewer_rows(pipe):
+    """A GPU smaller than the scan's batch (or a large probe size): the rows are scored in smaller calls, with the
+    same result; any other error is raised."""
+    from spm.attach import MembraneStack
+    from spm.naming import find_targets
+    from spm.train.signal import ErasureProbe
+
+    be = DiffusersBackend(pipe)
+    stack = MembraneStack(pipe.unet)
+    stack.add(Membrane.for_targets(find_targets(pipe.unet)))
+    cond = be.encode(["circle", ""])
+    probe = ErasureProbe(be, stack, cond.rows([0]), cond.rows([1]), cond.rows([1]), steps=4, guidance=3.0,
+                         resolution=be.latent.resolution, trajectories=2, levels=2, surrogate_is_uncond=True)
+    rows = list(range(probe.x_t.shape[0]))
+    words = be.encode(NULL[:5])
+    want = syn.closures(be, stack, probe, rows, words, None, batch_rows=len(rows))
+    predict, sizes = be.predict, []
+
+    def small_gpu(x, t, c):
+        sizes.append(x.shape[0])
+        if x.shape[0] > 2 * len(rows):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return predict(x, t, c)
+
+    be.predict = small_gpu
+    try:
+        got = syn.closures(be, stack, probe, rows, words, None, batch_rows=64)
+        assert torch.allclose(got, want, atol=1e-5)
+        assert max(sizes) > 2 * len(rows) and sizes[-1] <= 2 * len(rows)  # tried big once, then smaller
+        be.predict = lambda x, t, c: (_ for _ in ()).throw(RuntimeError("shapes do not match"))
+        with pytest.raises(RuntimeError, match="shapes"):
+            syn.closures(be, stack, probe, rows, words, None)
+    finally:
+        del be.predict
+        stack.detach()

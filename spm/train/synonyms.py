@@ -136,7 +136,9 @@ def distances(backend: Backend, stack, probe: ErasureProbe, rows: list[int], wor
               progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Σ‖p − o‖², Σ‖p − s‖²)`` per row of ``words`` (membrane off; ``p`` its prediction, ``o``/``s`` the target's
     and the surrogate's) over the probe rows ``rows``, each ``[len(words)]`` float64, in calls of about
-    ``batch_rows`` UNet rows.  ``progress(k)`` is called after each UNet call with the number of words it scored."""
+    ``batch_rows`` UNet rows, halved (down to one word's rows) whenever a call runs out of memory: on a GPU
+    smaller than the batch, or at a large probe size.  ``progress(k)`` is called after each UNet call with the number
+    of words it scored."""
     n, r = len(words), len(rows)
     if n == 0 or r == 0:
         return torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
@@ -144,16 +146,40 @@ def distances(backend: Backend, stack, probe: ErasureProbe, rows: list[int], wor
     o, s = probe.o[rows].double(), probe.s[rows].double()
     per_call = max(1, batch_rows // r)
     to_o, to_s = [], []
-    for i in range(0, n, per_call):
+    i = 0
+    while i < n:
         k = min(per_call, n - i)
         cond = words.rows([j for j in range(i, i + k) for _ in range(r)])
-        p = run_unet(backend, stack, x.repeat(k, 1, 1, 1), t.repeat(k), cond, [0.0] * (k * r), meter, False, autocast)
+        try:
+            p = run_unet(backend, stack, x.repeat(k, 1, 1, 1), t.repeat(k), cond, [0.0] * (k * r), meter, False, autocast)
+        except RuntimeError as e:  # torch.OutOfMemoryError is one
+            if k == 1 or not _out_of_memory(e):
+                raise
+            per_call = max(1, k // 2)  # a smaller GPU (or a large probe size): fewer rows per call from here on
+            log.info("SPM: out of memory with %d UNet rows per call; retrying with %d", k * r, per_call * r)
+            _free_cache()
+            continue
         p = p.double().view(k, r, *o.shape[1:])
         to_o.append(((p - o.unsqueeze(0)) ** 2).flatten(1).sum(1))
         to_s.append(((p - s.unsqueeze(0)) ** 2).flatten(1).sum(1))
+        i += k
         if progress is not None:
             progress(k)
     return torch.cat(to_o), torch.cat(to_s)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` says the device (or the CPU allocator) ran out of memory."""
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if oom is not None and isinstance(e, oom):
+        return True
+    text = str(e).lower()
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+def _free_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def closures(backend: Backend, stack, probe: ErasureProbe, rows: list[int], words: Conditioning,
