@@ -261,8 +261,8 @@ def training_response(backend, stack, targets: Sequence[str], *, steps: int, gui
     drawn at ``backend.response_resolution`` where the host sets one (the WebUI's Settings), else at the model's
     native size, as the host's gate will draw them.  ``{}`` on SDXL (no response gate there), when it would cost more
     than :data:`BUDGET_SHARE` of ``planned`` (the training's UNet rows at ``train_resolution``; None: no bound), or
-    when it fails (best effort: the host then calibrates on first use).  ``progress(done, total)``: texts scored, reported after each
-    target; an exception raised in it propagates (the trainer's Interrupt)."""
+    when it fails (best effort: the host then calibrates on first use).  ``progress(done, total)``: texts scored,
+    reported after each target; an exception raised in it propagates (the trainer's Interrupt)."""
     if getattr(backend, "is_xl", False) or not targets:
         return {}
     from .progress import tally
@@ -270,24 +270,25 @@ def training_response(backend, stack, targets: Sequence[str], *, steps: int, gui
     size = getattr(backend, "response_resolution", None) or None
     if planned is not None:
         native = int(backend.latent.resolution)
-        cost = calibration_rows(steps, levels) * len(set(targets)) * ((size or native) / (train_resolution or native)) ** 2
+        scale = ((size or native) / (train_resolution or native)) ** 2  # rows at the probe size, in training rows
+        cost = calibration_rows(steps, levels) * len(set(targets)) * scale
         if cost > BUDGET_SHARE * planned:
             log.info("SPM: the response gate's calibration is not stored: about %d UNet rows, more than %.0f%% of this "
                      "run's %d (it is computed on first use of --metric response)", cost, 100 * BUDGET_SHARE, planned)
             return {}
+    unique = list(dict.fromkeys(targets))
     per = NULL_WORDS + 1 + len(_forms())
-    step = tally(progress, per * len(targets))
+    step = tally(progress, per * len(unique))
     out = {}
-    for t in dict.fromkeys(targets):
+    for t in unique:
         try:
             with torch.no_grad():
-                g = build_gate(backend, t, steps=steps, guidance=guidance, levels=levels, stack=stack, resolution=size)
+                out[t] = build_gate(backend, t, steps=steps, guidance=guidance, levels=levels, stack=stack,
+                                    resolution=size).calibration()
         except Exception as e:  # never fail a training run for it
             log.warning("SPM: response-gate calibration of %r at training time failed (%s); it will be computed on "
                         "first use", t, e)
-            continue
         step(per)
-        out[t] = g.calibration()
     return {"concepts": out} if out else {}
 
 
