@@ -19,14 +19,20 @@ activation gradients, about one forward's work).  :class:`CostMeter` also keeps 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 
 from ..backend import Backend, Conditioning
+
+log = logging.getLogger("spm")
+T = TypeVar("T")
 
 
 def erase_target(eps_pos: torch.Tensor, eps_neu: torch.Tensor, guidance_scale: float) -> torch.Tensor:
@@ -158,6 +164,37 @@ class StepOutputs:
     eps_uncond_off: torch.Tensor | None  # ε(x_t, "") with the membrane off, when computed
     eps_neutral_off: torch.Tensor  # ε(x_t, surrogate) with the membrane off
     seconds: float = 0.0
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` says the device (or the CPU allocator) ran out of memory."""
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if oom is not None and isinstance(e, oom):
+        return True
+    text = str(e).lower()
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+def in_chunks(n: int, per_call: int, call: Callable[[int, int], T]) -> list[T]:
+    """``call(i, k)`` over consecutive chunks of ``range(n)`` of at most ``per_call`` items each (no-grad UNet work in
+    batches); a chunk that runs out of memory (:func:`out_of_memory`: a GPU smaller than the batch, a large image) is
+    retried with half as many items, down to one, and the chunks after it keep the smaller size.  Other errors raise."""
+    out: list[T] = []
+    per_call, i = max(1, int(per_call)), 0
+    while i < n:
+        k = min(per_call, n - i)
+        try:
+            out.append(call(i, k))
+        except RuntimeError as e:  # torch.OutOfMemoryError is one
+            if k == 1 or not out_of_memory(e):
+                raise
+            per_call = max(1, k // 2)
+            log.info("SPM: out of memory with a batch of %d; retrying with %d", k, per_call)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        i += k
+    return out
 
 
 def objective_step(backend: Backend, stack, x_t: torch.Tensor, t: torch.Tensor, target: Conditioning,

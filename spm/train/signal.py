@@ -76,7 +76,7 @@ from typing import Any
 import torch
 
 from ..backend import Backend, Conditioning
-from .objective import CostMeter, run_unet
+from .objective import CostMeter, in_chunks, run_unet
 from .sampling import _noise, cfg_out, ddim_step, ddim_timesteps
 
 PART_NAMES = {"alone": "the target alone", "in_context": "inside other words",
@@ -274,7 +274,8 @@ class ErasureProbe:
         noise levels pooled, as the signal pools them).  ``1 − closed`` is the component of the word's
         prediction towards the target: at ``closed ≥ 1`` no guidance scale draws the target for that word either
         (the argument of the module docstring, applied to the word's prompt).  ``len(rows)`` rows per word, in UNet
-        calls of about ``batch_rows`` rows, counted in :attr:`meter`; ``progress(k)`` after each call (k words)."""
+        calls of about ``batch_rows`` rows (halved on out-of-memory: :func:`spm.train.objective.in_chunks`), counted in
+        :attr:`meter`; ``progress(k)`` after each call (k words)."""
         n, r = len(words), len(rows)
         if n == 0 or r == 0:
             return []
@@ -283,18 +284,17 @@ class ErasureProbe:
         u = (o - s).flatten(1)
         den = (u * u).sum(1)
         total = den.sum().clamp_min(1e-30)
-        per_call = max(1, batch_rows // r)
-        out: list[float] = []
-        for i in range(0, n, per_call):
-            k = min(per_call, n - i)
+
+        def call(i: int, k: int) -> list[float]:
             cond = words.rows([j for j in range(i, i + k) for _ in range(r)])
             m = run_unet(self.backend, self.stack, x.repeat(k, 1, 1, 1), t.repeat(k), cond, [float(strength)] * (k * r),
                          self.meter, False, self.autocast).double().view(k, r, -1)
             num = ((o.flatten(1).unsqueeze(0) - m) * u.unsqueeze(0)).sum(2)  # [k, r]
-            out.extend(float(row.sum() / total) for row in num)
             if progress is not None:
                 progress(k)
-        return out
+            return [float(row.sum() / total) for row in num]
+
+        return [v for part in in_chunks(n, max(1, batch_rows // r), call) for v in part]
 
 
 @dataclass

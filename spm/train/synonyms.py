@@ -44,7 +44,7 @@ import torch
 
 from ..backend import Backend, Conditioning
 from ..progress import tally
-from .objective import CostMeter, run_unet
+from .objective import CostMeter, in_chunks, run_unet
 from .signal import ErasureProbe
 
 log = logging.getLogger(__name__)
@@ -144,42 +144,17 @@ def distances(backend: Backend, stack, probe: ErasureProbe, rows: list[int], wor
         return torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     x, t = probe.x_t[rows], probe.t[rows]
     o, s = probe.o[rows].double(), probe.s[rows].double()
-    per_call = max(1, batch_rows // r)
-    to_o, to_s = [], []
-    i = 0
-    while i < n:
-        k = min(per_call, n - i)
+
+    def call(i: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         cond = words.rows([j for j in range(i, i + k) for _ in range(r)])
-        try:
-            p = run_unet(backend, stack, x.repeat(k, 1, 1, 1), t.repeat(k), cond, [0.0] * (k * r), meter, False, autocast)
-        except RuntimeError as e:  # torch.OutOfMemoryError is one
-            if k == 1 or not _out_of_memory(e):
-                raise
-            per_call = max(1, k // 2)  # a smaller GPU (or a large probe size): fewer rows per call from here on
-            log.info("SPM: out of memory with %d UNet rows per call; retrying with %d", k * r, per_call * r)
-            _free_cache()
-            continue
+        p = run_unet(backend, stack, x.repeat(k, 1, 1, 1), t.repeat(k), cond, [0.0] * (k * r), meter, False, autocast)
         p = p.double().view(k, r, *o.shape[1:])
-        to_o.append(((p - o.unsqueeze(0)) ** 2).flatten(1).sum(1))
-        to_s.append(((p - s.unsqueeze(0)) ** 2).flatten(1).sum(1))
-        i += k
         if progress is not None:
             progress(k)
-    return torch.cat(to_o), torch.cat(to_s)
+        return ((p - o.unsqueeze(0)) ** 2).flatten(1).sum(1), ((p - s.unsqueeze(0)) ** 2).flatten(1).sum(1)
 
-
-def _out_of_memory(e: BaseException) -> bool:
-    """Whether ``e`` says the device (or the CPU allocator) ran out of memory."""
-    oom = getattr(torch, "OutOfMemoryError", None)
-    if oom is not None and isinstance(e, oom):
-        return True
-    text = str(e).lower()
-    return "out of memory" in text or "can't allocate memory" in text
-
-
-def _free_cache() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    parts = in_chunks(n, max(1, batch_rows // r), call)
+    return torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
 
 
 def closures(backend: Backend, stack, probe: ErasureProbe, rows: list[int], words: Conditioning,
