@@ -99,8 +99,12 @@ def _synonyms(target: str, world: str) -> list[str]:
 
 
 def run(worlds: list[str], targets: dict[str, list[str]], budget, *, quick: bool, reuse: bool, iterations: int | None,
-        out: Path, say, rows: tuple[str, ...] = ROWS, metric: str | None = None, robust: str = "off") -> dict:
+        out: Path, say, rows: tuple[str, ...] = ROWS, metric: str | None = None, robust: str = "off",
+        response_lo: str = "null") -> dict:
+    import spm.response
     from spm import attack, transport
+
+    spm.response.LO_RULE = response_lo  # in this process (each world's worker runs run() itself)
     from spm.hosts.diffusers import PipelineMembranes
     from spm.toy import evaluate as ev
     from spm.toy import load
@@ -114,7 +118,7 @@ def run(worlds: list[str], targets: dict[str, list[str]], budget, *, quick: bool
     metrics = {"reference": REFERENCE_METRIC, "robust": robust_metric, "plain": robust_metric}
     report: dict = {"budget": budget.as_dict(), "suite": suite, "eval_steps": eval_steps, "quick": quick,
                     "rows": list(rows), "metrics": {r: metrics[r] for r in rows if r in metrics},
-                    "robust_training": robust, "train": {}, "worlds": {}}
+                    "robust_training": robust, "response_lo": response_lo, "train": {}, "worlds": {}}
     train_seconds = 0.0
     from spm import toy
 
@@ -244,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                                     "the response gate)")
     p.add_argument("--robust-training", default="off", choices=ROBUST_MODES,
                    help="TrainConfig.robust of the robust row (default: off, the trainer's default)")
+    p.add_argument("--response-lo", default="null", choices=("null", "empty"),
+                   help="where the response gate's ramp starts (spm.response.LO_RULE): null, the default: above random "
+                        "words' second-largest closure; empty: above the empty prompt's (an experiment)")
     p.add_argument("--budget", action="append", metavar="KEY=VALUE", help="override a field of the attack budget (repeatable)")
     p.add_argument("--target", action="append", help="target concept(s) (default: the first two concepts of each world)")
     p.add_argument("--iterations", type=int, help="training iterations of the membranes (default: the trainer's)")
@@ -293,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     args.membranes.mkdir(parents=True, exist_ok=True)
     processes = min(len(worlds), args.processes or max(1, (os.cpu_count() or 1) // max(1, args.threads)))
     common = dict(quick=args.quick, reuse=args.reuse, iterations=iterations, out=args.membranes, rows=rows,
-                  metric=args.metric, robust=args.robust_training)
+                  metric=args.metric, robust=args.robust_training, response_lo=args.response_lo)
     if processes <= 1:
         rep = run(worlds, targets, budget, say=_say(args.quiet), **common)
         rep["processes"] = 1

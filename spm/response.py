@@ -72,6 +72,12 @@ PROBE_SEED = 11  # the probes' trajectories, apart from the trainer's (its seed 
 # image stayed bit-identical under either rule
 LO_FRAC = 0.0
 HI_FRAC = 0.25
+# where the ramp starts: "null" (above, lo = max(q + LO_FRAC·(top − q), the empty prompt's closure)) or "empty" (lo = the
+# empty prompt's closure: every row the model draws nearer the concept than from "" opens a little; other objects'
+# prompts still close far below it).  "empty" is an experiment of the attack bench (bench.attack --response-lo), not
+# a default: it gives random text a strength where "null" leaves it bit-identical
+LO_RULE = "null"
+LO_RULES = ("null", "empty")
 # the trainer stores the calibration only where it costs at most this share of the training's planned UNet work (the
 # same bound as the model-synonym scan's, spm.train.synonyms.BUDGET_SHARE, kept apart so that lifting one in a test
 # leaves the other): a smoke test of a few iterations must not spend minutes on it (a cost bound, not a fit)
@@ -151,7 +157,7 @@ class ResponseGate:
     def _place(self) -> None:
         """``lo``, ``hi`` and ``usable`` from ``q``, ``top`` and ``empty``."""
         head = self.top - self.q
-        self.lo = max(self.q + head * LO_FRAC, self.empty)
+        self.lo = self.empty if LO_RULE == "empty" else max(self.q + head * LO_FRAC, self.empty)
         self.hi = max(self.q + head * HI_FRAC, self.lo + 1e-6)
         self.usable = head > 0 and self.top > self.lo
 

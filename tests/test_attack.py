@@ -191,7 +191,7 @@ def test_bench_attack_quick_path_prints_the_contract(tmp_path, capsys):
     from spm import transport
 
     assert rep["metrics"] == {"reference": "clipcos_tokenuni", "robust": transport.RESPONSE_METRIC}
-    assert rep["robust_training"] == "off"
+    assert rep["robust_training"] == "off" and rep["response_lo"] == "null"
     keys = ("asr_discrete", "asr_embedding", "asr_cheap", "asr_random", "literal_erasure", "paraphrase_erasure",
             "nontarget_drop_pt")
     for row, d in rep["worlds"]["toy"].items():
@@ -212,6 +212,9 @@ def test_bench_attack_quick_path_prints_the_contract(tmp_path, capsys):
     assert bench_attack.main(["--metric", "nope"]) == 2
     assert bench_attack.main(["--processes", "0", "--world", "toy"]) == 2
     assert capsys.readouterr().err.count("error:") == 5
+    with pytest.raises(SystemExit):  # argparse's own refusal, with the choices
+        bench_attack.main(["--response-lo", "nope"])
+    assert "invalid choice: 'nope' (choose from 'null', 'empty')" in capsys.readouterr().err
 
 
 def test_bench_attack_trains_each_row_as_its_name_says():

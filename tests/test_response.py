@@ -343,3 +343,18 @@ def test_the_webui_explains_the_response_gate(world):  # noqa: F811
     text, _ = explain_prompt("a cat", True, ["m"], "", "response", 1.0)
     # the lifecycle stub's model has no noise schedule: the gate cannot run there, which is said, and words still apply
     assert "membrane m: strength 1.000" in text and "response gate: not available on this host" in text
+
+
+def test_the_empty_rule_starts_the_ramp_at_the_empty_prompts_closure(monkeypatch):
+    """``spm.response.LO_RULE`` (bench.attack --response-lo): "null", the default, opens above random words' second-largest
+    closure; "empty" above the empty prompt's own (0 by construction when the surrogate is "")."""
+    import spm.response as R
+
+    z = torch.zeros(1)
+    g = R.ResponseGate("circle", z, z, z, z, q=0.4, top=0.9, empty=0.0)
+    g._place()
+    assert (g.lo, g.hi, g.usable) == pytest.approx((0.4, 0.4 + 0.5 * R.HI_FRAC, True))
+    monkeypatch.setattr(R, "LO_RULE", "empty")
+    g._place()
+    assert (g.lo, g.hi, g.usable) == pytest.approx((0.0, 0.4 + 0.5 * R.HI_FRAC, True))
+    assert g.map(torch.tensor([-0.1, 0.0, 0.25])).tolist() == pytest.approx([0.0, 0.0, 0.25 / g.hi])
