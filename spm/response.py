@@ -191,18 +191,17 @@ def stored_calibration(membrane, concept: str) -> dict | None:
 def _apply_stored(gate: ResponseGate, stored: dict | None) -> bool:
     """Take ``q``/``top``/``empty`` from ``stored`` where it was made with these settings on this UNet; sets
     ``gate.reason`` either way."""
-    from .transport import fingerprint_distance
+    from .transport import stored_mismatch
 
     if not stored:
         gate.reason = "no stored calibration"
         return False
-    if stored.get("params") != gate.params:
-        gate.reason = "the stored calibration was made with other probe settings"
-        return False
-    dist = fingerprint_distance(stored.get("fingerprint"), gate.fingerprint)
-    if dist > FINGERPRINT_RTOL:
-        what = "another size" if dist == float("inf") else f"relative distance {dist:.3g} > {FINGERPRINT_RTOL:g}"
-        gate.reason = f"this UNet predicts the concept otherwise than the one the file was calibrated on ({what})"
+    dist, why = stored_mismatch(stored, gate.params, gate.fingerprint,
+                                "the stored calibration was made with other probe settings",
+                                "the one the file was calibrated on", rtol=FINGERPRINT_RTOL,
+                                differs="this UNet predicts the concept otherwise than", other_shape="another size")
+    if why:
+        gate.reason = why
         return False
     try:
         gate.q, gate.top, gate.empty = float(stored["q"]), float(stored["top"]), float(stored["empty"])

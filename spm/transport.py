@@ -604,15 +604,19 @@ class Calibration:
                    int(d["samples"]), bool(d.get("usable", True)), "file", reason)
 
 
-def stored_mismatch(entry: dict, params: dict, fingerprint: dict, other_settings: str, made_on: str) -> tuple[float, str | None]:
+def stored_mismatch(entry: dict, params: dict, fingerprint: dict, other_settings: str, made_on: str, *,
+                    rtol: float = FINGERPRINT_RTOL, differs: str = "this text encoder differs from",
+                    other_shape: str = "another width") -> tuple[float, str | None]:
     """Whether a calibration stored in a membrane file applies here: ``(fingerprint distance, None)``, or the
-    reason it does not (made with other ``params``, or on an encoder farther than ``FINGERPRINT_RTOL``)."""
+    reason it does not (made with other ``params``, or on a model whose fingerprint is farther than ``rtol``; the
+    reason reads "``differs`` ``made_on`` (``other_shape`` | relative distance …)").  The text calibration and the
+    membrane gate fingerprint the text encoder, the response gate (:mod:`spm.response`) the UNet."""
     if entry.get("params") != params:
         return float("inf"), other_settings
     dist = fingerprint_distance(entry.get("fingerprint"), fingerprint)
-    if dist > FINGERPRINT_RTOL:
-        what = "another width" if dist == float("inf") else f"relative distance {dist:.3g} > {FINGERPRINT_RTOL:g}"
-        return dist, f"this text encoder differs from {made_on} ({what})"
+    if dist > rtol:
+        what = other_shape if dist == float("inf") else f"relative distance {dist:.3g} > {rtol:g}"
+        return dist, f"{differs} {made_on} ({what})"
     return dist, None
 
 
