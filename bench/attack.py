@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from spm import toy
+    from spm.response import LO_RULES
     from spm.train.config import ROBUST_MODES
 
     p = argparse.ArgumentParser(prog="python -m bench.attack", description=__doc__.split("\n\n")[0])
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "the response gate)")
     p.add_argument("--robust-training", default="off", choices=ROBUST_MODES,
                    help="TrainConfig.robust of the robust row (default: off, the trainer's default)")
-    p.add_argument("--response-lo", default="null", choices=("null", "empty"),
+    p.add_argument("--response-lo", default="null", choices=LO_RULES,
                    help="where the response gate's ramp starts (spm.response.LO_RULE): null, the default: above random "
                         "words' second-largest closure; empty: above the empty prompt's (an experiment)")
     p.add_argument("--budget", action="append", metavar="KEY=VALUE", help="override a field of the attack budget (repeatable)")

@@ -207,7 +207,7 @@ def _response_entry(transport: Transport, membrane: Membrane, ctx: torch.Tensor)
         closure = float(responder.closures(gate, ctx.detach())[0])
         out.append({"concept": concept, "closure": round(closure, 6),
                     "score": round(float(gate.map(torch.tensor([closure]))[0]), 6),
-                    "calibration": {**gate.to_dict(), "reason": gate.reason}})
+                    "calibration": gate.to_dict()})
     return out
 
 

@@ -49,6 +49,7 @@ from typing import Callable, ContextManager, Sequence
 
 import torch
 
+from .gate import CONCEPT_FORMS, _pools
 from .train.synonyms import NULL_RANK as SCAN_NULL_RANK
 from .train.synonyms import NULL_WORDS as SCAN_NULL_WORDS
 from .train.synonyms import PROBES_PER_LEVEL
@@ -82,7 +83,8 @@ LO_RULES = ("null", "empty")
 # same bound as the model-synonym scan's, spm.train.synonyms.BUDGET_SHARE, kept apart so that lifting one in a test
 # leaves the other): a smoke test of a few iterations must not spend minutes on it (a cost bound, not a fit)
 BUDGET_SHARE = 0.5
-CALIBRATION_VERSION = 1  # of the stored calibration (spm_transport["response"]); another version is recomputed
+CALIBRATION_VERSION = 1
+SCORED_TEXTS = NULL_WORDS + 1 + len(CONCEPT_FORMS)  # texts a calibration scores: the null, "" and the literal forms  # of the stored calibration (spm_transport["response"]); another version is recomputed
 # a stored calibration applies when the host's probe predictions of the concept are within this relative distance of
 # the ones it was made on: above fp16-versus-fp32 rounding along a sampled trajectory, far below what fine-tuning the
 # UNet moves (bench: toy against its fine-tune; tests/test_response.py)
@@ -100,8 +102,6 @@ class _NoStack:
 
 def null_words(n: int = NULL_WORDS, seed: int = SEED) -> list[str]:
     """``n`` random whole words of the CLIP vocabulary (prompt syntax left out), seeded."""
-    from .gate import _pools
-
     _, words = _pools()
     g = torch.Generator().manual_seed(int(seed))
     return [words[i] for i in torch.randperm(len(words), generator=g)[:n].tolist()]
@@ -147,7 +147,7 @@ class ResponseGate:
     def to_dict(self) -> dict:
         return {"concept": self.concept, "q": round(self.q, 4), "top": round(self.top, 4),
                 "empty": round(self.empty, 4), "lo": round(self.lo, 4), "hi": round(self.hi, 4),
-                "usable": self.usable, "probe_rows": self.rows, "source": self.source}
+                "usable": self.usable, "probe_rows": self.rows, "source": self.source, "reason": self.reason}
 
     def calibration(self) -> dict:
         """The entry a membrane file stores for this concept (``spm_transport["response"]["concepts"]``)."""
@@ -163,12 +163,11 @@ class ResponseGate:
 
 
 def calibration_params(steps: int, guidance: float, levels: int, seeds: int, resolution: int) -> dict:
-    """What a stored calibration depends on besides the UNet: the probes' and the null's settings."""
-    from .gate import CONCEPT_FORMS
-
+    """What a stored calibration (``q``, ``top``, the empty prompt's closure) depends on besides the UNet: the probes'
+    and the null's settings (not the ramp's, which :meth:`ResponseGate._place` applies to them)."""
     return {"version": CALIBRATION_VERSION, "probe_seed": PROBE_SEED, "seeds": int(seeds), "levels": int(levels),
             "steps": int(steps), "guidance": float(guidance), "resolution": int(resolution), "null": NULL_WORDS,
-            "null_seed": SEED, "rank": NULL_RANK, "forms": list(CONCEPT_FORMS), "lo_frac": LO_FRAC, "hi_frac": HI_FRAC}
+            "null_seed": SEED, "rank": NULL_RANK, "forms": list(CONCEPT_FORMS)}
 
 
 def probe_fingerprint(o: torch.Tensor) -> dict:
@@ -220,7 +219,6 @@ def build_gate(backend, concept: str, *, steps: int, guidance: float, levels: in
     ``stored`` (:func:`stored_calibration`) where it applies.  Run it with every membrane off
     (:meth:`spm.attach.MembraneStack.bypassed`), or pass the ``stack`` whose strengths are then set to 0 (the
     trainer).  ``progress(done, total)`` counts the null's and the forms' rows scored (a caller may raise in it)."""
-    from .gate import CONCEPT_FORMS
     from .progress import tally
     from .train.signal import ErasureProbe
 
@@ -255,7 +253,7 @@ def calibration_rows(steps: int, levels: int, seeds: int = SEEDS) -> int:
     from .train.signal import probe_levels
 
     lv = probe_levels(steps, levels)
-    return 2 * seeds * (max(lv) + 1) + (NULL_WORDS + 1 + len(_forms())) * seeds * len(lv)
+    return 2 * seeds * (max(lv) + 1) + SCORED_TEXTS * seeds * len(lv)
 
 
 def training_response(backend, stack, targets: Sequence[str], *, steps: int, guidance: float, levels: int,
@@ -273,17 +271,16 @@ def training_response(backend, stack, targets: Sequence[str], *, steps: int, gui
     from .progress import tally
 
     size = getattr(backend, "response_resolution", None) or None
+    unique = list(dict.fromkeys(targets))
     if planned is not None:
         native = int(backend.latent.resolution)
         scale = ((size or native) / (train_resolution or native)) ** 2  # rows at the probe size, in training rows
-        cost = calibration_rows(steps, levels) * len(set(targets)) * scale
+        cost = calibration_rows(steps, levels) * len(unique) * scale
         if cost > BUDGET_SHARE * planned:
             log.info("SPM: the response gate's calibration is not stored: about %d UNet rows, more than %.0f%% of this "
                      "run's %d (it is computed on first use of --metric response)", cost, 100 * BUDGET_SHARE, planned)
             return {}
-    unique = list(dict.fromkeys(targets))
-    per = NULL_WORDS + 1 + len(_forms())
-    step = tally(progress, per * len(unique))
+    step = tally(progress, SCORED_TEXTS * len(unique))
     out = {}
     for t in unique:
         try:
@@ -293,14 +290,8 @@ def training_response(backend, stack, targets: Sequence[str], *, steps: int, gui
         except Exception as e:  # never fail a training run for it
             log.warning("SPM: response-gate calibration of %r at training time failed (%s); it will be computed on "
                         "first use", t, e)
-        step(per)
+        step(SCORED_TEXTS)
     return {"concepts": out} if out else {}
-
-
-def _forms() -> tuple[str, ...]:
-    from .gate import CONCEPT_FORMS
-
-    return tuple(CONCEPT_FORMS)
 
 
 def _digest(row: torch.Tensor) -> bytes:
@@ -372,7 +363,7 @@ class Responder:
                         concept, type(e).__name__, e)
             g = None
         else:
-            log.info("SPM: response gate of %r: %s (%s)", concept, g.to_dict(), g.reason)
+            log.info("SPM: response gate of %r: %s", concept, g.to_dict())
         self.gates[concept] = g
         return g
 
