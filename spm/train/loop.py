@@ -319,6 +319,14 @@ class Trainer:
         finally:
             handle.remove()
 
+    def _planned_ufe(self) -> int:
+        """The training's planned UNet work (:func:`spm.train.synonyms.planned_ufe`): what the model-synonym scan and
+        the response gate's calibration are bounded by."""
+        from .synonyms import planned_ufe
+
+        cfg = self.cfg
+        return planned_ufe(cfg.iterations, cfg.anchors, cfg.anchor_empty, cfg.context_count > 0)
+
     def _synonyms(self, stack, cond: dict[str, Conditioning], ac) -> dict[str, list[str]]:
         """The model synonyms of each target (``TrainConfig.synonyms``; :mod:`spm.train.synonyms`), stored in the
         membrane's ``spm_transport`` (with their calibrations) by the caller; logged.  Builds the held-out probes."""
@@ -327,7 +335,7 @@ class Trainer:
         cfg = self.cfg
         if getattr(self.backend, "transport_candidates", None) is None:
             return {}
-        planned = syn.planned_ufe(cfg.iterations, cfg.anchors, cfg.anchor_empty, cfg.context_count > 0)
+        planned = self._planned_ufe()
         rows = syn.probe_row_count(cfg.signal_trajectories, len(probe_levels(cfg.max_denoising_steps, cfg.signal_levels)),
                                    len(cfg.targets))
         n = syn.words_per_side(planned, rows, len(cfg.targets))
@@ -777,8 +785,6 @@ class Trainer:
         membrane.eval()
         skipped: list[str] = []
         if not interrupted:  # an interrupted run is saved at once; its gates are calibrated on first use, if ever
-            from .synonyms import planned_ufe
-
             # spm_transport["gate"], the membrane gate's calibration: minutes on a CPU WebUI, so a phase of its own,
             # counted in prompts encoded
             self._stored_part(membrane, "gate", "the membrane gate's calibration", skipped,
@@ -789,7 +795,7 @@ class Trainer:
                               lambda progress: training_response(
                                   self.backend, None, list(cfg.targets), steps=cfg.max_denoising_steps,
                                   guidance=cfg.xt_guidance, levels=cfg.signal_levels, progress=progress,
-                                  planned=planned_ufe(cfg.iterations, cfg.anchors, cfg.anchor_empty, cfg.context_count > 0),
+                                  planned=self._planned_ufe(),
                                   train_resolution=cfg.resolution))
         self._phase("saving", 0, 1)
         self._save(membrane, optimizer, g, step, aw, extra,
