@@ -181,9 +181,11 @@ def probe_fingerprint(o: torch.Tensor) -> dict:
 
 
 def stored_calibration(membrane, concept: str) -> dict | None:
-    """``membrane``'s stored response calibration of ``concept`` (``spm_transport["response"]``), or None."""
-    entry = (((getattr(getattr(membrane, "info", None), "transport", None) or {}).get("response") or {})
-             .get("concepts") or {}).get(concept)
+    """``membrane``'s stored response calibration of ``concept`` (``spm_transport["response"]``), or None (also for
+    a malformed entry: the host then calibrates, as for a file without one)."""
+    entry = getattr(getattr(membrane, "info", None), "transport", None)
+    for key in ("response", "concepts", concept):
+        entry = entry.get(key) if isinstance(entry, dict) else None
     return entry if isinstance(entry, dict) else None
 
 

@@ -358,3 +358,14 @@ def test_the_empty_rule_starts_the_ramp_at_the_empty_prompts_closure(monkeypatch
     g._place()
     assert (g.lo, g.hi, g.usable) == pytest.approx((0.0, 0.4 + 0.5 * R.HI_FRAC, True))
     assert g.map(torch.tensor([-0.1, 0.0, 0.25])).tolist() == pytest.approx([0.0, 0.0, 0.25 / g.hi])
+
+
+@pytest.mark.parametrize("transport", [None, {}, {"response": "x"}, {"response": {"concepts": ["circle"]}},
+                                       {"response": {"concepts": {"circle": 3}}}])
+def test_a_malformed_stored_calibration_reads_as_none(transport):
+    """A hand-edited or foreign ``spm_transport["response"]`` never breaks a generation: the host calibrates."""
+    from types import SimpleNamespace
+
+    from spm.response import stored_calibration
+
+    assert stored_calibration(SimpleNamespace(info=SimpleNamespace(transport=transport)), "circle") is None
