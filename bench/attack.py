@@ -98,13 +98,22 @@ def _synonyms(target: str, world: str) -> list[str]:
     return list(getattr(labels_of(world), "PARAPHRASES", {}).get(target, ()))
 
 
-def run(worlds: list[str], targets: dict[str, list[str]], budget, *, quick: bool, reuse: bool, iterations: int | None,
-        out: Path, say, rows: tuple[str, ...] = ROWS, metric: str | None = None, robust: str = "off",
-        response_lo: str = "null") -> dict:
+def run(*args, response_lo: str = "null", **kw) -> dict:
+    """:func:`_run` with the response gate's ramp rule ``response_lo`` (``spm.response.LO_RULE``) in this process
+    (each world's worker runs this itself), put back afterwards."""
     import spm.response
-    from spm import attack, transport
 
-    spm.response.LO_RULE = response_lo  # in this process (each world's worker runs run() itself)
+    before, spm.response.LO_RULE = spm.response.LO_RULE, response_lo
+    try:
+        return _run(*args, response_lo=response_lo, **kw)
+    finally:
+        spm.response.LO_RULE = before
+
+
+def _run(worlds: list[str], targets: dict[str, list[str]], budget, *, quick: bool, reuse: bool, iterations: int | None,
+         out: Path, say, rows: tuple[str, ...] = ROWS, metric: str | None = None, robust: str = "off",
+         response_lo: str = "null") -> dict:
+    from spm import attack, transport
     from spm.hosts.diffusers import PipelineMembranes
     from spm.toy import evaluate as ev
     from spm.toy import load
