@@ -363,3 +363,59 @@ def test_both_hints_of_a_strict_verdict_share_one_before_training_longer():
     msg = sg.summary(check, cfg, 1200, False, False, None, None)["message"]
     assert "own prompt is erased" in msg and "(plain ratio 105%)" in msg
     assert msg.count("before training longer") == 1 and msg.endswith("to judge before training longer")
+
+
+def test_parts_ahead_of_a_lagging_part_pause_their_erase_terms():
+    assert sg.pause_parts(None) == {} and sg.pause_parts({"alone": 1.4}) == {}  # one part: the stop rule decides
+    assert sg.pause_parts({"alone": 1.3, "in_context": 0.8}) == {"alone": 0.0}
+    assert sg.pause_parts({"alone": 0.9, "in_context": 1.0, "adversaries": 1.2}) == {"in_context": 0.0, "adversaries": 0.0}
+    assert sg.pause_parts({"alone": 1.1, "in_context": 1.0, "adversaries": 1.2}) == {}  # all pass: the next check confirms
+    assert sg.pause_parts({"alone": 0.5, "in_context": 0.7}) == {}  # all short: every term works
+
+
+def test_the_trainer_pauses_the_terms_of_the_parts_that_pass(backend, monkeypatch):
+    """The check's parts decide the next interval's erase terms: the target alone (the objective's erase term), the
+    context prompts (their extra rows) and robust training's adversaries (their rows; the search still runs)."""
+    import spm.train.loop as lp
+    from spm.train.robust import RobustTraining
+
+    script = {2: {"alone": 1.3, "in_context": 0.6, "adversaries": 1.1},
+              4: {"alone": 0.9, "in_context": 1.2, "adversaries": 1.0},
+              6: {"alone": 1.2, "in_context": 1.1, "adversaries": 1.3}}
+
+    def fake(self, stack, cond, step, ac):
+        parts = dict(script.get(step, {"alone": 0.0, "in_context": 0.0, "adversaries": 0.0}))
+        v = min(parts.values())
+        c = sg.Check(step, v, [v], 1 - v)
+        c.parts = parts
+        return c
+
+    log: list[dict] = []
+    obj, extra, rloss = lp.objective_step, lp.extra_erase_loss, RobustTraining.loss
+
+    def objective(*a, **k):
+        log.append({"alone": k.get("erase_weight", 1.0), "context": 0, "adv": None})
+        return obj(*a, **k)
+
+    def extra_rows(*a, **k):
+        if not torch.is_tensor(a[5]):  # the context prompts' term (its neutral is the surrogate's context rows)
+            log[-1]["context"] += 1
+        return extra(*a, **k)
+
+    def robust_loss(self, *a, **k):
+        log[-1]["adv"] = k.get("erase", True)
+        return rloss(self, *a, **k)
+
+    monkeypatch.setattr(LoopTrainer, "_check", fake)
+    monkeypatch.setattr(lp, "objective_step", objective)
+    monkeypatch.setattr(lp, "extra_erase_loss", extra_rows)
+    monkeypatch.setattr(RobustTraining, "loss", robust_loss)
+    cfg = TrainConfig(targets=["circle"], iterations=8, signal_checks=4, robust="embedding", stop_when_erased=False,
+                      **FAST)
+    res = Trainer(backend, cfg, progress_bar=False).train()
+    assert res.steps == 8 and len(log) == 8
+    assert all(r["context"] == 1 for r in log[:2]), log  # the run has context prompts
+    want = [(1.0, 1, True)] * 2 + [(0.0, 1, False)] * 2 + [(1.0, 0, False)] * 2 + [(1.0, 1, True)] * 2
+    assert [(r["alone"], r["context"], r["adv"]) for r in log] == want
+    searches = res.membrane.info.training["robust_stats"]["searches"]
+    assert searches == 4  # every search ran, paused or not

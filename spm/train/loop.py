@@ -56,7 +56,7 @@ from .lr import gains_summary, layer_gains, param_groups
 from .objective import AnchorWeight, CostMeter, extra_erase_loss, objective_step
 from .robust import make_robust
 from .sampling import LatentPool, ReferenceSchedule, image_grid, sample_images
-from .signal import ErasureProbe, StopRule, check_interval, min_steps, probe_levels, summary
+from .signal import ErasureProbe, StopRule, check_interval, min_steps, pause_parts, probe_levels, summary
 from .state import load_state, save_state, saved_settings, state_path
 
 log = logging.getLogger("spm")
@@ -644,6 +644,8 @@ class Trainer:
             if not isinstance(source, LatentPool):
                 self._phase("training", step, cfg.iterations, "steps")
             fill_ufe = 0
+            # a part of the check that passes pauses its erase term until a check says otherwise (signal.part_weights)
+            weights = pause_parts(self.rule.checks[-1].get("parts") if self.rule.checks else None)
             t_aside = 0.0  # previews and checkpoints, excluded from the per-iteration time
             t_loop = time.perf_counter()
             while step < cfg.iterations:
@@ -670,20 +672,22 @@ class Trainer:
                                      anchors, aw.value if n_anchor else 0.0, cfg.guidance_scale, self.meter,
                                      uncond=cond["uncond"] if need_uncond else None,
                                      reference_calls=cfg.schedule == "reference", autocast=ac,
-                                     last_anchor_is_neutral=bool(n_anchor and cfg.anchor_empty and cfg.surrogate == ""))
+                                     last_anchor_is_neutral=bool(n_anchor and cfg.anchor_empty and cfg.surrogate == ""),
+                                     erase_weight=weights.get("alone", 1.0))
                 loss = out.loss
                 rows = neigh_rows.get(ti)
                 if rows is not None:  # one of the words the membrane's transport opens for, on the target's x_t
                     j = int(torch.randint(len(rows), (1,), generator=gn))
                     loss = loss + extra_erase_loss(be, stack, xs.x_t, xs.t, rows.rows([j]), out.eps_neutral_off,
                                                    cfg.guidance_scale, self.meter, ac)
-                pair = ctx_rows.get(ti)
+                pair = ctx_rows.get(ti) if weights.get("in_context", 1.0) > 0 else None
                 if pair is not None:  # the target inside other words, on the target's x_t
                     j = int(torch.randint(len(pair[0]), (1,), generator=gc))
                     loss = loss + extra_erase_loss(be, stack, xs.x_t, xs.t, pair[0].rows([j]), pair[1].rows([j]),
                                                    cfg.guidance_scale, self.meter, ac)
                 if robust is not None:  # adversarial text embeddings of this target: extra positives
-                    adv = robust.loss(be, stack, step, xs.x_t, xs.t, ti, cond["positives"].rows([ti]), out.eps_neutral_off)
+                    adv = robust.loss(be, stack, step, xs.x_t, xs.t, ti, cond["positives"].rows([ti]), out.eps_neutral_off,
+                                      erase=weights.get("adversaries", 1.0) > 0)
                     if adv is not None:
                         loss = loss + adv
                 optimizer.zero_grad(set_to_none=True)
@@ -703,6 +707,7 @@ class Trainer:
                     tp = time.perf_counter()
                     last_check = self._check(stack, cond, step, ac)
                     erased_stop = self.rule.record(last_check)
+                    weights = pause_parts(last_check.parts)
                     rec["erasure_signal"] = last_check.signal
                     t_aside += time.perf_counter() - tp
                 if bar is not None:

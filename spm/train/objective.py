@@ -201,7 +201,7 @@ def objective_step(backend: Backend, stack, x_t: torch.Tensor, t: torch.Tensor, 
                    positive: Conditioning, neutral: Conditioning, anchors: Conditioning, la_weight: float,
                    guidance_scale: float, meter: CostMeter | None, *, uncond: Conditioning | None = None,
                    reference_calls: bool = False, autocast: torch.dtype | None = None,
-                   last_anchor_is_neutral: bool = False) -> StepOutputs:
+                   last_anchor_is_neutral: bool = False, erase_weight: float = 1.0) -> StepOutputs:
     """Losses for one x_t.  ``target/positive/neutral/uncond`` are one row each; ``anchors`` N rows.
 
     Fast (default): one no-grad call ``[positive, neutral, (uncond), anchors…]`` with the membrane OFF and one
@@ -247,7 +247,8 @@ def objective_step(backend: Backend, stack, x_t: torch.Tensor, t: torch.Tensor, 
     goal = erase_target(eps_pos, eps_neu, guidance_scale)
     erase = F.mse_loss(eps_t, goal)
     anchor = F.mse_loss(a_on, a_off) if n else torch.zeros((), device=eps_t.device)
-    loss = erase + la_weight * anchor if la_weight > 0 else erase
+    term = erase if erase_weight == 1.0 else erase_weight * erase
+    loss = term + la_weight * anchor if la_weight > 0 else term
     signal = float(F.mse_loss(eps_pos, eps_neu))
     return StepOutputs(loss, float(erase.detach()), float(anchor.detach()), signal, eps_t.detach(), eps_unc,
                        eps_neu.detach(), time.perf_counter() - t0)

@@ -151,17 +151,20 @@ class RobustTraining:
 
     # --- the extra erase rows ---------------------------------------------------------------------------------
     def loss(self, backend, stack, step: int, x_t: torch.Tensor, t: torch.Tensor, ti: int, positive: Conditioning,
-             eps_neutral_off: torch.Tensor) -> torch.Tensor | None:
-        """This step's adversarial erase loss (searching first when due), or None while the bank is empty.
+             eps_neutral_off: torch.Tensor, erase: bool = True) -> torch.Tensor | None:
+        """This step's adversarial erase loss (searching first when due), or None while the bank is empty or
+        ``erase`` is False (the adversaries pass the latest check: the search still runs when due, no erase row).
         Call after the objective's forward and before its backward; add the result to its loss."""
         t0 = time.perf_counter()
         due = is_search_step(step, self.interval)
-        if not due and not self.bank.get(ti):
+        if not due and (not erase or not self.bank.get(ti)):
             return None
         eps_pos = run_unet(backend, stack, x_t, t, positive, [0.0], self.tee, False, self.autocast)
         if due:
             self.seconds += time.perf_counter() - t0
             self.search(backend, stack, x_t, t, ti, eps_pos)  # counts its own time
+            if not erase:
+                return None
             t0 = time.perf_counter()
         bank = self.bank[ti]
         k = int(torch.randint(len(bank), (1,), generator=self.generator)) if len(bank) > 1 else 0

@@ -170,6 +170,18 @@ class Check:
                 **({"parts": self.parts} if self.parts is not None else {})}
 
 
+def pause_parts(parts: dict[str, float] | None) -> dict[str, float]:
+    """Until the next check: the weight of each part's erase term (``Check.parts``: the target alone, inside other
+    words, robust training's adversaries).  While some part is short of :data:`THRESHOLD`, every part that already
+    passes is paused (0): pushing it further over-erases it (the target alone overshooting its surrogate draws
+    blotches that are no longer the surrogate) and takes the step from the part that lags.  With no part short, or
+    one part only, nothing is paused (the stop rule's second check confirms on the run as it is)."""
+    parts = parts or {}
+    if len(parts) < 2 or all(v >= THRESHOLD for v in parts.values()):
+        return {}
+    return {k: 0.0 for k, v in parts.items() if v >= THRESHOLD}
+
+
 class ErasureProbe:
     """Held-out probes of the original model for ``targets`` and the share-of-gap-closed signal on them."""
 
