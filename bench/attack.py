@@ -7,10 +7,10 @@ one run, under the same fixed budget (``spm.attack.Budget``, stated in the JSON)
   the target at all);
 * ``reference``: a membrane trained with the reference schedule (``--reference-schedule``), used with the
   reference's transport metric (``clipcos_tokenuni``);
-* ``robust``: the robust defaults — a membrane trained at the trainer defaults (robust training as
-  ``--robust-training``, default ``off``: on the toy worlds it cost erasure and bought nothing measurable once the
-  response gate is on, see the README), used with ``spm.transport.RESPONSE_METRIC`` (the response gate,
-  :mod:`spm.response`; ``--metric`` overrides; the JSON's ``metrics`` says which);
+* ``robust``: the robust settings — a membrane trained at the trainer defaults plus robust training
+  (``--robust-training``, default ``embedding``: ``spm train --robust embedding``; its file names the response
+  gate's ramp from the empty prompt, :data:`spm.response.ROBUST_RAMP`), used with ``spm.transport.RESPONSE_METRIC``
+  (the response gate, :mod:`spm.response`; ``--metric`` overrides; the JSON's ``metrics`` says which);
 * ``plain`` (only with ``--rows``): a membrane trained with ``robust="off"``, used with the robust row's metric —
   what robust training itself buys when ``--robust-training`` is on.
 
@@ -111,10 +111,11 @@ def run(*args, response_lo: str = "null", **kw) -> dict:
 
 
 def _run(worlds: list[str], targets: dict[str, list[str]], budget, *, quick: bool, reuse: bool, iterations: int | None,
-         out: Path, say, rows: tuple[str, ...] = ROWS, metric: str | None = None, robust: str = "off",
+         out: Path, say, rows: tuple[str, ...] = ROWS, metric: str | None = None, robust: str = "embedding",
          response_lo: str = "null") -> dict:
     from spm import attack, transport
     from spm.hosts.diffusers import PipelineMembranes
+    from spm.response import membrane_ramp
     from spm.toy import evaluate as ev
     from spm.toy import load
     from spm.toy.scorer import load_scorer
@@ -155,7 +156,8 @@ def _run(worlds: list[str], targets: dict[str, list[str]], budget, *, quick: boo
                         "schedule": cfg.schedule, "robust": cfg.robust,
                         "seconds_per_iteration": _round(cost.get("seconds_per_iteration")),
                         "ufe_per_iteration": _round(cost.get("ufe_per_iteration")),
-                        "erased": (tr.get("erasure") or {}).get("erased")}
+                        "erased": (tr.get("erasure") or {}).get("erased"),
+                        "response_ramp": membrane_ramp(membrane) or response_lo}
                     mt = metrics[row]
 
                     def factory(m=membrane, mt=mt):
@@ -256,11 +258,13 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated rows to measure, of {', '.join(ALL_ROWS)} (default: {','.join(ROWS)})")
     p.add_argument("--metric", help="transport metric of the robust (and plain) row (default: spm.transport.RESPONSE_METRIC, "
                                     "the response gate)")
-    p.add_argument("--robust-training", default="off", choices=ROBUST_MODES,
-                   help="TrainConfig.robust of the robust row (default: off, the trainer's default)")
+    p.add_argument("--robust-training", default="embedding", choices=ROBUST_MODES,
+                   help="TrainConfig.robust of the robust row (default: embedding, the robust settings; off: the "
+                        "trainer's default)")
     p.add_argument("--response-lo", default="null", choices=LO_RULES,
-                   help="where the response gate's ramp starts (spm.response.LO_RULE): null, the default: above random "
-                        "words' second-largest closure; empty: above the empty prompt's (an experiment)")
+                   help="where the response gate's ramp starts for membrane files that name no ramp (spm.response."
+                        "LO_RULE): null, the default: above random words' second-largest closure; empty: above the "
+                        "empty prompt's (a robust-trained file names empty itself)")
     p.add_argument("--budget", action="append", metavar="KEY=VALUE", help="override a field of the attack budget (repeatable)")
     p.add_argument("--target", action="append", help="target concept(s) (default: the first two concepts of each world)")
     p.add_argument("--iterations", type=int, help="training iterations of the membranes (default: the trainer's)")

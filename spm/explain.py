@@ -17,7 +17,7 @@ import torch
 
 from .attach import Transport
 from .membrane import Membrane
-from .response import stored_calibration
+from .response import membrane_ramp, stored_calibration
 from .transport import (
     METRICS,
     best_window,
@@ -200,14 +200,15 @@ def _response_entry(transport: Transport, membrane: Membrane, ctx: torch.Tensor)
     if responder is None:
         return []
     out = []
+    rule = membrane_ramp(membrane)
     for concept in membrane.info.concepts:
         gate = responder.gate(concept, stored_calibration(membrane, concept))
         if gate is None:
             continue
         closure = float(responder.closures(gate, ctx.detach())[0])
         out.append({"concept": concept, "closure": round(closure, 6),
-                    "score": round(float(gate.map(torch.tensor([closure]))[0]), 6),
-                    "calibration": gate.to_dict()})
+                    "score": round(float(gate.map(torch.tensor([closure]), rule)[0]), 6),
+                    "calibration": gate.to_dict(rule)})
     return out
 
 
@@ -258,6 +259,9 @@ def format_explanation(ex: dict[str, Any]) -> str:
             lines.append(f"    on {c['probe_rows']} probes of the model's own {r['concept']!r} trajectories: random words close up to "
                          f"{c['q']:.3f} (second-largest), the literal prompts from {c['top']:.3f}"
                          + ("" if c["usable"] else "  [unusable: the literal prompts do not rise above random words]"))
+            if c.get("ramp") == "empty":
+                lines.append(f"    ramp from the empty prompt's closure {c['empty']:.3f} (the file's rule, robust training: every "
+                             "row the model draws nearer the concept than from \"\" opens a little)")
             if c.get("reason"):
                 lines.append(f"    calibration: {'stored in the file' if c.get('source') == 'file' else 'computed here'}: {c['reason']}")
     return "\n".join(lines)

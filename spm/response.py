@@ -75,10 +75,13 @@ LO_FRAC = 0.0
 HI_FRAC = 0.25
 # where the ramp starts: "null" (above, lo = max(q + LO_FRAC·(top − q), the empty prompt's closure)) or "empty" (lo = the
 # empty prompt's closure: every row the model draws nearer the concept than from "" opens a little; other objects'
-# prompts still close far below it).  "empty" is an experiment of the attack bench (bench.attack --response-lo), not
-# a default: it gives random text a strength where "null" leaves it bit-identical
+# prompts still close far below it).  A membrane file names its rule in spm_transport["response"]["ramp"]: the
+# trainer writes "empty" for robust training (TrainConfig.robust="embedding": the membrane then also erases what
+# random text draws of the concept, so opening it there is what robust training is for; bench/results/attack.json);
+# a file that names none (every plain membrane) takes LO_RULE, "null": random text stays bit-identical
 LO_RULE = "null"
 LO_RULES = ("null", "empty")
+ROBUST_RAMP = "empty"  # the rule a robust-trained membrane names
 # the trainer stores the calibration only where it costs at most this share of the training's planned UNet work (the
 # same bound as the model-synonym scan's, spm.train.synonyms.BUDGET_SHARE, kept apart so that lifting one in a test
 # leaves the other): a smoke test of a few iterations must not spend minutes on it (a cost bound, not a fit)
@@ -138,16 +141,29 @@ class ResponseGate:
         its ``stack``, whose strengths are then set to 0)."""
         return probe_closures(backend, stack or _NoStack(), self, list(range(self.rows)), cond, None, progress=progress)
 
-    def map(self, closure: torch.Tensor) -> torch.Tensor:
-        """Scores in [0, 1]; exactly 0 at or below ``lo`` (and always 0 for an unusable gate)."""
-        if not self.usable:
+    def map(self, closure: torch.Tensor, rule: str | None = None) -> torch.Tensor:
+        """Scores in [0, 1]; exactly 0 at or below ``lo`` (and always 0 for an unusable gate).  ``rule``: the ramp
+        rule (:data:`LO_RULES`) of the membrane being scored (None: the process default, :data:`LO_RULE`)."""
+        lo, hi, usable = self.ramp(rule)
+        if not usable:
             return torch.zeros_like(closure)
-        return ((closure - self.lo) / max(self.hi - self.lo, 1e-12)).clamp(0.0, 1.0)
+        return ((closure - lo) / max(hi - lo, 1e-12)).clamp(0.0, 1.0)
 
-    def to_dict(self) -> dict:
+    def ramp(self, rule: str | None = None) -> tuple[float, float, bool]:
+        """``(lo, hi, usable)`` under ``rule`` from ``q``, ``top`` and ``empty`` (None: the gate's own, placed under
+        :data:`LO_RULE` when it was built)."""
+        if rule is None:
+            return self.lo, self.hi, self.usable
+        head = self.top - self.q
+        lo = self.empty if (rule or LO_RULE) == "empty" else max(self.q + head * LO_FRAC, self.empty)
+        hi = max(self.q + head * HI_FRAC, lo + 1e-6)
+        return lo, hi, head > 0 and self.top > lo
+
+    def to_dict(self, rule: str | None = None) -> dict:
+        lo, hi, usable = self.ramp(rule)
         return {"concept": self.concept, "q": round(self.q, 4), "top": round(self.top, 4),
-                "empty": round(self.empty, 4), "lo": round(self.lo, 4), "hi": round(self.hi, 4),
-                "usable": self.usable, "probe_rows": self.rows, "source": self.source, "reason": self.reason}
+                "empty": round(self.empty, 4), "lo": round(lo, 4), "hi": round(hi, 4), "ramp": rule or LO_RULE,
+                "usable": usable, "probe_rows": self.rows, "source": self.source, "reason": self.reason}
 
     def calibration(self) -> dict:
         """The entry a membrane file stores for this concept (``spm_transport["response"]["concepts"]``)."""
@@ -155,11 +171,8 @@ class ResponseGate:
                 "empty": self.empty}
 
     def _place(self) -> None:
-        """``lo``, ``hi`` and ``usable`` from ``q``, ``top`` and ``empty``."""
-        head = self.top - self.q
-        self.lo = self.empty if LO_RULE == "empty" else max(self.q + head * LO_FRAC, self.empty)
-        self.hi = max(self.q + head * HI_FRAC, self.lo + 1e-6)
-        self.usable = head > 0 and self.top > self.lo
+        """``lo``, ``hi`` and ``usable`` under the default rule (:meth:`ramp`)."""
+        self.lo, self.hi, self.usable = self.ramp(LO_RULE)
 
 
 def calibration_params(steps: int, guidance: float, levels: int, seeds: int, resolution: int) -> dict:
@@ -187,6 +200,19 @@ def stored_calibration(membrane, concept: str) -> dict | None:
     for key in ("response", "concepts", concept):
         entry = entry.get(key) if isinstance(entry, dict) else None
     return entry if isinstance(entry, dict) else None
+
+
+def membrane_ramp(membrane) -> str | None:
+    """The response gate's ramp rule ``membrane``'s file names (``spm_transport["response"]["ramp"]``), or None (the
+    process default :data:`LO_RULE` applies; also for an unknown name, which is logged)."""
+    entry = getattr(getattr(membrane, "info", None), "transport", None)
+    entry = entry.get("response") if isinstance(entry, dict) else None
+    rule = entry.get("ramp") if isinstance(entry, dict) else None
+    if rule is None or rule in LO_RULES:
+        return rule
+    log.warning("SPM: %s names the response ramp %r, which this version does not know (%s); using %r",
+                getattr(membrane, "name", "a membrane"), rule, ", ".join(LO_RULES), LO_RULE)
+    return None
 
 
 def _apply_stored(gate: ResponseGate, stored: dict | None) -> bool:
@@ -393,15 +419,16 @@ class Responder:
         keys: list[bytes] | None = None  # each row hashed once per call, whatever the number of concepts
         for m in membranes:
             best = torch.zeros(context.shape[0])
+            rule = membrane_ramp(m)
             for concept in m.info.concepts:
                 g = self.gate(concept, stored_calibration(m, concept))
-                if g is not None and g.usable:
+                if g is not None and g.ramp(rule)[2]:
                     if keys is None:
                         keys = [_digest(context[i]) for i in range(context.shape[0])]
-                    best = torch.maximum(best, g.map(self.closures(g, context, keys)))
+                    best = torch.maximum(best, g.map(self.closures(g, context, keys), rule))
             cols.append(best)
         return torch.stack(cols, 1) if cols else torch.zeros(context.shape[0], 0)
 
 
 __all__ = ["FINGERPRINT_RTOL", "NULL_WORDS", "Responder", "ResponseGate", "SEEDS", "build_gate", "calibration_params",
-           "calibration_rows", "null_words", "probe_fingerprint", "stored_calibration", "training_response"]
+           "calibration_rows", "membrane_ramp", "null_words", "probe_fingerprint", "stored_calibration", "training_response"]

@@ -191,7 +191,7 @@ def test_bench_attack_quick_path_prints_the_contract(tmp_path, capsys):
     from spm import transport
 
     assert rep["metrics"] == {"reference": "clipcos_tokenuni", "robust": transport.RESPONSE_METRIC}
-    assert rep["robust_training"] == "off" and rep["response_lo"] == "null"
+    assert rep["robust_training"] == "embedding" and rep["response_lo"] == "null"  # the robust settings
     keys = ("asr_discrete", "asr_embedding", "asr_cheap", "asr_random", "literal_erasure", "paraphrase_erasure",
             "nontarget_drop_pt")
     for row, d in rep["worlds"]["toy"].items():
@@ -203,7 +203,9 @@ def test_bench_attack_quick_path_prints_the_contract(tmp_path, capsys):
     tr = rep["train"]["toy"]
     assert set(tr) == {"reference", "robust"}
     (target,) = tr["robust"]
-    assert tr["robust"][target]["robust"] == "off" and tr["reference"][target]["schedule"] == "reference"
+    assert tr["robust"][target]["robust"] == "embedding" and tr["reference"][target]["schedule"] == "reference"
+    # a robust-trained file names its response ramp; the reference's names none (the process default applies)
+    assert tr["robust"][target]["response_ramp"] == "empty" and tr["reference"][target]["response_ramp"] == "null"
     assert tr["robust"][target]["seconds_per_iteration"] > 0
     # bad input: one line, exit 2
     assert bench_attack.main(["--rows", "robust,nope"]) == 2

@@ -369,3 +369,60 @@ def test_a_malformed_stored_calibration_reads_as_none(transport):
     from spm.response import stored_calibration
 
     assert stored_calibration(SimpleNamespace(info=SimpleNamespace(transport=transport)), "circle") is None
+
+
+def _with_ramp(name, concepts, ramp):
+    from types import SimpleNamespace
+
+    transport = {} if ramp is None else {"response": {"ramp": ramp}}
+    return SimpleNamespace(name=name, info=SimpleNamespace(concepts=list(concepts), transport=transport))
+
+
+def test_a_membrane_file_names_its_ramp_and_the_responder_scores_each_membrane_by_its_own(caplog):
+    """``spm_transport["response"]["ramp"]`` (the trainer writes "empty" for robust training): rows between the empty
+    prompt's closure and random words' second-largest open a robust membrane a little and leave a plain one shut, on
+    one shared gate; a file naming no ramp, or one this version does not know (logged), takes LO_RULE."""
+    from types import SimpleNamespace
+
+    import spm.response as R
+
+    z = torch.zeros(1)
+    g = R.ResponseGate("circle", z, z, z, z, q=0.4, top=0.9, empty=0.0)
+    g._place()
+    plain, robust = _with_ramp("plain", ["circle"], None), _with_ramp("robust", ["circle"], "empty")
+    odd = _with_ramp("odd", ["circle"], "sideways")
+    assert R.membrane_ramp(plain) is None and R.membrane_ramp(robust) == "empty"
+    with caplog.at_level("WARNING", logger="spm"):
+        assert R.membrane_ramp(odd) is None
+    assert "names the response ramp 'sideways'" in caplog.text
+    assert g.ramp() == (g.lo, g.hi, g.usable) and g.ramp("empty")[0] == 0.0 and g.ramp("null")[0] == pytest.approx(0.4)
+    assert g.to_dict("empty")["ramp"] == "empty" and g.to_dict()["ramp"] == R.LO_RULE
+    r = R.Responder(SimpleNamespace(is_xl=False))
+    r.gates["circle"] = g
+    ctx = torch.arange(3 * 2 * 4, dtype=torch.float32).reshape(3, 2, 4)
+    for i, c in enumerate([0.2, -0.3, 0.8]):  # nearer the concept than "", below "", the concept itself
+        g.seen[R._digest(ctx[i])] = c
+    s = r.scores(ctx, [plain, robust, odd])  # every row already measured: no UNet call
+    assert s[:, 0].tolist() == [0.0, 0.0, 1.0]
+    assert s[:, 1].tolist() == pytest.approx([0.2 / g.hi, 0.0, 1.0]) and s[:, 2].tolist() == s[:, 0].tolist()
+
+
+def test_robust_training_writes_the_ramp_and_explain_says_it(pipe, tmp_path, capsys):
+    from spm.checkpoint import load_membrane
+    from spm.cli import main
+    from spm.hosts.diffusers import DiffusersBackend
+    from spm.train import TrainConfig, Trainer
+    from tests.test_train import FAST
+
+    out = tmp_path / "rob.safetensors"
+    cfg = TrainConfig(targets=["circle"], iterations=2, la_mode="off", synonyms="off", robust="embedding", **FAST)
+    Trainer(DiffusersBackend(pipe), cfg, out, progress_bar=False).train()
+    m = load_membrane(out)
+    assert m.info.transport["response"]["ramp"] == "empty"
+    plain = tmp_path / "plain.safetensors"
+    Trainer(DiffusersBackend(pipe), cfg.with_(robust="off"), plain, progress_bar=False).train()
+    assert "ramp" not in (load_membrane(plain).info.transport.get("response") or {})
+    capsys.readouterr()
+    assert main(["explain", "--membrane", str(out), "--metric", "response", "--prompt", "a red circle", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "ramp from the empty prompt's closure" in text, text

@@ -47,7 +47,7 @@ from ..gate import training_gate
 from ..membrane import Membrane, MembraneInfo
 from ..naming import context_dim, find_targets
 from ..progress import tally
-from ..response import training_response
+from ..response import ROBUST_RAMP, training_response
 from ..transport import VOCABULARY_PROGRESS, training_calibration, training_candidates, training_neighbours
 from .anchors import sample_anchors
 from .config import CONTEXT_WORDS, LR_LAYER_MODES, TrainConfig
@@ -802,6 +802,10 @@ class Trainer:
                                   guidance=cfg.xt_guidance, levels=cfg.signal_levels, progress=progress,
                                   planned=self._planned_ufe(),
                                   train_resolution=cfg.resolution))
+        if cfg.robust != "off":  # the response gate's ramp a robust membrane is made for (spm.response.ROBUST_RAMP)
+            resp = membrane.info.transport.get("response")
+            membrane.info.transport = {**membrane.info.transport,
+                                       "response": {**(resp if isinstance(resp, dict) else {}), "ramp": ROBUST_RAMP}}
         self._phase("saving", 0, 1)
         self._save(membrane, optimizer, g, step, aw, extra,
                    state=interrupted or step < cfg.iterations or self.keep_state)
