@@ -219,7 +219,9 @@ _TRAIN_FLAGS = {  # flag → (TrainConfig field, type, help)
     "--pool-size": ("pool_size", positive_int, "latent pool size (fast schedule)"),
     "--max-denoising-steps": ("max_denoising_steps", positive_int, "DDIM steps of the x_t trajectories"),
     "--robust": ("robust", str, "robust to adversarial prompts: 'embedding' also erases adversarial text embeddings "
-                                "searched against the membrane while it trains (slower), 'off' does not"),
+                                "searched against the membrane while it trains (slower) and marks the file for the "
+                                "response metric's ramp from the empty prompt; use it with --metric response at "
+                                "generation; 'off' does not"),
 }
 _NONE_DEFAULT = {"resolution": "the model's"}
 

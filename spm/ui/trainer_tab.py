@@ -221,7 +221,9 @@ def build_trainer_tab(backend_provider: Callable[[], Any] | None = None, membran
                                                    "finished run", value=False, elem_id=f"{p}_keep_state")
                 robust = gr.Checkbox(label="Robust to adversarial prompts (slower)", value=defaults["robust"],
                                      info="While training, search text embeddings that bring the concept back "
-                                          "through the membrane and erase them too (spm/train/robust.py); "
+                                          "through the membrane and erase them too (spm/train/robust.py); use "
+                                          "the membrane with the 'response' transport metric, which then also "
+                                          "opens it for text that avoids the concept's words but draws it; "
                                           "see the README for what it costs and what it buys",
                                      elem_id=f"{p}_robust")
                 neighbours = gr.Checkbox(label="Also erase the words its transport opens for (synonyms)",
