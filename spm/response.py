@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Sequence
 
@@ -370,18 +371,38 @@ class Responder:
             return self.gates[concept]
         return self.build(concept, stored) if self.lazy else None
 
+    def stored_settings(self, concept: str, stored: dict | None) -> tuple[int, float, int]:
+        """The probes' ``(steps, guidance, levels)``: a stored calibration's, so that its probes are drawn as the
+        trainer drew them (its run may have set other values), where they are ones a trainer can have used — steps
+        within the model's noise schedule, levels within the steps, a finite guidance; otherwise (a hand-edited or
+        foreign file: thousands of steps would cost thousands of UNet calls per concept) this host's own, and the
+        stored calibration is then recomputed for the mismatch."""
+        own = (self.steps, self.guidance, self.levels)
+        p = (stored or {}).get("params") if isinstance(stored, dict) else None
+        if not isinstance(p, dict):
+            return own
+        try:
+            steps, guidance, levels = int(p.get("steps", own[0])), float(p.get("guidance", own[1])), int(p.get("levels", own[2]))
+        except (TypeError, ValueError, OverflowError):
+            return own
+        try:
+            limit = int(self.backend.alphas_cumprod.shape[0])
+        except AttributeError:  # a backend without its schedule at hand: the trainer's own bound
+            limit = 1000
+        if 1 <= steps <= limit and 1 <= levels <= steps and math.isfinite(guidance):
+            return steps, guidance, levels
+        log.warning("SPM: the stored response calibration of %r asks for probes of %s steps, %s levels, guidance %s, "
+                    "which no training run uses on this model (at most %d steps); it is recomputed with this host's "
+                    "settings", concept, steps, levels, guidance, limit)
+        return own
+
     def build(self, concept: str, stored: dict | None = None) -> ResponseGate | None:
         """Build (or return) ``concept``'s gate; a failure is logged and leaves the concept without one."""
         if self._unsupported():
             return None
         if concept in self.gates:
             return self.gates[concept]
-        steps, guidance, levels = self.steps, self.guidance, self.levels
-        try:  # a stored calibration's probes are drawn as the trainer drew them (its run may have set other values)
-            p = (stored or {}).get("params") or {}
-            steps, guidance, levels = int(p.get("steps", steps)), float(p.get("guidance", guidance)), int(p.get("levels", levels))
-        except (TypeError, ValueError, AttributeError):
-            pass
+        steps, guidance, levels = self.stored_settings(concept, stored)
         try:
             with self.bypass(), torch.no_grad():
                 g = build_gate(self.backend, concept, steps=steps, guidance=guidance, levels=levels,

@@ -426,3 +426,23 @@ def test_robust_training_writes_the_ramp_and_explain_says_it(pipe, tmp_path, cap
     assert main(["explain", "--membrane", str(out), "--metric", "response", "--prompt", "a red circle", "--threads", "1"]) == 0
     text = capsys.readouterr().out
     assert "ramp from the empty prompt's closure" in text, text
+
+
+def test_stored_probe_settings_are_adopted_only_where_a_training_run_could_have_used_them(caplog):
+    """A hand-edited or foreign file cannot make the host draw probes of thousands of steps: settings outside the
+    model's noise schedule (or levels beyond the steps, a guidance that is not a number) fall back to the host's
+    own, and the calibration is then recomputed for the mismatch."""
+    from types import SimpleNamespace
+
+    import spm.response as R
+
+    r = R.Responder(SimpleNamespace(is_xl=False, alphas_cumprod=torch.ones(1000)), steps=30, guidance=3.0)
+    own = (30, 3.0, r.levels)
+    assert r.stored_settings("circle", None) == own and r.stored_settings("circle", {"params": "x"}) == own
+    assert r.stored_settings("circle", {"params": {"steps": 50, "guidance": 2.5, "levels": 4}}) == (50, 2.5, 4)
+    assert r.stored_settings("circle", {"params": {"steps": 1000, "levels": 1}}) == (1000, 3.0, 1)
+    with caplog.at_level("WARNING", logger="spm"):
+        for bad in ({"steps": 100000}, {"steps": 0}, {"steps": 10, "levels": 11}, {"guidance": "nan"},
+                    {"steps": "many"}, {"steps": 1e400}):
+            assert r.stored_settings("circle", {"params": bad}) == own, bad
+    assert caplog.text.count("which no training run uses on this model (at most 1000 steps)") == 4
