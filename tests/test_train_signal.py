@@ -419,3 +419,25 @@ def test_the_trainer_pauses_the_terms_of_the_parts_that_pass(backend, monkeypatc
     assert [(r["alone"], r["context"], r["adv"]) for r in log] == want
     searches = res.membrane.info.training["robust_stats"]["searches"]
     assert searches == 4  # every search ran, paused or not
+
+
+def test_the_words_closure_takes_a_unet_output_in_any_memory_layout(backend, monkeypatch):
+    """A WebUI's UNet may hand back a channels-last tensor (real A1111: robust training's check of its adversaries
+    failed with "view size is not compatible"): the words closure and the scan's distances read it as it is."""
+    from spm.train import synonyms
+
+    zero = Membrane.for_targets(find_targets(backend.unet))
+    stack, probe = _probe(backend, zero)
+    try:
+        rows = list(range(probe.rows))
+        words = backend.encode(["circle", "", "square"])
+        plain = probe.measure_words(rows, words)
+        d_plain = synonyms.distances(backend, stack, probe, rows, words, None)
+        predict = backend.predict
+        monkeypatch.setattr(backend, "predict", lambda x, t, c: predict(x, t, c).contiguous(memory_format=torch.channels_last))
+        assert not backend.predict(probe.x_t[:2], probe.t[:2], words.rows([0, 1])).is_contiguous()
+        assert probe.measure_words(rows, words) == pytest.approx(plain, abs=1e-6)
+        d_last = synonyms.distances(backend, stack, probe, rows, words, None)
+        assert all(torch.allclose(a, b) for a, b in zip(d_last, d_plain))
+    finally:
+        stack.detach()

@@ -300,7 +300,7 @@ class ErasureProbe:
         def call(i: int, k: int) -> list[float]:
             cond = words.rows([j for j in range(i, i + k) for _ in range(r)])
             m = run_unet(self.backend, self.stack, x.repeat(k, 1, 1, 1), t.repeat(k), cond, [float(strength)] * (k * r),
-                         self.meter, False, self.autocast).double().view(k, r, -1)
+                         self.meter, False, self.autocast).double().reshape(k, r, -1)
             num = ((o.flatten(1).unsqueeze(0) - m) * u.unsqueeze(0)).sum(2)  # [k, r]
             if progress is not None:
                 progress(k)

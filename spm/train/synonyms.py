@@ -148,7 +148,7 @@ def distances(backend: Backend, stack, probe: ErasureProbe, rows: list[int], wor
     def call(i: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         cond = words.rows([j for j in range(i, i + k) for _ in range(r)])
         p = run_unet(backend, stack, x.repeat(k, 1, 1, 1), t.repeat(k), cond, [0.0] * (k * r), meter, False, autocast)
-        p = p.double().view(k, r, *o.shape[1:])
+        p = p.double().reshape(k, r, *o.shape[1:])
         if progress is not None:
             progress(k)
         return ((p - o.unsqueeze(0)) ** 2).flatten(1).sum(1), ((p - s.unsqueeze(0)) ** 2).flatten(1).sum(1)
