@@ -641,6 +641,46 @@ class Driver:
         self.r.add("folder: membrane file mode 0644 under umask 022", ok_mode and bool(names),
                    {k: v for k, v in ev.items() if k in names})
 
+    def check_robust_api(self) -> None:
+        """Robust training long enough to reach an erasure check after its first adversary search (the 4-iteration
+        jobs above end before one): the job ends "done", the file records robust training and names the response
+        gate's ramp, and the console has no traceback (real A1111 once failed here on a channels-last UNet output)."""
+        name = f"rw_rob_{self.tag}"
+        self.log.mark()
+        t0 = time.monotonic()
+        body = {"name": name, **TRAIN, **CHECK, "iterations": 24, "robust": True, "contexts": 0, "synonyms": "off"}
+        code, res = self.api.call("POST", "/spm/v1/train", body)
+        if code != 200:
+            self.r.add("robust: a robust job reaches a check after its first search and saves", False,
+                       {"code": code, "body": res})
+            return
+        j = {}
+        while time.monotonic() - t0 < self.a.job_limit:
+            _, j = self.api.call("GET", f"/spm/v1/train/{res['id']}", timeout=30)
+            if j.get("status") in ("done", "failed", "interrupted"):
+                break
+            time.sleep(1.0)
+        meta: dict = {}
+        folder = self.membrane_dir()
+        f = folder / f"{name}.safetensors" if folder else None
+        if f is not None and f.exists():
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                meta = json.loads(fh.read(n)).get("__metadata__", {})
+        training = json.loads(meta.get("spm_training", "{}") or "{}")
+        transport = json.loads(meta.get("spm_transport", "{}") or "{}")
+        checks = [c.get("step") for c in training.get("signal_history", [])]
+        stats = training.get("robust_stats") or {}
+        since = self.log.since()
+        ok = (j.get("status") == "done" and training.get("robust") == "embedding"
+              and (transport.get("response") or {}).get("ramp") == "empty" and stats.get("searches", 0) >= 1
+              and len(checks) >= 2 and "Traceback" not in since)
+        self.r.add("robust: a robust job reaches a check after its first search and saves", ok,
+                   {"final": {k: j.get(k) for k in ("status", "step", "total", "error", "message")},
+                    "robust": training.get("robust"), "ramp": (transport.get("response") or {}).get("ramp"),
+                    "searches": stats.get("searches"), "checks_at": checks, "tracebacks": since.count("Traceback"),
+                    "seconds": round(time.monotonic() - t0, 1)})
+
     def check_interrupted(self) -> None:
         name = f"rw_int_{self.tag}"
         self.names["int"] = name
@@ -926,6 +966,7 @@ class Driver:
                     self.judge_restart(self.tab_job, before, "tab")
                 self.run("api_training", self.check_api_training)
                 self.run("folder", self.check_folder_after_success)
+                self.run("robust", self.check_robust_api)
                 self.run("interrupt", self.check_interrupted)
             self.run("lists", self.check_lists_after_reload)
             self.run("card_click", self.check_card_click)
