@@ -50,6 +50,7 @@ from typing import Callable, ContextManager, Sequence
 
 import torch
 
+from .backend import num_train_timesteps
 from .gate import CONCEPT_FORMS, _pools
 from .train.synonyms import NULL_RANK as SCAN_NULL_RANK
 from .train.synonyms import NULL_WORDS as SCAN_NULL_WORDS
@@ -87,8 +88,8 @@ ROBUST_RAMP = "empty"  # the rule a robust-trained membrane names
 # same bound as the model-synonym scan's, spm.train.synonyms.BUDGET_SHARE, kept apart so that lifting one in a test
 # leaves the other): a smoke test of a few iterations must not spend minutes on it (a cost bound, not a fit)
 BUDGET_SHARE = 0.5
-CALIBRATION_VERSION = 1
-SCORED_TEXTS = NULL_WORDS + 1 + len(CONCEPT_FORMS)  # texts a calibration scores: the null, "" and the literal forms  # of the stored calibration (spm_transport["response"]); another version is recomputed
+CALIBRATION_VERSION = 1  # of the stored calibration (spm_transport["response"]); another version is recomputed
+SCORED_TEXTS = NULL_WORDS + 1 + len(CONCEPT_FORMS)  # texts a calibration scores: the null, "" and the literal forms
 # a stored calibration applies when the host's probe predictions of the concept are within this relative distance of
 # the ones it was made on: above fp16-versus-fp32 rounding along a sampled trajectory, far below what fine-tuning the
 # UNet moves (bench: toy against its fine-tune; tests/test_response.py)
@@ -130,6 +131,7 @@ class ResponseGate:
     fingerprint: dict = field(default_factory=dict)  # the probes' predictions of the concept (probe_fingerprint)
     source: str = "computed"  # "file": q/top/empty from the membrane's stored calibration
     reason: str = ""  # why a stored calibration was or was not used
+    rule: str = "null"  # the ramp rule lo/hi/usable were placed under (LO_RULE when the gate was built)
     seen: dict = field(default_factory=dict, repr=False)  # row digest -> closure
 
     @property
@@ -152,18 +154,18 @@ class ResponseGate:
 
     def ramp(self, rule: str | None = None) -> tuple[float, float, bool]:
         """``(lo, hi, usable)`` under ``rule`` from ``q``, ``top`` and ``empty`` (None: the gate's own, placed under
-        :data:`LO_RULE` when it was built)."""
+        :attr:`rule`)."""
         if rule is None:
             return self.lo, self.hi, self.usable
         head = self.top - self.q
-        lo = self.empty if (rule or LO_RULE) == "empty" else max(self.q + head * LO_FRAC, self.empty)
+        lo = self.empty if rule == "empty" else max(self.q + head * LO_FRAC, self.empty)
         hi = max(self.q + head * HI_FRAC, lo + 1e-6)
         return lo, hi, head > 0 and self.top > lo
 
     def to_dict(self, rule: str | None = None) -> dict:
         lo, hi, usable = self.ramp(rule)
         return {"concept": self.concept, "q": round(self.q, 4), "top": round(self.top, 4),
-                "empty": round(self.empty, 4), "lo": round(lo, 4), "hi": round(hi, 4), "ramp": rule or LO_RULE,
+                "empty": round(self.empty, 4), "lo": round(lo, 4), "hi": round(hi, 4), "ramp": rule or self.rule,
                 "usable": usable, "probe_rows": self.rows, "source": self.source, "reason": self.reason}
 
     def calibration(self) -> dict:
@@ -172,7 +174,8 @@ class ResponseGate:
                 "empty": self.empty}
 
     def _place(self) -> None:
-        """``lo``, ``hi`` and ``usable`` under the default rule (:meth:`ramp`)."""
+        """``lo``, ``hi`` and ``usable`` under the process default :data:`LO_RULE` (:meth:`ramp`)."""
+        self.rule = LO_RULE
         self.lo, self.hi, self.usable = self.ramp(LO_RULE)
 
 
@@ -194,25 +197,36 @@ def probe_fingerprint(o: torch.Tensor) -> dict:
             "proj": [float(f"{v:.6g}") for v in proj.reshape(-1).tolist()]}
 
 
+def _response_entry(membrane, *keys: str):
+    """``membrane.info.transport["response"][keys…]``, or None where a level is missing or not a mapping (a
+    hand-edited or foreign file reads as one without the entry)."""
+    entry = getattr(getattr(membrane, "info", None), "transport", None)
+    for key in ("response", *keys):
+        entry = entry.get(key) if isinstance(entry, dict) else None
+    return entry
+
+
 def stored_calibration(membrane, concept: str) -> dict | None:
     """``membrane``'s stored response calibration of ``concept`` (``spm_transport["response"]``), or None (also for
     a malformed entry: the host then calibrates, as for a file without one)."""
-    entry = getattr(getattr(membrane, "info", None), "transport", None)
-    for key in ("response", "concepts", concept):
-        entry = entry.get(key) if isinstance(entry, dict) else None
+    entry = _response_entry(membrane, "concepts", concept)
     return entry if isinstance(entry, dict) else None
+
+
+_UNKNOWN_RAMPS: set[tuple[str, str]] = set()  # (membrane, rule) already warned about
 
 
 def membrane_ramp(membrane) -> str | None:
     """The response gate's ramp rule ``membrane``'s file names (``spm_transport["response"]["ramp"]``), or None (the
-    process default :data:`LO_RULE` applies; also for an unknown name, which is logged)."""
-    entry = getattr(getattr(membrane, "info", None), "transport", None)
-    entry = entry.get("response") if isinstance(entry, dict) else None
-    rule = entry.get("ramp") if isinstance(entry, dict) else None
+    process default :data:`LO_RULE` applies; also for an unknown name, which is logged once per membrane)."""
+    rule = _response_entry(membrane, "ramp")
     if rule is None or rule in LO_RULES:
         return rule
-    log.warning("SPM: %s names the response ramp %r, which this version does not know (%s); using %r",
-                getattr(membrane, "name", "a membrane"), rule, ", ".join(LO_RULES), LO_RULE)
+    name = str(getattr(membrane, "name", "a membrane"))
+    if (name, str(rule)) not in _UNKNOWN_RAMPS:
+        _UNKNOWN_RAMPS.add((name, str(rule)))
+        log.warning("SPM: %s names the response ramp %r, which this version does not know (%s); using %r", name, rule,
+                    ", ".join(LO_RULES), LO_RULE)
     return None
 
 
@@ -385,10 +399,7 @@ class Responder:
             steps, guidance, levels = int(p.get("steps", own[0])), float(p.get("guidance", own[1])), int(p.get("levels", own[2]))
         except (TypeError, ValueError, OverflowError):
             return own
-        try:
-            limit = int(self.backend.alphas_cumprod.shape[0])
-        except AttributeError:  # a backend without its schedule at hand: the trainer's own bound
-            limit = 1000
+        limit = num_train_timesteps(self.backend)
         if 1 <= steps <= limit and 1 <= levels <= steps and math.isfinite(guidance):
             return steps, guidance, levels
         log.warning("SPM: the stored response calibration of %r asks for probes of %s steps, %s levels, guidance %s, "
