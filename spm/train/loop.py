@@ -644,7 +644,7 @@ class Trainer:
             if not isinstance(source, LatentPool):
                 self._phase("training", step, cfg.iterations, "steps")
             fill_ufe = 0
-            # a part of the check that passes pauses its erase term until a check says otherwise (signal.part_weights)
+            # a part of the check that passes pauses its erase term until a check says otherwise (signal.pause_parts)
             weights = pause_parts(self.rule.checks[-1].get("parts") if self.rule.checks else None)
             t_aside = 0.0  # previews and checkpoints, excluded from the per-iteration time
             t_loop = time.perf_counter()

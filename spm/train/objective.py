@@ -210,6 +210,8 @@ def objective_step(backend: Backend, stack, x_t: torch.Tensor, t: torch.Tensor, 
     surrogate is ""), so its membrane-OFF output is ε_neu and is not computed twice.
     ``reference_calls=True`` reproduces the reference's calls: positive and neutral each as a guidance-1
     CFG pair ``[uncond, prompt]``, the target likewise (with grad), then the anchors ON and OFF separately.
+    ``erase_weight``: the erase term's weight in ``loss`` (0 while the trainer pauses the target alone,
+    :func:`spm.train.signal.pause_parts`; the anchor term is kept).
     """
     t0 = time.perf_counter()
     n = len(anchors)
@@ -247,8 +249,7 @@ def objective_step(backend: Backend, stack, x_t: torch.Tensor, t: torch.Tensor, 
     goal = erase_target(eps_pos, eps_neu, guidance_scale)
     erase = F.mse_loss(eps_t, goal)
     anchor = F.mse_loss(a_on, a_off) if n else torch.zeros((), device=eps_t.device)
-    term = erase if erase_weight == 1.0 else erase_weight * erase
-    loss = term + la_weight * anchor if la_weight > 0 else term
+    loss = erase_weight * erase + la_weight * anchor if la_weight > 0 else erase_weight * erase
     signal = float(F.mse_loss(eps_pos, eps_neu))
     return StepOutputs(loss, float(erase.detach()), float(anchor.detach()), signal, eps_t.detach(), eps_unc,
                        eps_neu.detach(), time.perf_counter() - t0)
