@@ -429,6 +429,32 @@ def test_every_phase_is_named_with_its_own_count(backend, tmp_path, monkeypatch)
     steps = [line for line in lines if line.startswith("circle: training step")]
     assert [s.split()[3] for s in steps] == ["1/3", "2/3", "3/3"] and all("ETA" in s for s in steps)
     assert lines[-1].startswith("circle: done after 3/3 steps in ") and str(tmp_path / "circle.safetensors") in lines[-1]
+    # where the time went: every phase entered, in order, each closed with its seconds (the sub-second ones too, which
+    # a progress poll of the bar may never see), in the API's dict, the console's second-to-last line and the tab
+    log = job.as_dict()["phases"]
+    assert [e["phase"] for e in log] == order and all(isinstance(e["seconds"], float) and e["seconds"] >= 0 for e in log)
+    assert [e["label"] for e in log] == [jobs.PHASES[p] for p in order]
+    summary = job.phase_summary()
+    assert all(summary.count(jobs.PHASES[p]) == 1 for p in ("loading", "saving", "check")), summary
+    assert summary.startswith("loading the model ") and lines[-2] == f"circle: time per phase: {summary}"
+    from spm.ui import trainer_tab as tt
+
+    assert "Time per phase: loading the model " in tt.status_html(job)
+
+
+def test_the_phase_log_sums_revisits_and_closes_the_running_phase(monkeypatch):
+    """A phase entered again (the erasure check between training intervals) is one entry per visit and one item of the
+    summary; the running phase has no seconds until the job ends; the summary reads seconds, then m:ss."""
+    clock = iter([0.0, 0.4, 30.0, 31.5, 100.0, 170.0])
+    monkeypatch.setattr(jobs.time, "monotonic", lambda: next(clock))
+    job = jobs.TrainJob("x", jobs.parse_request({"name": "x", "target": "circle"}))
+    for phase in ("loading", "training", "signal", "training"):
+        job.set_phase(phase)
+    assert [e["seconds"] for e in job.phases] == [0.4, 29.6, 1.5, None]
+    job.end_phase()
+    job.end_phase()  # idempotent: the job's end may close it twice
+    assert job.phases[-1]["seconds"] == 68.5
+    assert job.phase_summary() == "loading the model 0.4 s · training step 1:38 · measuring the erasure 1.5 s"
 
 
 def test_the_console_gets_about_ten_progress_lines_and_the_error(backend, tmp_path, capsys):

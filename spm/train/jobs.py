@@ -305,6 +305,9 @@ class TrainJob:
     phase_total: int = 0  # 0: no count (loading, saving)
     phase_started: float | None = None  # time.monotonic() when the phase began
     phase_eta_s: float | None = None
+    # every phase the job went through, in order: {"phase", "label", "seconds"} (seconds None while it runs); a phase
+    # entered again (the erasure check between training intervals) is one entry per visit
+    phases: list[dict] = field(default_factory=list)
     erasure: dict | None = None  # the trainer's erasure check, when it made one (erased, signal, threshold, message)
     outcome: str | None = None  # the final status, set before the reporter ends; ``status`` follows after
     created: float = field(default_factory=time.time)
@@ -353,19 +356,37 @@ class TrainJob:
         now = time.monotonic()
         changed = phase != self.phase
         if changed or self.phase_started is None:
+            self.end_phase(now)
             self.phase, self.phase_started = phase, now
+            self.phases.append({"phase": phase, "label": PHASES.get(phase, phase), "seconds": None})
         self.phase_done, self.phase_total = done, total
         if eta_s is None and total and done:
             eta_s = (now - self.phase_started) * (total - done) / done
         self.phase_eta_s = eta_s if (total and done) else None
         return changed
 
+    def end_phase(self, now: float | None = None) -> None:
+        """Close the running phase's entry in :attr:`phases` (its seconds); the job's end calls it for the last."""
+        if self.phases and self.phases[-1]["seconds"] is None and self.phase_started is not None:
+            now = time.monotonic() if now is None else now
+            self.phases[-1]["seconds"] = round(max(0.0, now - self.phase_started), 3)
+
+    def phase_summary(self) -> str:
+        """Where the time went, each phase once in the order first entered with its visits summed:
+        ``loading the model 0.4 s · drawing the erasure signal's held-out probes 12 s · training step 2:20 · …``."""
+        total: OrderedDict[str, float] = OrderedDict()
+        for e in self.phases:
+            if e["phase"] != "queued" and e["seconds"] is not None:
+                total[e["label"]] = total.get(e["label"], 0.0) + float(e["seconds"])
+        return " · ".join(f"{label} {seconds_text(sec)}" for label, sec in total.items())
+
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.request.name, "status": self.status, "step": self.step, "total": self.total,
                 "loss": self.loss, "it_per_s": self.it_per_s, "eta_s": self.eta_s, "output": self.output,
                 "preview": self.preview_file, "error": self.error, "message": self.message,
                 "phase": self.phase, "phase_done": self.phase_done, "phase_total": self.phase_total,
-                "phase_eta_s": self.phase_eta_s, "progress": self.progress_text(), "erasure": self.erasure,
+                "phase_eta_s": self.phase_eta_s, "phases": [dict(e) for e in self.phases],
+                "progress": self.progress_text(), "erasure": self.erasure,
                 "request": self.request.as_dict()}
 
 
@@ -374,6 +395,13 @@ def format_seconds(s: float) -> str:
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+def seconds_text(s: float) -> str:
+    """A phase's duration for people: ``0.4 s``, ``12 s``, then ``2:20`` (:func:`format_seconds`) from a minute."""
+    if s < 10:
+        return f"{s:.1f} s"
+    return f"{s:.0f} s" if s < 60 else format_seconds(s)
 
 
 def erasure_text(erasure: dict | None) -> str:
@@ -562,6 +590,13 @@ class TrainService:
             except Exception:  # a closed console must not fail the job
                 pass
 
+    def _say_phases(self, job: TrainJob) -> None:
+        """The console line before the job's last: the time each phase took (the running one closed here)."""
+        job.end_phase()
+        summary = job.phase_summary()
+        if summary:
+            self._say(job, f"time per phase: {summary}")
+
     def _phase(self, job: TrainJob, phase: str, done: int = 0, total: int = 0, eta_s: float | None = None,
                message: str | None = None) -> None:
         if job.set_phase(phase, done, total, eta_s):
@@ -638,15 +673,18 @@ class TrainService:
             if verdict:
                 message += f"; {verdict}"
             final = {"status": status, "message": message}
+            self._say_phases(job)
             self._say(job, f"{status} after {job.step}/{job.total} steps in {format_seconds(time.monotonic() - t0)}"
                       f": {message}")
         except Exception as e:  # any failure becomes the job's error message, never a crash of the worker
             error = str(e) or type(e).__name__
             final = {"status": "failed", "error": error, "message": f"failed: {error}"}
+            self._say_phases(job)
             self._say(job, f"failed ({PHASES.get(job.phase, job.phase)}): {error}")
             if not isinstance(e, (RequestError, NoModelError, ValueError)):
                 log.error("SPM: training %s failed:\n%s", req.name, traceback.format_exc())
         finally:
+            job.end_phase()
             job.outcome = final.get("status", "failed")
             job.message = final.get("message", job.message)
             if "error" in final:

@@ -83,7 +83,11 @@ def status_html(job: TrainJob | None, error: str | None = None) -> str:
         return ""
     cls = {"done": "spm-ok", "interrupted": "spm-warn", "failed": "error spm-error"}.get(job.status, "spm-info")
     text = job.message if job.status != "failed" else f"Training failed: {job.error}"
-    return f"<div class='{cls}' data-status='{job.status}'>{html.escape(text)}</div>"
+    out = f"<div class='{cls}' data-status='{job.status}'>{html.escape(text)}</div>"
+    summary = job.phase_summary() if job.status in ("done", "failed", "interrupted") else ""
+    if summary:  # where the time went, phases shorter than a progress poll included
+        out += f"<div class='spm-phases'>Time per phase: {html.escape(summary)}</div>"
+    return out
 
 
 def job_outputs(job: TrainJob, final: bool = False) -> tuple:
