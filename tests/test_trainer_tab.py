@@ -472,8 +472,13 @@ def test_the_console_gets_about_ten_progress_lines_and_the_error(backend, tmp_pa
     svc = TrainService(broken, tmp_path)
     job = svc.run(svc.create(fast(name="other")))
     assert job.status == "failed"
-    assert capsys.readouterr().out.splitlines()[-1] == \
-        "SPM: other: failed (loading the model): no model is loaded; load a checkpoint first"
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "SPM: other: failed (loading the model): no model is loaded; load a checkpoint first"
+    # it ended in its first phase: no "time per phase" line in the console or the tab
+    assert not any("time per phase" in line for line in out)
+    from spm.ui import trainer_tab as tt
+
+    assert "Time per phase" not in tt.status_html(job) and "no model is loaded" in tt.status_html(job)
 
 
 def test_the_final_status_waits_for_the_reporter_and_the_lock(backend, tmp_path):

@@ -593,7 +593,7 @@ class TrainService:
     def _say_phases(self, job: TrainJob) -> None:
         """The console line before the job's last: the time each phase took (the running one closed here)."""
         job.end_phase()
-        summary = job.phase_summary()
+        summary = job.phase_summary() if len(job.phases) > 1 else ""  # a job that failed at loading has nothing to say
         if summary:
             self._say(job, f"time per phase: {summary}")
 
