@@ -443,6 +443,10 @@ def test_the_trainer_erases_the_target_inside_other_words_and_checks_it_there(ba
     assert set(parts) == {"alone", "in_context"} and parts["alone"] != parts["in_context"]
     assert with_c.erasure["signal"] == min(parts.values())
     assert tr.rule.checks[-1]["parts"] == parts
+    # the check names the context prompt whose held-out trajectory is least erased, one of the run's own
+    text, ratio = tr.rule.checks[-1]["weakest_context"]
+    probed = [texts[j % len(texts)] for j in range(tr.context_probe.trajectories)]
+    assert text in probed and ratio == pytest.approx(min(tr.context_probe.last_per_trajectory), abs=1e-4)
     assert f"(the target alone {parts['alone']:.0%}, inside other words {parts['in_context']:.0%}; the lesser " \
         "decides)" in with_c.erasure["message"]
     # cost: two more no-grad rows and one more grad row (2 UFE) per step, against the same run without contexts

@@ -334,6 +334,12 @@ def test_a_verdict_decided_inside_other_words_says_the_target_alone_is_erased():
     assert "the target's own prompt is erased" in msg and "spm eval" in msg
     for alone, ctx in ((0.62, 0.5), (1.1, 1.05)):  # the target alone not erased either; both erased
         assert "own prompt is erased" not in sg.summary(check(alone, ctx), cfg, 1200, False, False, None, None)["message"]
+    # the check names the held-out context prompt it found least erased: the message says which to look at
+    named = check(1.29, 0.51)
+    named.weakest_context = ("sun near crab", 0.031)
+    msg = sg.summary(named, cfg, 1200, False, False, None, None)["message"]
+    assert "(spm eval, or your own); the least erased held-out one: 'sun near crab' (3%)" in msg
+    assert named.to_dict()["weakest_context"] == ["sun near crab", 0.031]
 
 
 def test_a_verdict_short_only_by_its_confidence_bound_says_so():

@@ -487,9 +487,11 @@ class Trainer:
         if cp is not None:
             other = cp.measure(step)
             parts = {"alone": check.signal, "in_context": other.signal}
+            weakest = self._weakest_context(cp)
             log.info("SPM: step %d: erasure signal %.3f alone, %.3f inside other words", step, check.signal, other.signal)
             check = other if other.signal < check.signal else check
             check.parts = parts
+            check.weakest_context = weakest
         adversaries = self.robust.closure(probe) if self.robust is not None else None
         if adversaries is not None:
             # robust training: erased means its adversaries so far are erased too (each measured as a synonym is)
@@ -497,6 +499,16 @@ class Trainer:
             check.parts = {**(check.parts or {"alone": check.signal}), "adversaries": adversaries}
             check.signal = min(check.signal, adversaries)
         return check
+
+    def _weakest_context(self, cp: ErasureProbe) -> tuple[str, float] | None:
+        """The context prompt whose held-out trajectory the last check left least erased, and its ratio: trajectory
+        ``j`` is of row ``j % rows`` of the context probes' targets, the targets' kept context prompts in order."""
+        texts = [t for rows_of in self.context_texts.values() for t in rows_of]
+        per = getattr(cp, "last_per_trajectory", None)
+        if not texts or not per:
+            return None
+        j = min(range(len(per)), key=per.__getitem__)
+        return texts[j % len(texts)], per[j]
 
     def _synonym_closures(self, stack, cond: dict[str, Conditioning], ac) -> dict[str, float]:
         """The model synonyms that the transport opens the membrane for, measured with the membrane ON on the scan's

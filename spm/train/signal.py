@@ -153,6 +153,9 @@ class Check:
     # with context probes (TrainConfig.contexts): the signal of the target alone and inside other words; with robust
     # training, the least closure of its banked adversaries (the check is the least of them)
     parts: dict[str, float] | None = None
+    # with context probes: the context prompt whose held-out trajectory is least erased, and its ratio (pooled over its
+    # noise levels): what the verdict names when only the target inside other words is short
+    weakest_context: tuple[str, float] | None = None
 
     @property
     def passed(self) -> bool:
@@ -167,7 +170,9 @@ class Check:
         return {"step": self.step, "signal": self.signal, "per_level": self.per_level, "remaining": self.remaining,
                 "aggregate": self.aggregate, "level_ratio": self.level_ratio,
                 "per_seed": [[round(v, 4) for v in lv] for lv in self.per_seed] if self.per_seed is not None else None,
-                **({"parts": self.parts} if self.parts is not None else {})}
+                **({"parts": self.parts} if self.parts is not None else {}),
+                **({"weakest_context": [self.weakest_context[0], round(self.weakest_context[1], 4)]}
+                   if self.weakest_context is not None else {})}
 
 
 def pause_parts(parts: dict[str, float] | None) -> dict[str, float]:
@@ -266,7 +271,10 @@ class ErasureProbe:
         # each held-out trajectory pooled over its noise levels (a ratio of sums: the levels where the concept moves
         # the prediction most weigh most), then the lower bound over the trajectories: the signal
         # (rows are level by level, the same trajectories in the same order at each: [levels, trajectories])
-        self.last_pooled = ratio_lower_bound(num.view(-1, self.trajectories).sum(0), den.view(-1, self.trajectories).sum(0))
+        per_num, per_den = num.view(-1, self.trajectories).sum(0), den.view(-1, self.trajectories).sum(0)
+        self.last_pooled = ratio_lower_bound(per_num, per_den)
+        # each trajectory's own pooled ratio, in trajectory order (trajectory j is of the target row j % len(targets))
+        self.last_per_trajectory = [float(v) for v in per_num / per_den.clamp_min(1e-30)]
         closed = float(num.sum() / den.sum().clamp_min(1e-30))
         remaining = float((m - s).flatten().norm() / (o - s).flatten().norm().clamp_min(1e-30))
         return closed, bound, remaining, ratio
@@ -378,8 +386,10 @@ def summary(check: Check | None, cfg, steps: int, stopped_early: bool, interrupt
     short = [k for k, v in parts.items() if v < THRESHOLD]
     if not erased and short == ["in_context"]:
         # the stricter of the two checks: on the toy worlds most such runs gave erased images (README)
+        weakest = (f"; the least erased held-out one: {check.weakest_context[0]!r} ({check.weakest_context[1]:.0%})"
+                   if check.weakest_context is not None else "")
         hints.append("the target's own prompt is erased, and only inside other words is its direction not cancelled "
-                     "yet: check prompts that wrap it (spm eval, or your own)")
+                     f"yet: check prompts that wrap it (spm eval, or your own){weakest}")
     if not erased and short == ["adversaries"]:
         hints.append("the target's prompts are erased, and only the adversarial embeddings robust training found "
                      "still draw it: more iterations give the adversary search more rounds")
