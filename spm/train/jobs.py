@@ -373,10 +373,13 @@ class TrainJob:
 
     def phase_summary(self) -> str:
         """Where the time went, each phase once in the order first entered with its visits summed:
-        ``loading the model 0.4 s · drawing the erasure signal's held-out probes 12 s · training step 2:20 · …``."""
+        ``loading the model 0.4 s · drawing the erasure signal's held-out probes 12 s · training step 2:20 · …``;
+        '' for a job that ended in its first phase (no model loaded: nothing to say)."""
+        if len(self.phases) < 2:
+            return ""
         total: OrderedDict[str, float] = OrderedDict()
         for e in self.phases:
-            if e["phase"] != "queued" and e["seconds"] is not None:
+            if e["seconds"] is not None:
                 total[e["label"]] = total.get(e["label"], 0.0) + float(e["seconds"])
         return " · ".join(f"{label} {seconds_text(sec)}" for label, sec in total.items())
 
@@ -593,7 +596,7 @@ class TrainService:
     def _say_phases(self, job: TrainJob) -> None:
         """The console line before the job's last: the time each phase took (the running one closed here)."""
         job.end_phase()
-        summary = job.phase_summary() if len(job.phases) > 1 else ""  # a job that failed at loading has nothing to say
+        summary = job.phase_summary()
         if summary:
             self._say(job, f"time per phase: {summary}")
 

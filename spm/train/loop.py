@@ -504,7 +504,7 @@ class Trainer:
         """The context prompt whose held-out trajectory the last check left least erased, and its ratio: trajectory
         ``j`` is of row ``j % rows`` of the context probes' targets, the targets' kept context prompts in order."""
         texts = [t for rows_of in self.context_texts.values() for t in rows_of]
-        per = getattr(cp, "last_per_trajectory", None)
+        per = cp.last_per_trajectory  # of the check just measured
         if not texts or not per:
             return None
         j = min(range(len(per)), key=per.__getitem__)

@@ -254,8 +254,9 @@ class ErasureProbe:
     def statistic(self, m: torch.Tensor) -> tuple[float, list[float], float, list[float]]:
         """``(closed, lower bound of closed per level, remaining gap ratio, closed per level)`` for membrane-ON
         predictions ``m`` of the probes (the bound: :func:`ratio_lower_bound` over the level's held-out seeds).
-        Each probe's own ratio is left in :attr:`last_per_seed` (per level, in seed order), and the signal, ``(ratio,
-        lower bound)`` of each trajectory pooled over its levels, in :attr:`last_pooled`."""
+        Each probe's own ratio is left in :attr:`last_per_seed` (per level, in seed order), each trajectory's ratio
+        pooled over its levels in :attr:`last_per_trajectory`, and the signal, ``(ratio, lower bound)`` over those
+        trajectories, in :attr:`last_pooled`."""
         o, s, m = self.o.double(), self.s.double(), m.double()
         u = (o - s).flatten(1)
         d = (o - m).flatten(1)

@@ -84,8 +84,7 @@ def status_html(job: TrainJob | None, error: str | None = None) -> str:
     cls = {"done": "spm-ok", "interrupted": "spm-warn", "failed": "error spm-error"}.get(job.status, "spm-info")
     text = job.message if job.status != "failed" else f"Training failed: {job.error}"
     out = f"<div class='{cls}' data-status='{job.status}'>{html.escape(text)}</div>"
-    # (a job that ended in its first phase, e.g. no model loaded, has nothing to say here)
-    summary = job.phase_summary() if job.status in ("done", "failed", "interrupted") and len(job.phases) > 1 else ""
+    summary = job.phase_summary() if job.status in ("done", "failed", "interrupted") else ""
     if summary:  # where the time went, phases shorter than a progress poll included
         out += f"<div class='spm-phases'>Time per phase: {html.escape(summary)}</div>"
     return out

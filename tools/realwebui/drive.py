@@ -182,7 +182,9 @@ def logged_phases(status: str | None = None, api_phases: list | None = None) -> 
     """``(label, seconds)`` of every phase a finished job logged: the API's ``phases`` list, or the tab's final status
     line "Time per phase: loading the model 0.4 s · … · saving 0.1 s"."""
     if api_phases:
-        return [(str(e.get("label") or e.get("phase")), float(e.get("seconds") or 0.0)) for e in api_phases]
+        # a phase still running (seconds None) has no duration to credit
+        return [(str(e.get("label") or e.get("phase")), float(e["seconds"])) for e in api_phases
+                if e.get("seconds") is not None]
     m = re.search(r"Time per phase:\s*(.*)", status or "")
     out = []
     for item in (m.group(1).split(" · ") if m else []):
