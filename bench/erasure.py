@@ -200,6 +200,8 @@ def object_row(r: dict, train: dict) -> dict:
             "images": r.get("images"),
             "nontarget_identical": r.get("nontarget_identical"), "psnr_unrelated_db": r.get("psnr_unrelated_db"),
             "nontarget_drop_pt": r.get("nontarget_drop_pt"), "mixed_erasure": r.get("mixed_erasure"),
+            "mixed_found": [r.get("mixed_found_before"), r.get("mixed_found_after")],
+            "mixed_found_after": [r.get("mixed_kept"), r.get("mixed_new")],
             "mixed_other_found": [r.get("mixed_other_found_before"), r.get("mixed_other_found_after")],
             "training": train}
 

@@ -221,9 +221,11 @@ def test_rows_split_the_images_found_after_into_kept_and_new(monkeypatch):
 
     per = {"literal_per_target": [{"target": "a", "erasure": 0.5, "found_before": 0.5, "found_after": 0.25, "kept": 1,
                                    "new": 1}, {"target": "b", "erasure": 1.0, "kept": 0, "new": 0}],
-           "paraphrase_per_target": [{"target": "a", "erasure": 1.0, "kept": 0, "new": 0}]}
+           "paraphrase_per_target": [{"target": "a", "erasure": 1.0, "kept": 0, "new": 0}],
+           "mixed_found_before": 0.75, "mixed_found_after": 0.5, "mixed_kept": 2, "mixed_new": 1}
     row = be.object_row(per, {})
     assert row["literal_found_after"] == [1, 1] and row["paraphrase_found_after"] == [0, 0]
+    assert row["mixed_found"] == [0.75, 0.5] and row["mixed_found_after"] == [2, 1]
     monkeypatch.setattr(ev, "evaluate", lambda *a, **k: per)
     multi = be.multi_row(None, None, None, ["a", "b"], {"a": None, "b": None})
     assert multi["literal_found_after"] == {"a": [1, 1], "b": [0, 0]}

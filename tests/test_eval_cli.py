@@ -22,7 +22,8 @@ SMALL = ["--n-literal", "2", "--n-paraphrase", "1", "--n-per-other", "1", "--n-p
 METRIC_KEYS = {"targets", "images", "erasure", "paraphrase_erasure", "literal_per_target", "paraphrase_per_target",
                "nontarget_fidelity_before", "nontarget_fidelity_after", "nontarget_drop_pt", "nontarget_exact_before",
                "nontarget_exact_after", "psnr_unrelated_db", "ssim_unrelated", "nontarget_identical", "mixed_erasure",
-               "mixed_other_found_before", "mixed_other_found_after"}
+               "mixed_other_found_before", "mixed_other_found_after", "mixed_found_before", "mixed_found_after",
+               "mixed_kept", "mixed_new"}
 
 
 def _membrane(unet, concepts, std, seed=0):
@@ -90,6 +91,9 @@ def test_zero_membrane_changes_nothing(files, capsys):
     assert r["nontarget_identical"] == 1.0
     assert r["nontarget_drop_pt"] == 0.0 and r["nontarget_exact_before"] == r["nontarget_exact_after"]
     assert r["mixed_other_found_before"] == r["mixed_other_found_after"]
+    # the same mixed images: the target found before is found after, none new
+    assert r["mixed_new"] == 0 and r["mixed_kept"] == round(r["mixed_found_before"] * r["images"]["mixed"])
+    assert r["mixed_found_before"] == r["mixed_found_after"]
     for p in r["literal_per_target"] + r["paraphrase_per_target"]:  # the same images: every one found is kept
         assert p["new"] == 0 and p["kept"] == round(p["found_before"] * p["images"])
     assert not {"each", "multi", "transfer"} & set(r)

@@ -17,7 +17,9 @@ Definitions (the same as ``bench/erasure.py``; fractions in 0..1, drops in perce
   ``nontarget_identical``: the share of non-target images that are bit-identical with and without them (1.0: every
   pixel of every non-target image unchanged).
 * ``mixed_*`` (when the suite has mixed prompts, a target and a non-target in one prompt): erasure of the target
-  and the share of images where the non-target object is still found.
+  (``mixed_erasure``; ``mixed_found_before`` / ``_after``, the share of images with the target, and of those after
+  ``mixed_kept`` where the base image had it too and ``mixed_new`` where it did not) and the share of images where
+  the non-target object is still found.
 
 Images depend only on (prompt, seed, settings, membranes).  Generations without membranes are cached per
 (pipeline, case list), so the baseline of a suite is generated once however many membrane sets it is compared with.
@@ -235,8 +237,11 @@ def measure(gen: Generations, pipe, scorer, suite: dict[str, list], targets: lis
         else:  # mixed: one target and one non-target object per prompt
             tgt = [next(o for o in c.objects if o in targets) for c in part_cases]
             oth = [next(o for o in c.objects if o not in targets) for c in part_cases]
-            tb, ta = harness.found(pb, tgt, THRESHOLD, world).mean(), harness.found(pa, tgt, THRESHOLD, world).mean()
-            res["mixed_erasure"] = _erasure(float(tb), float(ta))
+            fb, fa = harness.found(pb, tgt, THRESHOLD, world), harness.found(pa, tgt, THRESHOLD, world)
+            res["mixed_erasure"] = _erasure(float(fb.mean()), float(fa.mean()))
+            # the target's images after, as for literal prompts: "kept" (the base image had it too), "new" (it did not)
+            res["mixed_found_before"], res["mixed_found_after"] = float(fb.mean()), float(fa.mean())
+            res["mixed_kept"], res["mixed_new"] = int((fb & fa).sum()), int((~fb & fa).sum())
             res["mixed_other_found_before"] = float(harness.found(pb, oth, THRESHOLD, world).mean())
             res["mixed_other_found_after"] = float(harness.found(pa, oth, THRESHOLD, world).mean())
     return res
