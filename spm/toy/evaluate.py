@@ -177,6 +177,15 @@ def _erasure(fb: float, fa: float) -> float | None:
     return (1.0 - fa / fb) if fb > 0 else None
 
 
+def _found_split(b: np.ndarray, a: np.ndarray) -> dict:
+    """Target found before / after (bool per image): the shares, the erasure, and the images found after split into
+    "kept" (the base model drew the target there too) and "new" (it did not: the membrane turned the prompt into
+    another picture, which has the target in it)."""
+    fb, fa = float(b.mean()), float(a.mean())
+    return {"found_before": fb, "found_after": fa, "erasure": _erasure(fb, fa),
+            "kept": int((b & a).sum()), "new": int((~b & a).sum())}
+
+
 def _per_target(cases, sb, sa, targets, world=None) -> list[dict]:
     rows = []
     for t in targets:
@@ -185,11 +194,7 @@ def _per_target(cases, sb, sa, targets, world=None) -> list[dict]:
             continue
         b = harness.found(_sub(sb, idx), [t] * len(idx), THRESHOLD, world)
         a = harness.found(_sub(sa, idx), [t] * len(idx), THRESHOLD, world)
-        fb, fa = float(b.mean()), float(a.mean())
-        # the images found after: "kept" (the base model drew the target there too) and "new" (it did not: the
-        # membrane turned the prompt into another picture, which has the target in it)
-        rows.append({"target": t, "images": len(idx), "found_before": fb, "found_after": fa, "erasure": _erasure(fb, fa),
-                     "kept": int((b & a).sum()), "new": int((~b & a).sum())})
+        rows.append({"target": t, "images": len(idx), **_found_split(b, a)})
     return rows
 
 
@@ -237,11 +242,8 @@ def measure(gen: Generations, pipe, scorer, suite: dict[str, list], targets: lis
         else:  # mixed: one target and one non-target object per prompt
             tgt = [next(o for o in c.objects if o in targets) for c in part_cases]
             oth = [next(o for o in c.objects if o not in targets) for c in part_cases]
-            fb, fa = harness.found(pb, tgt, THRESHOLD, world), harness.found(pa, tgt, THRESHOLD, world)
-            res["mixed_erasure"] = _erasure(float(fb.mean()), float(fa.mean()))
-            # the target's images after, as for literal prompts: "kept" (the base image had it too), "new" (it did not)
-            res["mixed_found_before"], res["mixed_found_after"] = float(fb.mean()), float(fa.mean())
-            res["mixed_kept"], res["mixed_new"] = int((fb & fa).sum()), int((~fb & fa).sum())
+            split = _found_split(harness.found(pb, tgt, THRESHOLD, world), harness.found(pa, tgt, THRESHOLD, world))
+            res.update({f"mixed_{k}": v for k, v in split.items()})  # mixed_erasure, mixed_found_before, mixed_kept …
             res["mixed_other_found_before"] = float(harness.found(pb, oth, THRESHOLD, world).mean())
             res["mixed_other_found_after"] = float(harness.found(pa, oth, THRESHOLD, world).mean())
     return res
