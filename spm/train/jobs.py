@@ -377,7 +377,7 @@ class TrainJob:
         '' for a job that ended in its first phase (no model loaded: nothing to say)."""
         if len(self.phases) < 2:
             return ""
-        total: OrderedDict[str, float] = OrderedDict()
+        total: dict[str, float] = {}  # insertion order: the order first entered
         for e in self.phases:
             if e["seconds"] is not None:
                 total[e["label"]] = total.get(e["label"], 0.0) + float(e["seconds"])
